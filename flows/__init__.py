@@ -1,0 +1,1 @@
+"""Prefect flows: orchestration around the histcode library (retries, concurrency, artifacts)."""

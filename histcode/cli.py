@@ -1,0 +1,206 @@
+"""The `histcode` command. Each DVC stage is one command here; heavy imports stay inside the commands so
+`histcode --help` answers at once."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="HistCode: whole-slide images -> tiles -> contrastive embeddings -> heads, as a feature store.",
+)
+
+
+class State:
+    workspace: Optional[Path] = None
+
+
+def _setup_logging(verbose: int) -> None:
+    from rich.logging import RichHandler
+
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(show_path=False, rich_tracebacks=True)], force=True)
+    logging.getLogger("histcode").setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    workspace: Annotated[Optional[Path], typer.Option("--workspace", "-w", help="Workspace directory (default: $HISTCODE_HOME, else the repository root).")] = None,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More logging (-vv for debug).")] = 0,
+) -> None:
+    _setup_logging(verbose)
+    ctx.obj = State()
+    ctx.obj.workspace = workspace
+
+
+def _ws(ctx: typer.Context):
+    from histcode.workspace import Workspace
+
+    return Workspace.resolve(ctx.obj.workspace if ctx.obj else None).ensure()
+
+
+def _config(ws):
+    from histcode.config import ConfigError
+
+    try:
+        return ws.config()
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+def _fail(message: str, code: int = 2) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+@app.command("demo-data")
+def demo_data(
+    ctx: typer.Context,
+    force: Annotated[bool, typer.Option(help="Rebuild even if an identical cohort is present.")] = False,
+    workers: Annotated[int, typer.Option(help="Slide-writing processes.")] = 2,
+) -> None:
+    """Build the demo cohort (real LC25000 tiles, simulated layout, labels and expression) under data/demo."""
+    from histcode.demo.build import build_demo_cohort
+    from histcode.demo.plan import DemoSourceError
+
+    ws = _ws(ctx)
+    cfg = _config(ws).demo
+    source = ws.path(cfg.source_dir) if cfg.source_dir else None
+    try:
+        cohort = build_demo_cohort(cfg, ws.path(cfg.out_dir), source, force=force, workers=workers)
+    except (DemoSourceError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    state = "built" if cohort.built else "up to date"
+    _console().print(f"demo cohort {state}: {cohort.n_patients} patients, {cohort.n_slides} slides in {cohort.out_dir}")
+
+
+@app.command()
+def ingest(
+    ctx: typer.Context,
+    paths: Annotated[Optional[list[Path]], typer.Argument(help="Slide files or folders of slides.")] = None,
+    manifest: Annotated[Optional[Path], typer.Option(help="CSV with path[, slide_id, patient_id, mpp].")] = None,
+    mpp: Annotated[Optional[float], typer.Option(help="Microns per pixel for slides whose files carry no usable scale.")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="Write a JSON summary here (default: metrics/ingest.json).")] = None,
+) -> None:
+    """Register slides in the catalog. Exits 1 if any slide failed (the others are registered)."""
+    from histcode.ingest.run import ingest_sources
+    from histcode.ingest.sources import ManifestError, read_manifest, sources_from_paths
+    from histcode.reports import ingest_summary, write_json
+    from histcode.store.catalog import Catalog, CatalogError
+    from histcode.views import ingest_table
+
+    ws = _ws(ctx)
+    cfg = _config(ws)
+    if not paths and manifest is None:
+        _fail("give slide paths or --manifest CSV")
+    try:
+        sources = read_manifest(manifest, mpp) if manifest else []
+    except ManifestError as exc:
+        _fail(str(exc))
+    sources += sources_from_paths(list(paths or []), cfg.ingest.extensions, mpp)
+    if not sources:
+        _fail("no slide files found in the given paths")
+    try:
+        result = ingest_sources(sources, Catalog(ws.catalog_path), cfg.ingest)
+    except CatalogError as exc:
+        _fail(str(exc))
+    _console().print(ingest_table(result))
+    summary = ingest_summary(result)
+    write_json(report or ws.metrics_dir / "ingest.json", summary)
+    if result.failed:
+        _console().print(f"[yellow]{len(result.failed)} of {len(result.outcomes)} slides failed; see the reasons above.[/]")
+        raise typer.Exit(1)
+
+
+@app.command()
+def tile(
+    ctx: typer.Context,
+    slide: Annotated[Optional[list[str]], typer.Option("--slide", help="Only these slide ids (repeatable).")] = None,
+    force: Annotated[bool, typer.Option(help="Re-tile slides already tiled under this spec.")] = False,
+    retry_failed: Annotated[bool, typer.Option(help="Retry slides whose last tiling failed.")] = False,
+    workers: Annotated[Optional[int], typer.Option(help="Slide processes (default: tiling.workers).")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="Write a JSON summary here (default: metrics/tiling.json).")] = None,
+) -> None:
+    """Detect tissue and place the tile grid on every ingested slide. Exits 1 if any slide failed."""
+    from histcode.reports import tiling_summary, write_json
+    from histcode.store.catalog import Catalog, CatalogError
+    from histcode.tiling.run import tile_slides
+    from histcode.views import tiling_table
+
+    ws = _ws(ctx)
+    cfg = _config(ws).tiling
+    if workers is not None:
+        cfg = cfg.model_copy(update={"workers": workers})
+    catalog = Catalog(ws.catalog_path)
+    if not catalog.path.exists():
+        _fail(f"no catalog at {catalog.path}: run `histcode ingest` first")
+    try:
+        result = tile_slides(catalog, cfg, ws.outputs_dir / "qc", slide_ids=slide, force=force, retry_failed=retry_failed)
+    except CatalogError as exc:
+        _fail(str(exc))
+    _console().print(tiling_table(result))
+    write_json(report or ws.metrics_dir / "tiling.json", tiling_summary(result))
+    _console().print(f"QC pictures: {ws.outputs_dir / 'qc' / result.spec_id}")
+    if result.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def slides(
+    ctx: typer.Context,
+    status: Annotated[Optional[str], typer.Option(help="Only slides with this status (ok, failed).")] = None,
+) -> None:
+    """List the slides in the catalog with their status and tiling."""
+    from histcode.store.catalog import Catalog
+    from histcode.views import catalog_table
+
+    ws = _ws(ctx)
+    catalog = Catalog(ws.catalog_path)
+    _console().print(catalog_table(catalog, status))
+
+
+@app.command()
+def demo(
+    ctx: typer.Context,
+    workers: Annotated[int, typer.Option(help="Processes for writing the demo slides.")] = 2,
+) -> None:
+    """Run the whole pipeline on the demo cohort with the workspace's params.yaml."""
+    from histcode.demo.pipeline import run_demo
+    from histcode.views import ingest_table, next_steps, tiling_table
+
+    ws = _ws(ctx)
+    cfg = _config(ws)
+    outcome = run_demo(ws, cfg, workers=workers)
+    console = _console()
+    console.print(ingest_table(outcome.ingest))
+    console.print(tiling_table(outcome.tiling))
+    console.print(next_steps(ws, outcome))
+    if outcome.failed:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

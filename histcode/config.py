@@ -1,0 +1,142 @@
+"""Typed configuration, one pydantic model per stage, combined in one root read from params.yaml.
+
+Every section forbids unknown keys so a typo in params.yaml is an error, not a silently ignored knob.
+Units are part of the type names: ``MicronsPerPixel``, ``Pixels``, ``SquareMicrons``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+MicronsPerPixel = Annotated[float, Field(gt=0, description="micrometres per pixel")]
+Microns = Annotated[float, Field(gt=0, description="micrometres")]
+SquareMicrons = Annotated[float, Field(ge=0, description="square micrometres")]
+Pixels = Annotated[int, Field(gt=0, description="pixels")]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DemoConfig(_Section):
+    """The demo cohort: slides assembled from real LC25000 tiles in a simulated layout."""
+
+    seed: int = 7
+    source_dir: str | None = Field(
+        default=None, description="LC25000 tiles with labels.csv; None = the copy bundled in the repository's data/"
+    )
+    out_dir: str = "data/demo"
+    n_patients: Annotated[int, Field(ge=2)] = 20
+    matched_normal_fraction: Fraction = 0.8
+    luad_fraction: Fraction = 0.5
+    canvas_cells: tuple[Pixels, Pixels] = (10, 13)  # rows, cols of source-tile cells
+    tile_um: Microns = 112.0  # physical size of one 224 px LC25000 tile by convention
+    tumour_fraction: tuple[Fraction, Fraction] = (0.25, 0.7)
+    fraction_40x: Fraction = 0.25
+    fraction_generic_tiff: Fraction = 0.15
+    jpeg_quality: Annotated[int, Field(ge=10, le=100)] = 85
+    mask_mpp: MicronsPerPixel = 8.0
+    expression_noise_sd: Annotated[float, Field(ge=0)] = 0.3
+
+    @model_validator(mode="after")
+    def _check(self) -> DemoConfig:
+        lo, hi = self.tumour_fraction
+        if lo > hi:
+            raise ValueError(f"demo.tumour_fraction: lower bound {lo} is above upper bound {hi}")
+        if self.fraction_40x + self.fraction_generic_tiff > 1:
+            raise ValueError("demo.fraction_40x + demo.fraction_generic_tiff must not exceed 1")
+        return self
+
+
+class IngestConfig(_Section):
+    """Slide registration: which mpp values are believable and how hard to probe a file."""
+
+    plausible_mpp: tuple[MicronsPerPixel, MicronsPerPixel] = (0.05, 20.0)
+    max_anisotropy: Annotated[float, Field(ge=0)] = 0.05  # |mpp_x - mpp_y| / mpp_x above this fails
+    probe_reads: bool = True  # decode the corners of level 0 and the smallest level to catch truncated files
+    extensions: tuple[str, ...] = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif")
+
+
+class TissueMaskConfig(_Section):
+    """Tissue detection on a low-resolution rendering: saturation, median blur, Otsu, close, area filters."""
+
+    mpp: MicronsPerPixel = 8.0  # resolution the mask is computed at (16x coarser than 0.5 um/px)
+    median_kernel: Pixels = 5  # at mask resolution; odd
+    otsu_on_log: bool = True  # Otsu on log saturation: separates pale tissue from glass next to dark tumour
+    min_saturation: Fraction = 0.06  # floor on the Otsu threshold so a blank slide yields no tissue
+    max_saturation: Fraction = 1.0
+    close_kernel: Pixels = 5
+    min_component_um2: SquareMicrons = 40_000.0  # tissue pieces smaller than this are dropped
+    max_hole_um2: SquareMicrons = 40_000.0  # holes smaller than this are filled
+
+    @model_validator(mode="after")
+    def _odd(self) -> TissueMaskConfig:
+        if self.median_kernel % 2 == 0:
+            raise ValueError(f"tiling.mask.median_kernel must be odd, got {self.median_kernel}")
+        return self
+
+
+class TileQCConfig(_Section):
+    """Optional per-tile pixel QC (reads every candidate tile, so it costs one read per tile)."""
+
+    enabled: bool = False
+    white_threshold: Annotated[int, Field(ge=0, le=255)] = 220
+    max_white_fraction: Fraction = 0.6
+    min_laplacian_var: Annotated[float, Field(ge=0)] = 15.0
+
+
+class TilingConfig(_Section):
+    """The tiling spec. Everything that changes which tiles exist is part of the spec hash."""
+
+    tile_px: Pixels = 256
+    target_mpp: MicronsPerPixel = 0.5
+    min_tissue_fraction: Fraction = 0.5
+    mask: TissueMaskConfig = TissueMaskConfig()
+    qc: TileQCConfig = TileQCConfig()
+    # run-time knobs (not part of the spec): where to compute, how many slide processes
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    workers: Annotated[int, Field(ge=1)] = 1
+
+    def spec_dict(self) -> dict:
+        """The fields that define which tiles a slide gets (run-time knobs excluded)."""
+        return self.model_dump(exclude={"device", "workers"}, mode="json")
+
+
+class HistcodeConfig(_Section):
+    demo: DemoConfig = DemoConfig()
+    ingest: IngestConfig = IngestConfig()
+    tiling: TilingConfig = TilingConfig()
+
+
+class ConfigError(ValueError):
+    """params.yaml is missing a section's shape, has unknown keys or bad values."""
+
+
+def load_config(path: Path | None) -> HistcodeConfig:
+    """Read params.yaml, or the defaults when ``path`` is None or does not exist. Raises ConfigError naming
+    the file and the offending key."""
+    if path is None or not Path(path).exists():
+        return HistcodeConfig()
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return HistcodeConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def stable_hash(payload: object, length: int = 16) -> str:
+    """Hex digest of a JSON-serialisable payload with sorted keys (identical input -> identical id)."""
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]

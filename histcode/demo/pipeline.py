@@ -1,0 +1,39 @@
+"""The demo pipeline: build the demo cohort, ingest it, tile it. Later stages append themselves here."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from histcode.config import HistcodeConfig
+from histcode.demo.build import DemoCohort, build_demo_cohort
+from histcode.ingest.run import IngestReport, ingest_sources
+from histcode.ingest.sources import read_manifest
+from histcode.reports import ingest_summary, tiling_summary, write_json
+from histcode.store.catalog import Catalog
+from histcode.tiling.run import TilingReport, tile_slides
+from histcode.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DemoOutcome:
+    cohort: DemoCohort
+    ingest: IngestReport
+    tiling: TilingReport
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.ingest.failed or self.tiling.failed)
+
+
+def run_demo(ws: Workspace, cfg: HistcodeConfig, workers: int = 2) -> DemoOutcome:
+    source = ws.path(cfg.demo.source_dir) if cfg.demo.source_dir else None
+    cohort = build_demo_cohort(cfg.demo, ws.path(cfg.demo.out_dir), source, workers=workers)
+    catalog = Catalog(ws.catalog_path)
+    ingest = ingest_sources(read_manifest(cohort.manifest), catalog, cfg.ingest)
+    write_json(ws.metrics_dir / "ingest.json", ingest_summary(ingest))
+    tiling = tile_slides(catalog, cfg.tiling, ws.outputs_dir / "qc")
+    write_json(ws.metrics_dir / "tiling.json", tiling_summary(tiling))
+    return DemoOutcome(cohort, ingest, tiling)

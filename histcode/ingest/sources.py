@@ -1,0 +1,110 @@
+"""What to ingest: slide files from paths and directories, or a manifest CSV, each with its accession.
+
+Manifest columns: ``path`` (required; relative paths are relative to the manifest), ``slide_id`` (default: the
+file stem), ``patient_id`` (default: the TCGA patient of the slide id, else the slide id) and ``mpp``
+(optional, um/px, for slides whose files carry no usable scale). Other columns are ignored.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+TCGA_PATIENT = re.compile(r"^(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})(-|$)", re.IGNORECASE)
+
+
+class ManifestError(ValueError):
+    """The manifest cannot be used; the message names the file, row and column."""
+
+
+@dataclass(frozen=True)
+class SlideSource:
+    path: Path
+    slide_id: str
+    patient_id: str
+    mpp: float | None = None
+
+
+def patient_of(slide_id: str) -> str:
+    """TCGA barcodes map to their patient (``TCGA-XX-XXXX``); any other id is its own patient."""
+    match = TCGA_PATIENT.match(slide_id)
+    return match.group(1).upper() if match else slide_id
+
+
+def slide_id_of(path: Path) -> str:
+    name = path.name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def expand_paths(paths: list[Path], extensions: tuple[str, ...]) -> list[Path]:
+    """Files as given (whatever their extension, so a wrong file gets a reason rather than silence) and, for
+    directories, the files below them with a slide extension, sorted."""
+    found: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            below = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in extensions)
+            if not below:
+                log.warning("%s: no files with a slide extension (%s)", p, ", ".join(extensions))
+            found.extend(below)
+        else:
+            found.append(p)
+    return found
+
+
+def sources_from_paths(paths: list[Path], extensions: tuple[str, ...], mpp: float | None = None) -> list[SlideSource]:
+    out = []
+    for f in expand_paths(paths, extensions):
+        sid = slide_id_of(f)
+        out.append(SlideSource(path=f.expanduser().absolute(), slide_id=sid, patient_id=patient_of(sid), mpp=mpp))
+    return out
+
+
+def read_manifest(manifest: Path, mpp: float | None = None) -> list[SlideSource]:
+    """Sources from a manifest CSV; ``mpp`` fills rows whose mpp cell is empty."""
+    if not manifest.is_file():
+        raise ManifestError(f"manifest {manifest}: file not found")
+    with manifest.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        if reader.fieldnames is None or "path" not in reader.fieldnames:
+            raise ManifestError(f"manifest {manifest}: needs a 'path' column (has {reader.fieldnames})")
+        rows = list(reader)
+    out = []
+    for i, row in enumerate(rows, start=2):  # line 1 is the header
+        raw_path = (row.get("path") or "").strip()
+        if not raw_path:
+            raise ManifestError(f"manifest {manifest}, line {i}: empty path")
+        path = Path(raw_path).expanduser()
+        if not path.is_absolute():
+            path = manifest.parent / path
+        sid = (row.get("slide_id") or "").strip() or slide_id_of(path)
+        pid = (row.get("patient_id") or "").strip() or patient_of(sid)
+        cell = (row.get("mpp") or "").strip()
+        try:
+            row_mpp = float(cell) if cell else mpp
+        except ValueError as exc:
+            raise ManifestError(f"manifest {manifest}, line {i}: mpp {cell!r} is not a number") from exc
+        out.append(SlideSource(path=path.absolute(), slide_id=sid, patient_id=pid, mpp=row_mpp))
+    return out
+
+
+def split_duplicates(sources: list[SlideSource]) -> tuple[list[SlideSource], list[tuple[SlideSource, str]]]:
+    """Keep the first source of each slide_id; later ones come back with the reason they were refused."""
+    seen: dict[str, SlideSource] = {}
+    kept, refused = [], []
+    for s in sources:
+        if s.slide_id in seen:
+            if seen[s.slide_id].path == s.path:
+                continue  # the same file named twice
+            refused.append((s, f"duplicate slide_id {s.slide_id!r}: also given for {seen[s.slide_id].path}"))
+        else:
+            seen[s.slide_id] = s
+            kept.append(s)
+    return kept, refused

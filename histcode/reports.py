@@ -1,0 +1,47 @@
+"""Stage reports: small JSON summaries that DVC tracks as metrics and that the CLI and flows print."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from histcode.ingest.run import IngestReport
+from histcode.tiling.run import TilingReport
+
+
+def write_json(path: Path, payload: dict) -> Path:
+    """Write atomically (temporary file + rename) so a reader never sees half a report."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def ingest_summary(report: IngestReport) -> dict:
+    return {
+        "slides": len(report.outcomes),
+        "registered": report.count("registered"),
+        "changed": report.count("changed"),
+        "updated": report.count("updated"),
+        "unchanged": report.count("unchanged"),
+        "failed": len(report.failed),
+        "failures": {o.slide_id: o.reason for o in report.failed},
+    }
+
+
+def tiling_summary(report: TilingReport) -> dict:
+    ok = [o for o in report.outcomes if o.status == "ok"]
+    return {
+        "spec_id": report.spec_id,
+        "slides": len(report.outcomes),
+        "slides_tiled_ok": len(ok),
+        "tiled_now": report.count("tiled"),
+        "skipped": report.count("skipped"),
+        "failed": len(report.failed),
+        "tiles": report.n_tiles,
+        "tiles_per_slide_mean": round(report.n_tiles / len(ok), 2) if ok else 0.0,
+        "not_ingested": report.not_ingested,
+        "failures": {o.slide_id: o.reason for o in report.failed},
+    }

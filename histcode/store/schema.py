@@ -1,0 +1,88 @@
+"""DuckDB catalog schema. One statement per table; ``CREATE ... IF NOT EXISTS`` so opening is idempotent."""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+
+TABLES: dict[str, str] = {
+    "meta": """
+        CREATE TABLE IF NOT EXISTS meta (
+            key VARCHAR PRIMARY KEY,
+            value VARCHAR
+        )""",
+    # One row per slide accession. status 'ok' or 'failed' (reason says why).
+    "slides": """
+        CREATE TABLE IF NOT EXISTS slides (
+            slide_id VARCHAR PRIMARY KEY,
+            patient_id VARCHAR,
+            path VARCHAR NOT NULL,
+            content_hash VARCHAR,
+            hash_kind VARCHAR,
+            file_size BIGINT,
+            file_mtime DOUBLE,
+            vendor VARCHAR,
+            width BIGINT,
+            height BIGINT,
+            level_count INTEGER,
+            level_dimensions BIGINT[][],
+            level_downsamples DOUBLE[],
+            storage_tile BIGINT[],
+            mpp_x DOUBLE,
+            mpp_y DOUBLE,
+            mpp_source VARCHAR,
+            objective DOUBLE,
+            status VARCHAR NOT NULL,
+            reason VARCHAR,
+            ingested_at TIMESTAMP,
+            updated_at TIMESTAMP
+        )""",
+    "tiling_specs": """
+        CREATE TABLE IF NOT EXISTS tiling_specs (
+            spec_id VARCHAR PRIMARY KEY,
+            tile_px INTEGER,
+            target_mpp DOUBLE,
+            min_tissue_fraction DOUBLE,
+            spec_json VARCHAR,
+            created_at TIMESTAMP
+        )""",
+    # The per-(slide, spec) ledger: done, failed (with reason) or invalidated by a content change.
+    "tilings": """
+        CREATE TABLE IF NOT EXISTS tilings (
+            slide_id VARCHAR,
+            spec_id VARCHAR,
+            content_hash VARCHAR,
+            status VARCHAR NOT NULL,
+            reason VARCHAR,
+            n_candidates INTEGER,
+            n_tiles INTEGER,
+            n_rejected_tissue INTEGER,
+            n_rejected_qc INTEGER,
+            tile_size_l0 INTEGER,
+            read_level INTEGER,
+            mask_threshold DOUBLE,
+            slide_tissue_fraction DOUBLE,
+            thumbnail_path VARCHAR,
+            mask_path VARCHAR,
+            seconds DOUBLE,
+            created_at TIMESTAMP,
+            PRIMARY KEY (slide_id, spec_id)
+        )""",
+    # Accepted tiles; x, y, size in level-0 pixels. tile_id = hash(content_hash, spec_id, x, y).
+    "tiles": """
+        CREATE TABLE IF NOT EXISTS tiles (
+            tile_id VARCHAR NOT NULL,
+            slide_id VARCHAR NOT NULL,
+            spec_id VARCHAR NOT NULL,
+            x BIGINT NOT NULL,
+            y BIGINT NOT NULL,
+            size INTEGER NOT NULL,
+            level INTEGER NOT NULL,
+            tissue_fraction REAL,
+            white_fraction REAL,
+            laplacian_var REAL
+        )""",
+}
+
+# Tables whose rows derive from a slide's pixels: cleared when the slide's content changes.
+# Later stages (feature materialisations) register their own tables here.
+DOWNSTREAM_OF_SLIDE = ("tiles",)

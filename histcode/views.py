@@ -1,0 +1,72 @@
+"""Rich tables and messages for the command line (presentation only; no work is done here)."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from histcode.ingest.run import IngestReport
+from histcode.store.catalog import Catalog
+from histcode.tiling.run import TilingReport
+
+STATUS_STYLE = {"ok": "green", "failed": "red", "invalidated": "yellow"}
+
+
+def _status(status: str) -> str:
+    return f"[{STATUS_STYLE.get(status, 'white')}]{status}[/]"
+
+
+def ingest_table(report: IngestReport) -> Table:
+    table = Table(title=f"ingest: {len(report.outcomes)} slides, {len(report.failed)} failed")
+    for col in ("slide_id", "action", "status", "vendor", "levels", "mpp", "reason"):
+        table.add_column(col, overflow="fold")
+    for o in report.outcomes:
+        mpp = f"{o.mpp:.4g} ({o.mpp_source})" if o.mpp else ""
+        table.add_row(o.slide_id, o.action, _status(o.status), o.vendor or "", str(o.levels or ""), mpp, o.reason or "")
+    return table
+
+
+def tiling_table(report: TilingReport) -> Table:
+    ok = sum(o.status == "ok" for o in report.outcomes)
+    table = Table(title=f"tile (spec {report.spec_id}): {report.n_tiles} tiles on {ok} slides, {len(report.failed)} failed")
+    for col in ("slide_id", "action", "status", "tiles", "grid", "seconds", "reason"):
+        table.add_column(col, overflow="fold")
+    for o in report.outcomes:
+        secs = f"{o.seconds:.2f}" if o.seconds is not None else ""
+        table.add_row(o.slide_id, o.action, _status(o.status), str(o.n_tiles), str(o.n_candidates or ""), secs, o.reason or "")
+    if report.not_ingested:
+        table.caption = f"not tiled (ingest failed): {', '.join(report.not_ingested)}"
+    return table
+
+
+def catalog_table(catalog: Catalog, status: str | None) -> Table:
+    rows = catalog.query(
+        """SELECT s.slide_id, s.patient_id, s.status, s.vendor, s.width, s.height, s.mpp_x, s.mpp_source, s.reason,
+                  count(t.slide_id) AS tilings, sum(t.n_tiles) AS tiles
+           FROM slides s LEFT JOIN tilings t ON t.slide_id = s.slide_id AND t.status = 'ok'
+           WHERE ? IS NULL OR s.status = ?
+           GROUP BY ALL ORDER BY s.slide_id""",
+        [status, status],
+    )
+    table = Table(title=f"{len(rows)} slides in {catalog.path}")
+    for col in ("slide_id", "patient", "status", "vendor", "size", "mpp", "specs", "tiles", "reason"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        mpp = f"{r['mpp_x']:.4g} ({r['mpp_source']})" if r["mpp_x"] else ""
+        size = f"{r['width']}x{r['height']}" if r["width"] else ""
+        table.add_row(r["slide_id"], r["patient_id"] or "", _status(r["status"]), r["vendor"] or "", size, mpp,
+                      str(r["tilings"]), str(int(r["tiles"] or 0)), r["reason"] or "")
+    return table
+
+
+def next_steps(ws, outcome) -> str:
+    qc = ws.outputs_dir / "qc" / outcome.tiling.spec_id
+    return f"""
+[bold]Demo cohort ingested and tiled[/] in workspace {ws.root}
+  {outcome.cohort.n_slides} slides, {outcome.tiling.n_tiles} tiles; catalog {ws.catalog_path}
+
+Next:
+  histcode slides                          # the catalog, slide by slide
+  open {qc}/<slide>.qc.png                  # tissue mask and tile grid per slide
+  python -c "import duckdb; print(duckdb.connect('{ws.catalog_path}', read_only=True).sql('SELECT slide_id, count(*) AS tiles FROM tiles GROUP BY 1 ORDER BY 2 DESC LIMIT 5'))"
+  dvc repro tile                           # the same stages through DVC
+(pretraining, embeddings, labels and heads arrive with the next stages.)"""

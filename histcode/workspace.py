@@ -1,0 +1,92 @@
+"""The workspace: one directory from which every stored path derives.
+
+Resolution order: an explicit path (``--workspace``), then ``HISTCODE_HOME``, then the repository this package
+was installed from (the directory holding ``pyproject.toml`` next to the ``histcode`` package), then the current
+directory. Several cohorts are kept apart by giving each its own workspace.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from histcode.config import HistcodeConfig, load_config
+
+ENV_VAR = "HISTCODE_HOME"
+PACKAGE_ROOT = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE_ROOT.parent
+
+
+def repository_root() -> Path | None:
+    """The source checkout this package runs from, or None for a non-editable install."""
+    return REPO_ROOT if (REPO_ROOT / "pyproject.toml").exists() else None
+
+
+def resolve_root(explicit: str | Path | None = None) -> Path:
+    if explicit:
+        return Path(explicit).expanduser().resolve()
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env).expanduser().resolve()
+    return repository_root() or Path.cwd().resolve()
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Paths of every store, all under ``root``."""
+
+    root: Path
+
+    @classmethod
+    def resolve(cls, explicit: str | Path | None = None) -> Workspace:
+        return cls(resolve_root(explicit))
+
+    @property
+    def params_path(self) -> Path:
+        return self.root / "params.yaml"
+
+    def config(self) -> HistcodeConfig:
+        """params.yaml of this workspace, or the built-in defaults when it has none."""
+        return load_config(self.params_path)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def catalog_path(self) -> Path:
+        return self.data_dir / "catalog.duckdb"
+
+    @property
+    def lancedb_dir(self) -> Path:
+        return self.data_dir / "lancedb"
+
+    @property
+    def mlruns_dir(self) -> Path:
+        return self.root / "mlruns"
+
+    @property
+    def mlflow_uri(self) -> str:
+        return f"sqlite:///{self.mlruns_dir / 'mlflow.db'}"
+
+    @property
+    def outputs_dir(self) -> Path:
+        return self.root / "outputs"
+
+    @property
+    def metrics_dir(self) -> Path:
+        return self.root / "metrics"
+
+    def qc_dir(self, spec_id: str) -> Path:
+        return self.outputs_dir / "qc" / spec_id
+
+    def path(self, relative_or_absolute: str | Path) -> Path:
+        """A path from params.yaml or a manifest: absolute as given, relative to the workspace root."""
+        p = Path(relative_or_absolute).expanduser()
+        return p if p.is_absolute() else self.root / p
+
+    def ensure(self) -> Workspace:
+        for d in (self.data_dir, self.mlruns_dir, self.outputs_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        return self

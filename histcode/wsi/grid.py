@@ -1,0 +1,72 @@
+"""Tile grid maths in level-0 pixels: the physical tile size, grid positions and per-tile tissue fraction.
+
+The grid starts at the level-0 origin, the same origin as the slide's storage tiles, so where the tile size
+equals the storage tile size (256 px at 20x on most scanners) every read decodes one stored tile; grids
+anchored at a tissue bounding box decode up to four (``benchmarks/tiling.py`` measures the difference).
+Only whole tiles inside the slide are placed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def tile_size_level0(tile_px: int, target_mpp: float, slide_mpp: float) -> int:
+    """Side of one tile in level-0 pixels: ``tile_px`` pixels at ``target_mpp`` cover this many slide pixels.
+    256 px at 0.5 um/px is 256 px on a 0.5 um/px (20x) slide and 512 px on a 0.25 um/px (40x) slide."""
+    if tile_px <= 0 or target_mpp <= 0 or slide_mpp <= 0:
+        raise ValueError(f"tile_px, target_mpp and slide_mpp must be positive: {tile_px}, {target_mpp}, {slide_mpp}")
+    return max(1, round(tile_px * target_mpp / slide_mpp))
+
+
+def grid_positions(width: int, height: int, size: int, origin: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """Top-left corners (x, y) of the whole tiles of side ``size`` that fit in a ``width`` x ``height`` slide,
+    row-major, as an int64 array of shape (N, 2)."""
+    ox, oy = origin
+    nx = max(0, (width - ox) // size)
+    ny = max(0, (height - oy) // size)
+    xs = ox + size * np.arange(nx, dtype=np.int64)
+    ys = oy + size * np.arange(ny, dtype=np.int64)
+    gy, gx = np.meshgrid(ys, xs, indexing="ij")
+    return np.stack([gx.reshape(-1), gy.reshape(-1)], axis=1)
+
+
+def _integral(mask: np.ndarray) -> np.ndarray:
+    table = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.float64)
+    table[1:, 1:] = np.cumsum(np.cumsum(mask.astype(np.float64), axis=0), axis=1)
+    return table
+
+
+def _integral_at(table: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Area of the mask in [0, u) x [0, v) for fractional mask coordinates. The mask is constant per pixel,
+    so its integral is bilinear inside each pixel and bilinear interpolation of the table is exact."""
+    h, w = table.shape[0] - 1, table.shape[1] - 1
+    u = np.clip(u, 0, w)
+    v = np.clip(v, 0, h)
+    i0 = np.minimum(np.floor(u).astype(np.int64), max(w - 1, 0))
+    j0 = np.minimum(np.floor(v).astype(np.int64), max(h - 1, 0))
+    fu, fv = u - i0, v - j0
+    s00 = table[j0, i0]
+    s01 = table[j0, i0 + 1]
+    s10 = table[j0 + 1, i0]
+    s11 = table[j0 + 1, i0 + 1]
+    return s00 * (1 - fu) * (1 - fv) + s01 * fu * (1 - fv) + s10 * (1 - fu) * fv + s11 * fu * fv
+
+
+def tissue_fractions(mask: np.ndarray, downsample: float, positions: np.ndarray, size: int) -> np.ndarray:
+    """Fraction of each level-0 square (x, y, size) covered by tissue, from a mask at ``downsample``.
+
+    Exact for the piecewise-constant mask, including tiles that straddle mask pixels; area outside the mask
+    counts as background.
+    """
+    if positions.size == 0:
+        return np.zeros(0, dtype=np.float64)
+    table = _integral(mask)
+    x0 = positions[:, 0] / downsample
+    y0 = positions[:, 1] / downsample
+    x1 = (positions[:, 0] + size) / downsample
+    y1 = (positions[:, 1] + size) / downsample
+    area = (
+        _integral_at(table, x1, y1) - _integral_at(table, x0, y1) - _integral_at(table, x1, y0) + _integral_at(table, x0, y0)
+    )
+    return np.clip(area / ((size / downsample) ** 2), 0.0, 1.0)

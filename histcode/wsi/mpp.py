@@ -1,0 +1,80 @@
+"""Which physical scale a slide is at: its own mpp, else its objective power, else the user's value.
+
+Scale matters: tiling normalises every slide to one target mpp, so a wrong mpp puts the wrong physical area
+in every tile. A value outside the plausible range (for example the 96-dpi default of some TIFF writers,
+264.58 um/px) is treated as missing, never trusted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+# By convention a 10x objective on a scanner images at about 1.0 um/px, so mpp ~= 10 / objective power.
+MICRONS_AT_1X = 10.0
+
+
+class MppError(ValueError):
+    """No trustworthy microns-per-pixel value for a slide; the message is the reason."""
+
+
+@dataclass(frozen=True)
+class Mpp:
+    x: float
+    y: float
+    source: str  # "slide" | "objective" | "user"
+
+
+def _as_float(properties: Mapping[str, str], key: str) -> float | None:
+    value = properties.get(key)
+    if value in (None, ""):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if number > 0 else None
+
+
+def objective_power(properties: Mapping[str, str]) -> float | None:
+    return _as_float(properties, "openslide.objective-power")
+
+
+def resolve_mpp(
+    properties: Mapping[str, str],
+    user_mpp: float | None,
+    plausible: tuple[float, float],
+    max_anisotropy: float,
+) -> Mpp:
+    """The slide's mpp by priority user > slide metadata > objective power; raises MppError with the reason."""
+    lo, hi = plausible
+    if user_mpp is not None:
+        if not lo <= user_mpp <= hi:
+            raise MppError(f"given mpp {user_mpp} um/px is outside the plausible range {lo}-{hi} um/px")
+        return Mpp(user_mpp, user_mpp, "user")
+
+    notes = []
+    mx, my = _as_float(properties, "openslide.mpp-x"), _as_float(properties, "openslide.mpp-y")
+    if mx is not None:
+        my = my if my is not None else mx
+        if not (lo <= mx <= hi and lo <= my <= hi):
+            notes.append(
+                f"slide mpp {mx:.4g}x{my:.4g} um/px is implausible (outside {lo}-{hi}; "
+                "a TIFF writer's default resolution?)"
+            )
+        elif abs(mx - my) / mx > max_anisotropy:
+            raise MppError(f"non-square pixels: mpp-x {mx} vs mpp-y {my} um/px")
+        else:
+            return Mpp(mx, my, "slide")
+    else:
+        notes.append("no mpp in the slide metadata")
+
+    power = objective_power(properties)
+    if power is not None:
+        derived = MICRONS_AT_1X / power
+        if lo <= derived <= hi:
+            return Mpp(derived, derived, "objective")
+        notes.append(f"objective power {power:g} gives implausible {derived:.4g} um/px")
+    else:
+        notes.append("no objective power")
+    raise MppError("; ".join(notes) + " -- give the scale with --mpp or an mpp column in the manifest")

@@ -1,0 +1,70 @@
+"""Shared fixtures: real slides copied into tests/fixtures, a small demo cohort built once per session, and
+an isolated workspace per test. Telemetry is off: this machine has no network for it."""
+
+from __future__ import annotations
+
+import os
+
+for _key, _value in {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "GX_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from histcode.config import DemoConfig, HistcodeConfig  # noqa: E402
+from histcode.workspace import Workspace  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SLIDES = FIXTURES / "slides"
+
+# A cohort small enough to build in seconds that still has every format: Aperio 20x and 40x, generic TIFF,
+# tumour slides of both subtypes and matched normals.
+TINY_DEMO = DemoConfig(
+    n_patients=4, canvas_cells=(6, 8), matched_normal_fraction=0.75, fraction_40x=0.3, fraction_generic_tiff=0.3
+)
+
+
+@pytest.fixture(scope="session")
+def cmu_slide() -> Path:
+    return SLIDES / "CMU-1-Small-Region.svs"
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Workspace:
+    return Workspace(tmp_path / "ws").ensure()
+
+
+@pytest.fixture
+def config() -> HistcodeConfig:
+    return HistcodeConfig()
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory: pytest.TempPathFactory):
+    """The tiny demo cohort, built once; tests that modify slides must copy them first."""
+    from histcode.demo.build import build_demo_cohort
+
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    return build_demo_cohort(TINY_DEMO, out, progress=False)
+
+
+@pytest.fixture
+def copy_slide(tmp_path: Path):
+    """Copy a fixture slide into the test's folder (fixtures are never modified)."""
+
+    def _copy(src: Path, name: str | None = None) -> Path:
+        dst = tmp_path / "in" / (name or src.name)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst)
+        return dst
+
+    return _copy
