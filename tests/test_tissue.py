@@ -47,7 +47,7 @@ def test_otsu_matches_brute_force(seed: int) -> None:
 
 
 def test_otsu_constant_image_has_no_split() -> None:
-    assert otsu_threshold(torch.full((10, 10), 0.3)) == 1.0
+    assert otsu_threshold(torch.full((10, 10), 0.3)) is None
 
 
 def test_log_otsu_separates_pale_tissue_from_glass_next_to_dark_tumour() -> None:
@@ -125,6 +125,13 @@ def test_detect_tissue_blank_glass_is_empty() -> None:
     rng = np.random.default_rng(1)
     image = np.clip(np.full((80, 80, 3), GLASS) + rng.normal(0, 2, (80, 80, 3)), 0, 255).astype(np.uint8)
     assert not detect_tissue(image, 8.0, 16.0, TissueMaskConfig(), CPU).mask.any()
+
+
+def test_flat_all_tissue_image_is_all_tissue_and_edges_survive() -> None:
+    image = np.empty((40, 60, 3), np.uint8)
+    image[:] = (180, 110, 170)
+    result = detect_tissue(image, 8.0, 16.0, TissueMaskConfig(), CPU)
+    assert result.otsu is None and result.mask.all()
 
 
 def test_detect_tissue_rejects_bad_input() -> None:

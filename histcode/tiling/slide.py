@@ -101,7 +101,8 @@ def tile_slide(slide: dict, cfg: TilingConfig, spec_id: str, qc_dir: Path) -> Sl
     )
     if n_keep == 0:
         if not mask.mask.any():
-            reason = (f"no tissue detected (saturation threshold {mask.threshold:.3f}, Otsu {mask.otsu:.3f}); "
+            otsu = "no split" if mask.otsu is None else f"{mask.otsu:.3f}"
+            reason = (f"no tissue detected (saturation threshold {mask.threshold:.3f}, Otsu {otsu}); "
                       "blank slide or tiling.mask too strict")
         elif not tissue_ok.any():
             reason = (f"no grid tile reaches min_tissue_fraction {cfg.min_tissue_fraction} "
@@ -122,8 +123,8 @@ def tile_slide(slide: dict, cfg: TilingConfig, spec_id: str, qc_dir: Path) -> Sl
             "size": np.full(n_keep, size, dtype=np.int32),
             "level": np.full(n_keep, plan.level, dtype=np.int32),
             "tissue_fraction": fractions[keep].astype(np.float32),
-            "white_fraction": white[keep],
-            "laplacian_var": sharp[keep],
+            "white_fraction": pa.array(white[keep], mask=np.isnan(white[keep])),  # null when QC is off
+            "laplacian_var": pa.array(sharp[keep], mask=np.isnan(sharp[keep])),
         }
     )
     record = TilingRecord(

@@ -32,21 +32,21 @@ class TissueMask:
     mask: np.ndarray  # bool (H, W)
     downsample: float
     threshold: float  # saturation threshold used (after the floor)
-    otsu: float  # Otsu's threshold before the floor
+    otsu: float | None  # Otsu's threshold before the floor; None when the image does not split
 
     @property
     def tissue_fraction(self) -> float:
         return float(self.mask.mean()) if self.mask.size else 0.0
 
 
-def otsu_threshold(values: torch.Tensor, bins: int = 256) -> float:
+def otsu_threshold(values: torch.Tensor, bins: int = 256) -> float | None:
     """Otsu's threshold of values in [0, 1]: the bin edge t maximising between-class variance, so that
-    foreground is ``values >= t``. Returns 1.0 for a constant image (no split exists)."""
+    foreground is ``values >= t``. None when the values do not split (a constant image)."""
     flat = values.reshape(-1).float().clamp(0, 1)
     hist = torch.histc(flat, bins=bins, min=0.0, max=1.0).double()
     total = hist.sum()
     if total == 0:
-        return 1.0
+        return None
     p = hist / total
     centers = (torch.arange(bins, dtype=torch.float64, device=p.device) + 0.5) / bins
     omega = torch.cumsum(p, 0)
@@ -55,12 +55,12 @@ def otsu_threshold(values: torch.Tensor, bins: int = 256) -> float:
     denom = omega * (1 - omega)
     between = torch.where(denom > 1e-12, (mu_t * omega - mu) ** 2 / denom.clamp_min(1e-12), torch.zeros_like(denom))
     if float(between.max()) <= 0:
-        return 1.0
+        return None
     k = int(torch.argmax(between))
     return (k + 1) / bins
 
 
-def log_otsu_threshold(values: torch.Tensor, eps: float = 2e-3, bins: int = 256) -> float:
+def log_otsu_threshold(values: torch.Tensor, eps: float = 2e-3, bins: int = 256) -> float | None:
     """Otsu's threshold computed on log(values), returned in linear units.
 
     Saturation is a ratio and staining intensity varies multiplicatively, so on the log scale glass (about
@@ -70,7 +70,7 @@ def log_otsu_threshold(values: torch.Tensor, eps: float = 2e-3, bins: int = 256)
     lo = float(np.log(eps))
     logs = (torch.log(values.float().clamp_min(eps)) - lo) / -lo  # [eps, 1] -> [0, 1]
     t = otsu_threshold(logs, bins=bins)
-    return float(np.exp(lo + t * -lo))
+    return None if t is None else float(np.exp(lo + t * -lo))
 
 
 def label_components(mask: torch.Tensor) -> torch.Tensor:
@@ -137,18 +137,20 @@ def detect_tissue(rgb: np.ndarray, mask_mpp: float, downsample: float, cfg: Tiss
 
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"detect_tissue expects RGB uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}")
-    image = torch.from_numpy(np.ascontiguousarray(rgb)).to(device).permute(2, 0, 1)[None].float() / 255.0
-    hsv = kornia.color.rgb_to_hsv(image)
-    sat = hsv[:, 1:2]
+    image = torch.from_numpy(np.array(rgb)).to(device).permute(2, 0, 1)[None].float() / 255.0
+    sat = kornia.color.rgb_to_hsv(image)[:, 1:2]
     k = min(cfg.median_kernel, _largest_odd(min(sat.shape[-2:])))
-    if k > 1:
-        sat = kornia.filters.median_blur(sat, (k, k))
+    if k > 1:  # replicate the border so tissue touching the slide edge is not eroded by padding
+        r = k // 2
+        padded = torch.nn.functional.pad(sat, (r, r, r, r), mode="replicate")
+        sat = kornia.filters.median_blur(padded, (k, k))[..., r:-r, r:-r]
     otsu = log_otsu_threshold(sat) if cfg.otsu_on_log else otsu_threshold(sat)
-    threshold = min(max(otsu, cfg.min_saturation), cfg.max_saturation)
+    # no split (all glass or all tissue): the floor alone decides
+    threshold = min(max(otsu if otsu is not None else 0.0, cfg.min_saturation), cfg.max_saturation)
     mask = sat >= threshold
     if cfg.close_kernel > 1:
         kernel = torch.ones(cfg.close_kernel, cfg.close_kernel, device=device)
-        mask = kornia.morphology.closing(mask.float(), kernel, border_type="constant", border_value=0.0) > 0.5
+        mask = kornia.morphology.closing(mask.float(), kernel, border_type="geodesic") > 0.5
     mask2d = mask[0, 0]
     px_area = mask_mpp * mask_mpp
     mask2d = drop_small_components(mask2d, cfg.min_component_um2 / px_area)

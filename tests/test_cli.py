@@ -1,0 +1,81 @@
+"""The `histcode` command as a user runs it: exit codes, tables, reasons, workspaces, the demo."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import yaml
+from typer.testing import CliRunner
+
+from histcode.cli import app
+from tests.conftest import SLIDES, TINY_DEMO
+
+runner = CliRunner()
+
+
+def invoke(ws, *args):
+    return runner.invoke(app, ["--workspace", str(ws), *map(str, args)], env={"COLUMNS": "250"})
+
+
+def test_help_is_fast_and_lists_commands() -> None:
+    out = subprocess.run([sys.executable, "-m", "histcode.cli", "--help"], capture_output=True, text=True, check=True)
+    for command in ("demo-data", "ingest", "tile", "slides", "demo"):
+        assert command in out.stdout
+    # heavy libraries are imported inside commands only
+    probe = "import sys, histcode.cli; print(any(m in sys.modules for m in ('torch', 'openslide', 'duckdb', 'prefect')))"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_ingest_and_tile_exit_codes(tmp_path, cmu_slide) -> None:
+    ws = tmp_path / "ws"
+    empty = tmp_path / "empty.svs"
+    empty.write_bytes(b"")
+    result = invoke(ws, "ingest", cmu_slide, empty, SLIDES / "boxes.tiff")
+    assert result.exit_code == 1
+    assert "empty file (0 bytes)" in result.stdout and "implausible" in result.stdout
+    assert "2 of 3 slides failed" in result.stdout.replace("\n", " ")
+    report = json.loads((ws / "metrics" / "ingest.json").read_text())
+    assert report["registered"] == 1 and report["failed"] == 2
+    result = invoke(ws, "ingest", SLIDES / "boxes.tiff", "--mpp", "0.5")  # the user supplies the scale
+    assert result.exit_code == 0, result.stdout
+    result = invoke(ws, "tile")  # boxes.tiff (300 x 250 px) cannot hold one 256 px tile: exit 1, CMU-1 is tiled
+    assert result.exit_code == 1, result.stdout
+    tiling = json.loads((ws / "metrics" / "tiling.json").read_text())
+    assert tiling["slides_tiled_ok"] == 1 and tiling["tiles"] > 30
+    assert tiling["failures"] == {"boxes": "slide 300x250 px is smaller than one tile (256 px at level 0)"}
+    assert tiling["not_ingested"] == ["empty"]
+    result = invoke(ws, "slides")
+    assert result.exit_code == 0 and "CMU-1-Small-Region" in result.stdout and "failed" in result.stdout
+
+
+def test_usage_errors(tmp_path) -> None:
+    ws = tmp_path / "ws"
+    assert invoke(ws, "ingest").exit_code == 2
+    assert invoke(ws, "tile").exit_code == 2  # no catalog yet
+    ws.mkdir(parents=True, exist_ok=True)
+    (ws / "params.yaml").write_text("tiling:\n  tile_pz: 3\n")
+    result = invoke(ws, "tile")
+    assert result.exit_code == 2 and "tile_pz" in result.output
+
+
+def test_workspace_from_environment(tmp_path, cmu_slide, monkeypatch) -> None:
+    monkeypatch.setenv("HISTCODE_HOME", str(tmp_path / "cohort-a"))
+    assert runner.invoke(app, ["ingest", str(cmu_slide)]).exit_code == 0
+    assert (tmp_path / "cohort-a" / "data" / "catalog.duckdb").is_file()
+
+
+def test_demo_command_end_to_end(tmp_path) -> None:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "params.yaml").write_text(yaml.safe_dump({"demo": TINY_DEMO.model_dump(mode="json")}))
+    result = invoke(ws, "demo", "--workers", "1")
+    assert result.exit_code == 0, result.stdout
+    assert "Next:" in result.stdout and "histcode slides" in result.stdout
+    tiling = json.loads((ws / "metrics" / "tiling.json").read_text())
+    assert tiling["failed"] == 0 and tiling["tiled_now"] == tiling["slides"] > 0
+    again = invoke(ws, "demo", "--workers", "1")
+    assert again.exit_code == 0
+    rerun = json.loads((ws / "metrics" / "tiling.json").read_text())
+    assert rerun["tiled_now"] == 0 and rerun["skipped"] == tiling["slides"] and rerun["tiles"] == tiling["tiles"]

@@ -1,0 +1,42 @@
+"""A real Prefect run of the ingest flow (temporary local API, no server to start)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pandas as pd
+import pytest
+
+from histcode.store.catalog import Catalog
+from histcode.workspace import Workspace
+
+
+@pytest.fixture
+def prefect_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    monkeypatch.setenv("PREFECT_API_URL", "")
+    return tmp_path / "prefect"
+
+
+@pytest.mark.integration
+def test_ingest_flow_run(tiny_cohort, tmp_path, prefect_home) -> None:
+    from prefect.client.orchestration import get_client  # noqa: F401  (Prefect import after PREFECT_HOME is set)
+
+    from flows.ingest import ingest_flow
+
+    slides = pd.read_csv(tiny_cohort.out_dir / "slides.csv").head(3)
+    bad = tmp_path / "broken.svs"
+    bad.write_bytes(b"\x00" * 100)
+    ws = Workspace(tmp_path / "ws")
+    paths = [str(tiny_cohort.out_dir / p) for p in slides.path] + [str(bad)]
+    summary = ingest_flow(paths=paths, workspace=str(ws.root))
+    assert summary["ingest"]["registered"] == 3 and summary["ingest"]["failed"] == 1
+    assert summary["ingest"]["failures"] == {"broken": "not a whole-slide image format OpenSlide recognises"}
+    assert summary["tiling"]["slides_tiled_ok"] == 3 and summary["tiling"]["tiles"] > 0
+    catalog = Catalog(ws.catalog_path)
+    assert catalog.tiles().num_rows == summary["tiling"]["tiles"]
+    assert (ws.metrics_dir / "tiling.json").is_file()
+    # the same flow again does no work
+    again = ingest_flow(paths=paths, workspace=str(ws.root))
+    assert again["ingest"]["unchanged"] == 3 and again["tiling"]["tiled_now"] == 0 and again["tiling"]["skipped"] == 3
+    shutil.rmtree(prefect_home, ignore_errors=True)
