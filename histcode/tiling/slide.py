@@ -22,7 +22,8 @@ from histcode.tiling.spec import tile_id_of
 from histcode.wsi import qc as tile_qc
 from histcode.wsi.grid import grid_positions, tile_size_level0, tissue_fractions
 from histcode.wsi.overlay import draw_qc_thumbnail, save_mask_png
-from histcode.wsi.reader import OpenSlideReader, SlideReadError, plan_read, read_square, render_at_mpp
+from histcode.wsi.reader import OpenSlideReader, SlideReadError, plan_read, render_at_mpp
+from histcode.wsi.tile_reader import TileReader
 from histcode.wsi.tissue import detect_tissue, resolve_device
 
 log = logging.getLogger(__name__)
@@ -69,13 +70,13 @@ def tile_slide(slide: dict, cfg: TilingConfig, spec_id: str, qc_dir: Path) -> Sl
             fractions = tissue_fractions(mask.mask, mask.downsample, positions, size)
             tissue_ok = fractions >= cfg.min_tissue_fraction
             plan = plan_read(reader.level_downsamples, size, cfg.tile_px)
-            white = np.full(len(positions), np.nan, dtype=np.float32)
-            sharp = np.full(len(positions), np.nan, dtype=np.float32)
-            qc_ok = np.ones(len(positions), dtype=bool)
-            if cfg.qc.enabled:
+        white = np.full(len(positions), np.nan, dtype=np.float32)
+        sharp = np.full(len(positions), np.nan, dtype=np.float32)
+        qc_ok = np.ones(len(positions), dtype=bool)
+        if cfg.qc.enabled:
+            with TileReader.for_slide(slide, size, cfg.tile_px) as tiles:
                 for i in np.flatnonzero(tissue_ok):
-                    pixels = read_square(reader, int(positions[i, 0]), int(positions[i, 1]), plan)
-                    m = tile_qc.measure(pixels, cfg.qc)
+                    m = tile_qc.measure(tiles.read(positions[i, 0], positions[i, 1]), cfg.qc)
                     white[i], sharp[i] = m.white_fraction, m.laplacian_var
                     qc_ok[i] = m.reason(cfg.qc) is None
     except SlideReadError as exc:

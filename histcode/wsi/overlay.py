@@ -12,7 +12,7 @@ MAX_SIDE = 1600
 
 def save_mask_png(mask: np.ndarray, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((mask.astype(np.uint8) * 255)).save(path)
+    Image.fromarray((mask.astype(np.uint8) * 255)).save(path, compress_level=1)
     return path
 
 
@@ -41,5 +41,5 @@ def draw_qc_thumbnail(
             x0, y0 = x * per_l0, y * per_l0
             draw.rectangle([x0, y0, x0 + size * per_l0 - 1, y0 + size * per_l0 - 1], outline=colour)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    image.save(path, compress_level=1)
     return path
