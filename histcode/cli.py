@@ -188,9 +188,10 @@ def demo(
     cfg = _config(ws)
     outcome = run_demo(ws, cfg, workers=workers)
     console = _console()
-    console.print(ingest_table(outcome.ingest))
+    if outcome.ingest.failed:
+        console.print(ingest_table(outcome.ingest))
     console.print(tiling_table(outcome.tiling))
-    console.print(next_steps(ws, outcome))
+    console.print(next_steps(ws, outcome), soft_wrap=True)
     if outcome.failed:
         raise typer.Exit(1)
 

@@ -59,14 +59,21 @@ def catalog_table(catalog: Catalog, status: str | None) -> Table:
 
 
 def next_steps(ws, outcome) -> str:
+    """What to do after the demo: where things are and commands to try."""
     qc = ws.outputs_dir / "qc" / outcome.tiling.spec_id
+    ingest, tiling = outcome.ingest, outcome.tiling
+    sql = ("SELECT s.patient_id, count(*) AS tiles FROM tiles t JOIN slides s USING (slide_id) "
+           "GROUP BY ALL ORDER BY tiles DESC LIMIT 5")
     return f"""
-[bold]Demo cohort ingested and tiled[/] in workspace {ws.root}
-  {outcome.cohort.n_slides} slides, {outcome.tiling.n_tiles} tiles; catalog {ws.catalog_path}
+[bold]Demo cohort ingested and tiled[/] (workspace {ws.root})
+  slides: {len(ingest.outcomes)} ({ingest.count("registered")} new, {ingest.count("unchanged")} unchanged, {len(ingest.failed)} failed)
+  tiles:  {tiling.n_tiles} under spec {tiling.spec_id} ({tiling.count("tiled")} slides tiled now, {tiling.count("skipped")} already done)
+  cohort: {outcome.cohort.out_dir}  (real LC25000 pixels; simulated layout, labels and expression: see its README.md)
 
-Next:
-  histcode slides                          # the catalog, slide by slide
-  open {qc}/<slide>.qc.png                  # tissue mask and tile grid per slide
-  python -c "import duckdb; print(duckdb.connect('{ws.catalog_path}', read_only=True).sql('SELECT slide_id, count(*) AS tiles FROM tiles GROUP BY 1 ORDER BY 2 DESC LIMIT 5'))"
-  dvc repro tile                           # the same stages through DVC
-(pretraining, embeddings, labels and heads arrive with the next stages.)"""
+[bold]Next[/]
+  histcode slides                                   the catalog, slide by slide
+  ls {qc}      QC pictures: tissue mask and tile grid per slide
+  python -c "import duckdb; print(duckdb.connect('{ws.catalog_path}', read_only=True).sql('{sql}'))"
+  dvc repro                                         the same stages through DVC (source .venv/bin/activate first)
+  python benchmarks/tiling.py                       reader and tiling throughput
+Pretraining, embeddings, labels and heads join this demo as their stages land."""
