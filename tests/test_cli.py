@@ -72,7 +72,7 @@ def test_demo_command_end_to_end(tmp_path) -> None:
     (ws / "params.yaml").write_text(yaml.safe_dump({"demo": TINY_DEMO.model_dump(mode="json")}))
     result = invoke(ws, "demo", "--workers", "1")
     assert result.exit_code == 0, result.stdout
-    assert "Next:" in result.stdout and "histcode slides" in result.stdout
+    assert "Demo cohort ingested and tiled" in result.stdout and "histcode slides" in result.stdout
     tiling = json.loads((ws / "metrics" / "tiling.json").read_text())
     assert tiling["failed"] == 0 and tiling["tiled_now"] == tiling["slides"] > 0
     again = invoke(ws, "demo", "--workers", "1")
