@@ -10,6 +10,7 @@ Run it:  python -m flows.ingest --manifest data/demo/manifest.csv
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -21,9 +22,9 @@ from histcode.ingest.run import IngestReport, commit_record, is_unchanged, refus
 from histcode.ingest.sources import SlideSource, read_manifest, sources_from_paths, split_duplicates
 from histcode.reports import ingest_summary, tiling_summary, write_json
 from histcode.store.catalog import Catalog
-from histcode.store.records import SlideRecord
+from histcode.store.records import FAILED, SlideRecord
 from histcode.tiling.run import TilingReport, commit_tiling, plan_tiling
-from histcode.tiling.slide import SlideTiling, tile_slide
+from histcode.tiling.slide import SlideTiling, failed_tiling, tile_slide
 from histcode.workspace import Workspace
 
 
@@ -50,6 +51,22 @@ def tile_task(slide: dict, cfg, spec_id: str, qc_dir: Path) -> SlideTiling:
     return tile_slide(slide, cfg, spec_id, qc_dir)
 
 
+def _tiling_result(future, slide: dict, spec_id: str) -> SlideTiling:
+    """The task's result; an error that survived the retries becomes that slide's failure, not the flow's."""
+    try:
+        return future.result()
+    except Exception as exc:  # noqa: BLE001
+        return failed_tiling(slide, spec_id, f"{type(exc).__name__}: {exc}", time.perf_counter())
+
+
+def _inspect_result(future, source: SlideSource) -> SlideRecord:
+    try:
+        return future.result()
+    except Exception as exc:  # noqa: BLE001
+        return SlideRecord(slide_id=source.slide_id, patient_id=source.patient_id, path=str(source.path),
+                           status=FAILED, reason=f"inspection failed after retries: {type(exc).__name__}: {exc}")
+
+
 def _ingest(sources: list[SlideSource], catalog: Catalog, cfg) -> IngestReport:
     report = IngestReport()
     kept, refused = split_duplicates(sources)
@@ -60,9 +77,9 @@ def _ingest(sources: list[SlideSource], catalog: Catalog, cfg) -> IngestReport:
         if is_unchanged(existing, source):
             report.outcomes.append(unchanged_outcome(existing, source))
         else:
-            pending.append((existing, inspect_task.submit(source, cfg)))
-    for existing, future in pending:
-        report.outcomes.append(commit_record(catalog, future.result(), existing))
+            pending.append((existing, source, inspect_task.submit(source, cfg)))
+    for existing, source, future in pending:
+        report.outcomes.append(commit_record(catalog, _inspect_result(future, source), existing))
     report.log_summary()
     return report
 
@@ -70,9 +87,9 @@ def _ingest(sources: list[SlideSource], catalog: Catalog, cfg) -> IngestReport:
 def _tile(catalog: Catalog, cfg, qc_root: Path) -> TilingReport:
     plan = plan_tiling(catalog, cfg)
     qc_dir = qc_root / plan.spec_id
-    futures = [tile_task.submit(slide, cfg, plan.spec_id, qc_dir) for slide in plan.todo]
-    for future in futures:
-        plan.report.outcomes.append(commit_tiling(catalog, future.result()))
+    futures = [(slide, tile_task.submit(slide, cfg, plan.spec_id, qc_dir)) for slide in plan.todo]
+    for slide, future in futures:
+        plan.report.outcomes.append(commit_tiling(catalog, _tiling_result(future, slide, plan.spec_id)))
     plan.report.outcomes.sort(key=lambda o: o.slide_id)
     return plan.report
 

@@ -162,6 +162,56 @@ def tile(
 
 
 @app.command()
+def pretrain(
+    ctx: typer.Context,
+    method: Annotated[Optional[str], typer.Option(help="adco | moco | simclr (default: pretrain.method).")] = None,
+    encoder: Annotated[Optional[str], typer.Option(help="resnet18 | resnet50 | resnet50_l3 | timm:<name>.")] = None,
+    init: Annotated[Optional[str], typer.Option(help="random | imagenet (ImageNet only if the weights are on disk).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Train this many steps (overrides pretrain.epochs).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the interrupted run of this configuration.")] = False,
+) -> None:
+    """Contrastive pretraining on the catalog's tiles, tracked in MLflow; registers the encoder."""
+    from histcode.ssl.dataset import NoTilesError
+    from histcode.ssl.encoders import EncoderError
+    from histcode.ssl.pretrain import pretrain as run_pretrain
+    from histcode.ssl.train import TrainingDiverged
+    from histcode.tracking import telemetry_off
+
+    telemetry_off()
+    ws = _ws(ctx)
+    cfg = _config(ws)
+    overrides = {k: v for k, v in {"method": method, "encoder": encoder, "init": init, "max_steps": steps}.items()
+                 if v is not None}
+    if overrides:
+        from pydantic import ValidationError
+
+        try:
+            cfg = cfg.model_copy(update={"pretrain": cfg.pretrain.model_validate({**cfg.pretrain.model_dump(), **overrides})})
+        except ValidationError as exc:
+            _fail(str(exc))
+    try:
+        result = run_pretrain(ws, cfg, resume=resume)
+    except (NoTilesError, EncoderError, TrainingDiverged, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    console = _console()
+    if result.run_id is None:
+        return  # a torchrun process other than rank 0
+    state = f"resumed at step {result.start_step}" if result.resumed else "new run"
+    loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
+    console.print(f"pretrain {result.method}: {result.steps} steps ({state}), final loss {loss}")
+    console.print(f"MLflow run {result.run_id}; registered {cfg.pretrain.register_as} version {result.version} "
+                  f"(models:/{cfg.pretrain.register_as}@{result.method})")
+    if result.probe:
+        p = result.probe
+        console.print(
+            f"linear probe on {int(p['probe_tiles'])} held-aside tiles, accuracy / macro AUC: "
+            f"trained {p['probe_accuracy']:.3f} / {p['probe_macro_auc']:.3f}, "
+            f"random init {p['probe_random_init_accuracy']:.3f} / {p['probe_random_init_macro_auc']:.3f}, "
+            f"colour only {p['probe_colour_accuracy']:.3f} / {p['probe_colour_macro_auc']:.3f}"
+        )
+
+
+@app.command()
 def slides(
     ctx: typer.Context,
     status: Annotated[Optional[str], typer.Option(help="Only slides with this status (ok, failed).")] = None,
@@ -170,9 +220,13 @@ def slides(
     from histcode.store.catalog import Catalog
     from histcode.views import catalog_table
 
+    from histcode.store.catalog import CatalogError
+
     ws = _ws(ctx)
-    catalog = Catalog(ws.catalog_path)
-    _console().print(catalog_table(catalog, status))
+    try:
+        _console().print(catalog_table(Catalog(ws.catalog_path), status))
+    except CatalogError as exc:
+        _fail(str(exc))
 
 
 @app.command()

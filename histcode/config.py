@@ -72,6 +72,7 @@ class TissueMaskConfig(_Section):
     otsu_on_log: bool = True  # Otsu on log saturation: separates pale tissue from glass next to dark tumour
     min_saturation: Fraction = 0.06  # floor on the Otsu threshold so a blank slide yields no tissue
     max_saturation: Fraction = 1.0
+    min_glass_fraction: Fraction = 0.02  # below this share of glass-like pixels, Otsu is not trusted (all tissue)
     close_kernel: Pixels = 5
     min_component_um2: SquareMicrons = 40_000.0  # tissue pieces smaller than this are dropped
     max_hole_um2: SquareMicrons = 40_000.0  # holes smaller than this are filled
@@ -109,10 +110,83 @@ class TilingConfig(_Section):
         return self.model_dump(exclude={"device", "workers"}, mode="json")
 
 
+class AugmentConfig(_Section):
+    """Two views per tile, generated on the device by kornia. Probabilities are per image."""
+
+    crop_scale: tuple[Fraction, Fraction] = (0.2, 1.0)  # random resized crop, share of the tile's area
+    hflip_p: Fraction = 0.5
+    vflip_p: Fraction = 0.5
+    rot90_p: Fraction = 0.5  # a random multiple of 90 degrees
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
+    color_jitter_p: Fraction = 0.8
+    grayscale_p: Fraction = 0.2
+    blur_p: Fraction = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # in pixels of a 224 px image, scaled with image_px
+    stain_p: Fraction = 0.5  # H&E stain jitter in optical-density space
+    stain_scale: Annotated[float, Field(ge=0, le=1)] = 0.05  # stain concentrations scaled by U(1 - s, 1 + s)
+    stain_shift: Annotated[float, Field(ge=0, le=1)] = 0.05  # ... and shifted by U(-s, s) OD units
+
+    @model_validator(mode="after")
+    def _ranges(self) -> AugmentConfig:
+        if self.crop_scale[0] > self.crop_scale[1] or self.blur_sigma[0] > self.blur_sigma[1]:
+            raise ValueError("pretrain.augment: ranges must be (low, high)")
+        return self
+
+
+class ProbeConfig(_Section):
+    """Linear probe on held-aside labelled tiles: frozen embeddings -> logistic regression, grouped CV."""
+
+    enabled: bool = True
+    source_dir: str | None = None  # LC25000 with labels.csv; None = the bundled copy
+    split: str = "val"
+    folds: Annotated[int, Field(ge=2)] = 5
+    max_iter: Pixels = 2000
+
+
+class PretrainConfig(_Section):
+    """Contrastive pretraining. Defaults fit the demo on a 2-core CPU; the paper's AdCo: encoder resnet50_l3,
+    image_px 224, batch_size 256, bank_size 65536, epochs 200."""
+
+    method: Literal["adco", "moco", "simclr"] = "adco"
+    encoder: str = "resnet18"
+    init: Literal["random", "imagenet"] = "random"
+    image_px: Pixels = 112
+    batch_size: Annotated[int, Field(ge=2)] = 64
+    epochs: Annotated[float, Field(gt=0)] = 2.0
+    max_steps: Annotated[int, Field(ge=1)] | None = None  # overrides epochs
+    lr: Annotated[float, Field(gt=0)] = 0.06
+    momentum: Fraction = 0.9
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
+    warmup_steps: Annotated[int, Field(ge=0)] = 5
+    proj_dim: Pixels = 128
+    temperature: Annotated[float, Field(gt=0)] | None = None  # None = the method's: simclr 0.2, moco 0.2, adco 0.12
+    key_momentum: Fraction = 0.999
+    queue_size: Pixels = 4096  # MoCo (paper 65536)
+    bank_size: Pixels = 1024  # AdCo (paper 65536)
+    bank_temperature: Annotated[float, Field(gt=0)] = 0.02
+    bank_lr: Annotated[float, Field(gt=0)] = 3.0
+    bank_momentum: Fraction = 0.9
+    bank_weight_decay: Annotated[float, Field(ge=0)] = 1e-4
+    symmetric: bool = False  # also use (view 2, view 1) as a query/key pair
+    amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 with a grad scaler)
+    checkpoint_every: Pixels = 25
+    log_every: Pixels = 5
+    num_workers: Annotated[int, Field(ge=0)] = 2
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    register_as: str = "histcode-encoder"
+    augment: AugmentConfig = AugmentConfig()
+    probe: ProbeConfig = ProbeConfig()
+
+    def method_temperature(self) -> float:
+        return self.temperature if self.temperature is not None else {"simclr": 0.2, "moco": 0.2, "adco": 0.12}[self.method]
+
+
 class HistcodeConfig(_Section):
     demo: DemoConfig = DemoConfig()
     ingest: IngestConfig = IngestConfig()
     tiling: TilingConfig = TilingConfig()
+    pretrain: PretrainConfig = PretrainConfig()
 
 
 class ConfigError(ValueError):

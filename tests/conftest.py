@@ -68,3 +68,28 @@ def copy_slide(tmp_path: Path):
         return dst
 
     return _copy
+
+
+@pytest.fixture(scope="session")
+def tiled_catalog(tiny_cohort, tmp_path_factory) -> Path:
+    """A catalog with the tiny cohort ingested and tiled under the default spec (copy it before writing)."""
+    from histcode.ingest.run import ingest_sources
+    from histcode.ingest.sources import read_manifest
+    from histcode.store.catalog import Catalog
+    from histcode.tiling.run import tile_slides
+
+    ws = Workspace(tmp_path_factory.mktemp("tiled") / "ws").ensure()
+    cfg = HistcodeConfig()
+    catalog = Catalog(ws.catalog_path)
+    ingest_sources(read_manifest(tiny_cohort.manifest), catalog, cfg.ingest, progress=False)
+    report = tile_slides(catalog, cfg.tiling, ws.outputs_dir / "qc", progress=False)
+    assert not report.failed
+    return ws.catalog_path
+
+
+@pytest.fixture
+def tiled_workspace(tiled_catalog, tmp_path) -> Workspace:
+    """A fresh workspace whose catalog already holds the tiled tiny cohort."""
+    ws = Workspace(tmp_path / "tws").ensure()
+    shutil.copy2(tiled_catalog, ws.catalog_path)
+    return ws

@@ -105,6 +105,14 @@ def test_deterministic_and_rebuild_is_a_no_op(tiny_cohort, tmp_path) -> None:
     assert not list(tmp_path.glob(".demo.*"))  # no half-built or old folders left behind
 
 
+def test_more_patients_than_source_groups_is_refused(tmp_path) -> None:
+    from histcode.demo.plan import DemoSourceError
+
+    with pytest.raises(DemoSourceError, match="only 179 lung_n groups"):
+        build_demo_cohort(TINY_DEMO.model_copy(update={"n_patients": 200}), tmp_path / "demo", progress=False)
+    assert not list(tmp_path.iterdir())  # nothing half-built left behind
+
+
 def test_ingest_and_tile_agree_with_ground_truth(tiny_cohort, slides, workspace, config) -> None:
     catalog = Catalog(workspace.catalog_path)
     ingest = ingest_sources(read_manifest(tiny_cohort.manifest), catalog, config.ingest, progress=False)

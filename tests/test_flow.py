@@ -40,3 +40,17 @@ def test_ingest_flow_run(tiny_cohort, tmp_path, prefect_home) -> None:
     again = ingest_flow(paths=paths, workspace=str(ws.root))
     assert again["ingest"]["unchanged"] == 3 and again["tiling"]["tiled_now"] == 0 and again["tiling"]["skipped"] == 3
     shutil.rmtree(prefect_home, ignore_errors=True)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_flow_records_slide_errors_instead_of_crashing(tiny_cohort, tmp_path, prefect_home) -> None:
+    from flows.ingest import ingest_flow
+
+    ws = Workspace(tmp_path / "ws").ensure()
+    (ws.root / "params.yaml").write_text("tiling:\n  device: cuda\n")  # a config error every slide hits
+    slides = pd.read_csv(tiny_cohort.out_dir / "slides.csv").head(2)
+    summary = ingest_flow(paths=[str(tiny_cohort.out_dir / p) for p in slides.path], workspace=str(ws.root))
+    assert summary["tiling"]["failed"] == 2 and summary["tiling"]["slides_tiled_ok"] == 0
+    assert all("no CUDA device" in reason for reason in summary["tiling"]["failures"].values())
+    assert len(Catalog(ws.catalog_path).tilings()) == 2  # both recorded in the ledger with their reason

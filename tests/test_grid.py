@@ -64,5 +64,13 @@ def test_tissue_fraction_matches_brute_force() -> None:
     np.testing.assert_allclose(tissue_fractions(mask, ds, pos, 100), expected, atol=1e-9)
 
 
+def test_tissue_fraction_with_different_x_and_y_downsamples() -> None:
+    # a tall slide whose mask rounding gives 15.75 level-0 px per mask column but 16 per row
+    mask = np.zeros((8, 4), dtype=bool)
+    mask[:4] = True  # the top half: level-0 rows [0, 64)
+    fr = tissue_fractions(mask, (15.75, 16.0), np.array([[0, 32], [0, 64]]), 32)
+    np.testing.assert_allclose(fr, [1.0, 0.0])
+
+
 def test_tissue_fraction_empty_positions() -> None:
     assert tissue_fractions(np.ones((2, 2), bool), 4.0, np.zeros((0, 2), dtype=np.int64), 8).shape == (0,)

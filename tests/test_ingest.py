@@ -145,6 +145,34 @@ def test_changed_file_is_reregistered_and_invalidates_tiles(workspace, config, t
     assert catalog.tiles(slide_id="s").num_rows == 8
 
 
+def test_a_briefly_missing_file_keeps_its_tiles(workspace, config, tmp_path) -> None:
+    from histcode.tiling.run import tile_slides
+
+    path = write_svs(tmp_path / "s.svs", slide_with_rect(np.random.default_rng(0), (768, 768), (0, 0, 768, 768)))
+    _, catalog = ingest([path], workspace, config)
+    tile_slides(catalog, config.tiling, workspace.outputs_dir / "qc", progress=False)
+    away = tmp_path / "elsewhere.svs"
+    path.rename(away)  # an unmounted share, a file being copied
+    report, _ = ingest([path], workspace, config)
+    assert report.outcomes[0].reason == "file not found"
+    row = catalog.get_slide("s")
+    assert row["status"] == "failed" and row["content_hash"] and catalog.tiles(slide_id="s").num_rows == 9
+    away.rename(path)
+    report, _ = ingest([path], workspace, config)
+    assert report.outcomes[0].action == "unchanged" and catalog.get_slide("s")["status"] == "ok"
+    assert catalog.tiles(slide_id="s").num_rows == 9 and catalog.tilings()[0]["status"] == "ok"
+
+
+def test_mpp_option_does_not_override_a_slide_scale(workspace, config, tmp_path) -> None:
+    image = slide_with_rect(np.random.default_rng(0), (512, 512), (0, 0, 512, 512))
+    hi = write_svs(tmp_path / "hi.svs", image, mpp=0.25, magnification=40)
+    bare = write_tiff_96dpi(tmp_path / "bare.tif", image)
+    report, catalog = ingest([hi, bare], workspace, config, mpp=0.5)
+    assert catalog.get_slide("hi")["mpp_x"] == pytest.approx(0.25) and catalog.get_slide("hi")["mpp_source"] == "slide"
+    assert catalog.get_slide("bare")["mpp_source"] == "user"
+    assert [o.action for o in ingest([hi, bare], workspace, config, mpp=0.5)[0].outcomes] == ["unchanged", "unchanged"]
+
+
 def test_duplicate_slide_ids_are_refused(workspace, config, copy_slide, cmu_slide, tmp_path) -> None:
     other = tmp_path / "other" / cmu_slide.name
     other.parent.mkdir()
@@ -167,6 +195,12 @@ def test_manifest(tmp_path, cmu_slide) -> None:
     assert a == SlideSource(cmu_slide.absolute(), "S1", "P1", None) or a.path.resolve() == cmu_slide.resolve()
     assert (a.slide_id, a.patient_id, a.mpp) == ("S1", "P1", None)
     assert (b.patient_id, b.mpp) == ("TCGA-AB-1234", 0.25)
+
+
+def test_manifest_with_excel_byte_order_mark(tmp_path, cmu_slide) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_bytes(b"\xef\xbb\xbfpath,slide_id\n" + str(cmu_slide).encode() + b",S1\n")
+    assert read_manifest(manifest)[0].slide_id == "S1"
 
 
 @pytest.mark.parametrize(

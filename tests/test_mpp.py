@@ -39,8 +39,11 @@ def test_nothing_at_all_fails() -> None:
         resolve({})
 
 
-def test_user_mpp_overrides_and_is_checked() -> None:
+def test_user_mpp_is_a_fallback_never_an_override() -> None:
     assert resolve({"openslide.mpp-x": "264.58"}, user=0.25).source == "user"
+    slide = resolve({"openslide.mpp-x": "0.25", "openslide.mpp-y": "0.25"}, user=0.5)
+    assert (slide.x, slide.source) == (0.25, "slide")  # a 40x slide stays 40x when --mpp covers other files
+    assert resolve({"openslide.objective-power": "40"}, user=0.5).source == "objective"
     with pytest.raises(MppError, match="given mpp 300"):
         resolve({}, user=300.0)
 

@@ -45,6 +45,20 @@ def test_coarser_level_read(tmp_path) -> None:
     assert _compare(path, "aperio", 1024, [(0, 0), (1024, 1024)])
 
 
+def test_fractional_downsample_levels_fall_back_to_openslide(tmp_path) -> None:
+    # 4101 x 4099 px: OpenSlide's 4x level has downsample 4.0019..., where only OpenSlide's mapping is exact
+    image = slide_with_rect(np.random.default_rng(1), (4099, 4101), (0, 0, 4101, 4099))
+    path = write_svs(tmp_path / "odd.svs", image)
+    with OpenSlideReader(path) as ref:
+        dims, ds = ref.level_dimensions, ref.level_downsamples
+    assert ds[1] != round(ds[1])
+    with TileReader(path, "aperio", dims, ds, 1024, 256) as reader:
+        assert reader.plan.level == 1 and not reader.is_direct
+    with TileReader(path, "aperio", dims, ds, 256, 256) as reader:
+        assert reader.plan.level == 0 and reader.is_direct
+    assert not _compare(path, "aperio", 1024, [(0, 0), (1024, 2048)])
+
+
 def test_other_vendors_use_openslide() -> None:
     path = SLIDES / "boxes.tiff"
     with OpenSlideReader(path) as ref:

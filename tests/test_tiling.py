@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -130,6 +132,17 @@ def test_40x_and_20x_give_the_same_tiles(workspace, config, tmp_path) -> None:
         pb = read_square(b, 2 * x, 2 * y, plan_read(b.level_downsamples, 512, 256))
     assert pa_.shape == pb.shape == (256, 256, 3)
     assert np.abs(pa_.astype(int) - pb.astype(int)).mean() < 12
+
+
+def test_slide_ids_with_dots_get_their_own_qc_pictures(workspace, config, tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    a = write_svs(tmp_path / "a" / "S1.svs", slide_with_rect(rng, (1024, 1024), (0, 0, 1024, 1024)))
+    b = write_svs(tmp_path / "b" / "S1.v2.svs", slide_with_rect(rng, (1024, 1024), (0, 0, 512, 1024)))
+    catalog = setup([a, b], workspace, config)
+    report = run(catalog, workspace, config.tiling)
+    paths = {row["slide_id"]: row["mask_path"] for row in catalog.tilings()}
+    assert paths["S1"] != paths["S1.v2"] and all(Path(p).is_file() for p in paths.values())
+    assert paths["S1.v2"].endswith("S1.v2.mask.png") and not report.failed
 
 
 def test_parallel_workers_give_the_same_tiles(workspace, config, tmp_path) -> None:

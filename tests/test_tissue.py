@@ -118,7 +118,7 @@ def test_detect_tissue_finds_disk_and_drops_speck() -> None:
     iou = (result.mask & disk).sum() / (result.mask | disk).sum()
     assert iou > 0.95
     assert not result.mask[8:14, 138:144].any()
-    assert result.downsample == 16.0 and result.threshold >= cfg.min_saturation
+    assert result.downsample == (16.0, 16.0) and result.threshold >= cfg.min_saturation
 
 
 def test_detect_tissue_blank_glass_is_empty() -> None:
@@ -132,6 +132,15 @@ def test_flat_all_tissue_image_is_all_tissue_and_edges_survive() -> None:
     image[:] = (180, 110, 170)
     result = detect_tissue(image, 8.0, 16.0, TissueMaskConfig(), CPU)
     assert result.otsu is None and result.mask.all()
+
+
+def test_without_glass_pale_tissue_is_kept_beside_dark_tissue() -> None:
+    # no glass in view: Otsu would split pale stroma from purple tumour; the floor decides instead
+    image = np.empty((64, 64, 3), np.uint8)
+    image[:, :32] = (230, 200, 215)  # pale pink, saturation ~0.13
+    image[:, 32:] = (150, 75, 160)  # purple, saturation ~0.53
+    result = detect_tissue(image, 8.0, 16.0, TissueMaskConfig(), CPU)
+    assert result.mask.all() and result.threshold == TissueMaskConfig().min_saturation
 
 
 def test_detect_tissue_rejects_bad_input() -> None:

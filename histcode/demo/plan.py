@@ -100,6 +100,14 @@ def plan_cohort(cfg: DemoConfig, tiles: list[SourceTile]) -> tuple[list[SlidePla
     by_class: dict[str, list[SourceTile]] = defaultdict(list)
     for t in tiles:
         by_class[t.label].append(t)
+    need = {"lung_n": n, "lung_aca": int((subtypes == "LUAD").sum()), "lung_scc": int((subtypes == "LUSC").sum())}
+    for label, patients_needing in need.items():
+        groups = len({t.group_id for t in by_class[label]})
+        if groups < patients_needing:
+            raise DemoSourceError(
+                f"{patients_needing} patients need {label} tiles but the source has only {groups} {label} groups "
+                f"(near-copies cannot be shared between patients); lower demo.n_patients"
+            )
     normal_pools = deal_groups(by_class["lung_n"], patients, rng)
     pools: dict[str, dict[str, list[SourceTile]]] = {p: {"normal": normal_pools[p]} for p in patients}
     for subtype, label in SUBTYPE_CLASS.items():

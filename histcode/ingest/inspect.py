@@ -64,6 +64,22 @@ def _probe(reader: OpenSlideReader, storage_tile: tuple[int, int]) -> None:
         reader.read_region((0, 0), last, (lw, lh))
 
 
+def _diagnose(path: Path, fallback: str) -> str:
+    """Why OpenSlide could not use a file: for TIFF-based files, where the structure breaks (truncation,
+    untiled pages); otherwise ``fallback``. NDPI keeps 64-bit offsets in a private tag that a plain TIFF
+    walk cannot read, so it is never second-guessed."""
+    if path.suffix.lower() == ".ndpi":
+        return fallback
+    structure = check_tiff(path)
+    if structure is None:
+        return fallback
+    if structure.problem:
+        return structure.problem
+    if not structure.tiled:
+        return "a TIFF that is not tiled; OpenSlide reads tiled (pyramidal) TIFFs only"
+    return fallback
+
+
 def _int_prop(props, key: str) -> int | None:
     try:
         return int(props[key])
@@ -83,22 +99,14 @@ def inspect_slide(source: SlideSource, cfg: IngestConfig) -> SlideRecord:
 
     import openslide
 
-    structure = check_tiff(path)
-    if structure is not None and structure.problem:
-        record.reason = structure.problem
-        record.content_hash, record.hash_kind = file_sha256(path), "sha256"
-        return record
     if openslide.OpenSlide.detect_format(str(path)) is None:
-        if structure is not None and not structure.tiled:
-            record.reason = "a TIFF that is not tiled; OpenSlide reads tiled (pyramidal) TIFFs only"
-        else:
-            record.reason = "not a whole-slide image format OpenSlide recognises"
+        record.reason = _diagnose(path, "not a whole-slide image format OpenSlide recognises")
         record.content_hash, record.hash_kind = file_sha256(path), "sha256"
         return record
     try:
         reader = OpenSlideReader(path)
     except SlideReadError as exc:
-        record.reason = f"cannot be opened: {str(exc).split(': ', 1)[-1]}"
+        record.reason = _diagnose(path, f"cannot be opened: {str(exc).split(': ', 1)[-1]}")
         record.content_hash, record.hash_kind = file_sha256(path), "sha256"
         return record
     with reader:
@@ -117,7 +125,7 @@ def inspect_slide(source: SlideSource, cfg: IngestConfig) -> SlideRecord:
             try:
                 _probe(reader, (tile[0] or 256, tile[1] or 256))
             except SlideReadError as exc:
-                record.reason = f"truncated or corrupt: {str(exc).split(': ', 1)[-1]}"
+                record.reason = _diagnose(path, f"corrupt: {str(exc).split(': ', 1)[-1]}")
                 return record
         try:
             mpp = resolve_mpp(props, source.mpp, cfg.plausible_mpp, cfg.max_anisotropy)

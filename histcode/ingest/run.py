@@ -70,10 +70,8 @@ def is_unchanged(existing: dict | None, source: SlideSource) -> bool:
         return False
     if existing["patient_id"] != source.patient_id:
         return False
-    wants_user_mpp = source.mpp is not None
-    if wants_user_mpp != (existing["mpp_source"] == "user"):
-        return False
-    return not wants_user_mpp or existing["mpp_x"] == source.mpp
+    # the user's mpp is a fallback: it only matters for slides whose scale came from it
+    return existing["mpp_source"] != "user" or existing["mpp_x"] == source.mpp
 
 
 def _outcome(record: SlideRecord, action: str) -> IngestOutcome:
@@ -100,7 +98,7 @@ def unchanged_outcome(existing: dict, source: SlideSource) -> IngestOutcome:
 def commit_record(catalog: Catalog, record: SlideRecord, existing: dict | None) -> IngestOutcome:
     """Write an inspected slide to the catalog and say what happened to it."""
     result = catalog.put_slide(record)
-    if record.status == FAILED:
+    if record.status == FAILED:  # includes 'unreachable': derived rows are kept, see Catalog.put_slide
         action = FAILED_ACTION
         log.warning("%s (%s): failed: %s", record.slide_id, Path(record.path).name, record.reason)
     elif result == "new":

@@ -71,7 +71,7 @@ def read_manifest(manifest: Path, mpp: float | None = None) -> list[SlideSource]
     """Sources from a manifest CSV; ``mpp`` fills rows whose mpp cell is empty."""
     if not manifest.is_file():
         raise ManifestError(f"manifest {manifest}: file not found")
-    with manifest.open(newline="") as fh:
+    with manifest.open(newline="", encoding="utf-8-sig") as fh:  # tolerate Excel's byte-order mark
         reader = csv.DictReader(fh)
         if reader.fieldnames is None or "path" not in reader.fieldnames:
             raise ManifestError(f"manifest {manifest}: needs a 'path' column (has {reader.fieldnames})")

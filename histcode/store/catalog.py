@@ -41,6 +41,13 @@ class CatalogError(RuntimeError):
     """The catalog could not be opened or written; the message says which file and why."""
 
 
+class SlideChangedError(CatalogError):
+    """A slide's content changed between reading it and writing what was derived from it."""
+
+
+LOCK_WAIT_S = 30.0  # how long to wait for another process that holds the catalog's write lock
+
+
 class Catalog:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -51,19 +58,31 @@ class Catalog:
         if read_only and not self.path.exists():
             raise CatalogError(f"no catalog at {self.path}: run `histcode ingest` first")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            con = duckdb.connect(str(self.path), read_only=read_only)
-        except duckdb.IOException as exc:
-            raise CatalogError(
-                f"cannot open the catalog {self.path}{' read-only' if read_only else ''}: {exc} "
-                "(another histcode process writing to it?)"
-            ) from exc
+        con = self._open(read_only)
         try:
             if not read_only:
                 self._ensure_schema(con)
             yield con
         finally:
             con.close()
+
+    def _open(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        """Connect, waiting with backoff while another process holds the file's lock (DuckDB allows one
+        writer process, and a writer excludes readers from other processes)."""
+        import time
+
+        deadline, delay = time.monotonic() + LOCK_WAIT_S, 0.05
+        while True:
+            try:
+                return duckdb.connect(str(self.path), read_only=read_only)
+            except duckdb.IOException as exc:
+                locked = "lock" in str(exc).lower()
+                if not locked or time.monotonic() > deadline:
+                    hint = " (another process has it open; DuckDB allows one writer)" if locked else ""
+                    raise CatalogError(f"cannot open the catalog {self.path}{' read-only' if read_only else ''}: "
+                                       f"{exc}{hint}") from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
     @contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -97,30 +116,36 @@ class Catalog:
         return self.query("SELECT * FROM slides WHERE status = ? ORDER BY slide_id", [status])
 
     def put_slide(self, record: SlideRecord) -> str:
-        """Insert or replace a slide; returns 'new', 'changed' or 'same'.
+        """Insert or replace a slide; returns 'new', 'changed', 'same' or 'unreachable'.
 
-        'changed' means the pixels or their scale differ from the registered ones (content hash, mpp or
-        status): every row derived from the slide's pixels is then cleared and its tilings are marked
-        invalidated, in the same transaction as the new slide row."""
-        row = record.as_row()
+        'changed': the pixels (content hash) or their scale (mpp) differ from the registered ones; every row
+        derived from the slide's pixels is cleared and its tilings are marked invalidated, in the same
+        transaction as the new slide row. 'unreachable': the file could not be read at all (gone, empty,
+        no permission); the slide is marked failed with the reason but what was known about its pixels, and
+        everything derived from them, is kept until its content can be compared again."""
         now = utcnow()
-        fingerprint = (record.content_hash, record.mpp_x, record.mpp_y, record.status)
         with self.transaction() as con:
-            old = con.execute(
-                "SELECT content_hash, mpp_x, mpp_y, status, ingested_at FROM slides WHERE slide_id = ?", [record.slide_id]
-            ).fetchall()
-            if not old:
+            cur = con.execute("SELECT content_hash, mpp_x, mpp_y, ingested_at FROM slides WHERE slide_id = ?",
+                              [record.slide_id])
+            old = cur.fetchall()
+            old_hash, old_mx, old_my, ingested = old[0] if old else (None, None, None, now)
+            if record.content_hash is None and old_hash is not None:
+                con.execute("UPDATE slides SET status = ?, reason = ?, path = ?, updated_at = ? WHERE slide_id = ?",
+                            [record.status, record.reason, record.path, now, record.slide_id])
+                return "unreachable"
+            if old_hash is None:
                 outcome = "new"
-            elif tuple(old[0][:4]) == fingerprint:
-                outcome = "same"
-            else:
+            elif old_hash != record.content_hash or (record.mpp_x is not None and (old_mx, old_my) != (record.mpp_x, record.mpp_y)):
                 outcome = "changed"
-                before = f"{str(old[0][0])[:12]} at {old[0][1]} um/px"
+                before = f"{old_hash[:12]} at {old_mx} um/px"
                 after = f"{str(record.content_hash)[:12]} at {record.mpp_x} um/px"
                 self._invalidate(con, record.slide_id, f"slide changed ({before} -> {after})")
+            else:
+                outcome = "same"
+            row = record.as_row()
             con.execute("DELETE FROM slides WHERE slide_id = ?", [record.slide_id])
             cols = list(row) + ["ingested_at", "updated_at"]
-            values = list(row.values()) + [old[0][4] if old else now, now]
+            values = list(row.values()) + [ingested, now]
             con.execute(f"INSERT INTO slides ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", values)
         return outcome
 
@@ -158,7 +183,7 @@ class Catalog:
         with self.transaction() as con:
             current = con.execute("SELECT content_hash FROM slides WHERE slide_id = ?", [record.slide_id]).fetchall()
             if not current or current[0][0] != record.content_hash:
-                raise CatalogError(
+                raise SlideChangedError(
                     f"{record.slide_id}: slide changed or was removed while it was being tiled; rerun `histcode tile`"
                 )
             con.execute("DELETE FROM tiles WHERE slide_id = ? AND spec_id = ?", [record.slide_id, record.spec_id])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import time
 import traceback
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -19,7 +20,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from histcode.config import TilingConfig
-from histcode.store.catalog import Catalog
+from histcode.store.catalog import Catalog, SlideChangedError
 from histcode.store.records import FAILED, OK
 from histcode.tiling.slide import SlideTiling, failed_tiling, tile_slide
 from histcode.tiling.spec import spec_id_of, spec_payload
@@ -73,8 +74,6 @@ def needs_tiling(slide: dict, ledger: dict | None, retry_failed: bool = False) -
 
 def safe_tile_slide(slide: dict, cfg: TilingConfig, spec_id: str, qc_dir: Path) -> SlideTiling:
     """tile_slide with unexpected errors turned into a failed row, so one slide never stops the batch."""
-    import time
-
     t0 = time.perf_counter()
     try:
         return tile_slide(slide, cfg, spec_id, qc_dir)
@@ -88,10 +87,17 @@ def _run(slides: list[dict], cfg: TilingConfig, spec_id: str, qc_dir: Path, work
         for slide in slides:
             yield safe_tile_slide(slide, cfg, spec_id, qc_dir)
         return
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(safe_tile_slide, s, cfg, spec_id, qc_dir) for s in slides]
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+    try:
+        futures = {pool.submit(safe_tile_slide, s, cfg, spec_id, qc_dir): s for s in slides}
         for fut in as_completed(futures):
-            yield fut.result()
+            try:
+                yield fut.result()
+            except Exception as exc:  # noqa: BLE001 -- a worker died (killed, out of memory): that slide fails
+                reason = f"worker process failed: {type(exc).__name__}: {exc}"
+                yield failed_tiling(futures[fut], spec_id, reason, time.perf_counter())
+    finally:  # an error in the caller must not wait for every queued slide
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass
@@ -136,9 +142,14 @@ def plan_tiling(
 
 
 def commit_tiling(catalog: Catalog, result: SlideTiling) -> TileOutcome:
-    """Write one slide's tiles and ledger row (one transaction) and say what happened."""
+    """Write one slide's tiles and ledger row (one transaction) and say what happened. A slide re-ingested
+    while it was being tiled is reported, not written (its new content gets tiled by the next run)."""
     rec = result.record
-    catalog.put_tiling(rec, result.tiles)
+    try:
+        catalog.put_tiling(rec, result.tiles)
+    except SlideChangedError as exc:
+        log.warning("%s", exc)
+        return TileOutcome(rec.slide_id, FAILED, FAILED, 0, rec.n_candidates, str(exc), rec.seconds)
     if rec.status == FAILED:
         log.warning("%s: tiling failed: %s", rec.slide_id, rec.reason)
     return TileOutcome(rec.slide_id, TILED if rec.status == OK else FAILED, rec.status, rec.n_tiles, rec.n_candidates,

@@ -64,9 +64,10 @@ def tile_slide(slide: dict, cfg: TilingConfig, spec_id: str, qc_dir: Path) -> Sl
     try:
         with OpenSlideReader(path) as reader:
             low, low_ds = render_at_mpp(reader, mpp, cfg.mask.mpp)
-            mask = detect_tissue(low, low_ds * mpp, low_ds, cfg.mask, resolve_device(cfg.device))
+            mask_mpp = low_ds[0] * mpp
+            mask = detect_tissue(low, mask_mpp, low_ds, cfg.mask, resolve_device(cfg.device))
             picture_mpp = max(mpp * max(width, height) / QC_PICTURE_SIDE, cfg.mask.mpp / 4, mpp)
-            thumb, thumb_ds = render_at_mpp(reader, mpp, picture_mpp) if picture_mpp < low_ds * mpp else (low, low_ds)
+            thumb, thumb_ds = render_at_mpp(reader, mpp, picture_mpp) if picture_mpp < mask_mpp else (low, low_ds)
             fractions = tissue_fractions(mask.mask, mask.downsample, positions, size)
             tissue_ok = fractions >= cfg.min_tissue_fraction
             plan = plan_read(reader.level_downsamples, size, cfg.tile_px)
@@ -84,10 +85,10 @@ def tile_slide(slide: dict, cfg: TilingConfig, spec_id: str, qc_dir: Path) -> Sl
 
     keep = tissue_ok & qc_ok
     n_keep = int(keep.sum())
-    stem = qc_dir / slide["slide_id"]
-    mask_path = save_mask_png(mask.mask, stem.with_suffix(".mask.png"))
+    name = slide["slide_id"].replace("/", "_")  # ids may hold dots (TCGA file names): never use with_suffix
+    mask_path = save_mask_png(mask.mask, qc_dir / f"{name}.mask.png")
     thumb_path = draw_qc_thumbnail(thumb, thumb_ds, mask.mask, positions[keep], positions[tissue_ok & ~qc_ok], size,
-                                   stem.with_suffix(".qc.png"))
+                                   qc_dir / f"{name}.qc.png")
     counts = dict(
         n_candidates=len(positions),
         n_tiles=n_keep,

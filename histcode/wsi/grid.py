@@ -53,20 +53,23 @@ def _integral_at(table: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return s00 * (1 - fu) * (1 - fv) + s01 * fu * (1 - fv) + s10 * (1 - fu) * fv + s11 * fu * fv
 
 
-def tissue_fractions(mask: np.ndarray, downsample: float, positions: np.ndarray, size: int) -> np.ndarray:
-    """Fraction of each level-0 square (x, y, size) covered by tissue, from a mask at ``downsample``.
+def tissue_fractions(mask: np.ndarray, downsample: float | tuple[float, float], positions: np.ndarray,
+                     size: int) -> np.ndarray:
+    """Fraction of each level-0 square (x, y, size) covered by tissue, from a mask at ``downsample`` (one
+    factor, or (x, y) factors when the mask's aspect ratio is not exactly the slide's).
 
     Exact for the piecewise-constant mask, including tiles that straddle mask pixels; area outside the mask
     counts as background.
     """
     if positions.size == 0:
         return np.zeros(0, dtype=np.float64)
+    dx, dy = (downsample, downsample) if np.isscalar(downsample) else downsample
     table = _integral(mask)
-    x0 = positions[:, 0] / downsample
-    y0 = positions[:, 1] / downsample
-    x1 = (positions[:, 0] + size) / downsample
-    y1 = (positions[:, 1] + size) / downsample
+    x0 = positions[:, 0] / dx
+    y0 = positions[:, 1] / dy
+    x1 = (positions[:, 0] + size) / dx
+    y1 = (positions[:, 1] + size) / dy
     area = (
         _integral_at(table, x1, y1) - _integral_at(table, x0, y1) - _integral_at(table, x1, y0) + _integral_at(table, x0, y0)
     )
-    return np.clip(area / ((size / downsample) ** 2), 0.0, 1.0)
+    return np.clip(area / ((size / dx) * (size / dy)), 0.0, 1.0)

@@ -46,13 +46,9 @@ def resolve_mpp(
     plausible: tuple[float, float],
     max_anisotropy: float,
 ) -> Mpp:
-    """The slide's mpp by priority user > slide metadata > objective power; raises MppError with the reason."""
+    """The slide's mpp by priority: slide metadata > objective power > the user's value (a fallback for files
+    that carry no usable scale, never an override of one they do carry). Raises MppError with the reason."""
     lo, hi = plausible
-    if user_mpp is not None:
-        if not lo <= user_mpp <= hi:
-            raise MppError(f"given mpp {user_mpp} um/px is outside the plausible range {lo}-{hi} um/px")
-        return Mpp(user_mpp, user_mpp, "user")
-
     notes = []
     mx, my = _as_float(properties, "openslide.mpp-x"), _as_float(properties, "openslide.mpp-y")
     if mx is not None:
@@ -77,4 +73,8 @@ def resolve_mpp(
         notes.append(f"objective power {power:g} gives implausible {derived:.4g} um/px")
     else:
         notes.append("no objective power")
+    if user_mpp is not None:
+        if not lo <= user_mpp <= hi:
+            raise MppError("; ".join(notes) + f"; the given mpp {user_mpp} um/px is outside the plausible range {lo}-{hi}")
+        return Mpp(user_mpp, user_mpp, "user")
     raise MppError("; ".join(notes) + " -- give the scale with --mpp or an mpp column in the manifest")

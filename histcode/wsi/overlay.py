@@ -18,7 +18,7 @@ def save_mask_png(mask: np.ndarray, path: Path) -> Path:
 
 def draw_qc_thumbnail(
     thumbnail: np.ndarray,
-    thumb_downsample: float,
+    thumb_downsample: tuple[float, float],
     mask: np.ndarray,
     kept: np.ndarray,
     rejected: np.ndarray,
@@ -35,11 +35,11 @@ def draw_qc_thumbnail(
     green = Image.new("RGB", (out_w, out_h), (0, 170, 60))
     image = Image.composite(Image.blend(base, green, 0.35), base, tint)
     draw = ImageDraw.Draw(image)
-    per_l0 = scale / thumb_downsample
+    px, py = scale / thumb_downsample[0], scale / thumb_downsample[1]
     for corners, colour in ((kept, (30, 60, 220)), (rejected, (220, 30, 30))):
         for x, y in corners:
-            x0, y0 = x * per_l0, y * per_l0
-            draw.rectangle([x0, y0, x0 + size * per_l0 - 1, y0 + size * per_l0 - 1], outline=colour)
+            x0, y0 = x * px, y * py
+            draw.rectangle([x0, y0, x0 + size * px - 1, y0 + size * py - 1], outline=colour)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, compress_level=1)
     return path

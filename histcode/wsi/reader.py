@@ -140,11 +140,12 @@ def read_square(reader: SlideReader, x: int, y: int, plan: RegionPlan) -> np.nda
 
 def render_at_mpp(
     reader: SlideReader, slide_mpp: float, target_mpp: float, max_strip_pixels: int = 16_000_000
-) -> tuple[np.ndarray, float]:
+) -> tuple[np.ndarray, tuple[float, float]]:
     """The whole slide rendered at about ``target_mpp`` (never finer than level 0), from the best level.
 
     Large levels are read in horizontal strips so memory stays bounded on slides without a pyramid.
-    Returns the RGB image and its exact downsample relative to level 0 (for mapping back to coordinates).
+    Returns the RGB image and its exact (x, y) downsample relative to level 0 (rounding the output size makes
+    the two differ slightly; both are needed to map back to level-0 coordinates).
     """
     width, height = reader.level_dimensions[0]
     wanted = max(target_mpp / slide_mpp, 1.0)
@@ -162,4 +163,4 @@ def render_at_mpp(
         y1 = min(lh, max(y0 + 1, int(np.ceil(r1 * rows_per_out))))
         region = reader.read_region((0, round(y0 * ds)), level, (lw, y1 - y0))
         strips.append(resize_rgb(region, (out_w, r1 - r0)))
-    return np.concatenate(strips, axis=0), width / out_w
+    return np.concatenate(strips, axis=0), (width / out_w, height / out_h)

@@ -29,7 +29,11 @@ class TileReader:
         self.path = Path(path)
         self.downsamples = tuple(level_downsamples)
         self.plan: RegionPlan = plan_read(self.downsamples, size_l0, out_px)
-        page = find_direct_level(self.path, vendor, tuple(level_dimensions[self.plan.level])) if direct else None
+        ds = self.downsamples[self.plan.level]
+        # OpenSlide maps level-0 coordinates to a level by x / downsample and paints at sub-pixel offsets, so
+        # pixel-identical direct reads exist only where that division is exact (always at level 0)
+        whole = abs(ds - round(ds)) < 1e-9
+        page = find_direct_level(self.path, vendor, tuple(level_dimensions[self.plan.level])) if direct and whole else None
         self._direct = DirectTiffLevel(self.path, page) if page is not None else None
         self._slide = None if self._direct is not None else OpenSlideReader(self.path)
 
@@ -47,8 +51,8 @@ class TileReader:
         """The level-0 square at (x, y) of side ``size_l0`` as an (out_px, out_px, 3) RGB array."""
         plan = self.plan
         if self._direct is not None:
-            ds = self.downsamples[plan.level]
-            region = self._direct.region(int(x // ds), int(y // ds), plan.read_px, plan.read_px)
+            ds = round(self.downsamples[plan.level])
+            region = self._direct.region(int(x) // ds, int(y) // ds, plan.read_px, plan.read_px)
         else:
             region = self._slide.read_region((int(x), int(y)), plan.level, (plan.read_px, plan.read_px))
         return resize_rgb(region, (plan.out_px, plan.out_px))

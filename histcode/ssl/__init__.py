@@ -1,0 +1,1 @@
+"""Self-supervised contrastive pretraining: augmentations, losses, encoders, methods, training loop."""

@@ -1,0 +1,130 @@
+"""Tiles as a torch dataset, read from the slides in DataLoader worker processes, shuffled across slides.
+
+Each worker opens its own readers lazily (OpenSlide handles are per process; nothing is opened before the
+fork) and keeps the most recently used ones open. Items are uint8 (3, px, px) tensors at the tiling spec's
+resolution; augmentation happens later, on the device, on whole batches.
+
+Order: ``EpochSampler`` draws a permutation of all tiles per epoch from (seed, epoch) -- one global shuffle
+across slides, not batches of one slide as in the paper's code -- and can start at any batch, so a resumed
+run sees exactly the batches the interrupted one would have seen. Under torchrun each process takes a
+strided share of every global batch.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from histcode.store.catalog import Catalog
+from histcode.wsi.tile_reader import TileReader
+
+
+class NoTilesError(RuntimeError):
+    """No tiles to train on; the message says what to run."""
+
+
+@dataclass(frozen=True)
+class SlideSource:
+    slide_id: str
+    path: str
+    vendor: str | None
+    level_dimensions: list
+    level_downsamples: list
+    size: int  # tile side in level-0 pixels
+
+
+class TileDataset(Dataset):
+    """``tiles``: int64 (N, 3) rows of (slide index, x, y) into ``slides``."""
+
+    def __init__(self, slides: list[SlideSource], tiles: np.ndarray, tile_px: int, open_readers: int = 64) -> None:
+        self.slides = slides
+        self.tiles = np.asarray(tiles, dtype=np.int64)
+        self.tile_px = tile_px
+        self.open_readers = open_readers
+        self._readers: OrderedDict[int, TileReader] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_readers"] = OrderedDict()  # handles never cross a process boundary
+        return state
+
+    def _reader(self, index: int) -> TileReader:
+        reader = self._readers.get(index)
+        if reader is None:
+            s = self.slides[index]
+            reader = TileReader(s.path, s.vendor, s.level_dimensions, s.level_downsamples, s.size, self.tile_px)
+            self._readers[index] = reader
+            if len(self._readers) > self.open_readers:
+                self._readers.popitem(last=False)[1].close()
+        else:
+            self._readers.move_to_end(index)
+        return reader
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        slide, x, y = self.tiles[i]
+        pixels = self._reader(int(slide)).read(int(x), int(y))
+        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
+
+
+def dataset_from_catalog(catalog: Catalog, spec_id: str, tile_px: int) -> TileDataset:
+    """Every tile of ``spec_id`` on slides that are registered and healthy."""
+    slides = {s["slide_id"]: s for s in catalog.slides(status="ok")}
+    table = catalog.tiles(spec_id=spec_id)
+    if table.num_rows == 0:
+        raise NoTilesError(f"no tiles under tiling spec {spec_id}: run `histcode tile` first")
+    frame = table.select(["slide_id", "x", "y", "size"]).to_pandas()
+    frame = frame[frame.slide_id.isin(slides)]
+    order = sorted(frame.slide_id.unique())
+    sources = []
+    for sid in order:
+        s = slides[sid]
+        size = int(frame.loc[frame.slide_id == sid, "size"].iloc[0])
+        sources.append(SlideSource(sid, s["path"], s["vendor"], s["level_dimensions"], s["level_downsamples"], size))
+    index = {sid: i for i, sid in enumerate(order)}
+    tiles = np.stack([frame.slide_id.map(index).to_numpy(), frame.x.to_numpy(), frame.y.to_numpy()], axis=1)
+    return TileDataset(sources, tiles, tile_px)
+
+
+class EpochSampler(Sampler[int]):
+    """Indices of a fresh permutation per epoch, for ``num_steps`` batches of ``batch_size`` starting at
+    ``start_step``; crosses epoch boundaries (dropping each epoch's incomplete last batch). With ``world_size``
+    processes, each yields its strided share of every global batch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start_step: int, num_steps: int, rank: int = 0,
+                 world_size: int = 1) -> None:
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} is not divisible by {world_size} processes")
+        self.steps_per_epoch = n // batch_size
+        if self.steps_per_epoch == 0:
+            raise NoTilesError(f"{n} tiles are fewer than one batch of {batch_size}; lower pretrain.batch_size")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.start_step, self.num_steps = start_step, num_steps
+        self.rank, self.world_size = rank, world_size
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def __iter__(self) -> Iterator[int]:
+        cached_epoch, perm = -1, None
+        for step in range(self.start_step, self.start_step + self.num_steps):
+            epoch, within = divmod(step, self.steps_per_epoch)
+            if epoch != cached_epoch:
+                cached_epoch, perm = epoch, self.permutation(epoch)
+            batch = perm[within * self.batch_size:(within + 1) * self.batch_size]
+            yield from batch[self.rank::self.world_size].tolist()
+
+    def __len__(self) -> int:
+        return self.num_steps * self.batch_size // self.world_size

@@ -1,0 +1,187 @@
+"""Pretrain an encoder on the catalog's tiles, track it in MLflow, probe it, register it.
+
+One call = one MLflow run in experiment ``pretrain``: the whole ``pretrain`` section as params, per-step
+loss, learning rate and throughput, the linear probe of the trained encoder beside the same architecture at
+its random initialisation and a colour-only baseline, the checkpoint as an artifact, and the encoder as a
+registered model (``histcode-encoder``; ``models:/histcode-encoder/latest`` or ``@<method>``) that takes [0, 1]
+images of any batch size. ``resume=True`` continues an interrupted run (same checkpoint, same MLflow run).
+Under torchrun, every process trains; process 0 alone tracks, probes and registers.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from histcode.config import HistcodeConfig, PretrainConfig, stable_hash
+from histcode.ssl import distributed as dist_util
+from histcode.ssl.augment import TwoViews
+from histcode.ssl.dataset import dataset_from_catalog
+from histcode.ssl.encoders import Encoder, build_encoder
+from histcode.ssl.methods import build_method
+from histcode.ssl.probe import colour_features, embed, linear_probe, load_probe_set
+from histcode.ssl.train import StepLog, Trainer, total_steps
+from histcode.store.catalog import Catalog
+from histcode.tiling.spec import spec_id_of
+from histcode.tracking import Tracker
+from histcode.workspace import Workspace
+from histcode.wsi.tissue import resolve_device
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "pretrain"
+RUNTIME_KNOBS = {"num_workers", "device", "log_every", "checkpoint_every", "register_as", "probe", "amp"}
+
+
+@dataclass
+class PretrainResult:
+    run_id: str | None
+    method: str
+    steps: int
+    resumed: bool
+    start_step: int = 0  # where this call started (> 0 after a resume)
+    history: list[StepLog] = field(default_factory=list)
+    probe: dict[str, float] = field(default_factory=dict)
+    model_uri: str | None = None
+    version: str | None = None
+    checkpoint: Path | None = None
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.history[-1].loss if self.history else None
+
+
+def run_dir(ws: Workspace, cfg: PretrainConfig, spec_id: str) -> Path:
+    """Where a run's checkpoint lives: one folder per (training configuration, tiling spec)."""
+    key = stable_hash({"pretrain": cfg.model_dump(mode="json", exclude=RUNTIME_KNOBS), "spec": spec_id}, 10)
+    return ws.outputs_dir / "pretrain" / f"{cfg.method}-{cfg.encoder}-{key}"
+
+
+def _init_distributed(device_name: str) -> tuple[torch.device, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return resolve_device(device_name), 0, 1
+    import torch.distributed as dist
+
+    use_cuda = torch.cuda.is_available() and device_name != "cpu"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def fresh_encoder(cfg: PretrainConfig) -> Encoder:
+    """The encoder exactly as training starts from it (same seed, same initialisation)."""
+    torch.manual_seed(cfg.seed)
+    return build_encoder(cfg.encoder, cfg.init)
+
+
+def probe_metrics(trained: Encoder, cfg: PretrainConfig, source_dir: Path, device: torch.device) -> dict[str, float]:
+    probe = load_probe_set(source_dir, cfg.probe.split, cfg.image_px)
+    out: dict[str, float] = {}
+    candidates = {"probe": trained, "probe_random_init": fresh_encoder(cfg).to(device)}
+    for prefix, encoder in candidates.items():
+        scores = linear_probe(embed(encoder, probe.images, device), probe.labels, probe.groups, cfg.probe, cfg.seed)
+        out.update({f"{prefix}_{k}": v for k, v in scores.items()})
+    colour = linear_probe(colour_features(probe.images), probe.labels, probe.groups, cfg.probe, cfg.seed)
+    out.update({f"probe_colour_{k}": v for k, v in colour.items()})
+    out["probe_gain_accuracy"] = out["probe_accuracy"] - out["probe_random_init_accuracy"]
+    out["probe_gain_macro_auc"] = out["probe_macro_auc"] - out["probe_random_init_macro_auc"]
+    out["probe_tiles"] = float(len(probe.labels))
+    return out
+
+
+def pretrain(ws: Workspace, cfg: HistcodeConfig, resume: bool = False, progress: bool = True,
+             probe_source: Path | None = None) -> PretrainResult:
+    pcfg = cfg.pretrain
+    device, rank, world = _init_distributed(pcfg.device)
+    catalog = Catalog(ws.catalog_path)
+    spec_id = spec_id_of(cfg.tiling)
+    dataset = dataset_from_catalog(catalog, spec_id, cfg.tiling.tile_px)
+    steps = total_steps(pcfg, len(dataset))
+    method = build_method(fresh_encoder(pcfg), pcfg)
+    folder = run_dir(ws, pcfg, spec_id)
+    trainer = Trainer(method, TwoViews(pcfg.augment, pcfg.image_px), dataset, pcfg, device, steps,
+                      folder / "checkpoint.pt", rank, world)
+    resumed = trainer.resume() if resume else False
+    start_step = trainer.step
+    if resume and not resumed:
+        log.info("no checkpoint in %s: starting a new run", folder)
+
+    tracker = Tracker(ws) if rank == 0 else None
+    run_id = trainer.extra.get("run_id") if resumed else None
+    if tracker is not None:
+        if run_id:
+            tracker.reopen_run(run_id)
+        else:
+            run_id = _new_run(tracker, trainer, pcfg, catalog, spec_id, len(dataset), steps, world)
+        trainer.extra["run_id"] = run_id
+
+    def on_log(entry: StepLog) -> None:
+        tracker.log_metrics(run_id, {"loss": entry.loss, "lr": entry.lr, "img_per_s": entry.img_per_s}, entry.step)
+
+    try:
+        history = trainer.fit(on_log if tracker else None, progress)
+    except BaseException:
+        if tracker is not None:
+            tracker.end_run(run_id, "KILLED")  # the checkpoint stays; `--resume` reopens this run
+        raise
+    finally:
+        dataset.close()
+    result = PretrainResult(run_id, pcfg.method, steps, resumed, start_step, history, checkpoint=trainer.checkpoint_path)
+    if tracker is None:
+        dist_util.barrier()
+        return result
+
+    try:
+        _finish(result, tracker, method.encoder, pcfg, ws, spec_id, device, trainer.checkpoint_path, probe_source)
+    except BaseException:
+        tracker.end_run(run_id, "FAILED")
+        raise
+    dist_util.barrier()
+    log.info("pretrain %s: %d steps, loss %.4f, registered %s version %s", pcfg.method, steps,
+             result.final_loss or float("nan"), pcfg.register_as, result.version)
+    return result
+
+
+def _finish(result: PretrainResult, tracker: Tracker, encoder: Encoder, pcfg: PretrainConfig, ws: Workspace,
+            spec_id: str, device: torch.device, checkpoint: Path, probe_source: Path | None) -> None:
+    """Probe, export and register the encoder, attach the checkpoint, close the run."""
+    run_id = result.run_id
+    if pcfg.probe.enabled:
+        from histcode.demo.build import bundled_source_dir
+
+        source = probe_source or (ws.path(pcfg.probe.source_dir) if pcfg.probe.source_dir else bundled_source_dir())
+        result.probe = probe_metrics(encoder, pcfg, source, device)
+        tracker.log_metrics(run_id, result.probe, result.steps)
+    exported = copy.deepcopy(encoder).cpu().float().eval()
+    result.model_uri, result.version = tracker.log_torch_model(
+        run_id, exported, "encoder", (3, pcfg.image_px, pcfg.image_px), encoder.dim, pcfg.register_as,
+        aliases=(pcfg.method,),
+        version_tags={"method": pcfg.method, "encoder": pcfg.encoder, "image_px": pcfg.image_px, "dim": encoder.dim,
+                      "spec_id": spec_id, "run_id": run_id},
+    )
+    tracker.log_artifact(run_id, checkpoint, "checkpoint")
+    tracker.end_run(run_id)
+
+
+def _new_run(tracker: Tracker, trainer: Trainer, pcfg: PretrainConfig, catalog: Catalog, spec_id: str, n_tiles: int,
+             steps: int, world: int) -> str:
+    tile_ids = catalog.tiles(spec_id=spec_id).column("tile_id").to_pylist()
+    data_version = stable_hash(sorted(tile_ids), 16)
+    run_id = tracker.start_run(EXPERIMENT, f"{pcfg.method}-{pcfg.encoder}", tags={
+        "histcode.method": pcfg.method, "histcode.spec_id": spec_id, "histcode.data_version": data_version,
+        "histcode.checkpoint": str(trainer.checkpoint_path),
+    })
+    tracker.log_params(run_id, {**pcfg.model_dump(mode="json"), "data": {
+        "spec_id": spec_id, "n_tiles": n_tiles, "total_steps": steps, "world_size": world, "data_version": data_version,
+    }})
+    return run_id

@@ -1,0 +1,173 @@
+"""The one place that talks to MLflow.
+
+Store: ``sqlite:///<workspace>/mlruns/mlflow.db`` with artifacts under ``<workspace>/mlruns/artifacts/<experiment>``
+(MLflow 3 refuses the old file store). Runs are driven through an explicit ``MlflowClient``; only model logging
+needs MLflow's active-run machinery, and that is confined to ``log_torch_model``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from functools import cached_property
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from histcode.workspace import REPO_ROOT, Workspace
+
+log = logging.getLogger(__name__)
+
+MAX_PARAM_CHARS = 6000
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists and tuples stay values."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def git_commit(root: Path = REPO_ROOT) -> tuple[str | None, bool]:
+    """(commit, dirty) of the code's repository, or (None, False) outside git."""
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None, False
+    return commit.stdout.strip(), bool(status.stdout.strip())
+
+
+def code_tags() -> dict[str, str]:
+    commit, dirty = git_commit()
+    tags = {"histcode.version": metadata.version("histcode")}
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        tags["histcode.git_dirty"] = str(dirty).lower()
+    return tags
+
+
+class Tracker:
+    def __init__(self, ws: Workspace) -> None:
+        self.ws = ws
+        self.uri = ws.mlflow_uri
+        ws.mlruns_dir.mkdir(parents=True, exist_ok=True)
+
+    @cached_property
+    def client(self):
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+
+    def experiment_id(self, name: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        location = (self.ws.mlruns_dir / "artifacts" / name).resolve().as_uri()
+        return self.client.create_experiment(name, artifact_location=location)
+
+    def start_run(self, experiment: str, run_name: str, tags: Mapping[str, str] | None = None) -> str:
+        run = self.client.create_run(self.experiment_id(experiment), run_name=run_name,
+                                     tags={**code_tags(), **(tags or {})})
+        return run.info.run_id
+
+    def reopen_run(self, run_id: str) -> str:
+        """Continue a run after a restart (a resumed training run stays one MLflow run)."""
+        self.client.update_run(run_id, status="RUNNING")
+        return run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        flat = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in flatten(params).items()]
+        existing = self.client.get_run(run_id).data.params
+        fresh = [p for p in flat if p.key not in existing]
+        for i in range(0, len(fresh), 100):
+            self.client.log_batch(run_id, params=fresh[i:i + 100])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        self.client.log_batch(run_id, metrics=batch)
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, str(value))
+
+    def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    @contextmanager
+    def _active(self, run_id: str) -> Iterator[None]:
+        import mlflow
+
+        previous = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+        try:
+            with mlflow.start_run(run_id=run_id):
+                yield
+        finally:
+            mlflow.set_tracking_uri(previous)
+
+    def log_torch_model(self, run_id: str, model, name: str, input_shape: tuple[int, ...], output_dim: int,
+                        registered_name: str | None = None, aliases: tuple[str, ...] = (),
+                        version_tags: Mapping[str, Any] | None = None) -> tuple[str, str | None]:
+        """Log an eval-mode module as a torch.export (pt2) model whose batch dimension is dynamic, optionally
+        register it and point ``aliases`` at the new version. Returns (model uri, registered version)."""
+        import mlflow
+        import numpy as np
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape))]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, output_dim))]),
+        )
+        example = np.random.default_rng(0).random((2, *input_shape), dtype=np.float32)  # batch > 1: dynamic batch
+        with self._active(run_id):
+            info = mlflow.pytorch.log_model(
+                model, name=name, signature=signature, input_example=example, serialization_format="pt2",
+                pip_requirements=[f"torch=={metadata.version('torch')}"], registered_model_name=registered_name,
+            )
+        version = None
+        if registered_name:
+            version = str(info.registered_model_version)
+            for alias in aliases:
+                self.client.set_registered_model_alias(registered_name, alias, version)
+            for key, value in (version_tags or {}).items():
+                self.client.set_model_version_tag(registered_name, version, key, str(value))
+        return info.model_uri, version
+
+    def load_model(self, uri: str):
+        """A logged or registered torch model (``models:/name@alias``, ``models:/name/3``, ``runs:/...``)."""
+        import mlflow
+
+        previous = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+        try:
+            return mlflow.pytorch.load_model(uri, map_location="cpu")
+        finally:
+            mlflow.set_tracking_uri(previous)
+
+
+def telemetry_off() -> None:
+    """No network here for telemetry; callers that start MLflow in-process set this first."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

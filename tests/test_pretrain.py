@@ -1,0 +1,185 @@
+"""Contrastive training: exact resume, a 2-process gloo DDP step, a real run into MLflow, the registry."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from histcode.config import AugmentConfig, HistcodeConfig, PretrainConfig, ProbeConfig
+from histcode.ssl.augment import TwoViews
+from histcode.ssl.dataset import EpochSampler, dataset_from_catalog
+from histcode.ssl.encoders import Encoder, build_encoder
+from histcode.ssl.methods import SimCLR, build_method, projection_head
+from histcode.ssl.train import Trainer
+from histcode.store.catalog import Catalog
+from histcode.tiling.spec import spec_id_of
+
+TINY = PretrainConfig(image_px=32, batch_size=8, max_steps=4, checkpoint_every=2, log_every=1, num_workers=0,
+                      bank_size=16, queue_size=16, warmup_steps=1, probe=ProbeConfig(enabled=False))
+
+
+def _trainer(catalog: Path, cfg: PretrainConfig, ckpt: Path, steps: int = 4) -> Trainer:
+    dataset = dataset_from_catalog(Catalog(catalog), spec_id_of(HistcodeConfig().tiling), 256)
+    torch.manual_seed(cfg.seed)
+    method = build_method(build_encoder(cfg.encoder), cfg)
+    return Trainer(method, TwoViews(cfg.augment, cfg.image_px), dataset, cfg, torch.device("cpu"), steps, ckpt)
+
+
+def test_epoch_sampler_is_global_resumable_and_sharded() -> None:
+    full = list(EpochSampler(10, 4, seed=1, start_step=0, num_steps=5))
+    assert len(full) == 20 and sorted(full[:8]) == sorted(set(full[:8]))  # one epoch: 2 batches, no repeats
+    assert list(EpochSampler(10, 4, seed=1, start_step=3, num_steps=2)) == full[12:]
+    shards = [list(EpochSampler(10, 4, 1, 0, 5, rank=r, world_size=2)) for r in (0, 1)]
+    for step in range(5):
+        batch = full[4 * step:4 * step + 4]
+        assert shards[0][2 * step:2 * step + 2] == batch[0::2] and shards[1][2 * step:2 * step + 2] == batch[1::2]
+    with pytest.raises(Exception, match="fewer than one batch"):
+        EpochSampler(3, 4, 0, 0, 1)
+
+
+@pytest.mark.parametrize("method", ["adco", "moco", "simclr"])
+def test_resume_equals_uninterrupted(method: str, tiled_catalog, tmp_path) -> None:
+    cfg = TINY.model_copy(update={"method": method})
+    straight = _trainer(tiled_catalog, cfg, tmp_path / "a" / "ckpt.pt")
+    straight.fit(progress=False)
+
+    interrupted = _trainer(tiled_catalog, cfg, tmp_path / "b" / "ckpt.pt")
+
+    def stop_after_step_3(entry) -> None:
+        if entry.step == 3:  # step 2 was checkpointed, step 3 is lost with the "crash"
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit(on_log=stop_after_step_3, progress=False)
+    resumed = _trainer(tiled_catalog, cfg, tmp_path / "b" / "ckpt.pt")
+    assert resumed.resume() and resumed.step == 2
+    resumed.fit(progress=False)
+    a, b = straight.method.state_dict(), resumed.method.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_resume_refuses_a_different_length(tiled_catalog, tmp_path) -> None:
+    first = _trainer(tiled_catalog, TINY, tmp_path / "ckpt.pt", steps=2)
+    first.fit(progress=False)
+    with pytest.raises(ValueError, match="made for 2 steps"):
+        _trainer(tiled_catalog, TINY, tmp_path / "ckpt.pt", steps=4).resume()
+
+
+# -- DDP ----------------------------------------------------------------------------------------------------
+class _Tiles(torch.utils.data.Dataset):
+    def __init__(self) -> None:
+        self.data = (torch.rand(16, 3, 16, 16, generator=torch.Generator().manual_seed(5)) * 255).to(torch.uint8)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.data[i]
+
+
+def _bn_free_simclr(cfg: PretrainConfig) -> SimCLR:
+    torch.manual_seed(0)
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                   torch.nn.Flatten())
+    method = SimCLR(Encoder(backbone, 8, "tiny"), cfg)
+    method.head = projection_head(8, 8, cfg.proj_dim, batch_norm=False)  # BN statistics are per process
+    return method
+
+
+DDP_CFG = PretrainConfig(method="simclr", batch_size=8, image_px=16, num_workers=0, warmup_steps=0, lr=0.5,
+                         proj_dim=4, augment=AugmentConfig(crop_scale=(1, 1), hflip_p=0, vflip_p=0, rot90_p=0,
+                                                           color_jitter_p=0, grayscale_p=0, blur_p=0, stain_p=0))
+
+
+def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    trainer = Trainer(_bn_free_simclr(DDP_CFG), TwoViews(DDP_CFG.augment, 16), _Tiles(), DDP_CFG,
+                      torch.device("cpu"), 2, Path(out_dir) / "ckpt.pt", rank=rank, world_size=2)
+    history = trainer.fit(progress=False)
+    torch.save({"state": trainer.method.state_dict(), "loss": history[-1].loss}, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_process_gloo_ddp_equals_one_process_on_the_global_batch(tmp_path) -> None:
+    torch.multiprocessing.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    single = Trainer(_bn_free_simclr(DDP_CFG), TwoViews(DDP_CFG.augment, 16), _Tiles(), DDP_CFG, torch.device("cpu"),
+                     2, tmp_path / "single.pt")
+    history = single.fit(progress=False)
+    for key, value in single.method.state_dict().items():
+        assert torch.equal(r0["state"][key], r1["state"][key]), f"ranks diverged on {key}"
+        torch.testing.assert_close(r0["state"][key], value, rtol=1e-4, atol=1e-5, msg=f"DDP != global batch: {key}")
+    assert r0["loss"] == pytest.approx(history[-1].loss, rel=1e-5)  # negatives from both processes
+
+
+# -- the real thing: CLI, MLflow, registry, kill and resume -----------------------------------------------
+def _write_params(ws: Path, **pretrain) -> None:
+    cfg = {"pretrain": TINY.model_copy(update=pretrain).model_dump(mode="json")}
+    (ws / "params.yaml").write_text(yaml.safe_dump(cfg))
+
+
+def _histcode(ws: Path, *args: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "COLUMNS": "200"}
+    return subprocess.Popen([sys.executable, "-m", "histcode", "--workspace", str(ws), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+@pytest.mark.integration
+def test_pretrain_cli_tracks_probes_registers_and_resumes_after_kill(tiled_workspace) -> None:
+    from mlflow import MlflowClient
+
+    ws = tiled_workspace.root
+    _write_params(ws, method="adco", max_steps=6, checkpoint_every=2, probe=ProbeConfig(enabled=True, folds=3))
+    # 1. a run killed with SIGKILL once its first checkpoint exists
+    proc = _histcode(ws, "pretrain")
+    ckpts = ws / "outputs" / "pretrain"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(ckpts.rglob("checkpoint.pt")):
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(ckpts.rglob("checkpoint.pt")), "no checkpoint before the kill"
+    # 2. --resume finishes the same run
+    out, _ = _histcode(ws, "pretrain", "--resume").communicate(timeout=300)
+    assert "resumed at step" in out, out
+    client = MlflowClient(tracking_uri=f"sqlite:///{ws}/mlruns/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("pretrain").experiment_id])
+    assert len(runs) == 1, "resume must continue the killed run, not start another"
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["method"] == "adco" and run.data.params["data.n_tiles"]
+    assert {"probe_accuracy", "probe_macro_auc", "probe_random_init_accuracy", "probe_colour_accuracy"} <= set(run.data.metrics)
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert max(steps) == 6 and "mlflow.source.git.commit" in run.data.tags and "histcode.data_version" in run.data.tags
+    assert client.list_artifacts(run.info.run_id, "checkpoint")
+    # 3. the registered encoder loads and runs on any batch size
+    version = client.get_model_version_by_alias("histcode-encoder", "adco")
+    from histcode.tracking import Tracker
+    from histcode.workspace import Workspace
+
+    model = Tracker(Workspace(ws)).load_model("models:/histcode-encoder@adco")
+    for batch in (1, 5):
+        assert model(torch.rand(batch, 3, 32, 32)).shape == (batch, 512)
+    assert version.tags["method"] == "adco"
+    # 4. the resumed run ends where an uninterrupted run ends
+    fresh = ws.parent / "fresh"
+    fresh.mkdir()
+    (fresh / "data").mkdir()
+    (fresh / "data" / "catalog.duckdb").write_bytes((ws / "data" / "catalog.duckdb").read_bytes())
+    (fresh / "params.yaml").write_text((ws / "params.yaml").read_text())
+    out, _ = _histcode(fresh, "pretrain").communicate(timeout=300)
+    other = Tracker(Workspace(fresh)).load_model("models:/histcode-encoder@adco")
+    x = torch.rand(3, 3, 32, 32)
+    torch.testing.assert_close(model(x), other(x))
