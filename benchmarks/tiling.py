@@ -17,15 +17,13 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from histcode.config import HistcodeConfig  # noqa: E402
-from histcode.workspace import Workspace  # noqa: E402
+from benchmarks._cohort import demo_workspace  # noqa: E402
 
 TILE_PX = 256
 
@@ -85,16 +83,6 @@ def timed(fn, jobs: list[tuple], pool: ProcessPoolExecutor | None, repeats: int)
     return best, n
 
 
-def prepare(ws: Workspace, cfg: HistcodeConfig) -> None:
-    from histcode.demo.build import build_demo_cohort
-    from histcode.ingest.run import ingest_sources
-    from histcode.ingest.sources import read_manifest
-    from histcode.store.catalog import Catalog
-
-    cohort = build_demo_cohort(cfg.demo, ws.path(cfg.demo.out_dir), workers=2, progress=False)
-    ingest_sources(read_manifest(cohort.manifest), Catalog(ws.catalog_path), cfg.ingest, progress=False)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workspace", type=Path, help="a workspace with the demo cohort ingested (default: a temp one)")
@@ -104,17 +92,9 @@ def main() -> None:
     from histcode.store.catalog import Catalog
     from histcode.tiling.run import tile_slides
 
-    tmp = None
-    if args.workspace is None:
-        tmp = tempfile.TemporaryDirectory(prefix="histcode-bench-")
-        ws = Workspace(Path(tmp.name)).ensure()
-    else:
-        ws = Workspace(args.workspace.resolve()).ensure()
+    ws, tmp = demo_workspace(args.workspace)
     cfg = ws.config()
     catalog = Catalog(ws.catalog_path)
-    if not catalog.slides(status="ok"):
-        print("building and ingesting the demo cohort ...", flush=True)
-        prepare(ws, cfg)
 
     # 1. tiling throughput (forced, so every slide is processed)
     t0 = time.perf_counter()

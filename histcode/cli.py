@@ -169,6 +169,7 @@ def pretrain(
     init: Annotated[Optional[str], typer.Option(help="random | imagenet (ImageNet only if the weights are on disk).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Train this many steps (overrides pretrain.epochs).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run of this configuration.")] = False,
+    report: Annotated[Optional[Path], typer.Option(help="Write a JSON summary here (default: metrics/pretrain.json).")] = None,
 ) -> None:
     """Contrastive pretraining on the catalog's tiles, tracked in MLflow; registers the encoder."""
     from histcode.ssl.dataset import NoTilesError
@@ -196,6 +197,9 @@ def pretrain(
     console = _console()
     if result.run_id is None:
         return  # a torchrun process other than rank 0
+    from histcode.reports import pretrain_summary, write_json
+
+    write_json(report or ws.metrics_dir / "pretrain.json", pretrain_summary(result, cfg.pretrain))
     state = f"resumed at step {result.start_step}" if result.resumed else "new run"
     loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
     console.print(f"pretrain {result.method}: {result.steps} steps ({state}), final loss {loss}")
@@ -236,8 +240,10 @@ def demo(
 ) -> None:
     """Run the whole pipeline on the demo cohort with the workspace's params.yaml."""
     from histcode.demo.pipeline import run_demo
+    from histcode.tracking import telemetry_off
     from histcode.views import ingest_table, next_steps, tiling_table
 
+    telemetry_off()
     ws = _ws(ctx)
     cfg = _config(ws)
     outcome = run_demo(ws, cfg, workers=workers)

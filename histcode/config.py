@@ -171,7 +171,7 @@ class PretrainConfig(_Section):
     amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 with a grad scaler)
     checkpoint_every: Pixels = 25
     log_every: Pixels = 5
-    num_workers: Annotated[int, Field(ge=0)] = 2
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"  # DataLoader reader processes
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     register_as: str = "histcode-encoder"

@@ -45,3 +45,21 @@ def tiling_summary(report: TilingReport) -> dict:
         "not_ingested": report.not_ingested,
         "failures": {o.slide_id: o.reason for o in report.failed},
     }
+
+
+def pretrain_summary(result, cfg) -> dict:
+    """``result``: histcode.ssl.pretrain.PretrainResult; ``cfg``: the PretrainConfig it ran with."""
+    rates = [h.img_per_s for h in result.history[1:]] or [h.img_per_s for h in result.history]
+    return {
+        "run_id": result.run_id,
+        "method": result.method,
+        "encoder": cfg.encoder,
+        "steps": result.steps,
+        "resumed_from_step": result.start_step if result.resumed else None,
+        "final_loss": result.final_loss,
+        "img_per_s": round(sum(rates) / len(rates), 2) if rates else None,
+        "registered_model": cfg.register_as,
+        "version": result.version,
+        "model_uri": result.model_uri,
+        "probe": result.probe,
+    }

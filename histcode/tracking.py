@@ -114,17 +114,25 @@ class Tracker:
         self.client.log_artifact(run_id, str(path), artifact_path)
 
     @contextmanager
-    def _active(self, run_id: str) -> Iterator[None]:
+    def _store(self) -> Iterator[None]:
+        """Point MLflow's process-wide URIs at this workspace for the duration, then put them back."""
         import mlflow
 
-        previous = mlflow.get_tracking_uri()
+        previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_registry_uri(self.uri)
         try:
-            with mlflow.start_run(run_id=run_id):
-                yield
+            yield
         finally:
-            mlflow.set_tracking_uri(previous)
+            mlflow.set_tracking_uri(previous[0])
+            mlflow.set_registry_uri(previous[1])
+
+    @contextmanager
+    def _active(self, run_id: str) -> Iterator[None]:
+        import mlflow
+
+        with self._store(), mlflow.start_run(run_id=run_id):
+            yield
 
     def log_torch_model(self, run_id: str, model, name: str, input_shape: tuple[int, ...], output_dim: int,
                         registered_name: str | None = None, aliases: tuple[str, ...] = (),
@@ -159,13 +167,8 @@ class Tracker:
         """A logged or registered torch model (``models:/name@alias``, ``models:/name/3``, ``runs:/...``)."""
         import mlflow
 
-        previous = mlflow.get_tracking_uri()
-        mlflow.set_tracking_uri(self.uri)
-        mlflow.set_registry_uri(self.uri)
-        try:
+        with self._store():
             return mlflow.pytorch.load_model(uri, map_location="cpu")
-        finally:
-            mlflow.set_tracking_uri(previous)
 
 
 def telemetry_off() -> None:

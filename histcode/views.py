@@ -58,6 +58,19 @@ def catalog_table(catalog: Catalog, status: str | None) -> Table:
     return table
 
 
+def pretrain_lines(summary: dict | None, reused: bool) -> str:
+    if not summary:
+        return "  encoder: not trained (fix the failures above first)"
+    state = "up to date, reused" if reused else f"{summary['steps']} steps, final loss {summary['final_loss']:.3f}"
+    text = f"  encoder: {summary['method']} ({state}); MLflow run {summary['run_id']}, registered version {summary['version']}"
+    probe = summary.get("probe") or {}
+    if probe:
+        text += (f"\n  linear probe accuracy on {int(probe['probe_tiles'])} held-aside tiles: trained "
+                 f"{probe['probe_accuracy']:.3f}, random init {probe['probe_random_init_accuracy']:.3f}, "
+                 f"colour only {probe['probe_colour_accuracy']:.3f}")
+    return text
+
+
 def next_steps(ws, outcome) -> str:
     """What to do after the demo: where things are and commands to try."""
     qc = ws.outputs_dir / "qc" / outcome.tiling.spec_id
@@ -65,15 +78,17 @@ def next_steps(ws, outcome) -> str:
     sql = ("SELECT s.patient_id, count(*) AS tiles FROM tiles t JOIN slides s USING (slide_id) "
            "GROUP BY ALL ORDER BY tiles DESC LIMIT 5")
     return f"""
-[bold]Demo cohort ingested and tiled[/] (workspace {ws.root})
+[bold]Demo pipeline done[/] (workspace {ws.root})
   slides: {len(ingest.outcomes)} ({ingest.count("registered")} new, {ingest.count("unchanged")} unchanged, {len(ingest.failed)} failed)
   tiles:  {tiling.n_tiles} under spec {tiling.spec_id} ({tiling.count("tiled")} slides tiled now, {tiling.count("skipped")} already done)
+{pretrain_lines(outcome.pretrain, outcome.pretrain_reused)}
   cohort: {outcome.cohort.out_dir}  (real LC25000 pixels; simulated layout, labels and expression: see its README.md)
 
 [bold]Next[/]
+  mlflow ui --backend-store-uri {ws.mlflow_uri}     then http://127.0.0.1:5000 (experiment 'pretrain')
+  histcode pretrain --method moco                   another method, probed against the same random init
   histcode slides                                   the catalog, slide by slide
   ls {qc}      QC pictures: tissue mask and tile grid per slide
   python -c "import duckdb; print(duckdb.connect('{ws.catalog_path}', read_only=True).sql('{sql}'))"
   dvc repro                                         the same stages through DVC (source .venv/bin/activate first)
-  python benchmarks/tiling.py                       reader and tiling throughput
-Pretraining, embeddings, labels and heads join this demo as their stages land."""
+Embeddings, labels and heads join this demo as their stages land."""

@@ -10,6 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from histcode.cli import app
+from histcode.config import PretrainConfig, ProbeConfig
 from tests.conftest import SLIDES, TINY_DEMO
 
 runner = CliRunner()
@@ -69,13 +70,18 @@ def test_workspace_from_environment(tmp_path, cmu_slide, monkeypatch) -> None:
 def test_demo_command_end_to_end(tmp_path) -> None:
     ws = tmp_path / "ws"
     ws.mkdir()
-    (ws / "params.yaml").write_text(yaml.safe_dump({"demo": TINY_DEMO.model_dump(mode="json")}))
+    pretrain = PretrainConfig(image_px=32, batch_size=8, max_steps=2, num_workers=0, bank_size=16,
+                              probe=ProbeConfig(folds=3))
+    (ws / "params.yaml").write_text(yaml.safe_dump({"demo": TINY_DEMO.model_dump(mode="json"),
+                                                    "pretrain": pretrain.model_dump(mode="json")}))
     result = invoke(ws, "demo", "--workers", "1")
     assert result.exit_code == 0, result.stdout
-    assert "Demo cohort ingested and tiled" in result.stdout and "histcode slides" in result.stdout
+    assert "Demo pipeline done" in result.stdout and "mlflow ui --backend-store-uri" in result.stdout
+    assert "encoder: adco (2 steps" in result.stdout and "linear probe accuracy on 222 held-aside tiles" in result.stdout
     tiling = json.loads((ws / "metrics" / "tiling.json").read_text())
     assert tiling["failed"] == 0 and tiling["tiled_now"] == tiling["slides"] > 0
     again = invoke(ws, "demo", "--workers", "1")
     assert again.exit_code == 0
     rerun = json.loads((ws / "metrics" / "tiling.json").read_text())
     assert rerun["tiled_now"] == 0 and rerun["skipped"] == tiling["slides"] and rerun["tiles"] == tiling["tiles"]
+    assert "encoder: adco (up to date, reused)" in again.stdout

@@ -54,3 +54,17 @@ def test_flow_records_slide_errors_instead_of_crashing(tiny_cohort, tmp_path, pr
     assert summary["tiling"]["failed"] == 2 and summary["tiling"]["slides_tiled_ok"] == 0
     assert all("no CUDA device" in reason for reason in summary["tiling"]["failures"].values())
     assert len(Catalog(ws.catalog_path).tilings()) == 2  # both recorded in the ledger with their reason
+
+
+@pytest.mark.integration
+def test_pretrain_flow_run(tiled_workspace, prefect_home) -> None:
+    import yaml
+
+    from flows.pretrain import pretrain_flow
+    from histcode.config import PretrainConfig, ProbeConfig
+
+    cfg = PretrainConfig(image_px=32, batch_size=8, max_steps=2, bank_size=16, probe=ProbeConfig(enabled=False))
+    (tiled_workspace.root / "params.yaml").write_text(yaml.safe_dump({"pretrain": cfg.model_dump(mode="json")}))
+    summary = pretrain_flow(method="moco", workspace=str(tiled_workspace.root))
+    assert summary["method"] == "moco" and summary["steps"] == 2 and summary["version"] == "1"
+    assert (tiled_workspace.metrics_dir / "pretrain.json").is_file()

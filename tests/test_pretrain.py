@@ -45,6 +45,16 @@ def test_epoch_sampler_is_global_resumable_and_sharded() -> None:
         EpochSampler(3, 4, 0, 0, 1)
 
 
+def test_dataset_reads_the_same_tiles_in_forked_workers(tiled_catalog) -> None:
+    dataset = dataset_from_catalog(Catalog(tiled_catalog), spec_id_of(HistcodeConfig().tiling), 256)
+    expected = torch.stack([dataset[i] for i in range(24)])  # the main process opens readers first
+    assert expected.shape == (24, 3, 256, 256) and expected.dtype == torch.uint8
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8, num_workers=2, shuffle=False)
+    got = torch.cat([b for _, b in zip(range(3), loader)])
+    assert torch.equal(got, expected)  # forked workers must not share the parent's file handles
+    dataset.close()
+
+
 @pytest.mark.parametrize("method", ["adco", "moco", "simclr"])
 def test_resume_equals_uninterrupted(method: str, tiled_catalog, tmp_path) -> None:
     cfg = TINY.model_copy(update={"method": method})
@@ -154,7 +164,8 @@ def test_pretrain_cli_tracks_probes_registers_and_resumes_after_kill(tiled_works
     # 2. --resume finishes the same run
     out, _ = _histcode(ws, "pretrain", "--resume").communicate(timeout=300)
     assert "resumed at step" in out, out
-    client = MlflowClient(tracking_uri=f"sqlite:///{ws}/mlruns/mlflow.db")
+    uri = f"sqlite:///{ws}/mlruns/mlflow.db"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("pretrain").experiment_id])
     assert len(runs) == 1, "resume must continue the killed run, not start another"
     run = runs[0]

@@ -1,4 +1,5 @@
-"""The demo pipeline: build the demo cohort, ingest it, tile it. Later stages append themselves here."""
+"""The demo pipeline: build the demo cohort, ingest it, tile it, pretrain an encoder. Later stages append
+themselves here. Every stage skips work that is already done, so a rerun is quick."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from histcode.config import HistcodeConfig
 from histcode.demo.build import DemoCohort, build_demo_cohort
 from histcode.ingest.run import IngestReport, ingest_sources
 from histcode.ingest.sources import read_manifest
-from histcode.reports import ingest_summary, tiling_summary, write_json
+from histcode.reports import ingest_summary, pretrain_summary, tiling_summary, write_json
 from histcode.store.catalog import Catalog
 from histcode.tiling.run import TilingReport, tile_slides
 from histcode.workspace import Workspace
@@ -22,6 +23,8 @@ class DemoOutcome:
     cohort: DemoCohort
     ingest: IngestReport
     tiling: TilingReport
+    pretrain: dict | None = None  # metrics/pretrain.json's content
+    pretrain_reused: bool = False
 
     @property
     def failed(self) -> bool:
@@ -36,4 +39,17 @@ def run_demo(ws: Workspace, cfg: HistcodeConfig, workers: int = 2) -> DemoOutcom
     write_json(ws.metrics_dir / "ingest.json", ingest_summary(ingest))
     tiling = tile_slides(catalog, cfg.tiling, ws.outputs_dir / "qc")
     write_json(ws.metrics_dir / "tiling.json", tiling_summary(tiling))
-    return DemoOutcome(cohort, ingest, tiling)
+    outcome = DemoOutcome(cohort, ingest, tiling)
+    if outcome.failed:
+        return outcome
+    from histcode.ssl.pretrain import completed, pretrain
+
+    done = completed(ws, cfg)
+    if done is not None:
+        log.info("pretraining is up to date: MLflow run %s", done["run_id"])
+        outcome.pretrain, outcome.pretrain_reused = done, True
+    else:
+        result = pretrain(ws, cfg)
+        outcome.pretrain = pretrain_summary(result, cfg.pretrain)
+        write_json(ws.metrics_dir / "pretrain.json", outcome.pretrain)
+    return outcome

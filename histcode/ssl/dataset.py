@@ -12,6 +12,7 @@ strided share of every global batch.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ class TileDataset(Dataset):
         self.tile_px = tile_px
         self.open_readers = open_readers
         self._readers: OrderedDict[int, TileReader] = OrderedDict()
+        self._pid = os.getpid()
 
     def __len__(self) -> int:
         return len(self.tiles)
@@ -54,9 +56,12 @@ class TileDataset(Dataset):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_readers"] = OrderedDict()  # handles never cross a process boundary
+        state["_pid"] = None
         return state
 
     def _reader(self, index: int) -> TileReader:
+        if self._pid != os.getpid():  # a forked worker: the parent's handles (and file offsets) are not ours
+            self._readers, self._pid = OrderedDict(), os.getpid()
         reader = self._readers.get(index)
         if reader is None:
             s = self.slides[index]
@@ -74,8 +79,9 @@ class TileDataset(Dataset):
         return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
     def close(self) -> None:
-        for reader in self._readers.values():
-            reader.close()
+        if self._pid == os.getpid():
+            for reader in self._readers.values():
+                reader.close()
         self._readers.clear()
 
 

@@ -11,6 +11,7 @@ Under torchrun, every process trains; process 0 alone tracks, probes and registe
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from histcode.config import HistcodeConfig, PretrainConfig, stable_hash
+from histcode.reports import write_json
 from histcode.ssl import distributed as dist_util
 from histcode.ssl.augment import TwoViews
 from histcode.ssl.dataset import dataset_from_catalog
@@ -35,6 +37,7 @@ from histcode.wsi.tissue import resolve_device
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "pretrain"
+DONE = "done.json"  # written next to the checkpoint when a run has finished, probed and registered
 RUNTIME_KNOBS = {"num_workers", "device", "log_every", "checkpoint_every", "register_as", "probe", "amp"}
 
 
@@ -171,17 +174,43 @@ def _finish(result: PretrainResult, tracker: Tracker, encoder: Encoder, pcfg: Pr
     )
     tracker.log_artifact(run_id, checkpoint, "checkpoint")
     tracker.end_run(run_id)
+    write_json(checkpoint.parent / DONE, {
+        "run_id": run_id, "method": result.method, "steps": result.steps, "version": result.version,
+        "model_uri": result.model_uri, "final_loss": result.final_loss, "probe": result.probe,
+        "data_version": tracker.client.get_run(run_id).data.tags.get("histcode.data_version"),
+    })
+
+
+def data_version(catalog: Catalog, spec_id: str) -> str:
+    """Identity of the training data: the sorted tile ids of the spec."""
+    return stable_hash(sorted(catalog.tiles(spec_id=spec_id).column("tile_id").to_pylist()), 16)
+
+
+def completed(ws: Workspace, cfg: HistcodeConfig) -> dict | None:
+    """The finished run of exactly this configuration on exactly the current tiles, if there is one (its
+    done.json, with its MLflow run still FINISHED); None means training would do new work."""
+    spec_id = spec_id_of(cfg.tiling)
+    done = run_dir(ws, cfg.pretrain, spec_id) / DONE
+    if not done.is_file() or not ws.catalog_path.is_file():
+        return None
+    record = json.loads(done.read_text())
+    if record.get("data_version") != data_version(Catalog(ws.catalog_path), spec_id):
+        return None
+    try:
+        status = Tracker(ws).client.get_run(record["run_id"]).info.status
+    except Exception:  # noqa: BLE001 -- the run was deleted, or the store moved
+        return None
+    return record if status == "FINISHED" else None
 
 
 def _new_run(tracker: Tracker, trainer: Trainer, pcfg: PretrainConfig, catalog: Catalog, spec_id: str, n_tiles: int,
              steps: int, world: int) -> str:
-    tile_ids = catalog.tiles(spec_id=spec_id).column("tile_id").to_pylist()
-    data_version = stable_hash(sorted(tile_ids), 16)
+    version = data_version(catalog, spec_id)
     run_id = tracker.start_run(EXPERIMENT, f"{pcfg.method}-{pcfg.encoder}", tags={
-        "histcode.method": pcfg.method, "histcode.spec_id": spec_id, "histcode.data_version": data_version,
+        "histcode.method": pcfg.method, "histcode.spec_id": spec_id, "histcode.data_version": version,
         "histcode.checkpoint": str(trainer.checkpoint_path),
     })
     tracker.log_params(run_id, {**pcfg.model_dump(mode="json"), "data": {
-        "spec_id": spec_id, "n_tiles": n_tiles, "total_steps": steps, "world_size": world, "data_version": data_version,
+        "spec_id": spec_id, "n_tiles": n_tiles, "total_steps": steps, "world_size": world, "data_version": version,
     }})
     return run_id

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +49,18 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / span)))
 
     return factor
+
+
+def resolve_workers(setting: int | str, device: torch.device) -> int:
+    """'auto': on a GPU, reader processes on all but one core (up to 8) hide slide reads behind the model; on
+    a CPU the model and the readers share the same few cores, and on up to 4 cores the main process reading
+    between steps is faster (benchmarks/pretrain.py measures both)."""
+    if setting != "auto":
+        return int(setting)
+    cores = os.cpu_count() or 1
+    if device.type == "cuda":
+        return max(1, min(8, cores - 1))
+    return 0 if cores <= 4 else min(4, cores // 4)
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -119,7 +132,7 @@ class Trainer:
     def loader(self, start: int, num: int, seed: int | None = None) -> DataLoader:
         sampler = EpochSampler(len(self.dataset), self.cfg.batch_size, self.cfg.seed if seed is None else seed,
                                start, num, self.rank, self.world_size)
-        workers = self.cfg.num_workers
+        workers = resolve_workers(self.cfg.num_workers, self.device)
         return DataLoader(self.dataset, batch_size=self.cfg.batch_size // self.world_size, sampler=sampler,
                           num_workers=workers, pin_memory=self.device.type == "cuda", drop_last=False,
                           prefetch_factor=4 if workers else None, persistent_workers=False)

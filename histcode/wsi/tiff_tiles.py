@@ -10,6 +10,7 @@ OpenSlide takes verbatim from the TIFF are eligible; everything else goes throug
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 from pathlib import Path
 
@@ -32,10 +33,11 @@ class DirectTiffLevel:
         self._path = Path(path)
         self._tif = tifffile.TiffFile(path)
         self._page = self._tif.pages[page_index]
-        # resolve the decoder and tables before any read: resolving them lazily can move the file position
         self._decode = self._page.decode
         self._tables = self._page.jpegtables
-        self._fh = self._tif.filehandle
+        self._offsets, self._counts = tuple(self._page.dataoffsets), tuple(self._page.databytecounts)
+        # tile bytes are read with pread on our own descriptor: no shared file position to race on
+        self._fd = os.open(path, os.O_RDONLY)
         page = self._page
         self.width, self.height = page.imagewidth, page.imagelength
         self.tile_w, self.tile_h = page.tilewidth, page.tilelength
@@ -45,20 +47,21 @@ class DirectTiffLevel:
 
     def close(self) -> None:
         self._tif.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def _tile(self, index: int) -> np.ndarray:
         hit = self._cache.get(index)
         if hit is not None:
             self._cache.move_to_end(index)
             return hit
-        page = self._page
-        offset, count = page.dataoffsets[index], page.databytecounts[index]
+        offset, count = self._offsets[index], self._counts[index]
         if count == 0:  # a tile the scanner never wrote: transparent in OpenSlide, white once composited
             tile = np.full((self.tile_h, self.tile_w, 3), 255, dtype=np.uint8)
         else:
             try:
-                self._fh.seek(offset)
-                data = self._fh.read(count)
+                data = os.pread(self._fd, count, offset)
                 decoded, _, shape = self._decode(data, index, jpegtables=self._tables)
                 tile = np.asarray(decoded).reshape(shape[-3], shape[-2], shape[-1])
             except Exception as exc:  # noqa: BLE001 -- imagecodecs raises its own error types

@@ -1,0 +1,79 @@
+"""Prefect flow: contrastive pretraining as one task tagged ``gpu``.
+
+A tag-based concurrency limit keeps GPU jobs from piling onto one device:
+    prefect concurrency-limit create gpu 1
+If the task fails (a lost worker, a killed process) Prefect retries it once, and the retry resumes from the
+run's last checkpoint, continuing the same MLflow run. A markdown artifact links the MLflow run.
+
+Run it:  python -m flows.pretrain --method moco --steps 100
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import task_run
+
+from histcode.reports import pretrain_summary, write_json
+from histcode.ssl.pretrain import pretrain
+from histcode.tracking import telemetry_off
+from histcode.workspace import Workspace
+
+
+@task(name="pretrain-encoder", tags=["gpu"], cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
+def pretrain_task(workspace: str | None, overrides: dict, resume: bool) -> dict:
+    telemetry_off()
+    ws = Workspace.resolve(workspace).ensure()
+    cfg = ws.config()
+    if overrides:
+        cfg = cfg.model_copy(update={"pretrain": cfg.pretrain.model_validate({**cfg.pretrain.model_dump(), **overrides})})
+    retrying = (task_run.run_count or 1) > 1
+    result = pretrain(ws, cfg, resume=resume or retrying, progress=False)
+    summary = pretrain_summary(result, cfg.pretrain)
+    write_json(ws.metrics_dir / "pretrain.json", summary)
+    return summary
+
+
+@flow(name="histcode-pretrain")
+def pretrain_flow(
+    method: str | None = None,
+    encoder: str | None = None,
+    steps: int | None = None,
+    resume: bool = False,
+    workspace: str | None = None,
+) -> dict:
+    """Pretrain an encoder with the workspace's params.yaml; ``method``, ``encoder`` and ``steps`` override it."""
+    overrides = {k: v for k, v in {"method": method, "encoder": encoder, "max_steps": steps}.items() if v is not None}
+    summary = pretrain_task(workspace, overrides, resume)
+    ws = Workspace.resolve(workspace)
+    probe = summary.get("probe", {})
+    lines = [
+        f"## Pretraining: {summary['method']} ({summary['steps']} steps, final loss {summary['final_loss']:.4f})",
+        f"- MLflow run `{summary['run_id']}` in experiment `pretrain`; open the UI with "
+        f"`mlflow ui --backend-store-uri {ws.mlflow_uri}` and go to http://127.0.0.1:5000",
+        f"- registered `{summary['registered_model']}` version {summary['version']} (`{summary['model_uri']}`)",
+    ]
+    if probe:
+        lines.append(f"- linear probe accuracy: trained {probe['probe_accuracy']:.3f}, random init "
+                     f"{probe['probe_random_init_accuracy']:.3f}, colour only {probe['probe_colour_accuracy']:.3f}")
+    create_markdown_artifact("\n".join(lines), key="histcode-pretrain")
+    get_run_logger().info("pretrain %s finished: run %s", summary["method"], summary["run_id"])
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=pretrain_flow.__doc__)
+    parser.add_argument("--method")
+    parser.add_argument("--encoder")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--workspace")
+    args = parser.parse_args()
+    pretrain_flow(method=args.method, encoder=args.encoder, steps=args.steps, resume=args.resume, workspace=args.workspace)
+
+
+if __name__ == "__main__":
+    main()
