@@ -15,7 +15,7 @@ export DVC_NO_ANALYTICS := 1
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,timm]"
 	touch $(STAMP)
 
 setup: $(STAMP)
