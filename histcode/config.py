@@ -182,11 +182,28 @@ class PretrainConfig(_Section):
         return self.temperature if self.temperature is not None else {"simclr": 0.2, "moco": 0.2, "adco": 0.12}[self.method]
 
 
+class FeaturesConfig(_Section):
+    """Materialising embeddings into LanceDB feature views, and searching them."""
+
+    encoder: str = "histcode-encoder@adco"  # registered model: name@alias, name/version or name (latest)
+    batch_size: Pixels = 64
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
+    commit_every_slides: Pixels = 8  # slides per Lance commit
+    attribute_columns: tuple[str, ...] = ("sample_type", "subtype")  # slide attributes copied into the tables
+    index_min_rows: Pixels = 100_000  # build an ANN index once a table holds this many vectors
+    index_type: Literal["IVF_PQ", "IVF_HNSW_SQ"] = "IVF_HNSW_SQ"
+    index_partitions: Annotated[int, Field(ge=1)] | None = None  # None = about sqrt(rows)
+    nprobes: Pixels = 20  # partitions searched per query
+    refine_factor: Annotated[int, Field(ge=1)] | None = 10  # re-rank k * this candidates exactly (IVF_PQ)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
 class HistcodeConfig(_Section):
     demo: DemoConfig = DemoConfig()
     ingest: IngestConfig = IngestConfig()
     tiling: TilingConfig = TilingConfig()
     pretrain: PretrainConfig = PretrainConfig()
+    features: FeaturesConfig = FeaturesConfig()
 
 
 class ConfigError(ValueError):

@@ -63,3 +63,21 @@ def pretrain_summary(result, cfg) -> dict:
         "model_uri": result.model_uri,
         "probe": result.probe,
     }
+
+
+def embed_summary(report) -> dict:
+    """``report``: histcode.features.embed.EmbedReport."""
+    v = report.view
+    return {
+        "view_id": v.view_id,
+        "encoder_uri": v.encoder_uri,
+        "dim": v.dim,
+        "spec_id": v.spec_id,
+        "slides_embedded": report.count("embedded"),
+        "slides_skipped": report.count("skipped"),
+        "failed": len(report.failed),
+        "tiles_embedded": report.tiles_embedded,
+        "tiles_per_s": round(report.tiles_per_s, 2),
+        "lance_versions": report.versions,
+        "failures": {o.slide_id: o.reason for o in report.failed},
+    }

@@ -38,6 +38,39 @@ def tiling_table(report: TilingReport) -> Table:
     return table
 
 
+def embed_table(report) -> Table:
+    v = report.view
+    table = Table(title=f"embed view {v.view_id} ({v.encoder_uri}, {v.dim}-d, spec {v.spec_id}): "
+                        f"{report.count('embedded')} embedded, {report.count('skipped')} already done, "
+                        f"{len(report.failed)} failed; {report.tiles_per_s:.0f} tiles/s")
+    for col in ("slide_id", "action", "rows", "reason"):
+        table.add_column(col, overflow="fold")
+    for o in report.outcomes:
+        style = "red" if o.action == "failed" else "green" if o.action == "embedded" else "white"
+        table.add_row(o.slide_id, f"[{style}]{o.action}[/]", str(o.rows or ""), o.reason or "")
+    if report.maintenance:
+        table.caption = "; ".join(report.maintenance)
+    return table
+
+
+def arrow_table(data, limit: int) -> Table:
+    """A pyarrow table as a rich table (vectors shown by their dimension, floats to 4 digits)."""
+    table = Table(caption=f"{data.num_rows} rows" + (f", first {limit} shown" if data.num_rows > limit else ""))
+    for name in data.column_names:
+        table.add_column(name, overflow="fold")
+    for row in data.slice(0, limit).to_pylist():
+        cells = []
+        for value in row.values():
+            if isinstance(value, list):
+                cells.append(f"<{len(value)}-d vector>")
+            elif isinstance(value, float):
+                cells.append(f"{value:.4f}")
+            else:
+                cells.append("" if value is None else str(value))
+        table.add_row(*cells)
+    return table
+
+
 def catalog_table(catalog: Catalog, status: str | None) -> Table:
     rows = catalog.query(
         """SELECT s.slide_id, s.patient_id, s.status, s.vendor, s.width, s.height, s.mpp_x, s.mpp_source, s.reason,
@@ -71,6 +104,18 @@ def pretrain_lines(summary: dict | None, reused: bool) -> str:
     return text
 
 
+def first_slide(outcome) -> str:
+    ids = sorted(o.slide_id for o in outcome.ingest.outcomes if o.status == "ok")
+    return ids[0] if ids else "<slide_id>"
+
+
+def embed_lines(summary: dict | None) -> str:
+    if not summary:
+        return "  features: not materialised"
+    return (f"  features: view {summary['view_id']} ({summary['dim']}-d, {summary['encoder_uri']}): "
+            f"{summary['slides_embedded']} slides embedded now, {summary['slides_skipped']} already done")
+
+
 def next_steps(ws, outcome) -> str:
     """What to do after the demo: where things are and commands to try."""
     qc = ws.outputs_dir / "qc" / outcome.tiling.spec_id
@@ -82,13 +127,17 @@ def next_steps(ws, outcome) -> str:
   slides: {len(ingest.outcomes)} ({ingest.count("registered")} new, {ingest.count("unchanged")} unchanged, {len(ingest.failed)} failed)
   tiles:  {tiling.n_tiles} under spec {tiling.spec_id} ({tiling.count("tiled")} slides tiled now, {tiling.count("skipped")} already done)
 {pretrain_lines(outcome.pretrain, outcome.pretrain_reused)}
+{embed_lines(outcome.embed)}
   cohort: {outcome.cohort.out_dir}  (real LC25000 pixels; simulated layout, labels and expression: see its README.md)
 
 [bold]Next[/]
   mlflow ui --backend-store-uri {ws.mlflow_uri}     then http://127.0.0.1:5000 (experiment 'pretrain')
   histcode pretrain --method moco                   another method, probed against the same random init
+  histcode sql "SELECT subtype, count(*) AS tiles FROM tile_embeddings GROUP BY 1"
+  histcode search --slide {first_slide(outcome)} --k 5          the most similar slides
+  histcode search --tile <tile_id> --where "subtype = 'LUSC'"  nearest tiles within LUSC slides
   histcode slides                                   the catalog, slide by slide
   ls {qc}      QC pictures: tissue mask and tile grid per slide
   python -c "import duckdb; print(duckdb.connect('{ws.catalog_path}', read_only=True).sql('{sql}'))"
   dvc repro                                         the same stages through DVC (source .venv/bin/activate first)
-Embeddings, labels and heads join this demo as their stages land."""
+Labels and heads join this demo as their stages land."""

@@ -93,3 +93,35 @@ def tiled_workspace(tiled_catalog, tmp_path) -> Workspace:
     ws = Workspace(tmp_path / "tws").ensure()
     shutil.copy2(tiled_catalog, ws.catalog_path)
     return ws
+
+
+TINY_PRETRAIN = {"image_px": 32, "batch_size": 8, "max_steps": 1, "bank_size": 16, "probe": {"enabled": False}}
+
+
+@pytest.fixture(scope="session")
+def embedded_workspace(tiled_catalog, tmp_path_factory) -> Workspace:
+    """A workspace with the tiny cohort tiled, a 1-step encoder registered and its feature view materialised.
+    Read-only for tests: copy it (``copy_workspace``) before writing."""
+    import yaml
+
+    from histcode.features.embed import materialize
+    from histcode.ssl.pretrain import pretrain
+
+    ws = Workspace(tmp_path_factory.mktemp("embedded") / "ws").ensure()
+    shutil.copy2(tiled_catalog, ws.catalog_path)
+    (ws.root / "params.yaml").write_text(yaml.safe_dump({"pretrain": TINY_PRETRAIN}))
+    pretrain(ws, ws.config(), progress=False)
+    report = materialize(ws, ws.config(), tag="first", progress=False)
+    assert not report.failed
+    return ws
+
+
+@pytest.fixture
+def copy_workspace(tmp_path):
+    def _copy(ws: Workspace) -> Workspace:
+        target = tmp_path / "copy"
+        shutil.copytree(ws.root, target)
+        # MLflow stores absolute artifact paths; the copy keeps pointing at the original's artifacts, read-only
+        return Workspace(target)
+
+    return _copy

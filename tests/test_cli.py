@@ -85,3 +85,23 @@ def test_demo_command_end_to_end(tmp_path) -> None:
     rerun = json.loads((ws / "metrics" / "tiling.json").read_text())
     assert rerun["tiled_now"] == 0 and rerun["skipped"] == tiling["slides"] and rerun["tiles"] == tiling["tiles"]
     assert "encoder: adco (up to date, reused)" in again.stdout
+
+
+def test_embed_sql_search_commands(embedded_workspace, copy_workspace) -> None:
+    ws = copy_workspace(embedded_workspace).root
+    result = invoke(ws, "embed")
+    assert result.exit_code == 0 and "skipped" in result.stdout
+    summary = json.loads((ws / "metrics" / "embed.json").read_text())
+    assert summary["slides_embedded"] == 0 and summary["slides_skipped"] > 0 and summary["dim"] == 512
+    result = invoke(ws, "sql", "SELECT subtype, count(*) AS n FROM tile_embeddings GROUP BY 1 ORDER BY 1", "--format", "csv")
+    assert result.exit_code == 0 and result.stdout.startswith("subtype,n")
+    result = invoke(ws, "sql", "DELETE FROM slides")
+    assert result.exit_code == 2 and "read-only" in result.output
+    result = invoke(ws, "sql", "SELECT no_such_column FROM slides")
+    assert result.exit_code == 2 and "no_such_column" in result.output
+    slide = json.loads(invoke(ws, "sql", "SELECT slide_id FROM slides ORDER BY 1 LIMIT 1", "--format", "json").stdout)["slide_id"]
+    result = invoke(ws, "search", "--slide", slide, "--k", "2", "--json")
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert result.exit_code == 0 and [h["rank"] for h in lines] == [1, 2] and all(h["slide_id"] != slide for h in lines)
+    result = invoke(ws, "search", "--slide", "nope")
+    assert result.exit_code == 2 and "has no vector" in result.output

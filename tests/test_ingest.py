@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from histcode.ingest.run import ingest_sources
-from histcode.ingest.sources import ManifestError, SlideSource, patient_of, read_manifest, sources_from_paths
+from histcode.ingest.sources import ManifestError, patient_of, read_manifest, sources_from_paths
 from histcode.store.catalog import Catalog
 from tests.conftest import FIXTURES, SLIDES
 from tests.helpers import slide_with_rect, write_svs, write_tiff, write_tiff_96dpi
@@ -192,9 +192,22 @@ def test_manifest(tmp_path, cmu_slide) -> None:
     rel = os.path.relpath(cmu_slide, tmp_path)
     manifest.write_text(f"path,slide_id,patient_id,mpp,extra\n{rel},S1,P1,,x\n{cmu_slide},TCGA-AB-1234-01Z-00-DX1,,0.25,y\n")
     a, b = read_manifest(manifest)
-    assert a == SlideSource(cmu_slide.absolute(), "S1", "P1", None) or a.path.resolve() == cmu_slide.resolve()
-    assert (a.slide_id, a.patient_id, a.mpp) == ("S1", "P1", None)
-    assert (b.patient_id, b.mpp) == ("TCGA-AB-1234", 0.25)
+    assert a.path.resolve() == cmu_slide.resolve()
+    assert (a.slide_id, a.patient_id, a.mpp, a.attributes) == ("S1", "P1", None, (("extra", "x"),))
+    assert (b.patient_id, b.mpp, b.attributes) == ("TCGA-AB-1234", 0.25, (("extra", "y"),))
+
+
+def test_manifest_attributes_reach_the_catalog_and_sql(workspace, config, cmu_slide, tmp_path) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"path,slide_id,subtype,site\n{cmu_slide},S1,LUSC,skin\n")
+    catalog = Catalog(workspace.catalog_path)
+    ingest_sources(read_manifest(manifest), catalog, config.ingest, progress=False)
+    rows = catalog.query("SELECT slide_id, attributes->>'subtype' AS subtype, attributes->>'site' AS site FROM slides")
+    assert rows == [{"slide_id": "S1", "subtype": "LUSC", "site": "skin"}]
+    # a changed attribute updates the row without touching the pixels' derived rows
+    manifest.write_text(f"path,slide_id,subtype,site\n{cmu_slide},S1,LUAD,skin\n")
+    (outcome,) = ingest_sources(read_manifest(manifest), catalog, config.ingest, progress=False).outcomes
+    assert outcome.action == "updated" and catalog.query("SELECT attributes->>'subtype' AS s FROM slides")[0]["s"] == "LUAD"
 
 
 def test_manifest_with_excel_byte_order_mark(tmp_path, cmu_slide) -> None:

@@ -1,5 +1,5 @@
-"""The demo pipeline: build the demo cohort, ingest it, tile it, pretrain an encoder. Later stages append
-themselves here. Every stage skips work that is already done, so a rerun is quick."""
+"""The demo pipeline: build the demo cohort, ingest it, tile it, pretrain an encoder, embed every tile into a
+feature view. Later stages append themselves here. Every stage skips work that is already done, so a rerun is quick."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from histcode.config import HistcodeConfig
 from histcode.demo.build import DemoCohort, build_demo_cohort
 from histcode.ingest.run import IngestReport, ingest_sources
 from histcode.ingest.sources import read_manifest
-from histcode.reports import ingest_summary, pretrain_summary, tiling_summary, write_json
+from histcode.reports import embed_summary, ingest_summary, pretrain_summary, tiling_summary, write_json
 from histcode.store.catalog import Catalog
 from histcode.tiling.run import TilingReport, tile_slides
 from histcode.workspace import Workspace
@@ -25,6 +25,7 @@ class DemoOutcome:
     tiling: TilingReport
     pretrain: dict | None = None  # metrics/pretrain.json's content
     pretrain_reused: bool = False
+    embed: dict | None = None  # metrics/embed.json's content
 
     @property
     def failed(self) -> bool:
@@ -52,4 +53,9 @@ def run_demo(ws: Workspace, cfg: HistcodeConfig, workers: int = 2) -> DemoOutcom
         result = pretrain(ws, cfg)
         outcome.pretrain = pretrain_summary(result, cfg.pretrain)
         write_json(ws.metrics_dir / "pretrain.json", outcome.pretrain)
+    from histcode.features.embed import materialize
+
+    encoder = f"{cfg.pretrain.register_as}/{outcome.pretrain['version']}"
+    outcome.embed = embed_summary(materialize(ws, cfg, encoder=encoder))
+    write_json(ws.metrics_dir / "embed.json", outcome.embed)
     return outcome

@@ -8,6 +8,7 @@ can retry them.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -89,7 +90,8 @@ def _int_prop(props, key: str) -> int | None:
 
 def inspect_slide(source: SlideSource, cfg: IngestConfig) -> SlideRecord:
     path = Path(source.path)
-    record = SlideRecord(slide_id=source.slide_id, patient_id=source.patient_id, path=str(path), status=FAILED)
+    record = SlideRecord(slide_id=source.slide_id, patient_id=source.patient_id, path=str(path), status=FAILED,
+                         attributes=json.dumps(dict(source.attributes), sort_keys=True) if source.attributes else None)
     reason = _precheck(path)
     if reason:
         record.reason = reason

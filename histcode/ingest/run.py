@@ -7,6 +7,7 @@ changes. Each slide is its own transaction, so one bad file never blocks or half
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,8 @@ def is_unchanged(existing: dict | None, source: SlideSource) -> bool:
         return False
     if existing["patient_id"] != source.patient_id:
         return False
+    if (json.loads(existing["attributes"]) if existing.get("attributes") else {}) != dict(source.attributes):
+        return False
     # the user's mpp is a fallback: it only matters for slides whose scale came from it
     return existing["mpp_source"] != "user" or existing["mpp_x"] == source.mpp
 
@@ -105,7 +108,8 @@ def commit_record(catalog: Catalog, record: SlideRecord, existing: dict | None) 
         action = REGISTERED
     elif result == "changed":
         action = CHANGED
-    elif existing is not None and existing["path"] == record.path and existing["patient_id"] == record.patient_id:
+    elif (existing is not None and existing["path"] == record.path and existing["patient_id"] == record.patient_id
+          and existing.get("attributes") == record.attributes):
         action = UNCHANGED  # touched (mtime) but same content and scale
     else:
         action = UPDATED  # moved or re-assigned, same pixels: tiles stay valid

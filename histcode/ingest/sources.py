@@ -2,7 +2,8 @@
 
 Manifest columns: ``path`` (required; relative paths are relative to the manifest), ``slide_id`` (default: the
 file stem), ``patient_id`` (default: the TCGA patient of the slide id, else the slide id) and ``mpp``
-(optional, um/px, for slides whose files carry no usable scale). Other columns are ignored.
+(optional, um/px, for slides whose files carry no usable scale). Any other column (a label, a site, a stain)
+is kept as a slide attribute in the catalog (``slides.attributes``, JSON) and can be used in SQL and filters.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ class SlideSource:
     slide_id: str
     patient_id: str
     mpp: float | None = None
+    attributes: tuple[tuple[str, str], ...] = ()  # the manifest's extra columns, in column order
+
+
+MANIFEST_COLUMNS = ("path", "slide_id", "patient_id", "mpp")
 
 
 def patient_of(slide_id: str) -> str:
@@ -91,7 +96,8 @@ def read_manifest(manifest: Path, mpp: float | None = None) -> list[SlideSource]
             row_mpp = float(cell) if cell else mpp
         except ValueError as exc:
             raise ManifestError(f"manifest {manifest}, line {i}: mpp {cell!r} is not a number") from exc
-        out.append(SlideSource(path=path.absolute(), slide_id=sid, patient_id=pid, mpp=row_mpp))
+        extra = tuple((k, (v or "").strip()) for k, v in row.items() if k and k not in MANIFEST_COLUMNS and (v or "").strip())
+        out.append(SlideSource(path=path.absolute(), slide_id=sid, patient_id=pid, mpp=row_mpp, attributes=extra))
     return out
 
 

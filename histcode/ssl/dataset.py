@@ -42,9 +42,11 @@ class SlideSource:
 class TileDataset(Dataset):
     """``tiles``: int64 (N, 3) rows of (slide index, x, y) into ``slides``."""
 
-    def __init__(self, slides: list[SlideSource], tiles: np.ndarray, tile_px: int, open_readers: int = 64) -> None:
+    def __init__(self, slides: list[SlideSource], tiles: np.ndarray, tile_px: int, open_readers: int = 64,
+                 tile_ids: list[str] | None = None) -> None:
         self.slides = slides
         self.tiles = np.asarray(tiles, dtype=np.int64)
+        self.tile_ids = tile_ids
         self.tile_px = tile_px
         self.open_readers = open_readers
         self._readers: OrderedDict[int, TileReader] = OrderedDict()
@@ -85,14 +87,17 @@ class TileDataset(Dataset):
         self._readers.clear()
 
 
-def dataset_from_catalog(catalog: Catalog, spec_id: str, tile_px: int) -> TileDataset:
-    """Every tile of ``spec_id`` on slides that are registered and healthy."""
+def dataset_from_catalog(catalog: Catalog, spec_id: str, tile_px: int, slide_ids: list[str] | None = None) -> TileDataset:
+    """Every tile of ``spec_id`` on slides that are registered and healthy (optionally only ``slide_ids``),
+    grouped by slide in slide-id order, read at ``tile_px``."""
     slides = {s["slide_id"]: s for s in catalog.slides(status="ok")}
+    if slide_ids is not None:
+        slides = {k: v for k, v in slides.items() if k in set(slide_ids)}
     table = catalog.tiles(spec_id=spec_id)
     if table.num_rows == 0:
         raise NoTilesError(f"no tiles under tiling spec {spec_id}: run `histcode tile` first")
-    frame = table.select(["slide_id", "x", "y", "size"]).to_pandas()
-    frame = frame[frame.slide_id.isin(slides)]
+    frame = table.select(["tile_id", "slide_id", "x", "y", "size"]).to_pandas()
+    frame = frame[frame.slide_id.isin(slides)].sort_values(["slide_id", "y", "x"], kind="stable")
     order = sorted(frame.slide_id.unique())
     sources = []
     for sid in order:
@@ -101,7 +106,7 @@ def dataset_from_catalog(catalog: Catalog, spec_id: str, tile_px: int) -> TileDa
         sources.append(SlideSource(sid, s["path"], s["vendor"], s["level_dimensions"], s["level_downsamples"], size))
     index = {sid: i for i, sid in enumerate(order)}
     tiles = np.stack([frame.slide_id.map(index).to_numpy(), frame.x.to_numpy(), frame.y.to_numpy()], axis=1)
-    return TileDataset(sources, tiles, tile_px)
+    return TileDataset(sources, tiles.reshape(-1, 3), tile_px, tile_ids=frame.tile_id.tolist())
 
 
 class EpochSampler(Sampler[int]):

@@ -17,7 +17,7 @@ import duckdb
 import pyarrow as pa
 
 from histcode.store.records import FAILED, INVALIDATED, OK, SlideRecord, TilingRecord, utcnow
-from histcode.store.schema import DOWNSTREAM_OF_SLIDE, SCHEMA_VERSION, TABLES
+from histcode.store.schema import DOWNSTREAM_OF_SLIDE, MIGRATIONS, SCHEMA_VERSION, TABLES
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +97,17 @@ class Catalog:
 
     @staticmethod
     def _ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
+        rows = con.execute("SELECT 1 FROM information_schema.tables WHERE table_name = 'meta'").fetchall()
+        found = int(con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()[0][0]) if rows else None
+        if found is not None and found > SCHEMA_VERSION:
+            raise CatalogError(f"catalog schema {found} is newer than this histcode ({SCHEMA_VERSION}); upgrade histcode")
+        if found is not None:
+            for version in range(found + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS.get(version, []):
+                    con.execute(statement)
         for ddl in TABLES.values():
             con.execute(ddl)
-        rows = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
-        if not rows:
-            con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
-        elif int(rows[0][0]) > SCHEMA_VERSION:
-            raise CatalogError(f"catalog schema {rows[0][0]} is newer than this histcode ({SCHEMA_VERSION})")
+        con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
 
     # -- slides ------------------------------------------------------------------------------------------
     def get_slide(self, slide_id: str) -> dict | None:

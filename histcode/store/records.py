@@ -36,6 +36,7 @@ class SlideRecord:
     mpp_y: float | None = None
     mpp_source: str | None = None
     objective: float | None = None
+    attributes: str | None = None  # JSON object of the manifest's extra columns (labels, sites, ...)
 
     def as_row(self) -> dict:
         return asdict(self)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 TABLES: dict[str, str] = {
     "meta": """
@@ -31,6 +31,7 @@ TABLES: dict[str, str] = {
             mpp_y DOUBLE,
             mpp_source VARCHAR,
             objective DOUBLE,
+            attributes JSON,
             status VARCHAR NOT NULL,
             reason VARCHAR,
             ingested_at TIMESTAMP,
@@ -81,8 +82,46 @@ TABLES: dict[str, str] = {
             white_fraction REAL,
             laplacian_var REAL
         )""",
+    # A feature view: (registered encoder version, tiling spec, preprocessing); kind 'tile' or 'slide', each
+    # with its own Lance table.
+    "feature_views": """
+        CREATE TABLE IF NOT EXISTS feature_views (
+            view_id VARCHAR,
+            kind VARCHAR,
+            encoder_uri VARCHAR NOT NULL,
+            model_name VARCHAR,
+            model_version VARCHAR,
+            method VARCHAR,
+            dim INTEGER NOT NULL,
+            metric VARCHAR NOT NULL,
+            spec_id VARCHAR NOT NULL,
+            image_px INTEGER NOT NULL,
+            lance_table VARCHAR NOT NULL,
+            status VARCHAR NOT NULL,
+            created_at TIMESTAMP,
+            updated_at TIMESTAMP,
+            PRIMARY KEY (view_id, kind)
+        )""",
+    # The per-(view, slide) ledger of embedding work.
+    "materializations": """
+        CREATE TABLE IF NOT EXISTS materializations (
+            view_id VARCHAR,
+            slide_id VARCHAR,
+            content_hash VARCHAR,
+            rows INTEGER,
+            status VARCHAR NOT NULL,
+            error VARCHAR,
+            lance_version BIGINT,
+            started_at TIMESTAMP,
+            finished_at TIMESTAMP,
+            PRIMARY KEY (view_id, slide_id)
+        )""",
+}
+
+# Upgrades of catalogs written by older versions: {version: statements}.
+MIGRATIONS: dict[int, list[str]] = {
+    2: ["ALTER TABLE slides ADD COLUMN IF NOT EXISTS attributes JSON"],
 }
 
 # Tables whose rows derive from a slide's pixels: cleared when the slide's content changes.
-# Later stages (feature materialisations) register their own tables here.
-DOWNSTREAM_OF_SLIDE = ("tiles",)
+DOWNSTREAM_OF_SLIDE = ("tiles", "materializations")

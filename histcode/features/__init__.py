@@ -1,0 +1,1 @@
+"""The feature store: feature views, materialisation into LanceDB, reads, SQL and similarity search."""

@@ -1,0 +1,142 @@
+"""Feature views: which encoder version, on which tiling spec, with which preprocessing, made a table's vectors.
+
+A view is identified by (registered model name, model version, spec_id, input size); a new encoder version is
+a new view with new tables, so vectors of two encoders are never mixed. Views and the per-slide ledger of
+materialisation work live in the DuckDB catalog; the vectors live in LanceDB.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+
+from histcode.config import stable_hash
+from histcode.store.catalog import Catalog
+from histcode.store.records import utcnow
+from histcode.store.vectors import SLIDE_KIND, TILE_KIND, TableSpec
+from histcode.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+METRIC = "cosine"
+REF = re.compile(r"^(?:models:/)?(?P<name>[^@/]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+|latest))?$")
+
+
+class ViewError(LookupError):
+    """No such encoder, view or materialisation; the message says what exists."""
+
+
+@dataclass(frozen=True)
+class FeatureView:
+    view_id: str
+    model_name: str
+    model_version: str
+    method: str | None
+    dim: int
+    spec_id: str
+    image_px: int
+    attribute_columns: tuple[str, ...] = field(default=())
+
+    @property
+    def encoder_uri(self) -> str:
+        return f"models:/{self.model_name}/{self.model_version}"
+
+    def table(self, kind: str) -> TableSpec:
+        return TableSpec(self.view_id, kind, self.dim, self.encoder_uri, self.attribute_columns)
+
+
+def view_id_of(model_name: str, model_version: str, spec_id: str, image_px: int) -> str:
+    return "fv-" + stable_hash({"model": model_name, "version": model_version, "spec": spec_id, "px": image_px}, 10)
+
+
+def resolve_encoder(tracker: Tracker, ref: str) -> tuple[str, str, dict]:
+    """``name@alias``, ``name/3``, ``name`` (latest) or a ``models:/`` URI -> (name, version, version tags)."""
+    match = REF.match(ref.strip())
+    if not match:
+        raise ViewError(f"encoder reference {ref!r} is not name, name@alias or name/version")
+    name, alias, version = match["name"], match["alias"], match["version"]
+    client = tracker.client
+    try:
+        if alias:
+            mv = client.get_model_version_by_alias(name, alias)
+        elif version and version != "latest":
+            mv = client.get_model_version(name, version)
+        else:
+            versions = client.search_model_versions(f"name = '{name}'")
+            if not versions:
+                raise ViewError(f"no registered model {name!r}: run `histcode pretrain` first")
+            mv = max(versions, key=lambda v: int(v.version))
+    except ViewError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- MLflow raises MlflowException subclasses with its own text
+        raise ViewError(f"encoder {ref!r} not found in the model registry ({tracker.uri}): {exc}") from exc
+    return name, str(mv.version), dict(mv.tags)
+
+
+def describe_view(tracker: Tracker, ref: str, spec_id: str, attribute_columns: tuple[str, ...]) -> FeatureView:
+    name, version, tags = resolve_encoder(tracker, ref)
+    try:
+        dim, image_px = int(tags["dim"]), int(tags["image_px"])
+    except KeyError as exc:
+        raise ViewError(f"{name} version {version} lacks the dim/image_px tags histcode registers encoders with") from exc
+    return FeatureView(view_id_of(name, version, spec_id, image_px), name, version, tags.get("method"), dim, spec_id,
+                       image_px, tuple(attribute_columns))
+
+
+def register_view(catalog: Catalog, view: FeatureView) -> None:
+    now = utcnow()
+    with catalog.transaction() as con:
+        for kind in (TILE_KIND, SLIDE_KIND):
+            exists = con.execute("SELECT 1 FROM feature_views WHERE view_id = ? AND kind = ?", [view.view_id, kind]).fetchall()
+            if not exists:
+                con.execute(
+                    "INSERT INTO feature_views VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'empty', ?, ?)",
+                    [view.view_id, kind, view.encoder_uri, view.model_name, view.model_version, view.method, view.dim,
+                     METRIC, view.spec_id, view.image_px, view.table(kind).name, now, now],
+                )
+
+
+def set_view_status(catalog: Catalog, view_id: str, status: str) -> None:
+    with catalog.transaction() as con:
+        con.execute("UPDATE feature_views SET status = ?, updated_at = ? WHERE view_id = ?", [status, utcnow(), view_id])
+
+
+def list_views(catalog: Catalog) -> list[dict]:
+    return catalog.query("SELECT * FROM feature_views WHERE kind = 'tile' ORDER BY updated_at DESC, view_id")
+
+
+def load_view(catalog: Catalog, view_id: str | None = None, attribute_columns: tuple[str, ...] = ()) -> FeatureView:
+    """A registered view by id, or (None) the most recently materialised one."""
+    rows = list_views(catalog)
+    if view_id is not None:
+        rows = [r for r in rows if r["view_id"] == view_id]
+        if not rows:
+            known = ", ".join(r["view_id"] for r in list_views(catalog)) or "none"
+            raise ViewError(f"no feature view {view_id!r} (views: {known})")
+    else:
+        rows = [r for r in rows if r["status"] in ("ok", "partial")]
+        if not rows:
+            raise ViewError("no materialised feature view yet: run `histcode embed`")
+    r = rows[0]
+    return FeatureView(r["view_id"], r["model_name"], r["model_version"], r["method"], r["dim"], r["spec_id"],
+                       r["image_px"], tuple(attribute_columns))
+
+
+def done_slides(catalog: Catalog, view_id: str) -> dict[str, str]:
+    """slide_id -> content hash of the slides this view has finished."""
+    rows = catalog.query("SELECT slide_id, content_hash FROM materializations WHERE view_id = ? AND status = 'ok'", [view_id])
+    return {r["slide_id"]: r["content_hash"] for r in rows}
+
+
+def record_materializations(catalog: Catalog, view_id: str, rows: list[dict]) -> None:
+    """Ledger rows (slide_id, content_hash, rows, status, error, lance_version, started_at) in one transaction."""
+    now = utcnow()
+    with catalog.transaction() as con:
+        for r in rows:
+            con.execute("DELETE FROM materializations WHERE view_id = ? AND slide_id = ?", [view_id, r["slide_id"]])
+            con.execute(
+                "INSERT INTO materializations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [view_id, r["slide_id"], r["content_hash"], r["rows"], r["status"], r.get("error"),
+                 r.get("lance_version"), r.get("started_at", now), now],
+            )

@@ -1,0 +1,55 @@
+"""Keeping view tables healthy after writes: compaction, an ANN index past a size threshold, and tags.
+
+Below ``features.index_min_rows`` vectors, exact (flat) search is fast and exact; above it an IVF index
+(IVF_HNSW_SQ by default, IVF_PQ optionally) is built once, and later ``optimize`` calls fold new rows into it.
+A tag names a table version (``--tag``), so training can record exactly which vectors it used and reads can
+go back to them (``as_of``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from histcode.config import FeaturesConfig
+
+log = logging.getLogger(__name__)
+
+
+def index_config(cfg: FeaturesConfig, rows: int, dim: int):
+    from lancedb.index import IvfHnswSq, IvfPq
+
+    partitions = cfg.index_partitions or max(1, min(4096, int(math.sqrt(rows))))
+    if cfg.index_type == "IVF_PQ":
+        sub = next(d for d in (dim // 16, dim // 8, dim // 4, dim // 2, 1) if d >= 1 and dim % d == 0)
+        return IvfPq(distance_type="cosine", num_partitions=partitions, num_sub_vectors=sub)
+    return IvfHnswSq(distance_type="cosine", num_partitions=partitions)
+
+
+def has_vector_index(table) -> bool:
+    return any("vector" in list(getattr(ix, "columns", [])) for ix in table.list_indices())
+
+
+def tag_version(table, tag: str) -> None:
+    """Point ``tag`` at the table's current version (moving it if it exists)."""
+    if tag in table.tags.list():
+        table.tags.update(tag, table.version)
+    else:
+        table.tags.create(tag, table.version)
+
+
+def maintain_tables(tables: dict, cfg: FeaturesConfig, changed: bool, tag: str | None = None) -> list[str]:
+    notes = []
+    for kind, table in tables.items():
+        if changed:
+            table.optimize()
+            notes.append(f"{kind}: compacted to version {table.version}")
+        rows = table.count_rows()
+        if rows >= cfg.index_min_rows and not has_vector_index(table):
+            dim = table.schema.field("vector").type.list_size
+            table.create_index("vector", config=index_config(cfg, rows, dim))  # new API: first argument is the column
+            notes.append(f"{kind}: {cfg.index_type} index on {rows} vectors")
+        if tag:
+            tag_version(table, tag)
+            notes.append(f"{kind}: tag {tag!r} -> version {table.version}")
+    return notes

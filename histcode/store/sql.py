@@ -1,0 +1,89 @@
+"""Read-only SQL over the whole store: the DuckDB catalog and every feature view's Lance tables.
+
+Names: the catalog's tables (``slides``, ``tiles``, ``tilings``, ``feature_views``, ...), each view's tables as
+``tile_emb__<view>`` / ``slide_emb__<view>`` (dashes in the view id become underscores), and
+``tile_embeddings`` / ``slide_embeddings`` for the most recently materialised view. Vectors are ``FLOAT[d]``,
+so ``array_cosine_distance`` works in SQL. Only SELECT (and EXPLAIN) statements run; the catalog is attached
+read-only, and the session cannot reach files or change its own configuration.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import duckdb
+import pyarrow as pa
+
+from histcode.store.catalog import Catalog, CatalogError
+from histcode.store.vectors import connect, table_names
+from histcode.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+ALLOWED = ("SELECT", "EXPLAIN")
+
+
+class ReadOnlyQueryError(ValueError):
+    """A statement that would write or change the session; the message names it."""
+
+
+def check_read_only(query: str) -> None:
+    """Refuse anything but SELECT and EXPLAIN, statement by statement."""
+    parser = duckdb.connect()
+    try:
+        statements = parser.extract_statements(query)
+    except duckdb.Error as exc:
+        raise ReadOnlyQueryError(f"cannot parse the query: {exc}") from exc
+    finally:
+        parser.close()
+    if not statements:
+        raise ReadOnlyQueryError("empty query")
+    for st in statements:
+        kind = st.type.name
+        if kind not in ALLOWED:
+            raise ReadOnlyQueryError(
+                f"{kind} statements are refused: `histcode sql` is read-only (SELECT and EXPLAIN only); "
+                "change the store through histcode commands"
+            )
+
+
+def open_session(ws: Workspace) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB session with the catalog attached read-only and the Lance tables registered."""
+    catalog = Catalog(ws.catalog_path)
+    if not catalog.path.exists():
+        raise CatalogError(f"no catalog at {catalog.path}: run `histcode ingest` first")
+    con = duckdb.connect()
+    try:
+        con.execute(f"ATTACH '{catalog.path}' AS catalog (READ_ONLY)")
+    except duckdb.IOException as exc:
+        con.close()
+        raise CatalogError(f"cannot open {catalog.path} read-only: {exc} (a histcode command is writing to it?)") from exc
+    for (name,) in con.execute("SELECT table_name FROM duckdb_tables() WHERE database_name = 'catalog'").fetchall():
+        con.execute(f'CREATE VIEW "{name}" AS SELECT * FROM catalog.main."{name}"')
+    views = con.execute(
+        "SELECT view_id, kind, lance_table FROM catalog.main.feature_views "
+        "WHERE status IN ('ok', 'partial') ORDER BY updated_at DESC"
+    ).fetchall()
+    if views and ws.lancedb_dir.exists():
+        db = connect(ws.lancedb_dir)
+        present = set(table_names(db))
+        newest = views[0][0]
+        for view_id, kind, lance_table in views:
+            if lance_table not in present:
+                continue
+            dataset = db.open_table(lance_table).to_lance()
+            con.register(lance_table, dataset)
+            if view_id == newest:
+                con.register(f"{kind}_embeddings", dataset)
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+def run_sql(ws: Workspace, query: str) -> pa.Table:
+    check_read_only(query)
+    con = open_session(ws)
+    try:
+        return con.sql(query).to_arrow_table()
+    finally:
+        con.close()

@@ -1,0 +1,120 @@
+"""LanceDB: one table of tile vectors and one of slide vectors per feature view.
+
+Writes are upserts (``merge_insert`` on the id) in one commit per batch of slides, and they replace a slide's
+rows completely: rows of the written slides that are not in the batch (left from older content) are deleted
+in the same commit. Every table carries its view's identity in its schema metadata, and a write of vectors of
+another dimension or from another view is refused before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+log = logging.getLogger(__name__)
+
+TILE_KIND, SLIDE_KIND = "tile", "slide"
+VIEW_META_KEY = b"histcode.view"
+
+
+class VectorStoreError(ValueError):
+    """A write that does not fit its table (dimension, view, columns); the message says what differs."""
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """What a view's table must look like."""
+
+    view_id: str
+    kind: str  # tile | slide
+    dim: int
+    encoder_uri: str
+    attribute_columns: tuple[str, ...] = ()  # slide attributes promoted to columns (filters)
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}_emb__{self.view_id.replace('-', '_')}"
+
+    @property
+    def key(self) -> str:
+        return "tile_id" if self.kind == TILE_KIND else "slide_id"
+
+    def schema(self) -> pa.Schema:
+        vector = pa.field("vector", pa.list_(pa.float32(), self.dim))
+        attrs = [pa.field(c, pa.string()) for c in self.attribute_columns]
+        if self.kind == TILE_KIND:
+            fields = [pa.field("tile_id", pa.string()), pa.field("slide_id", pa.string()), pa.field("patient_id", pa.string()),
+                      pa.field("x", pa.int64()), pa.field("y", pa.int64()), pa.field("size", pa.int32()), *attrs, vector]
+        else:
+            fields = [pa.field("slide_id", pa.string()), pa.field("patient_id", pa.string()),
+                      pa.field("n_tiles", pa.int32()), *attrs, vector]
+        meta = {VIEW_META_KEY: json.dumps({"view_id": self.view_id, "kind": self.kind, "dim": self.dim,
+                                           "encoder_uri": self.encoder_uri}).encode()}
+        return pa.schema(fields, metadata=meta)
+
+
+def connect(directory: Path):
+    import lancedb
+
+    directory.mkdir(parents=True, exist_ok=True)
+    return lancedb.connect(str(directory))
+
+
+def table_names(db) -> list[str]:
+    result = db.list_tables()
+    return list(getattr(result, "tables", result))
+
+
+def open_table(db, spec: TableSpec, create: bool = True):
+    """The view's table, created empty if missing; refuses a table whose metadata belongs to another view."""
+    if spec.name in table_names(db):
+        table = db.open_table(spec.name)
+        meta = json.loads((table.schema.metadata or {}).get(VIEW_META_KEY, b"{}"))
+        if meta.get("view_id") != spec.view_id or meta.get("dim") != spec.dim:
+            raise VectorStoreError(
+                f"table {spec.name} holds view {meta.get('view_id')} at dim {meta.get('dim')}, "
+                f"not view {spec.view_id} at dim {spec.dim}"
+            )
+        return table
+    if not create:
+        raise VectorStoreError(f"no table {spec.name}: materialize the view first (histcode embed)")
+    return db.create_table(spec.name, schema=spec.schema())
+
+
+def to_batch(spec: TableSpec, columns: dict) -> pa.Table:
+    """Columns (lists or arrays; ``vector`` as an (N, dim) array) as a table of the spec's schema."""
+    vectors = np.asarray(columns["vector"], dtype=np.float32)
+    if vectors.ndim != 2 or vectors.shape[1] != spec.dim:
+        raise VectorStoreError(
+            f"{spec.name}: vectors of shape {tuple(vectors.shape)} do not fit view {spec.view_id} (dim {spec.dim}, "
+            f"encoder {spec.encoder_uri})"
+        )
+    if not np.isfinite(vectors).all():
+        raise VectorStoreError(f"{spec.name}: {int((~np.isfinite(vectors)).any(axis=1).sum())} vectors are not finite")
+    schema = spec.schema()
+    missing = [f.name for f in schema if f.name != "vector" and f.name not in columns]
+    if missing:
+        raise VectorStoreError(f"{spec.name}: missing columns {missing}")
+    arrays = [pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), spec.dim) if f.name == "vector"
+              else pa.array(columns[f.name], type=f.type) for f in schema]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def upsert_slides(table, spec: TableSpec, batch: pa.Table, slide_ids: list[str]) -> int:
+    """One commit: insert or update ``batch`` by key and delete the listed slides' other rows. Returns the
+    table version after the commit."""
+    if batch.schema.field("vector").type != spec.schema().field("vector").type:
+        raise VectorStoreError(f"{spec.name}: vector type {batch.schema.field('vector').type} is not "
+                               f"{spec.schema().field('vector').type}")
+    quoted = ", ".join("'" + s.replace("'", "''") + "'" for s in slide_ids)
+    (table.merge_insert(spec.key)
+        .when_matched_update_all()
+        .when_not_matched_insert_all()
+        .when_not_matched_by_source_delete(f"slide_id IN ({quoted})")
+        .execute(batch))
+    return table.version
