@@ -244,3 +244,16 @@ def test_sql_reads_everything_and_writes_nothing(embedded_workspace) -> None:
             run_sql(ws, statement)
     with pytest.raises(Exception, match="Permission"):
         run_sql(ws, "SELECT * FROM read_csv('/etc/hostname')")
+
+
+def test_spawned_reader_processes_give_the_same_vectors(embedded_workspace, copy_workspace) -> None:
+    ws = copy_workspace(embedded_workspace)
+    before = tile_features(ws, fmt="pandas").sort_values("tile_id")
+    (ws.root / "params.yaml").write_text(yaml.safe_dump({"pretrain": TINY_PRETRAIN, "features": {"num_workers": 1}}))
+    with Catalog(ws.catalog_path).transaction() as con:
+        con.execute("DELETE FROM materializations")  # forget the work: every slide is embedded again
+    report = materialize(ws, ws.config(), progress=False)
+    assert report.tiles_embedded == len(before)
+    after = tile_features(ws, fmt="pandas").sort_values("tile_id")
+    assert after.tile_id.tolist() == before.tile_id.tolist()
+    np.testing.assert_allclose(np.stack(after.vector), np.stack(before.vector), atol=1e-5)

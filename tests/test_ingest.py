@@ -237,3 +237,22 @@ def test_fixtures_are_untouched() -> None:
     # the copies in tests/fixtures are the real files from the shared data (sizes as documented)
     assert (SLIDES / "CMU-1-Small-Region.svs").stat().st_size == 1938955
     assert FIXTURES.is_dir()
+
+
+def test_a_catalog_from_the_first_schema_is_migrated(tmp_path) -> None:
+    import duckdb
+
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
+    con.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    con.execute("CREATE TABLE slides (slide_id VARCHAR PRIMARY KEY, path VARCHAR, status VARCHAR)")
+    con.execute("INSERT INTO slides VALUES ('S1', '/x.svs', 'ok')")
+    con.close()
+    catalog = Catalog(path)
+    with catalog.connect():
+        pass
+    cols = {r["column_name"] for r in catalog.query("SELECT column_name FROM information_schema.columns WHERE table_name = 'slides'")}
+    assert "attributes" in cols and catalog.query("SELECT value FROM meta")[0]["value"] == "2"
+    assert catalog.query("SELECT slide_id FROM slides") == [{"slide_id": "S1"}]
+    assert {"feature_views", "materializations"} <= {r["table_name"] for r in catalog.query("SELECT table_name FROM information_schema.tables")}

@@ -128,9 +128,7 @@ def materialize(ws: Workspace, cfg: HistcodeConfig, encoder: str | None = None, 
     log.info("view %s (%s, spec %s): %d slides to embed, %d done", view.view_id, view.encoder_uri, spec_id,
              len(todo), len(slides) - len(todo))
     if todo:
-        start = time.perf_counter()
         _embed(tracker, view, cfg, catalog, slides, todo, tables, report, progress)
-        report.seconds = time.perf_counter() - start
     status = "ok" if not report.failed else "partial"
     set_view_status(catalog, view.view_id, status)
     report.maintenance = maintain_tables(tables, fcfg, changed=bool(todo), tag=tag)
@@ -156,6 +154,7 @@ def _embed(tracker: Tracker, view: FeatureView, cfg: HistcodeConfig, catalog: Ca
     loader = DataLoader(_ReadOrReport(dataset), batch_size=fcfg.batch_size, shuffle=False, num_workers=workers,
                         multiprocessing_context="spawn" if workers else None, persistent_workers=False)
     bar = tqdm(total=len(dataset), desc=f"embed {view.view_id}", unit="tile", disable=not progress)
+    start = time.perf_counter()  # throughput counts reading, embedding and writing, not loading the model
     try:
         for index, pixels, error in loader:
             with torch.inference_mode():
@@ -172,6 +171,7 @@ def _embed(tracker: Tracker, view: FeatureView, cfg: HistcodeConfig, catalog: Ca
             bar.update(len(index))
         _flush(view, dataset, slides, order, pending, vectors, errors, tables, catalog, report, started)
     finally:
+        report.seconds = time.perf_counter() - start
         bar.close()
         dataset.close()
 

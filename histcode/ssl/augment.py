@@ -86,4 +86,5 @@ class TwoViews(nn.Module):
 
     def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = batch.float() / 255.0 if batch.dtype == torch.uint8 else batch
-        return self.augment(x), self.augment(x)
+        # interpolation can overshoot by a rounding error; the views are images in [0, 1]
+        return self.augment(x).clamp_(0, 1), self.augment(x).clamp_(0, 1)
