@@ -198,12 +198,35 @@ class FeaturesConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+DEFAULT_PANEL = (
+    "SFTPC", "NKX2-1", "NAPSA", "KRT5", "TP63", "SOX2", "MKI67", "TOP2A", "CDKN2A", "EGFR", "TP53",
+    "KRAS", "STK11", "KEAP1", "PIK3CA",
+)
+
+
+class LabelsConfig(_Section):
+    """Expression labels: the matrix, its unit, the driver-gene panel, DE thresholds and the gate's limits."""
+
+    expression: str = "data/demo/expression.tsv"  # genes x samples; .tsv, .csv or .parquet
+    sample_sheet: str | None = None  # CSV: sample_id, patient_id[, slide_id, sample_type]; else TCGA barcode rules
+    unit: Literal["TPM", "FPKM", "counts"] = "TPM"  # counts are scaled to counts per million before fold changes
+    pseudo_count: Annotated[float, Field(gt=0)] = 1.0
+    up_log2fc: Annotated[float, Field(gt=0)] = 1.0  # log2FC >= this: up
+    down_log2fc: Annotated[float, Field(lt=0)] = -1.0  # log2FC <= this: down
+    panel: tuple[str, ...] = DEFAULT_PANEL
+    min_class_size: Annotated[int, Field(ge=1)] = 3  # patients per class, per gene and per slide task
+    max_expression: Annotated[float, Field(gt=0)] = 1e9  # values above are implausible for the unit (and inf)
+    folds: Annotated[int, Field(ge=2)] = 5  # the cross-validation the heads will use, planned here
+    seed: int = 0
+
+
 class HistcodeConfig(_Section):
     demo: DemoConfig = DemoConfig()
     ingest: IngestConfig = IngestConfig()
     tiling: TilingConfig = TilingConfig()
     pretrain: PretrainConfig = PretrainConfig()
     features: FeaturesConfig = FeaturesConfig()
+    labels: LabelsConfig = LabelsConfig()
 
 
 class ConfigError(ValueError):

@@ -81,3 +81,20 @@ def embed_summary(report) -> dict:
         "lance_versions": report.versions,
         "failures": {o.slide_id: o.reason for o in report.failed},
     }
+
+
+def labels_summary(result) -> dict:
+    """``result``: histcode.labels.run.LabelSet."""
+    return {
+        "label_version": result.label_version, "samples": result.n_samples, "genes": result.n_genes,
+        "patients": result.n_patients, "de_classes": result.de_counts, "references": result.references,
+        "excluded_genes": result.excluded_genes, "sample_problems": result.problems,
+    }
+
+
+def gate_summary(result) -> dict:
+    """``result``: histcode.labels.gate.GateResult."""
+    return {
+        "passed": result.passed, "failures": [f.message for f in result.failures],
+        "excluded_genes": result.excluded_genes, "data_docs": str(result.docs) if result.docs else None,
+    }

@@ -116,6 +116,16 @@ def embed_lines(summary: dict | None) -> str:
             f"{summary['slides_embedded']} slides embedded now, {summary['slides_skipped']} already done")
 
 
+def label_lines(labels: dict | None, gate: dict | None) -> str:
+    if not labels or not gate:
+        return "  labels: not computed"
+    state = "[green]passed[/]" if gate["passed"] else "[red]FAILED[/]: " + "; ".join(gate["failures"])
+    kept = len([g for g in labels["excluded_genes"]])
+    return (f"  labels: {labels['label_version']}, {labels['patients']} patients, DE classes {labels['de_classes']}, "
+            f"{kept} genes excluded from classification; gate {state}\n"
+            f"  Data Docs: {gate['data_docs']}")
+
+
 def next_steps(ws, outcome) -> str:
     """What to do after the demo: where things are and commands to try."""
     qc = ws.outputs_dir / "qc" / outcome.tiling.spec_id
@@ -128,6 +138,7 @@ def next_steps(ws, outcome) -> str:
   tiles:  {tiling.n_tiles} under spec {tiling.spec_id} ({tiling.count("tiled")} slides tiled now, {tiling.count("skipped")} already done)
 {pretrain_lines(outcome.pretrain, outcome.pretrain_reused)}
 {embed_lines(outcome.embed)}
+{label_lines(outcome.labels, outcome.gate)}
   cohort: {outcome.cohort.out_dir}  (real LC25000 pixels; simulated layout, labels and expression: see its README.md)
 
 [bold]Next[/]
@@ -140,4 +151,4 @@ def next_steps(ws, outcome) -> str:
   ls {qc}      QC pictures: tissue mask and tile grid per slide
   python -c "import duckdb; print(duckdb.connect('{ws.catalog_path}', read_only=True).sql('{sql}'))"
   dvc repro                                         the same stages through DVC (source .venv/bin/activate first)
-Labels and heads join this demo as their stages land."""
+Heads, heatmaps and predictions join this demo as their stage lands."""

@@ -73,11 +73,13 @@ def test_demo_command_end_to_end(tmp_path) -> None:
     pretrain = PretrainConfig(image_px=32, batch_size=8, max_steps=2, num_workers=0, bank_size=16,
                               probe=ProbeConfig(folds=3))
     (ws / "params.yaml").write_text(yaml.safe_dump({"demo": TINY_DEMO.model_dump(mode="json"),
-                                                    "pretrain": pretrain.model_dump(mode="json")}))
+                                                    "pretrain": pretrain.model_dump(mode="json"),
+                                                    "labels": {"min_class_size": 1, "folds": 2}}))
     result = invoke(ws, "demo", "--workers", "1")
     assert result.exit_code == 0, result.stdout
     assert "Demo pipeline done" in result.stdout and "mlflow ui --backend-store-uri" in result.stdout
     assert "encoder: adco (2 steps" in result.stdout and "linear probe accuracy on 222 held-aside tiles" in result.stdout
+    assert "gate passed" in result.stdout and json.loads((ws / "metrics" / "label_gate.json").read_text())["passed"]
     tiling = json.loads((ws / "metrics" / "tiling.json").read_text())
     assert tiling["failed"] == 0 and tiling["tiled_now"] == tiling["slides"] > 0
     again = invoke(ws, "demo", "--workers", "1")
@@ -85,6 +87,25 @@ def test_demo_command_end_to_end(tmp_path) -> None:
     rerun = json.loads((ws / "metrics" / "tiling.json").read_text())
     assert rerun["tiled_now"] == 0 and rerun["skipped"] == tiling["slides"] and rerun["tiles"] == tiling["tiles"]
     assert "encoder: adco (up to date, reused)" in again.stdout
+
+
+def test_labels_commands(tiled_workspace, tiny_cohort) -> None:
+    ws = tiled_workspace.root
+    (ws / "params.yaml").write_text(yaml.safe_dump({"labels": {"min_class_size": 1, "folds": 2}}))
+    result = invoke(ws, "labels", "gate")
+    assert result.exit_code == 2 and "no label set yet" in result.output
+    result = invoke(ws, "labels", "ingest", tiny_cohort.out_dir / "expression.tsv")
+    assert result.exit_code == 0 and "label set ls-" in result.stdout
+    result = invoke(ws, "labels", "gate")
+    assert result.exit_code == 0 and "label gate passed" in result.stdout and "Data Docs:" in result.stdout
+    bad = ws / "bad.tsv"
+    lines = (tiny_cohort.out_dir / "expression.tsv").read_text().splitlines()
+    lines[1] = lines[1].replace("\t", "\t-", 1)  # the first gene's first value becomes negative
+    bad.write_text("\n".join(lines) + "\n")
+    assert invoke(ws, "labels", "ingest", bad).exit_code == 0
+    result = invoke(ws, "labels", "gate")
+    assert result.exit_code == 1 and "values that are negative" in result.stdout
+    assert invoke(ws, "labels", "ingest", ws / "missing.tsv").exit_code == 2
 
 
 def test_embed_sql_search_commands(embedded_workspace, copy_workspace) -> None:

@@ -68,3 +68,18 @@ def test_pretrain_flow_run(tiled_workspace, prefect_home) -> None:
     summary = pretrain_flow(method="moco", workspace=str(tiled_workspace.root))
     assert summary["method"] == "moco" and summary["steps"] == 2 and summary["version"] == "1"
     assert (tiled_workspace.metrics_dir / "pretrain.json").is_file()
+
+
+@pytest.mark.integration
+def test_labels_flow_passes_and_stops_on_a_failed_gate(tiled_workspace, tiny_cohort, prefect_home) -> None:
+    import yaml
+
+    from flows.labels import LabelGateFailed, labels_flow
+
+    ws = tiled_workspace
+    (ws.root / "params.yaml").write_text(yaml.safe_dump({"labels": {"min_class_size": 1, "folds": 2}}))
+    out = labels_flow(expression=str(tiny_cohort.out_dir / "expression.tsv"), workspace=str(ws.root))
+    assert out["gate"]["passed"] and out["labels"]["patients"] == 4
+    (ws.root / "params.yaml").write_text(yaml.safe_dump({"labels": {"min_class_size": 5, "folds": 2}}))
+    with pytest.raises(LabelGateFailed, match="slide classes with fewer than 5 slides"):
+        labels_flow(expression=str(tiny_cohort.out_dir / "expression.tsv"), workspace=str(ws.root))

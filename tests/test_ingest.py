@@ -253,6 +253,8 @@ def test_a_catalog_from_the_first_schema_is_migrated(tmp_path) -> None:
     with catalog.connect():
         pass
     cols = {r["column_name"] for r in catalog.query("SELECT column_name FROM information_schema.columns WHERE table_name = 'slides'")}
-    assert "attributes" in cols and catalog.query("SELECT value FROM meta")[0]["value"] == "2"
+    from histcode.store.schema import SCHEMA_VERSION
+
+    assert "attributes" in cols and catalog.query("SELECT value FROM meta")[0]["value"] == str(SCHEMA_VERSION)
     assert catalog.query("SELECT slide_id FROM slides") == [{"slide_id": "S1"}]
     assert {"feature_views", "materializations"} <= {r["table_name"] for r in catalog.query("SELECT table_name FROM information_schema.tables")}

@@ -1,5 +1,5 @@
 """The demo pipeline: build the demo cohort, ingest it, tile it, pretrain an encoder, embed every tile into a
-feature view. Later stages append themselves here. Every stage skips work that is already done, so a rerun is quick."""
+feature view, label the expression and gate the labels. Later stages append themselves here. Every stage skips work that is already done, so a rerun is quick."""
 
 from __future__ import annotations
 
@@ -10,7 +10,15 @@ from histcode.config import HistcodeConfig
 from histcode.demo.build import DemoCohort, build_demo_cohort
 from histcode.ingest.run import IngestReport, ingest_sources
 from histcode.ingest.sources import read_manifest
-from histcode.reports import embed_summary, ingest_summary, pretrain_summary, tiling_summary, write_json
+from histcode.reports import (
+    embed_summary,
+    gate_summary,
+    ingest_summary,
+    labels_summary,
+    pretrain_summary,
+    tiling_summary,
+    write_json,
+)
 from histcode.store.catalog import Catalog
 from histcode.tiling.run import TilingReport, tile_slides
 from histcode.workspace import Workspace
@@ -26,10 +34,12 @@ class DemoOutcome:
     pretrain: dict | None = None  # metrics/pretrain.json's content
     pretrain_reused: bool = False
     embed: dict | None = None  # metrics/embed.json's content
+    labels: dict | None = None  # metrics/labels.json's content
+    gate: dict | None = None  # metrics/label_gate.json's content
 
     @property
     def failed(self) -> bool:
-        return bool(self.ingest.failed or self.tiling.failed)
+        return bool(self.ingest.failed or self.tiling.failed or (self.gate is not None and not self.gate["passed"]))
 
 
 def run_demo(ws: Workspace, cfg: HistcodeConfig, workers: int = 2) -> DemoOutcome:
@@ -58,4 +68,10 @@ def run_demo(ws: Workspace, cfg: HistcodeConfig, workers: int = 2) -> DemoOutcom
     encoder = f"{cfg.pretrain.register_as}/{outcome.pretrain['version']}"
     outcome.embed = embed_summary(materialize(ws, cfg, encoder=encoder))
     write_json(ws.metrics_dir / "embed.json", outcome.embed)
+    from histcode.labels.run import gate_labels, ingest_labels
+
+    outcome.labels = labels_summary(ingest_labels(ws, cfg, outcome.cohort.out_dir / "expression.tsv"))
+    write_json(ws.metrics_dir / "labels.json", outcome.labels)
+    outcome.gate = gate_summary(gate_labels(ws, cfg))
+    write_json(ws.metrics_dir / "label_gate.json", outcome.gate)
     return outcome

@@ -95,17 +95,6 @@ def _attributes(slide: dict, columns: tuple[str, ...]) -> dict[str, str | None]:
     return {c: (attrs.get(c) or None) for c in columns}
 
 
-def _tiled_slides(catalog: Catalog, spec_id: str) -> dict[str, dict]:
-    """Healthy slides whose tiling under ``spec_id`` is done for their current content."""
-    rows = catalog.query(
-        """SELECT s.* FROM slides s JOIN tilings t ON t.slide_id = s.slide_id AND t.spec_id = ?
-           WHERE s.status = 'ok' AND t.status = 'ok' AND t.content_hash = s.content_hash AND t.n_tiles > 0
-           ORDER BY s.slide_id""",
-        [spec_id],
-    )
-    return {r["slide_id"]: r for r in rows}
-
-
 def materialize(ws: Workspace, cfg: HistcodeConfig, encoder: str | None = None, slide_ids: list[str] | None = None,
                 tag: str | None = None, progress: bool = True) -> EmbedReport:
     fcfg = cfg.features
@@ -114,7 +103,7 @@ def materialize(ws: Workspace, cfg: HistcodeConfig, encoder: str | None = None, 
     view = describe_view(tracker, encoder or fcfg.encoder, spec_id, fcfg.attribute_columns)
     register_view(catalog, view)
     report = EmbedReport(view)
-    slides = _tiled_slides(catalog, spec_id)
+    slides = {s["slide_id"]: s for s in catalog.tiled_slides(spec_id)}
     if slide_ids is not None:
         missing = sorted(set(slide_ids) - set(slides))
         report.outcomes += [EmbedOutcome(s, "failed", reason="not ingested and tiled under the current spec")

@@ -200,6 +200,24 @@ class Catalog:
             row = record.as_row()
             con.execute(f"INSERT INTO tilings ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
 
+    def tiled_slides(self, spec_id: str) -> list[dict]:
+        """Healthy slides whose tiling under ``spec_id`` is done, with tiles, for their current content."""
+        return self.query(
+            """SELECT s.* FROM slides s JOIN tilings t ON t.slide_id = s.slide_id AND t.spec_id = ?
+               WHERE s.status = 'ok' AND t.status = 'ok' AND t.content_hash = s.content_hash AND t.n_tiles > 0
+               ORDER BY s.slide_id""",
+            [spec_id],
+        )
+
+    def replace_table(self, con: duckdb.DuckDBPyConnection, table: str, frame) -> None:
+        """Replace a table's rows with a pandas frame (inside the caller's transaction); columns by name."""
+        con.execute(f"DELETE FROM {table}")
+        if len(frame):
+            con.register("_frame", frame)
+            cols = ", ".join(f'"{c}"' for c in frame.columns)
+            con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _frame")
+            con.unregister("_frame")
+
     def tiles(self, slide_id: str | None = None, spec_id: str | None = None) -> pa.Table:
         clauses, params = [], []
         if slide_id is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 TABLES: dict[str, str] = {
     "meta": """
@@ -116,6 +116,47 @@ TABLES: dict[str, str] = {
             finished_at TIMESTAMP,
             PRIMARY KEY (view_id, slide_id)
         )""",
+    # Expression labels: one current label set (its history in label_sets) and the tables derived from it.
+    "label_sets": """
+        CREATE TABLE IF NOT EXISTS label_sets (
+            label_version VARCHAR PRIMARY KEY,
+            source VARCHAR,
+            source_sha256 VARCHAR,
+            sample_sheet VARCHAR,
+            unit VARCHAR,
+            params JSON,
+            n_samples INTEGER,
+            n_genes INTEGER,
+            n_patients INTEGER,
+            created_at TIMESTAMP,
+            is_current BOOLEAN,
+            gate_status VARCHAR,
+            gate_at TIMESTAMP,
+            gate_failures JSON,
+            data_docs VARCHAR
+        )""",
+    "expression": """
+        CREATE TABLE IF NOT EXISTS expression (sample_id VARCHAR, gene VARCHAR, value DOUBLE)""",
+    "expression_samples": """
+        CREATE TABLE IF NOT EXISTS expression_samples (
+            sample_id VARCHAR, patient_id VARCHAR, kind VARCHAR, type_code VARCHAR, slide_id VARCHAR,
+            mapped_by VARCHAR, problem VARCHAR
+        )""",
+    "de_labels": """
+        CREATE TABLE IF NOT EXISTS de_labels (
+            patient_id VARCHAR, slide_id VARCHAR, sample_id VARCHAR, gene VARCHAR, log2fc DOUBLE,
+            reference VARCHAR, de_class VARCHAR
+        )""",
+    "slide_labels": """
+        CREATE TABLE IF NOT EXISTS slide_labels (
+            slide_id VARCHAR, patient_id VARCHAR, tumor BOOLEAN, subtype VARCHAR, source VARCHAR
+        )""",
+    "gene_gate": """
+        CREATE TABLE IF NOT EXISTS gene_gate (
+            gene VARCHAR, included BOOLEAN, reason VARCHAR, n_up INTEGER, n_down INTEGER, n_unchanged INTEGER
+        )""",
+    "cv_folds": """
+        CREATE TABLE IF NOT EXISTS cv_folds (slide_id VARCHAR, patient_id VARCHAR, fold INTEGER)""",
 }
 
 # Upgrades of catalogs written by older versions: {version: statements}.

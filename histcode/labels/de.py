@@ -1,0 +1,134 @@
+"""Differential-expression labels and slide labels.
+
+Per patient and panel gene: log2 fold change of the tumour sample against the patient's matched normal sample,
+or, where the patient has none, against the mean of the cohort's normal samples (recorded as such). With a
+pseudo-count pc: log2FC = log2((T + pc) / (N + pc)); counts are first scaled to counts per million. Classes:
+up (log2FC >= up threshold), down (<= down threshold), unchanged. A gene whose DE classes are too small for
+its head to learn from is excluded from classification with the reason; the rest are labelled.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from histcode.config import LabelsConfig
+from histcode.labels.barcodes import NORMAL, TUMOUR
+from histcode.labels.expression import slide_kind
+
+UP, DOWN, UNCHANGED = "up", "down", "unchanged"
+MATCHED, COHORT = "matched_normal", "cohort_normal_mean"
+
+
+def numeric_matrix(long: pd.DataFrame, unit: str) -> pd.DataFrame:
+    """genes x samples of numbers (cells that are not numbers become NaN; duplicates are averaged)."""
+    values = pd.to_numeric(long["value"], errors="coerce")
+    matrix = long.assign(value=values).pivot_table(index="gene", columns="sample_id", values="value", aggfunc="mean",
+                                                   dropna=False)
+    if unit == "counts":
+        matrix = matrix / matrix.sum(axis=0) * 1e6
+    return matrix
+
+
+def classify(log2fc: pd.Series, cfg: LabelsConfig) -> pd.Series:
+    return pd.Series(np.where(log2fc >= cfg.up_log2fc, UP, np.where(log2fc <= cfg.down_log2fc, DOWN, UNCHANGED)),
+                     index=log2fc.index)
+
+
+def de_labels(long: pd.DataFrame, samples: pd.DataFrame, cfg: LabelsConfig) -> pd.DataFrame:
+    """One row per (tumour sample, panel gene): patient_id, slide_id, sample_id, gene, log2fc, reference, de_class."""
+    matrix = numeric_matrix(long, cfg.unit)
+    usable = samples[samples.problem.isna()]
+    tumours = usable[usable.kind == TUMOUR]
+    normals = usable[usable.kind == NORMAL]
+    genes = [g for g in cfg.panel if g in matrix.index]
+    if not genes or tumours.empty:
+        return pd.DataFrame(columns=["patient_id", "slide_id", "sample_id", "gene", "log2fc", "reference", "de_class"])
+    cohort_normal = matrix.loc[genes, normals.sample_id].mean(axis=1) if not normals.empty else None
+    rows = []
+    for t in tumours.itertuples():
+        own = normals[normals.patient_id == t.patient_id].sample_id.tolist()
+        if own:
+            reference, base = MATCHED, matrix.loc[genes, own].mean(axis=1)
+        elif cohort_normal is not None:
+            reference, base = COHORT, cohort_normal
+        else:
+            continue  # no normal sample anywhere: no fold change can be computed (the gate reports it)
+        with np.errstate(divide="ignore", invalid="ignore"):  # bad values give NaN/inf; the gate reports them
+            fc = np.log2((matrix.loc[genes, t.sample_id] + cfg.pseudo_count) / (base + cfg.pseudo_count))
+        for gene in genes:
+            rows.append({"patient_id": t.patient_id, "slide_id": t.slide_id, "sample_id": t.sample_id, "gene": gene,
+                         "log2fc": float(fc[gene]), "reference": reference})
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return pd.DataFrame(columns=["patient_id", "slide_id", "sample_id", "gene", "log2fc", "reference", "de_class"])
+    frame["de_class"] = classify(frame.log2fc, cfg)
+    return frame
+
+
+def gene_inclusion(labels: pd.DataFrame, cfg: LabelsConfig, present: set[str]) -> pd.DataFrame:
+    """Per panel gene: class sizes, whether it is kept for DE classification, and why not."""
+    rows = []
+    for gene in cfg.panel:
+        sub = labels[labels.gene == gene] if not labels.empty else labels
+        counts = sub.de_class.value_counts() if not sub.empty else pd.Series(dtype=int)
+        n = {c: int(counts.get(c, 0)) for c in (UP, DOWN, UNCHANGED)}
+        present_classes = {c: k for c, k in n.items() if k > 0}
+        reason = None
+        if gene not in present:
+            reason = "not in the expression matrix"
+        elif sub.log2fc.isna().any():
+            reason = "fold changes not computable (missing or non-numeric values)"
+        elif len(present_classes) < 2:
+            only = next(iter(present_classes), "none")
+            reason = f"a single class ({only}) across all {len(sub)} patients: nothing to learn"
+        else:
+            small = {c: k for c, k in present_classes.items() if k < cfg.min_class_size}
+            if small:
+                reason = "; ".join(f"class {c} has {k} patient{'s' if k != 1 else ''} (< {cfg.min_class_size})"
+                                   for c, k in small.items())
+        rows.append({"gene": gene, "included": reason is None, "reason": reason, "n_up": n[UP], "n_down": n[DOWN],
+                     "n_unchanged": n[UNCHANGED]})
+    return pd.DataFrame(rows)
+
+
+def slide_labels(slides: list[dict]) -> pd.DataFrame:
+    """Tumour diagnosis (from the sample type of the slide barcode or the manifest) and subtype where known."""
+    import json
+
+    rows = []
+    for s in slides:
+        attrs = json.loads(s["attributes"]) if s.get("attributes") else {}
+        kind = slide_kind(s)
+        subtype = (attrs.get("subtype") or None) if kind == TUMOUR else None
+        rows.append({"slide_id": s["slide_id"], "patient_id": s["patient_id"],
+                     "tumor": None if kind is None else kind == TUMOUR, "subtype": subtype,
+                     "source": "manifest" if "sample_type" in attrs else "barcode"})
+    return pd.DataFrame(rows, columns=["slide_id", "patient_id", "tumor", "subtype", "source"])
+
+
+def class_counts(slides: pd.DataFrame) -> pd.DataFrame:
+    """Slides per class of each slide task: tumour vs normal, and LUAD vs LUSC among tumour slides."""
+    rows = []
+    tumour = slides.tumor.dropna()
+    for name, value in (("tumor", True), ("normal", False)):
+        rows.append({"task": "tumor", "class": name, "n": int((tumour == value).sum())})
+    subtypes = slides[slides.tumor == True].subtype.dropna()  # noqa: E712 -- a nullable column
+    for name in sorted(subtypes.unique()):
+        rows.append({"task": "subtype", "class": name, "n": int((subtypes == name).sum())})
+    return pd.DataFrame(rows, columns=["task", "class", "n"])
+
+
+def plan_folds(slides: pd.DataFrame, folds: int, seed: int) -> pd.DataFrame:
+    """Patient-level folds for the heads, stratified by each patient's tumour subtype (or tumour status)."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    frame = slides.dropna(subset=["tumor"]).reset_index(drop=True)
+    if frame.patient_id.nunique() < folds:
+        return pd.DataFrame({"slide_id": frame.slide_id, "patient_id": frame.patient_id, "fold": -1})
+    strata = frame.subtype.fillna(frame.tumor.map({True: "tumor", False: "normal"})).astype(str)
+    fold = np.full(len(frame), -1)
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for k, (_, test) in enumerate(splitter.split(frame, strata, frame.patient_id)):
+        fold[test] = k
+    return pd.DataFrame({"slide_id": frame.slide_id, "patient_id": frame.patient_id, "fold": fold})

@@ -1,0 +1,142 @@
+"""Reading an expression matrix and mapping its samples to patients and slides.
+
+Matrices are genes x samples: the first column holds gene ids, every other column is one sample (TSV, CSV or
+parquet). Reading is lenient on purpose: values that are not numbers, missing cells, duplicates and unknown
+samples are kept as they are, so that the label gate can name every problem and its rows instead of the reader
+stopping at the first one. Only a file that cannot be a matrix at all (missing, unknown format, no samples) is
+an error here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from histcode.labels.barcodes import NORMAL, TUMOUR, UNKNOWN, parse_barcode
+
+
+class ExpressionFileError(ValueError):
+    """The file cannot be read as an expression matrix; the message says why."""
+
+
+MISSING = {"", "NA", "NaN", "nan", "N/A", "null", "None"}
+
+
+def read_matrix(path: Path) -> pd.DataFrame:
+    """Long format: ``sample_id``, ``gene``, ``value`` (float; NaN where a cell is missing or not a number),
+    ``raw`` (the cell as written) and ``value_type`` (number, missing or text)."""
+    columns = ["sample_id", "gene", "value", "raw", "value_type"]
+    if not path.is_file():
+        raise ExpressionFileError(f"{path}: expression file not found")
+    if path.stat().st_size == 0:
+        return pd.DataFrame({c: pd.Series(dtype=float if c == "value" else str) for c in columns})
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".tsv", ".txt", ".csv"):
+            wide = pd.read_csv(path, sep="\t" if suffix != ".csv" else ",", dtype=str, keep_default_na=False)
+            wide.columns = [_unmangle(c, wide.columns) for c in wide.columns]
+        elif suffix == ".parquet":
+            wide = pd.read_parquet(path)
+        else:
+            raise ExpressionFileError(f"{path}: unknown format {suffix!r}; use .tsv, .csv or .parquet")
+    except ExpressionFileError:
+        raise
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, ValueError) as exc:
+        raise ExpressionFileError(f"{path}: not a readable table: {exc}") from exc
+    if wide.shape[1] < 2:
+        raise ExpressionFileError(f"{path}: needs a gene column and at least one sample column, has {list(wide.columns)}")
+    gene_col = wide.columns[0]
+    long = wide.melt(id_vars=[gene_col], var_name="sample_id", value_name="raw").rename(columns={gene_col: "gene"})
+    long["gene"] = long["gene"].astype(str)
+    raw = long["raw"].astype(object).where(long["raw"].notna(), "").astype(str).str.strip()
+    value = pd.to_numeric(raw.where(~raw.isin(MISSING)), errors="coerce")
+    long["raw"] = raw
+    long["value"] = value.astype(float)
+    long["value_type"] = "number"
+    long.loc[raw.isin(MISSING), "value_type"] = "missing"
+    long.loc[~raw.isin(MISSING) & value.isna(), "value_type"] = "text"
+    return long[columns].reset_index(drop=True)
+
+
+def _unmangle(name: str, names) -> str:
+    """pandas renames a repeated column ``S`` to ``S.1``; give it its name back so duplicates stay visible."""
+    base, _, suffix = str(name).rpartition(".")
+    return base if suffix.isdigit() and base in set(map(str, names)) else name
+
+
+def read_sample_sheet(path: Path) -> pd.DataFrame:
+    """CSV with ``sample_id`` and ``patient_id``, optional ``slide_id`` and ``sample_type`` (tumor/normal)."""
+    if not path.is_file():
+        raise ExpressionFileError(f"{path}: sample sheet not found")
+    sheet = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    missing = {"sample_id", "patient_id"} - set(sheet.columns)
+    if missing:
+        raise ExpressionFileError(f"{path}: sample sheet needs columns {sorted(missing)}")
+    return sheet
+
+
+def slide_kind(slide: dict) -> str | None:
+    """Tumour or normal for a catalog slide: its manifest attribute ``sample_type`` first, else its barcode."""
+    attrs = json.loads(slide["attributes"]) if slide.get("attributes") else {}
+    declared = str(attrs.get("sample_type", "")).strip().lower()
+    if declared in (TUMOUR, "tumour"):
+        return TUMOUR
+    if declared == NORMAL:
+        return NORMAL
+    code = parse_barcode(slide["slide_id"])
+    return code.kind if code else None
+
+
+def _type_code(slide_id: str) -> str | None:
+    code = parse_barcode(slide_id)
+    return code.type_code if code else None
+
+
+def map_samples(sample_ids: list[str], slides: list[dict], sheet: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per sample: ``patient_id``, ``kind`` (tumor/normal/control/unknown), ``slide_id`` (the tiled slide it
+    labels, if any), ``mapped_by`` and ``problem`` (None, or why the sample cannot be used).
+
+    Tumour samples must map to a tiled tumour slide (they carry the labels); normal samples must belong to a
+    known patient (they are references and need no slide of their own).
+    """
+    by_patient: dict[str, list[dict]] = {}
+    for s in slides:
+        by_patient.setdefault(s["patient_id"], []).append(s)
+    sheet_rows = {r["sample_id"]: r for r in sheet.to_dict("records")} if sheet is not None else {}
+    rows = []
+    for sample in sample_ids:
+        row = {"sample_id": sample, "patient_id": None, "kind": UNKNOWN, "type_code": None, "slide_id": None,
+               "mapped_by": None, "problem": None}
+        if sample in sheet_rows:
+            entry = sheet_rows[sample]
+            row.update(patient_id=entry["patient_id"], mapped_by="sample_sheet")
+            kind = str(entry.get("sample_type", "")).strip().lower()
+            code = parse_barcode(sample)
+            row["kind"] = TUMOUR if kind in (TUMOUR, "tumour") else NORMAL if kind == NORMAL else (code.kind if code else UNKNOWN)
+            row["slide_id"] = entry.get("slide_id") or None
+        else:
+            code = parse_barcode(sample)
+            if code is None:
+                row["problem"] = "not a TCGA barcode and not in the sample sheet"
+                rows.append(row)
+                continue
+            row.update(patient_id=code.patient_id, kind=code.kind, type_code=code.type_code, mapped_by="barcode")
+        patient_slides = by_patient.get(row["patient_id"], [])
+        if not patient_slides:
+            row["problem"] = f"unknown sample: patient {row['patient_id']} has no registered, tiled slide"
+        elif row["kind"] not in (TUMOUR, NORMAL):
+            row["problem"] = f"sample type {row['type_code']} is neither tumour (01-09) nor normal (10-19)"
+        elif row["kind"] == TUMOUR and row["slide_id"] is None:
+            matches = [s for s in patient_slides if slide_kind(s) == TUMOUR]
+            same_code = [s for s in matches if _type_code(s["slide_id"]) in (None, row["type_code"])]
+            chosen = same_code or matches
+            if chosen:
+                row["slide_id"] = sorted(s["slide_id"] for s in chosen)[0]
+            else:
+                row["problem"] = f"tumour sample of patient {row['patient_id']} has no tiled tumour slide"
+        elif row["slide_id"] is not None and row["slide_id"] not in {s["slide_id"] for s in patient_slides}:
+            row["problem"] = f"sample sheet names slide {row['slide_id']}, which is not a tiled slide of {row['patient_id']}"
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["sample_id", "patient_id", "kind", "type_code", "slide_id", "mapped_by", "problem"])

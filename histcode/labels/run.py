@@ -1,0 +1,189 @@
+"""`histcode labels ingest` and `histcode labels gate`: read the matrix, label, plan folds, gate.
+
+Ingest writes the gate's input frames (``data/labels/frames/*.parquet``, replaced atomically) and the label
+tables of the catalog (expression, expression_samples, de_labels, slide_labels, gene_gate, cv_folds) as the
+current label set, with its gate status pending. The gate validates the frames and records pass or fail, with
+the failed expectations and rows, on the label set; heads train only from a label set whose gate passed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from histcode.config import HistcodeConfig, stable_hash
+from histcode.labels.de import class_counts, de_labels, gene_inclusion, plan_folds, slide_labels
+from histcode.labels.expression import map_samples, read_matrix, read_sample_sheet
+from histcode.store.catalog import Catalog
+from histcode.store.records import utcnow
+from histcode.tiling.spec import spec_id_of
+from histcode.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+PENDING, PASSED, FAILED = "pending", "passed", "failed"
+
+
+class LabelGateError(RuntimeError):
+    """Labels are missing or did not pass the gate; the message says what to fix."""
+
+
+@dataclass
+class LabelSet:
+    label_version: str
+    frames_dir: Path
+    n_samples: int
+    n_genes: int
+    n_patients: int
+    de_counts: dict[str, int] = field(default_factory=dict)
+    references: dict[str, int] = field(default_factory=dict)
+    excluded_genes: dict[str, str] = field(default_factory=dict)
+    problems: dict[str, str] = field(default_factory=dict)
+
+
+def frames_dir(ws: Workspace) -> Path:
+    return ws.data_dir / "labels" / "frames"
+
+
+def gx_project(ws: Workspace) -> Path:
+    return ws.data_dir / "labels"
+
+
+def _sha256(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _keyed(frame: pd.DataFrame, *columns: str) -> pd.DataFrame:
+    """Add ``row_key``: the readable name of each row, used by the gate to name offending rows."""
+    out = frame.copy()
+    if out.empty:
+        out["row_key"] = pd.Series(dtype=str)
+        return out
+    out["row_key"] = out[list(columns)].astype(str).agg(" / ".join, axis=1) if columns else out.index.astype(str)
+    return out
+
+
+def build_frames(long: pd.DataFrame, samples: pd.DataFrame, de: pd.DataFrame, genes: pd.DataFrame,
+                 sizes: pd.DataFrame, folds: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    per_patient = folds.groupby("patient_id").fold.agg(n_folds="nunique", fold="min").reset_index() if len(folds) else \
+        pd.DataFrame({"patient_id": pd.Series(dtype=str), "n_folds": pd.Series(dtype=int), "fold": pd.Series(dtype=int)})
+    return {
+        "expression": _keyed(long, "sample_id", "gene"),
+        "samples": _keyed(samples, "sample_id"),
+        "de_labels": _keyed(de, "sample_id", "gene"),
+        "class_sizes": _keyed(sizes, "task", "class"),
+        "genes": _keyed(genes, "gene"),
+        "folds": _keyed(per_patient, "patient_id"),
+    }
+
+
+def write_frames(frames: dict[str, pd.DataFrame], target: Path) -> None:
+    """All frames or none: written to a sibling folder, then swapped in."""
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, frame in frames.items():
+        frame.to_parquet(tmp / f"{name}.parquet", index=False)
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def ingest_labels(ws: Workspace, cfg: HistcodeConfig, expression: Path | None = None,
+                  sample_sheet: Path | None = None) -> LabelSet:
+    lcfg = cfg.labels
+    path = expression or ws.path(lcfg.expression)
+    sheet_path = sample_sheet or (ws.path(lcfg.sample_sheet) if lcfg.sample_sheet else None)
+    catalog = Catalog(ws.catalog_path)
+    slides = catalog.tiled_slides(spec_id_of(cfg.tiling))
+    long = read_matrix(path)
+    sheet = read_sample_sheet(sheet_path) if sheet_path else None
+    samples = map_samples(sorted(long.sample_id.unique()), slides, sheet)
+    de = de_labels(long, samples, lcfg)
+    genes = gene_inclusion(de, lcfg, present=set(long.gene))
+    labels = slide_labels(slides)
+    folds = plan_folds(labels, lcfg.folds, lcfg.seed)
+    frames = build_frames(long, samples, de, genes, class_counts(labels), folds)
+    write_frames(frames, frames_dir(ws))
+
+    version = "ls-" + stable_hash({"file": _sha256(path), "sheet": _sha256(sheet_path), "cfg": lcfg.model_dump(mode="json"),
+                                   "slides": sorted(s["slide_id"] + s["content_hash"] for s in slides)}, 12)
+    with catalog.transaction() as con:
+        catalog.replace_table(con, "expression", long[["sample_id", "gene", "value"]])
+        catalog.replace_table(con, "expression_samples", samples)
+        catalog.replace_table(con, "de_labels", de)
+        catalog.replace_table(con, "slide_labels", labels)
+        catalog.replace_table(con, "gene_gate", genes)
+        catalog.replace_table(con, "cv_folds", folds)
+        con.execute("UPDATE label_sets SET is_current = false")
+        con.execute("DELETE FROM label_sets WHERE label_version = ?", [version])
+        con.execute(
+            "INSERT INTO label_sets (label_version, source, source_sha256, sample_sheet, unit, params, n_samples, n_genes, "
+            "n_patients, created_at, is_current, gate_status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, true, ?)",
+            [version, str(path), _sha256(path), str(sheet_path) if sheet_path else None, lcfg.unit,
+             json.dumps(lcfg.model_dump(mode="json")), long.sample_id.nunique(), long.gene.nunique(),
+             int(samples.patient_id.nunique()), utcnow(), PENDING],
+        )
+    result = LabelSet(
+        label_version=version, frames_dir=frames_dir(ws), n_samples=int(long.sample_id.nunique()),
+        n_genes=int(long.gene.nunique()), n_patients=int(samples.patient_id.dropna().nunique()),
+        de_counts={k: int(v) for k, v in de.de_class.value_counts().items()} if len(de) else {},
+        references={k: int(v) for k, v in de.drop_duplicates("sample_id").reference.value_counts().items()} if len(de) else {},
+        excluded_genes=dict(zip(genes.loc[~genes.included, "gene"], genes.loc[~genes.included, "reason"])),
+        problems=dict(zip(samples.loc[samples.problem.notna(), "sample_id"], samples.loc[samples.problem.notna(), "problem"])),
+    )
+    log.info("label set %s: %d samples, %d genes, %d patients; DE classes %s; %d genes excluded", version,
+             result.n_samples, result.n_genes, result.n_patients, result.de_counts, len(result.excluded_genes))
+    return result
+
+
+def gate_labels(ws: Workspace, cfg: HistcodeConfig):
+    """Run the gate on the current label set's frames and record the outcome on it."""
+    from histcode.labels.gate import run_gate
+
+    catalog = Catalog(ws.catalog_path)
+    current = current_label_set(catalog)
+    if current is None:
+        raise LabelGateError("no label set yet: run `histcode labels ingest` first")
+    result = run_gate(frames_dir(ws), gx_project(ws), cfg.labels)
+    failures = [{"frame": f.frame, "expectation": f.expectation, "column": f.column, "count": f.count,
+                 "rows": f.rows[:50], "message": f.message} for f in result.failures]
+    with catalog.transaction() as con:
+        con.execute(
+            "UPDATE label_sets SET gate_status = ?, gate_at = ?, gate_failures = ?, data_docs = ? WHERE label_version = ?",
+            [PASSED if result.passed else FAILED, utcnow(), json.dumps(failures), str(result.docs) if result.docs else None,
+             current["label_version"]],
+        )
+    return result
+
+
+def current_label_set(catalog: Catalog) -> dict | None:
+    rows = catalog.query("SELECT * FROM label_sets WHERE is_current") if catalog.path.exists() else []
+    return rows[0] if rows else None
+
+
+def require_passed_gate(catalog: Catalog) -> dict:
+    """The current label set if its gate passed; otherwise LabelGateError naming what failed. Heads call this
+    before training anything."""
+    current = current_label_set(catalog)
+    if current is None:
+        raise LabelGateError("no labels: run `histcode labels ingest` and `histcode labels gate` first")
+    if current["gate_status"] == PENDING:
+        raise LabelGateError(f"label set {current['label_version']} has not been through the gate: run `histcode labels gate`")
+    if current["gate_status"] != PASSED:
+        failures = json.loads(current["gate_failures"] or "[]")
+        raise LabelGateError(f"label set {current['label_version']} failed the gate; nothing trains until it passes:\n  "
+                             + "\n  ".join(f["message"] for f in failures))
+    return current
