@@ -8,7 +8,6 @@ Run it:  python -m flows.embed --encoder histcode-encoder@adco --tag trained-on
 
 from __future__ import annotations
 
-import argparse
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -18,6 +17,7 @@ from histcode.features.embed import materialize
 from histcode.reports import embed_summary, write_json
 from histcode.tracking import telemetry_off
 from histcode.workspace import Workspace
+from flows._entry import run_flow_from_argv
 
 
 @task(name="materialize-view", tags=["gpu"], cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
@@ -46,14 +46,5 @@ def embed_flow(encoder: str | None = None, tag: str | None = None, workspace: st
     return summary
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=embed_flow.__doc__)
-    parser.add_argument("--encoder")
-    parser.add_argument("--tag")
-    parser.add_argument("--workspace")
-    args = parser.parse_args()
-    embed_flow(encoder=args.encoder, tag=args.tag, workspace=args.workspace)
-
-
 if __name__ == "__main__":
-    main()
+    run_flow_from_argv(embed_flow)

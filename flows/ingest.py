@@ -4,12 +4,11 @@ Tasks do the per-slide work (open, probe, hash; tissue mask and grid) and are re
 known-bad slides come back as failed records and are not retried. The flow itself is the catalog's single
 writer and commits each slide as its task finishes. A table artifact lists slides, tiles and failures.
 
-Run it:  python -m flows.ingest --manifest data/demo/manifest.csv
+Run it:  python -m flows.ingest --manifest data/demo/manifest.csv   (or --paths a.svs b.svs --mpp 0.5 --no-tile)
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from histcode.store.records import FAILED, SlideRecord
 from histcode.tiling.run import TilingReport, commit_tiling, plan_tiling
 from histcode.tiling.slide import SlideTiling, failed_tiling, tile_slide
 from histcode.workspace import Workspace
+from flows._entry import run_flow_from_argv
 
 
 def retry_on_io(task, task_run, state) -> bool:  # noqa: ANN001 -- Prefect's retry_condition_fn signature
@@ -138,16 +138,5 @@ def ingest_flow(
     return summary
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=ingest_flow.__doc__)
-    parser.add_argument("paths", nargs="*")
-    parser.add_argument("--manifest")
-    parser.add_argument("--mpp", type=float)
-    parser.add_argument("--no-tile", action="store_true")
-    parser.add_argument("--workspace")
-    args = parser.parse_args()
-    ingest_flow(paths=args.paths, manifest=args.manifest, mpp=args.mpp, tile=not args.no_tile, workspace=args.workspace)
-
-
 if __name__ == "__main__":
-    main()
+    run_flow_from_argv(ingest_flow)

@@ -7,7 +7,6 @@ Run it:  python -m flows.labels [--expression FILE] [--sample-sheet CSV]
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -17,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from histcode.labels.run import gate_labels, ingest_labels
 from histcode.reports import gate_summary, labels_summary, write_json
 from histcode.workspace import Workspace
+from flows._entry import run_flow_from_argv
 
 
 class LabelGateFailed(RuntimeError):
@@ -58,14 +58,5 @@ def labels_flow(expression: str | None = None, sample_sheet: str | None = None, 
     return {"labels": labels, "gate": gate}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=labels_flow.__doc__)
-    parser.add_argument("--expression")
-    parser.add_argument("--sample-sheet")
-    parser.add_argument("--workspace")
-    args = parser.parse_args()
-    labels_flow(expression=args.expression, sample_sheet=args.sample_sheet, workspace=args.workspace)
-
-
 if __name__ == "__main__":
-    main()
+    run_flow_from_argv(labels_flow)

@@ -10,7 +10,6 @@ Run it:  python -m flows.pretrain --method moco --steps 100
 
 from __future__ import annotations
 
-import argparse
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -21,6 +20,7 @@ from histcode.reports import pretrain_summary, write_json
 from histcode.ssl.pretrain import pretrain
 from histcode.tracking import telemetry_off
 from histcode.workspace import Workspace
+from flows._entry import run_flow_from_argv
 
 
 @task(name="pretrain-encoder", tags=["gpu"], cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
@@ -64,16 +64,5 @@ def pretrain_flow(
     return summary
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=pretrain_flow.__doc__)
-    parser.add_argument("--method")
-    parser.add_argument("--encoder")
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--workspace")
-    args = parser.parse_args()
-    pretrain_flow(method=args.method, encoder=args.encoder, steps=args.steps, resume=args.resume, workspace=args.workspace)
-
-
 if __name__ == "__main__":
-    main()
+    run_flow_from_argv(pretrain_flow)
