@@ -354,6 +354,34 @@ def demo(
         raise typer.Exit(1)
 
 
+@app.command()
+def heads(
+    ctx: typer.Context,
+    task: Annotated[Optional[list[str]], typer.Option("--task", help="tumor | subtype | de (repeatable; default heads.tasks).")] = None,
+    aggregator: Annotated[Optional[list[str]], typer.Option("--aggregator", help="attention | mean | max (repeatable).")] = None,
+    view: Annotated[Optional[str], typer.Option(help="Feature view id (default: heads.view, else the latest).")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="Write a JSON summary here (default: metrics/heads.json).")] = None,
+) -> None:
+    """Cross-validate and register the heads (only after the label gate passed)."""
+    from histcode.features.registry import ViewError
+    from histcode.heads.run import train_heads
+    from histcode.labels.run import LabelGateError
+    from histcode.reports import write_json
+    from histcode.tracking import telemetry_off
+    from histcode.views import heads_table
+
+    telemetry_off()
+    ws = _ws(ctx)
+    cfg = _config(ws)
+    try:
+        result = train_heads(ws, cfg, tuple(task) if task else None, tuple(aggregator) if aggregator else None, view)
+    except (LabelGateError, ViewError, ValueError) as exc:
+        _fail(str(exc))
+    summary = result.summary()
+    write_json(report or ws.metrics_dir / "heads.json", summary)
+    _console().print(heads_table(summary))
+
+
 labels_app = typer.Typer(no_args_is_help=True, help="Expression labels: ingest, DE labelling, the gate.")
 app.add_typer(labels_app, name="labels")
 

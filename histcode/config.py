@@ -220,6 +220,26 @@ class LabelsConfig(_Section):
     seed: int = 0
 
 
+class HeadsConfig(_Section):
+    """Slide-level heads trained by patient-level cross-validation on a feature view."""
+
+    tasks: tuple[Literal["tumor", "subtype", "de"], ...] = ("tumor", "subtype", "de")
+    aggregators: tuple[Literal["attention", "mean", "max"], ...] = ("attention", "mean", "max")
+    de_mode: Literal["multitask", "per_gene"] = "multitask"  # per_gene: the paper's one regression per gene
+    epochs: Pixels = 40
+    patience: Pixels = 8  # early stopping on the validation split of the training folds
+    lr: Annotated[float, Field(gt=0)] = 1e-4  # Adam, as in the paper's CLAM heads
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-5
+    k_sample: Pixels = 8  # CLAM instance clustering: top and bottom k attended tiles
+    bag_weight: Fraction = 0.7
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2  # patients of each training fold held out for stopping
+    bootstrap: Pixels = 1000  # resamples for 95% confidence intervals
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    view: str | None = None  # feature view id; None = the latest materialised
+    register: bool = True
+
+
 class HistcodeConfig(_Section):
     demo: DemoConfig = DemoConfig()
     ingest: IngestConfig = IngestConfig()
@@ -227,6 +247,7 @@ class HistcodeConfig(_Section):
     pretrain: PretrainConfig = PretrainConfig()
     features: FeaturesConfig = FeaturesConfig()
     labels: LabelsConfig = LabelsConfig()
+    heads: HeadsConfig = HeadsConfig()
 
 
 class ConfigError(ValueError):

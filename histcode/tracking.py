@@ -75,9 +75,11 @@ class Tracker:
         location = (self.ws.mlruns_dir / "artifacts" / name).resolve().as_uri()
         return self.client.create_experiment(name, artifact_location=location)
 
-    def start_run(self, experiment: str, run_name: str, tags: Mapping[str, str] | None = None) -> str:
+    def start_run(self, experiment: str, run_name: str, tags: Mapping[str, str] | None = None,
+                  parent: str | None = None) -> str:
+        extra = {"mlflow.parentRunId": parent} if parent else {}
         run = self.client.create_run(self.experiment_id(experiment), run_name=run_name,
-                                     tags={**code_tags(), **(tags or {})})
+                                     tags={**code_tags(), **(tags or {}), **extra})
         return run.info.run_id
 
     def reopen_run(self, run_id: str) -> str:
@@ -113,6 +115,9 @@ class Tracker:
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
 
+    def log_artifacts(self, run_id: str, directory: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(run_id, str(directory), artifact_path)
+
     @contextmanager
     def _store(self) -> Iterator[None]:
         """Point MLflow's process-wide URIs at this workspace for the duration, then put them back."""
@@ -134,20 +139,20 @@ class Tracker:
         with self._store(), mlflow.start_run(run_id=run_id):
             yield
 
-    def log_torch_model(self, run_id: str, model, name: str, input_shape: tuple[int, ...], output_dim: int,
+    def log_torch_model(self, run_id: str, model, name: str, input_shape: tuple[int, ...], output_dim: int | None,
                         registered_name: str | None = None, aliases: tuple[str, ...] = (),
                         version_tags: Mapping[str, Any] | None = None) -> tuple[str, str | None]:
-        """Log an eval-mode module as a torch.export (pt2) model whose batch dimension is dynamic, optionally
-        register it and point ``aliases`` at the new version. Returns (model uri, registered version)."""
+        """Log an eval-mode module as a torch.export (pt2) model whose first dimension (batch, or tiles of a
+        bag) is dynamic, optionally register it and point ``aliases`` at the new version. ``output_dim`` None:
+        the model returns several tensors (heads: outputs and attention). Returns (model uri, version)."""
         import mlflow
         import numpy as np
         from mlflow.models import ModelSignature
         from mlflow.types import Schema, TensorSpec
 
-        signature = ModelSignature(
-            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape))]),
-            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, output_dim))]),
-        )
+        inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape))])
+        outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, output_dim))]) if output_dim else None
+        signature = ModelSignature(inputs=inputs, outputs=outputs)
         example = np.random.default_rng(0).random((2, *input_shape), dtype=np.float32)  # batch > 1: dynamic batch
         with self._active(run_id):
             info = mlflow.pytorch.log_model(

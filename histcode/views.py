@@ -71,6 +71,19 @@ def arrow_table(data, limit: int) -> Table:
     return table
 
 
+def heads_table(summary: dict) -> Table:
+    table = Table(title=f"heads on view {summary['view_id']} ({summary['encoder_uri']}), labels {summary['label_version']}")
+    for col in ("task/aggregator", "AUC [95% CI]", "bal. acc.", "F1", "gene AUC", "gene r", "mask AUC", "version", "best"):
+        table.add_column(col)
+    for key, r in summary["runs"].items():
+        task, agg = key.split("/")
+        auc = f"{r['auc']:.3f} [{r.get('auc_ci_low', float('nan')):.2f}, {r.get('auc_ci_high', float('nan')):.2f}]" if "auc" in r else ""
+        fmt = lambda k: f"{r[k]:.3f}" if k in r else ""  # noqa: E731
+        table.add_row(key, auc, fmt("balanced_accuracy"), fmt("f1"), fmt("mean_gene_auc"), fmt("mean_gene_pearson"),
+                      fmt("attention_mask_auc"), str(r.get("version") or ""), "*" if summary["best"].get(task) == agg else "")
+    return table
+
+
 def catalog_table(catalog: Catalog, status: str | None) -> Table:
     rows = catalog.query(
         """SELECT s.slide_id, s.patient_id, s.status, s.vendor, s.width, s.height, s.mpp_x, s.mpp_source, s.reason,

@@ -30,7 +30,7 @@ from histcode.workspace import repository_root
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = "2"
+BUILDER_VERSION = "3"
 MASK_PALETTE = [243, 241, 242, 60, 170, 90, 210, 40, 60]  # glass, benign tissue, tumour
 
 
@@ -142,7 +142,8 @@ def build_demo_cohort(cfg: DemoConfig, out_dir: Path, source_dir: Path | None = 
     samples.sort(key=lambda s: s.barcode)
 
     slides = pd.DataFrame(slide_rows)
-    slides[["slide_id", "patient_id", "path", "sample_type", "subtype"]].to_csv(work / "manifest.csv", index=False)
+    slides[["slide_id", "patient_id", "path", "sample_type", "subtype", "mask", "mask_mpp"]].to_csv(
+        work / "manifest.csv", index=False)
     slides.to_csv(work / "slides.csv", index=False)
     pd.DataFrame(provenance).to_csv(work / "provenance.csv", index=False)
     expression = simulate_expression(samples, np.random.default_rng(cfg.seed + 1), cfg.expression_noise_sd)

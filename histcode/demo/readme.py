@@ -35,8 +35,9 @@ on this cohort says anything about real patients; it only shows that the pipelin
   r*{cfg.mask_mpp / base_mpp:g}.. at 20x): 0 glass, 1 benign tissue, 2 tumour.
 - `slides.csv`: one row per slide: sample type, subtype (tumour slides), format, magnification, mpp, tumour
   fraction of the tissue, mask path, expression sample barcode.
-- `manifest.csv`: `slide_id, patient_id, path, sample_type, subtype` for `histcode ingest --manifest` (the last two
-  become slide attributes in the catalog, usable as filters in SQL and similarity search).
+- `manifest.csv`: `slide_id, patient_id, path, sample_type, subtype, mask, mask_mpp` for `histcode ingest
+  --manifest` (the extra columns become slide attributes in the catalog: filters in SQL and search, and the
+  ground truth that attention heatmaps are measured against).
 - `expression.tsv`: genes x samples TPM, TCGA-style aliquot barcodes (sample type 01 tumour, 11 normal).
   Patients without a normal slide have no normal sample. Values follow each slide's tumour composition plus
   patient and sample noise; KRAS, STK11, KEAP1, PIK3CA (drivers) and GAPDH, ACTB (housekeeping) carry no

@@ -96,9 +96,19 @@ def read_manifest(manifest: Path, mpp: float | None = None) -> list[SlideSource]
             row_mpp = float(cell) if cell else mpp
         except ValueError as exc:
             raise ManifestError(f"manifest {manifest}, line {i}: mpp {cell!r} is not a number") from exc
-        extra = tuple((k, (v or "").strip()) for k, v in row.items() if k and k not in MANIFEST_COLUMNS and (v or "").strip())
+        extra = tuple((k, _attribute(k, (v or "").strip(), manifest.parent)) for k, v in row.items()
+                      if k and k not in MANIFEST_COLUMNS and (v or "").strip())
         out.append(SlideSource(path=path.absolute(), slide_id=sid, patient_id=pid, mpp=row_mpp, attributes=extra))
     return out
+
+
+def _attribute(key: str, value: str, base: Path) -> str:
+    """Attribute values that name files (``mask`` or ``*_path``) are resolved like ``path``: relative to the
+    manifest."""
+    if key == "mask" or key.endswith("_path"):
+        p = Path(value).expanduser()
+        return str((p if p.is_absolute() else base / p).absolute())
+    return value
 
 
 def split_duplicates(sources: list[SlideSource]) -> tuple[list[SlideSource], list[tuple[SlideSource, str]]]:

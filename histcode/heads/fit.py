@@ -1,0 +1,174 @@
+"""Fitting one head on training bags with early stopping on validation bags, and predicting with it.
+
+Aggregators: ``attention`` (CLAM_SB; the multi-task DE head for the DE task), ``max`` (max-instance MIL; class
+tasks only) and ``mean`` (mean-pooled slide vectors into scikit-learn: logistic regression for classes, ridge
+regression for log2FC). Torch heads train one bag at a time with Adam; the state with the lowest validation loss
+is kept, and training stops ``patience`` epochs after it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from histcode.config import HeadsConfig
+from histcode.heads.models import CLAMSingleBranch, MaxInstance, MultiTaskDE
+
+log = logging.getLogger(__name__)
+
+
+class PerGeneDE(nn.Module):
+    """The paper's variant: one attention model per gene; outputs stacked as the multi-task head's."""
+
+    def __init__(self, in_dim: int, n_genes: int) -> None:
+        super().__init__()
+        self.models = nn.ModuleList([MultiTaskDE(in_dim, 1) for _ in range(n_genes)])
+
+    def forward(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outs = [m(bag) for m in self.models]
+        return torch.cat([o for o, _ in outs]), torch.stack([a for _, a in outs]).mean(dim=0)
+
+    def tile_scores(self, bag: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m.tile_scores(bag) for m in self.models], dim=1)
+
+    def loss(self, bag: torch.Tensor, log2fc: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        return sum(m.loss(bag, log2fc[i:i + 1], classes[i:i + 1]) for i, m in enumerate(self.models))
+
+
+class MeanPoolLinear(nn.Module):
+    """Mean-pooled tiles, standardised, into a linear model fitted by scikit-learn, as a torch module so that
+    every head shares one interface and one export format. Classes: logistic regression; DE: ridge regression of
+    log2FC and a logistic regression per classified gene (genes without one output NaN probabilities)."""
+
+    def __init__(self, mean: np.ndarray, scale: np.ndarray, weight: np.ndarray, bias: np.ndarray,
+                 de_weight: np.ndarray | None = None, de_bias: np.ndarray | None = None) -> None:
+        super().__init__()
+        f = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
+        self.register_buffer("mean", f(mean))
+        self.register_buffer("scale", f(scale))
+        self.register_buffer("weight", f(weight))  # (outputs, dim): class logits, or DE log2FC per gene
+        self.register_buffer("bias", f(bias))
+        self.de = de_weight is not None
+        if self.de:
+            self.register_buffer("de_weight", f(de_weight))  # (genes, 3, dim)
+            self.register_buffer("de_bias", f(de_bias))  # (genes, 3); -inf for absent classes, NaN: no model
+
+    def forward(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = (bag.mean(dim=0) - self.mean) / self.scale
+        attention = torch.full((bag.shape[0],), 1.0 / bag.shape[0], dtype=bag.dtype)
+        if not self.de:
+            return torch.softmax(z @ self.weight.T + self.bias, dim=-1), attention
+        fc = z @ self.weight.T + self.bias
+        probs = torch.softmax(self.de_weight @ z + self.de_bias, dim=-1)  # NaN rows stay NaN
+        return torch.cat([fc[:, None], probs], dim=1), attention
+
+
+@dataclass
+class FittedHead:
+    aggregator: str
+    model: nn.Module  # every head, mean-pool ones included, is a torch module: bag -> (outputs, attention)
+    epochs: int = 0
+    best_val_loss: float | None = None
+
+    def predict(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One bag -> (outputs, attention over its tiles). Class tasks: probabilities; DE: (genes, 4) with
+        [log2FC, p_down, p_unchanged, p_up] per gene."""
+        self.model.eval()
+        with torch.no_grad():
+            out, att = self.model(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)))
+        return out.numpy(), att.numpy()
+
+
+def _torch_model(task: str, aggregator: str, in_dim: int, n_classes: int, n_genes: int, cfg: HeadsConfig) -> nn.Module:
+    if task == "de":
+        if aggregator != "attention":
+            raise ValueError("the DE task has attention and mean aggregators")
+        return PerGeneDE(in_dim, n_genes) if cfg.de_mode == "per_gene" else MultiTaskDE(in_dim, n_genes)
+    if aggregator == "attention":
+        return CLAMSingleBranch(in_dim, n_classes, k_sample=cfg.k_sample, bag_weight=cfg.bag_weight)
+    return MaxInstance(in_dim, n_classes)
+
+
+def _loss(model: nn.Module, task: str, bag: np.ndarray, target) -> torch.Tensor:
+    x = torch.from_numpy(bag)
+    if task == "de":
+        fc, cls = target
+        return model.loss(x, torch.from_numpy(fc), torch.from_numpy(cls).long())
+    return model.loss(x, int(target))
+
+
+def fit_head(task: str, aggregator: str, train: list[tuple[np.ndarray, object]], val: list[tuple[np.ndarray, object]],
+             n_classes: int, n_genes: int, cfg: HeadsConfig, seed: int) -> FittedHead:
+    """``train`` / ``val``: (bag features, target) pairs; DE targets are (log2FC, class ids) per gene."""
+    if aggregator == "mean":
+        return FittedHead("mean", _fit_mean(task, train, seed).eval())
+    torch.manual_seed(seed)
+    in_dim = train[0][0].shape[1]
+    model = _torch_model(task, aggregator, in_dim, n_classes, n_genes, cfg)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rng = np.random.default_rng(seed)
+    best, best_state, stale, epoch = float("inf"), copy.deepcopy(model.state_dict()), 0, 0
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        for i in rng.permutation(len(train)):
+            loss = _loss(model, task, *train[i])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            val_loss = float(np.mean([_loss(model, task, *item).item() for item in val])) if val else float("nan")
+        if not val:
+            best_state, best = copy.deepcopy(model.state_dict()), float("nan")
+            continue
+        if val_loss < best - 1e-6:
+            best, best_state, stale = val_loss, copy.deepcopy(model.state_dict()), 0
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                break
+    model.load_state_dict(best_state)
+    model.eval()
+    return FittedHead(aggregator, model, epoch, best)
+
+
+def _fit_mean(task: str, train: list[tuple[np.ndarray, object]], seed: int) -> MeanPoolLinear:
+    from sklearn.linear_model import LogisticRegression, Ridge
+    from sklearn.preprocessing import StandardScaler
+
+    x = np.stack([bag.mean(axis=0) for bag, _ in train])
+    scaler = StandardScaler().fit(x)
+    z = scaler.transform(x)
+    scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
+
+    def logits(clf: LogisticRegression, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+        """A fitted logistic regression as logit weights over ``n_classes`` (absent classes: -inf bias)."""
+        w = np.zeros((n_classes, x.shape[1]))
+        b = np.full(n_classes, -np.inf)
+        if len(clf.classes_) == 2:  # sklearn's binary form: one logit for the second class, 0 for the first
+            w[clf.classes_[1]], b[clf.classes_[1]] = clf.coef_[0], clf.intercept_[0]
+            b[clf.classes_[0]] = 0.0
+        else:
+            w[clf.classes_], b[clf.classes_] = clf.coef_, clf.intercept_
+        return w, b
+
+    if task != "de":
+        y = np.array([int(t) for _, t in train])
+        clf = LogisticRegression(max_iter=2000, random_state=seed).fit(z, y)
+        w, b = logits(clf, int(y.max()) + 1)
+        return MeanPoolLinear(scaler.mean_, scale, w, b)
+    fc = np.stack([t[0] for _, t in train])
+    cls = np.stack([t[1] for _, t in train])
+    ridge = Ridge(alpha=10.0).fit(z, np.nan_to_num(fc))
+    de_w = np.zeros((cls.shape[1], 3, x.shape[1]))
+    de_b = np.full((cls.shape[1], 3), np.nan)
+    for g in range(cls.shape[1]):
+        known = cls[:, g] >= 0
+        if known.sum() and len(np.unique(cls[known, g])) > 1:
+            de_w[g], de_b[g] = logits(LogisticRegression(max_iter=2000, random_state=seed).fit(z[known], cls[known, g]), 3)
+    return MeanPoolLinear(scaler.mean_, scale, ridge.coef_, ridge.intercept_, de_w, de_b)

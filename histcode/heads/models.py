@@ -1,0 +1,123 @@
+"""Slide-level heads over bags of tile embeddings.
+
+- ``GatedAttention`` (Ilse et al. 2018): a_i = softmax_i(w^T (tanh(V h_i) * sigmoid(U h_i))).
+- ``CLAMSingleBranch`` (Lu et al. 2021, CLAM_SB as in the paper): fc 1024->512 (here in_dim->512) + ReLU, gated
+  attention 512->256->1, slide vector sum_i a_i h_i, a bag classifier, and instance clustering: the top and bottom
+  k attended tiles are pseudo-labelled positive/negative for the slide's class and an instance classifier learns
+  them; loss = 0.7 * bag loss + 0.3 * instance loss.
+- ``MaxInstance``: every tile classified, the slide scored by its most confident tile (max pooling).
+- ``MultiTaskDE``: the same attention backbone predicting, for every panel gene, log2FC (regression) and
+  up/down/unchanged (classification) from one slide vector.
+Every forward takes one bag (n_tiles, in_dim) and returns (outputs, attention over the n tiles).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+N_DE_CLASSES = 3  # down, unchanged, up
+
+
+class GatedAttention(nn.Module):
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.25) -> None:
+        super().__init__()
+        self.tanh = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Dropout(dropout))
+        self.sigmoid = nn.Sequential(nn.Linear(dim, hidden), nn.Sigmoid(), nn.Dropout(dropout))
+        self.score = nn.Linear(hidden, 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h (n, dim) -> attention (n,) summing to 1."""
+        return torch.softmax(self.score(self.tanh(h) * self.sigmoid(h)).squeeze(-1), dim=0)
+
+
+class _AttentionBackbone(nn.Module):
+    def __init__(self, in_dim: int, hidden: int = 512, attention_hidden: int = 256, dropout: float = 0.25) -> None:
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
+        self.attention = GatedAttention(hidden, attention_hidden, dropout)
+
+    def pool(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(tile features (n, hidden), attention (n,), slide vector (hidden,))."""
+        h = self.fc(bag)
+        a = self.attention(h)
+        return h, a, (a[:, None] * h).sum(dim=0)
+
+
+class CLAMSingleBranch(_AttentionBackbone):
+    def __init__(self, in_dim: int, n_classes: int = 2, k_sample: int = 8, bag_weight: float = 0.7, **kw) -> None:
+        super().__init__(in_dim, **kw)
+        hidden = self.fc[0].out_features
+        self.classifier = nn.Linear(hidden, n_classes)
+        self.instance_classifiers = nn.ModuleList([nn.Linear(hidden, 2) for _ in range(n_classes)])
+        self.k_sample, self.bag_weight, self.n_classes = k_sample, bag_weight, n_classes
+
+    def forward(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """bag (n, in_dim) -> (class probabilities (n_classes,), attention (n,))."""
+        _, a, v = self.pool(bag)
+        return torch.softmax(self.classifier(v), dim=-1), a
+
+    def loss(self, bag: torch.Tensor, label: int) -> torch.Tensor:
+        h, a, v = self.pool(bag)
+        bag_loss = F.cross_entropy(self.classifier(v)[None], torch.tensor([label], device=bag.device))
+        k = min(self.k_sample, max(1, len(a) // 2))
+        top, bottom = torch.topk(a, k).indices, torch.topk(-a, k).indices
+        inst = self.instance_classifiers[label](torch.cat([h[top], h[bottom]]))
+        targets = torch.cat([torch.ones(k), torch.zeros(k)]).long().to(bag.device)
+        instance_loss = F.cross_entropy(inst, targets)
+        return self.bag_weight * bag_loss + (1 - self.bag_weight) * instance_loss
+
+
+class MaxInstance(nn.Module):
+    def __init__(self, in_dim: int, n_classes: int = 2, hidden: int = 256, dropout: float = 0.25) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, n_classes))
+
+    def forward(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slide's logits are those of the tile with the highest non-first-class logit margin; the
+        'attention' is a one-hot on that tile."""
+        logits = self.net(bag)
+        margin = logits[:, 1:].max(dim=1).values - logits[:, 0]
+        best = torch.argmax(margin)
+        attention = torch.zeros_like(margin).scatter(0, best[None], 1.0)
+        return torch.softmax(logits[best], dim=-1), attention
+
+    def loss(self, bag: torch.Tensor, label: int) -> torch.Tensor:
+        probs, _ = self(bag)
+        return F.nll_loss(torch.log(probs.clamp_min(1e-8))[None], torch.tensor([label], device=bag.device))
+
+
+class MultiTaskDE(_AttentionBackbone):
+    """Per gene: log2FC (regression) and down/unchanged/up (classification), from one attention-pooled vector."""
+
+    def __init__(self, in_dim: int, n_genes: int, **kw) -> None:
+        super().__init__(in_dim, **kw)
+        hidden = self.fc[0].out_features
+        self.regression = nn.Linear(hidden, n_genes)
+        self.classification = nn.Linear(hidden, n_genes * N_DE_CLASSES)
+        self.n_genes = n_genes
+
+    def forward(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """bag (n, in_dim) -> (per gene [log2FC, p_down, p_unchanged, p_up] as (n_genes, 4), attention (n,))."""
+        _, a, v = self.pool(bag)
+        return self._heads(v), a
+
+    def _heads(self, v: torch.Tensor) -> torch.Tensor:
+        fc = self.regression(v)
+        probs = torch.softmax(self.classification(v).view(self.n_genes, N_DE_CLASSES), dim=-1)
+        return torch.cat([fc[:, None], probs], dim=1)
+
+    def tile_scores(self, bag: torch.Tensor) -> torch.Tensor:
+        """Gene-specific tile scores: each tile's predicted log2FC on its own (n, n_genes)."""
+        return self.regression(self.fc(bag))
+
+    def loss(self, bag: torch.Tensor, log2fc: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """``log2fc`` (n_genes,) with NaN where unknown; ``classes`` (n_genes,) with -1 where the gene is not
+        classified (excluded by the label gate)."""
+        out, _ = self(bag)
+        known = ~torch.isnan(log2fc)
+        reg = F.mse_loss(out[known, 0], log2fc[known]) if known.any() else out.sum() * 0
+        used = classes >= 0
+        cls = F.nll_loss(torch.log(out[used, 1:].clamp_min(1e-8)), classes[used]) if used.any() else out.sum() * 0
+        return reg + cls

@@ -1,0 +1,1 @@
+"""Pictures: plots of head metrics and heatmaps over slides."""
