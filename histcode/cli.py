@@ -162,158 +162,6 @@ def tile(
 
 
 @app.command()
-def pretrain(
-    ctx: typer.Context,
-    method: Annotated[Optional[str], typer.Option(help="adco | moco | simclr (default: pretrain.method).")] = None,
-    encoder: Annotated[Optional[str], typer.Option(help="resnet18 | resnet50 | resnet50_l3 | timm:<name>.")] = None,
-    init: Annotated[Optional[str], typer.Option(help="random | imagenet (ImageNet only if the weights are on disk).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Train this many steps (overrides pretrain.epochs).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue the interrupted run of this configuration.")] = False,
-    report: Annotated[Optional[Path], typer.Option(help="Write a JSON summary here (default: metrics/pretrain.json).")] = None,
-) -> None:
-    """Contrastive pretraining on the catalog's tiles, tracked in MLflow; registers the encoder."""
-    from histcode.ssl.dataset import NoTilesError
-    from histcode.ssl.encoders import EncoderError
-    from histcode.ssl.pretrain import pretrain as run_pretrain
-    from histcode.ssl.train import TrainingDiverged
-    from histcode.tracking import telemetry_off
-
-    telemetry_off()
-    ws = _ws(ctx)
-    cfg = _config(ws)
-    overrides = {k: v for k, v in {"method": method, "encoder": encoder, "init": init, "max_steps": steps}.items()
-                 if v is not None}
-    if overrides:
-        from pydantic import ValidationError
-
-        try:
-            cfg = cfg.model_copy(update={"pretrain": cfg.pretrain.model_validate({**cfg.pretrain.model_dump(), **overrides})})
-        except ValidationError as exc:
-            _fail(str(exc))
-    try:
-        result = run_pretrain(ws, cfg, resume=resume)
-    except (NoTilesError, EncoderError, TrainingDiverged, ValueError, FileNotFoundError) as exc:
-        _fail(str(exc))
-    console = _console()
-    if result.run_id is None:
-        return  # a torchrun process other than rank 0
-    from histcode.reports import pretrain_summary, write_json
-
-    write_json(report or ws.metrics_dir / "pretrain.json", pretrain_summary(result, cfg.pretrain))
-    state = f"resumed at step {result.start_step}" if result.resumed else "new run"
-    loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
-    console.print(f"pretrain {result.method}: {result.steps} steps ({state}), final loss {loss}")
-    console.print(f"MLflow run {result.run_id}; registered {cfg.pretrain.register_as} version {result.version} "
-                  f"(models:/{cfg.pretrain.register_as}@{result.method})")
-    if result.probe:
-        p = result.probe
-        console.print(
-            f"linear probe on {int(p['probe_tiles'])} held-aside tiles, accuracy / macro AUC: "
-            f"trained {p['probe_accuracy']:.3f} / {p['probe_macro_auc']:.3f}, "
-            f"random init {p['probe_random_init_accuracy']:.3f} / {p['probe_random_init_macro_auc']:.3f}, "
-            f"colour only {p['probe_colour_accuracy']:.3f} / {p['probe_colour_macro_auc']:.3f}"
-        )
-
-
-@app.command()
-def embed(
-    ctx: typer.Context,
-    encoder: Annotated[Optional[str], typer.Option(help="Registered encoder: name@alias, name/version or name (latest); default features.encoder.")] = None,
-    slide: Annotated[Optional[list[str]], typer.Option("--slide", help="Only these slide ids (repeatable).")] = None,
-    tag: Annotated[Optional[str], typer.Option(help="Tag the resulting table versions (for training and --as-of).")] = None,
-    report: Annotated[Optional[Path], typer.Option(help="Write a JSON summary here (default: metrics/embed.json).")] = None,
-) -> None:
-    """Materialise the feature view of an encoder: tile and slide vectors into LanceDB. Exits 1 if a slide failed."""
-    from histcode.features.embed import materialize
-    from histcode.features.registry import ViewError
-    from histcode.reports import embed_summary, write_json
-    from histcode.ssl.dataset import NoTilesError
-    from histcode.store.catalog import CatalogError
-    from histcode.store.vectors import VectorStoreError
-    from histcode.tracking import telemetry_off
-    from histcode.views import embed_table
-
-    telemetry_off()
-    ws = _ws(ctx)
-    cfg = _config(ws)
-    try:
-        result = materialize(ws, cfg, encoder=encoder, slide_ids=slide, tag=tag)
-    except (ViewError, NoTilesError, CatalogError, VectorStoreError) as exc:
-        _fail(str(exc))
-    _console().print(embed_table(result))
-    write_json(report or ws.metrics_dir / "embed.json", embed_summary(result))
-    if result.failed:
-        raise typer.Exit(1)
-
-
-@app.command()
-def sql(
-    ctx: typer.Context,
-    query: Annotated[str, typer.Argument(help="One read-only SQL query (SELECT).")],
-    output: Annotated[str, typer.Option("--format", help="table | csv | json")] = "table",
-    limit: Annotated[int, typer.Option(help="Rows to print in table format.")] = 50,
-) -> None:
-    """Read-only SQL over the catalog and every feature view (tile_embeddings, slide_embeddings, ...)."""
-    from histcode.store.catalog import CatalogError
-    from histcode.store.sql import ReadOnlyQueryError, run_sql
-    from histcode.views import arrow_table
-
-    ws = _ws(ctx)
-    try:
-        result = run_sql(ws, query)
-    except ReadOnlyQueryError as exc:
-        _fail(str(exc))
-    except CatalogError as exc:
-        _fail(str(exc))
-    except Exception as exc:  # noqa: BLE001 -- DuckDB's own errors (syntax, unknown column) are the user's to read
-        _fail(f"{type(exc).__name__}: {exc}")
-    _print_frame(result, output, limit, arrow_table)
-
-
-@app.command()
-def search(
-    ctx: typer.Context,
-    slide: Annotated[Optional[str], typer.Option("--slide", help="Slides like this slide.")] = None,
-    tile: Annotated[Optional[str], typer.Option("--tile", help="Tiles like this tile.")] = None,
-    image: Annotated[Optional[Path], typer.Option("--image", help="Tiles like this image (embedded by the view's encoder).")] = None,
-    k: Annotated[int, typer.Option("--k", help="How many neighbours.")] = 10,
-    where: Annotated[Optional[str], typer.Option(help="SQL filter on the table's columns, e.g. \"subtype = 'LUSC'\".")] = None,
-    as_of: Annotated[Optional[str], typer.Option("--as-of", help="A table version number or tag.")] = None,
-    view: Annotated[Optional[str], typer.Option(help="Feature view id (default: the latest materialised).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
-) -> None:
-    """Similarity search: ranked slides or tiles with cosine distances and metadata."""
-    from histcode.features.registry import ViewError, load_view
-    from histcode.features.search import SearchError
-    from histcode.features.search import search as run_search
-    from histcode.store.catalog import Catalog
-    from histcode.store.vectors import VectorStoreError
-    from histcode.tracking import telemetry_off
-    from histcode.views import arrow_table
-
-    telemetry_off()
-    ws = _ws(ctx)
-    cfg = _config(ws)
-    try:
-        fv = load_view(Catalog(ws.catalog_path), view, cfg.features.attribute_columns)
-        hits = run_search(ws, fv, cfg.features, slide_id=slide, tile_id=tile, image=image, k=k, where=where, as_of=as_of)
-    except (ViewError, SearchError, VectorStoreError, ValueError) as exc:
-        _fail(str(exc))
-    _print_frame(hits, "json" if as_json else "table", k, arrow_table)
-
-
-def _print_frame(table, output: str, limit: int, render) -> None:
-    if output == "csv":
-        sys.stdout.write(table.to_pandas().to_csv(index=False))
-    elif output == "json":
-        sys.stdout.write(table.to_pandas().to_json(orient="records", lines=True, double_precision=6))
-    elif output == "table":
-        _console().print(render(table, limit))
-    else:
-        _fail(f"--format must be table, csv or json, not {output!r}")
-
-
-@app.command()
 def slides(
     ctx: typer.Context,
     status: Annotated[Optional[str], typer.Option(help="Only slides with this status (ok, failed).")] = None,
@@ -354,101 +202,21 @@ def demo(
         raise typer.Exit(1)
 
 
-@app.command()
-def heads(
-    ctx: typer.Context,
-    task: Annotated[Optional[list[str]], typer.Option("--task", help="tumor | subtype | de (repeatable; default heads.tasks).")] = None,
-    aggregator: Annotated[Optional[list[str]], typer.Option("--aggregator", help="attention | mean | max (repeatable).")] = None,
-    view: Annotated[Optional[str], typer.Option(help="Feature view id (default: heads.view, else the latest).")] = None,
-    report: Annotated[Optional[Path], typer.Option(help="Write a JSON summary here (default: metrics/heads.json).")] = None,
-) -> None:
-    """Cross-validate and register the heads (only after the label gate passed)."""
-    from histcode.features.registry import ViewError
-    from histcode.heads.run import train_heads
-    from histcode.labels.run import LabelGateError
-    from histcode.reports import write_json
-    from histcode.tracking import telemetry_off
-    from histcode.views import heads_table
-
-    telemetry_off()
-    ws = _ws(ctx)
-    cfg = _config(ws)
-    try:
-        result = train_heads(ws, cfg, tuple(task) if task else None, tuple(aggregator) if aggregator else None, view)
-    except (LabelGateError, ViewError, ValueError) as exc:
-        _fail(str(exc))
-    summary = result.summary()
-    write_json(report or ws.metrics_dir / "heads.json", summary)
-    _console().print(heads_table(summary))
-
-
-labels_app = typer.Typer(no_args_is_help=True, help="Expression labels: ingest, DE labelling, the gate.")
-app.add_typer(labels_app, name="labels")
-
-
-@labels_app.command("ingest")
-def labels_ingest(
-    ctx: typer.Context,
-    file: Annotated[Optional[Path], typer.Argument(help="Genes x samples matrix (TSV, CSV, parquet); default labels.expression.")] = None,
-    sample_sheet: Annotated[Optional[Path], typer.Option(help="CSV sample_id, patient_id[, slide_id, sample_type].")] = None,
-    report: Annotated[Optional[Path], typer.Option(help="Write a JSON summary here (default: metrics/labels.json).")] = None,
-) -> None:
-    """Read an expression matrix, map samples to slides, compute DE labels and slide labels, plan the folds."""
-    from histcode.labels.expression import ExpressionFileError
-    from histcode.labels.run import ingest_labels
-    from histcode.reports import labels_summary, write_json
-    from histcode.store.catalog import CatalogError
-
-    ws = _ws(ctx)
-    cfg = _config(ws)
-    try:
-        result = ingest_labels(ws, cfg, file, sample_sheet)
-    except (ExpressionFileError, CatalogError) as exc:
-        _fail(str(exc))
-    summary = labels_summary(result)
-    write_json(report or ws.metrics_dir / "labels.json", summary)
-    console = _console()
-    console.print(f"label set {result.label_version}: {result.n_samples} samples, {result.n_genes} genes, "
-                  f"{result.n_patients} patients; DE classes {result.de_counts}; references {result.references}")
-    for gene, reason in result.excluded_genes.items():
-        console.print(f"  [yellow]excluded[/] {gene}: {reason}")
-    for sample, problem in result.problems.items():
-        console.print(f"  [red]sample[/] {sample}: {problem}")
-    console.print("next: `histcode labels gate`")
-
-
-@labels_app.command("gate")
-def labels_gate(
-    ctx: typer.Context,
-    report: Annotated[Optional[Path], typer.Option(help="Write a JSON summary here (default: metrics/label_gate.json).")] = None,
-) -> None:
-    """Validate the current label set with Great Expectations; exits 1 (and nothing may train) if it fails."""
-    from histcode.labels.run import LabelGateError, gate_labels
-    from histcode.reports import gate_summary, write_json
-
-    ws = _ws(ctx)
-    cfg = _config(ws)
-    try:
-        result = gate_labels(ws, cfg)
-    except (LabelGateError, FileNotFoundError) as exc:
-        _fail(str(exc))
-    write_json(report or ws.metrics_dir / "label_gate.json", gate_summary(result))
-    console = _console()
-    console.print(("[green]" if result.passed else "[red]") + result.summary() + "[/]", soft_wrap=True)
-    for gene, reason in result.excluded_genes.items():
-        console.print(f"  excluded from DE classification: {gene}: {reason}")
-    if result.docs:
-        console.print(f"Data Docs: {result.docs}")
-    if not result.passed:
-        raise typer.Exit(1)
+def _register_commands() -> None:
+    """The command modules add themselves to ``app`` when imported (they import this module's helpers)."""
+    import histcode.cli_features  # noqa: F401
+    import histcode.cli_heads  # noqa: F401
 
 
 def main() -> None:
+    _register_commands()
     try:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
 
+
+_register_commands()
 
 if __name__ == "__main__":
     main()

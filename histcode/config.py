@@ -237,7 +237,7 @@ class HeadsConfig(_Section):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     view: str | None = None  # feature view id; None = the latest materialised
-    register: bool = True
+    register_models: bool = True
 
 
 class HistcodeConfig(_Section):

@@ -98,3 +98,21 @@ def gate_summary(result) -> dict:
         "passed": result.passed, "failures": [f.message for f in result.failures],
         "excluded_genes": result.excluded_genes, "data_docs": str(result.docs) if result.docs else None,
     }
+
+
+def write_heads_report(report, metrics_path: Path, plots_dir: Path) -> dict:
+    """``report``: histcode.heads.run.HeadsReport. Writes its summary as metrics JSON and its ROC and per-gene
+    tables as CSVs under ``plots_dir/roc`` and ``plots_dir/genes`` for `dvc plots show` (tables of heads not in
+    this report are removed); returns the summary."""
+    summary = report.summary()
+    tables = report.plot_tables()
+    for sub in ("roc", "genes"):
+        (plots_dir / sub).mkdir(parents=True, exist_ok=True)
+        for stale in set((plots_dir / sub).glob("*.csv")) - {plots_dir / f"{n}.csv" for n in tables}:
+            stale.unlink()
+    for name, table in tables.items():
+        tmp = plots_dir / f"{name}.csv.tmp"
+        table.to_csv(tmp, index=False)
+        os.replace(tmp, plots_dir / f"{name}.csv")
+    write_json(metrics_path, summary)
+    return summary

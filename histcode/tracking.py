@@ -158,6 +158,9 @@ class Tracker:
             info = mlflow.pytorch.log_model(
                 model, name=name, signature=signature, input_example=example, serialization_format="pt2",
                 pip_requirements=[f"torch=={metadata.version('torch')}"], registered_model_name=registered_name,
+                # pyfunc serving expects one output tensor; heads return (outputs, attention), so serving-input
+                # validation would only warn. Loading them back with mlflow.pytorch is tested instead.
+                validate_serving_input=output_dim is not None,
             )
         version = None
         if registered_name:

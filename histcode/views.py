@@ -139,6 +139,21 @@ def label_lines(labels: dict | None, gate: dict | None) -> str:
             f"  Data Docs: {gate['data_docs']}")
 
 
+def heads_lines(heads: dict | None, heatmap) -> str:
+    if not heads:
+        return "  heads: not trained"
+    parts = []
+    for key, r in heads["runs"].items():
+        score = r.get("auc", r.get("mean_gene_auc"))
+        parts.append(f"{key} {'AUC' if 'auc' in r else 'gene AUC'} {score:.2f}")
+    reused = " (up to date, reused)" if heads.get("reused") else ""
+    text = f"  heads (pooled CV){reused}: " + ", ".join(parts) + f"; best: {heads['best']}"
+    if heatmap is not None:
+        auc = f", attention vs tumour mask AUC {heatmap.mask_auc:.2f}" if heatmap.mask_auc is not None else ""
+        text += f"\n  heatmap: {heatmap.pictures[0]}{auc}"
+    return text
+
+
 def next_steps(ws, outcome) -> str:
     """What to do after the demo: where things are and commands to try."""
     qc = ws.outputs_dir / "qc" / outcome.tiling.spec_id
@@ -152,6 +167,7 @@ def next_steps(ws, outcome) -> str:
 {pretrain_lines(outcome.pretrain, outcome.pretrain_reused)}
 {embed_lines(outcome.embed)}
 {label_lines(outcome.labels, outcome.gate)}
+{heads_lines(outcome.heads, outcome.heatmap)}
   cohort: {outcome.cohort.out_dir}  (real LC25000 pixels; simulated layout, labels and expression: see its README.md)
 
 [bold]Next[/]
@@ -160,8 +176,11 @@ def next_steps(ws, outcome) -> str:
   histcode sql "SELECT subtype, count(*) AS tiles FROM tile_embeddings GROUP BY 1"
   histcode search --slide {first_slide(outcome)} --k 5          the most similar slides
   histcode search --tile <tile_id> --where "subtype = 'LUSC'"  nearest tiles within LUSC slides
+  histcode predict data/demo/slides/<a slide>.svs --out preds.csv --tile-scores tiles.csv
+  histcode heatmap <slide_id> --gene KRT5           attention and a gene's tile scores over the slide
+  histcode ablation                                 encoder x aggregator grid, compared in MLflow ('heads')
   histcode slides                                   the catalog, slide by slide
   ls {qc}      QC pictures: tissue mask and tile grid per slide
   python -c "import duckdb; print(duckdb.connect('{ws.catalog_path}', read_only=True).sql('{sql}'))"
   dvc repro                                         the same stages through DVC (source .venv/bin/activate first)
-Heads, heatmaps and predictions join this demo as their stage lands."""
+"""

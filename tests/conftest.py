@@ -70,21 +70,25 @@ def copy_slide(tmp_path: Path):
     return _copy
 
 
-@pytest.fixture(scope="session")
-def tiled_catalog(tiny_cohort, tmp_path_factory) -> Path:
-    """A catalog with the tiny cohort ingested and tiled under the default spec (copy it before writing)."""
+def _tile_cohort(cohort, root: Path) -> Workspace:
     from histcode.ingest.run import ingest_sources
     from histcode.ingest.sources import read_manifest
     from histcode.store.catalog import Catalog
     from histcode.tiling.run import tile_slides
 
-    ws = Workspace(tmp_path_factory.mktemp("tiled") / "ws").ensure()
+    ws = Workspace(root / "ws").ensure()
     cfg = HistcodeConfig()
     catalog = Catalog(ws.catalog_path)
-    ingest_sources(read_manifest(tiny_cohort.manifest), catalog, cfg.ingest, progress=False)
+    ingest_sources(read_manifest(cohort.manifest), catalog, cfg.ingest, progress=False)
     report = tile_slides(catalog, cfg.tiling, ws.outputs_dir / "qc", progress=False)
     assert not report.failed
-    return ws.catalog_path
+    return ws
+
+
+@pytest.fixture(scope="session")
+def tiled_catalog(tiny_cohort, tmp_path_factory) -> Path:
+    """A catalog with the tiny cohort ingested and tiled under the default spec (copy it before writing)."""
+    return _tile_cohort(tiny_cohort, tmp_path_factory.mktemp("tiled")).catalog_path
 
 
 @pytest.fixture
@@ -102,13 +106,17 @@ TINY_PRETRAIN = {"image_px": 32, "batch_size": 8, "max_steps": 1, "bank_size": 1
 def embedded_workspace(tiled_catalog, tmp_path_factory) -> Workspace:
     """A workspace with the tiny cohort tiled, a 1-step encoder registered and its feature view materialised.
     Read-only for tests: copy it (``copy_workspace``) before writing."""
+    ws = Workspace(tmp_path_factory.mktemp("embedded") / "ws").ensure()
+    shutil.copy2(tiled_catalog, ws.catalog_path)
+    return _embed(ws)
+
+
+def _embed(ws: Workspace) -> Workspace:
     import yaml
 
     from histcode.features.embed import materialize
     from histcode.ssl.pretrain import pretrain
 
-    ws = Workspace(tmp_path_factory.mktemp("embedded") / "ws").ensure()
-    shutil.copy2(tiled_catalog, ws.catalog_path)
     (ws.root / "params.yaml").write_text(yaml.safe_dump({"pretrain": TINY_PRETRAIN}))
     pretrain(ws, ws.config(), progress=False)
     report = materialize(ws, ws.config(), tag="first", progress=False)
@@ -125,3 +133,37 @@ def copy_workspace(tmp_path):
         return Workspace(target)
 
     return _copy
+
+
+TINY_HEADS = {"epochs": 30, "patience": 8, "bootstrap": 50, "aggregators": ["attention", "mean"], "k_sample": 2}
+
+
+# The heads need more patients than the tiny cohort has for cross-validation to mean anything: 10 patients,
+# 2-3 slides each, on the same small canvas.
+HEADS_DEMO = DemoConfig(n_patients=10, canvas_cells=(6, 8), seed=11, fraction_40x=0.0, fraction_generic_tiff=0.0)
+
+
+@pytest.fixture(scope="session")
+def heads_cohort(tmp_path_factory: pytest.TempPathFactory):
+    from histcode.demo.build import build_demo_cohort
+
+    return build_demo_cohort(HEADS_DEMO, tmp_path_factory.mktemp("heads_demo") / "demo", progress=False)
+
+
+@pytest.fixture(scope="session")
+def headed_workspace(heads_cohort, tmp_path_factory) -> Workspace:
+    """The heads cohort tiled, embedded, labelled through the gate, with heads trained and registered, their
+    summary in metrics/heads.json (read-only)."""
+    import yaml
+
+    from histcode.heads.run import train_heads
+    from histcode.labels.run import gate_labels, ingest_labels
+    from histcode.reports import write_heads_report
+
+    ws = _embed(_tile_cohort(heads_cohort, tmp_path_factory.mktemp("headed")))
+    params = {"pretrain": TINY_PRETRAIN, "labels": {"min_class_size": 2, "folds": 3}, "heads": TINY_HEADS}
+    (ws.root / "params.yaml").write_text(yaml.safe_dump(params))
+    ingest_labels(ws, ws.config(), heads_cohort.out_dir / "expression.tsv")
+    assert gate_labels(ws, ws.config()).passed
+    write_heads_report(train_heads(ws, ws.config()), ws.metrics_dir / "heads.json", ws.metrics_dir / "plots")
+    return ws

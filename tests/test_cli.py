@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from histcode.cli import app
 from histcode.config import PretrainConfig, ProbeConfig
-from tests.conftest import SLIDES, TINY_DEMO
+from tests.conftest import SLIDES, TINY_DEMO, TINY_HEADS
 
 runner = CliRunner()
 
@@ -74,7 +74,8 @@ def test_demo_command_end_to_end(tmp_path) -> None:
                               probe=ProbeConfig(folds=3))
     (ws / "params.yaml").write_text(yaml.safe_dump({"demo": TINY_DEMO.model_dump(mode="json"),
                                                     "pretrain": pretrain.model_dump(mode="json"),
-                                                    "labels": {"min_class_size": 1, "folds": 2}}))
+                                                    "labels": {"min_class_size": 1, "folds": 2},
+                                                    "heads": {**TINY_HEADS, "epochs": 5, "bootstrap": 20}}))
     result = invoke(ws, "demo", "--workers", "1")
     assert result.exit_code == 0, result.stdout
     assert "Demo pipeline done" in result.stdout and "mlflow ui --backend-store-uri" in result.stdout
@@ -82,11 +83,16 @@ def test_demo_command_end_to_end(tmp_path) -> None:
     assert "gate passed" in result.stdout and json.loads((ws / "metrics" / "label_gate.json").read_text())["passed"]
     tiling = json.loads((ws / "metrics" / "tiling.json").read_text())
     assert tiling["failed"] == 0 and tiling["tiled_now"] == tiling["slides"] > 0
+    assert "heads (pooled CV): tumor/attention AUC" in result.stdout and "heatmap: " in result.stdout
+    heads = json.loads((ws / "metrics" / "heads.json").read_text())
+    assert set(heads["best"]) == {"tumor", "subtype", "de"} and (ws / "metrics" / "plots" / "roc").is_dir()
     again = invoke(ws, "demo", "--workers", "1")
     assert again.exit_code == 0
     rerun = json.loads((ws / "metrics" / "tiling.json").read_text())
     assert rerun["tiled_now"] == 0 and rerun["skipped"] == tiling["slides"] and rerun["tiles"] == tiling["tiles"]
     assert "encoder: adco (up to date, reused)" in again.stdout
+    assert "heads (pooled CV) (up to date, reused)" in again.stdout
+    assert json.loads((ws / "metrics" / "heads.json").read_text())["runs"] == heads["runs"]  # not retrained
 
 
 def test_labels_commands(tiled_workspace, tiny_cohort) -> None:

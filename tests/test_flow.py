@@ -83,3 +83,23 @@ def test_labels_flow_passes_and_stops_on_a_failed_gate(tiled_workspace, tiny_coh
     (ws.root / "params.yaml").write_text(yaml.safe_dump({"labels": {"min_class_size": 5, "folds": 2}}))
     with pytest.raises(LabelGateFailed, match="slide classes with fewer than 5 slides"):
         labels_flow(expression=str(tiny_cohort.out_dir / "expression.tsv"), workspace=str(ws.root))
+
+
+@pytest.mark.integration
+def test_heads_flow_reuses_unchanged_heads_and_refuses_an_ungated_label_set(headed_workspace, copy_workspace,
+                                                                            prefect_home) -> None:
+    import yaml
+
+    from flows.heads import heads_flow
+    from histcode.labels.run import LabelGateError, gate_labels
+
+    ws = copy_workspace(headed_workspace)
+    out = heads_flow(heatmaps=1, workspace=str(ws.root))
+    assert out["reused"] and out["runs"]["tumor/attention"]["run_id"]  # nothing changed: nothing retrained
+    assert len(out["heatmaps"]) == 1 and all(p.endswith(".png") for p in out["heatmaps"][0]["pictures"])
+    params = yaml.safe_load((ws.root / "params.yaml").read_text())
+    params["labels"]["min_class_size"] = 50
+    (ws.root / "params.yaml").write_text(yaml.safe_dump(params))
+    assert not gate_labels(ws, ws.config()).passed
+    with pytest.raises(LabelGateError, match="failed the gate"):
+        heads_flow(heatmaps=0, workspace=str(ws.root))

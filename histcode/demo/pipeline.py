@@ -1,5 +1,5 @@
 """The demo pipeline: build the demo cohort, ingest it, tile it, pretrain an encoder, embed every tile into a
-feature view, label the expression and gate the labels. Later stages append themselves here. Every stage skips work that is already done, so a rerun is quick."""
+feature view, label the expression and gate the labels, cross-validate and register the heads, draw a heatmap. Every stage skips work that is already done, so a rerun is quick."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from histcode.reports import (
     labels_summary,
     pretrain_summary,
     tiling_summary,
+    write_heads_report,
     write_json,
 )
 from histcode.store.catalog import Catalog
@@ -36,6 +37,8 @@ class DemoOutcome:
     embed: dict | None = None  # metrics/embed.json's content
     labels: dict | None = None  # metrics/labels.json's content
     gate: dict | None = None  # metrics/label_gate.json's content
+    heads: dict | None = None  # metrics/heads.json's content
+    heatmap: object | None = None  # the HeatmapResult of one tumour slide
 
     @property
     def failed(self) -> bool:
@@ -74,4 +77,23 @@ def run_demo(ws: Workspace, cfg: HistcodeConfig, workers: int = 2) -> DemoOutcom
     write_json(ws.metrics_dir / "labels.json", outcome.labels)
     outcome.gate = gate_summary(gate_labels(ws, cfg))
     write_json(ws.metrics_dir / "label_gate.json", outcome.gate)
+    if not outcome.gate["passed"]:
+        return outcome
+    from histcode.heads.heatmaps import render_heatmaps
+    from histcode.heads.run import completed_heads, train_heads
+
+    done = completed_heads(ws, cfg, ws.metrics_dir / "heads.json")
+    if done is not None:
+        log.info("heads are up to date: %s", ws.metrics_dir / "heads.json")
+        outcome.heads = {**done, "reused": True}
+    else:
+        outcome.heads = write_heads_report(train_heads(ws, cfg), ws.metrics_dir / "heads.json", ws.metrics_dir / "plots")
+    tumour_slides = sorted(s for s, t in zip(*_tumour_slides(ws)) if t)
+    if tumour_slides:
+        outcome.heatmap = render_heatmaps(ws, tumour_slides[0], ws.outputs_dir / "heatmaps")
     return outcome
+
+
+def _tumour_slides(ws: Workspace) -> tuple[list[str], list[bool]]:
+    rows = Catalog(ws.catalog_path).query("SELECT slide_id, tumor FROM slide_labels ORDER BY slide_id")
+    return [r["slide_id"] for r in rows], [bool(r["tumor"]) for r in rows]

@@ -48,7 +48,15 @@ def fit_on(task: TaskData, bags: dict[str, Bag], idx: np.ndarray, aggregator: st
            seed: int) -> tuple[FittedHead, np.ndarray, np.ndarray]:
     """Fit on the slides ``idx`` with an inner validation split; returns (head, train idx, val idx)."""
     strata = task.y[idx] if task.name != "de" else np.zeros(len(idx), dtype=int)
+    if task.name != "de" and len(np.unique(strata)) < 2:
+        raise ValueError(f"{task.name}: the training slides hold a single class ({task.classes[int(strata[0])]}); "
+                         "too few patients per class for this many folds")
     tr, va = inner_split(task.patients[idx], strata, cfg.val_fraction, seed)
+    if task.name != "de" and len(np.unique(strata[tr])) < 2:
+        # too few patients to hold some out and keep both classes: train on all, for the configured epochs
+        log.warning("%s: no validation split possible without losing a class; training without early stopping",
+                    task.name)
+        tr, va = np.ones(len(idx), dtype=bool), np.zeros(len(idx), dtype=bool)
     train_idx, val_idx = idx[tr], idx[va]
     feats = [bags[task.slide_ids[i]].features for i in range(len(task.slide_ids))]
     pairs = lambda ids: list(zip([feats[i] for i in ids], _targets(task, ids)))  # noqa: E731

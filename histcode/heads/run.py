@@ -7,6 +7,7 @@ Nothing trains unless the current label set passed the gate. The Lance state the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import tempfile
@@ -45,10 +46,11 @@ class HeadsReport:
     versions: dict[str, str] = field(default_factory=dict)  # "task/aggregator" -> registered version
     best: dict[str, str] = field(default_factory=dict)  # task -> aggregator with the alias 'best'
     mask_auc: dict[str, float] = field(default_factory=dict)  # aggregator -> mean attention-vs-mask AUC
+    fingerprint: str = ""  # view state + label set + heads config: equal fingerprints train the same heads
 
     def summary(self) -> dict:
         out = {"view_id": self.view.view_id, "encoder_uri": self.view.encoder_uri, "label_version": self.label_version,
-               "lance_tag": self.lance_tag, "best": self.best, "runs": {}}
+               "lance_tag": self.lance_tag, "best": self.best, "fingerprint": self.fingerprint, "runs": {}}
         for r in self.results:
             key = f"{r.task.name}/{r.aggregator}"
             out["runs"][key] = {"run_id": self.runs.get(key), "version": self.versions.get(key),
@@ -56,6 +58,21 @@ class HeadsReport:
             if r.task.name == "tumor" and r.aggregator in self.mask_auc:
                 out["runs"][key]["attention_mask_auc"] = round(self.mask_auc[r.aggregator], 4)
         return out
+
+    def plot_tables(self) -> dict[str, pd.DataFrame]:
+        """Tables for `dvc plots`, one per head: ``roc/<task>_<aggregator>`` (ROC points of binary heads, pooled
+        over the test folds) and ``genes/de_<aggregator>`` (per-gene |log2FC|, AUC and correlations)."""
+        from sklearn.metrics import roc_curve
+
+        tables = {}
+        for r in self.results:
+            name = f"{r.task.name}_{r.aggregator}"
+            if r.predictions is not None and len(r.task.classes) == 2 and r.predictions.y.nunique() == 2:
+                fpr, tpr, _ = roc_curve(r.predictions.y, r.predictions[f"p_{r.task.classes[1]}"])
+                tables[f"roc/{name}"] = pd.DataFrame({"fpr": fpr.round(4), "tpr": tpr.round(4)})
+            if r.genes:
+                tables[f"genes/{name}"] = pd.DataFrame(r.genes).round(4)
+        return tables
 
 
 def _tag_state(ws: Workspace, view: FeatureView, label_version: str) -> str:
@@ -66,22 +83,50 @@ def _tag_state(ws: Workspace, view: FeatureView, label_version: str) -> str:
     return tag
 
 
+def _fingerprint(ws: Workspace, cfg: HistcodeConfig, view: FeatureView, label_version: str,
+                 tasks: tuple[str, ...], aggregators: tuple[str, ...]) -> str:
+    db = connect(ws.lancedb_dir)
+    state = {"view": view.view_id, "lance": [open_table(db, view.table(k), create=False).version for k in (TILE_KIND, SLIDE_KIND)],
+             "labels": label_version, "heads": cfg.heads.model_dump(mode="json"), "tasks": tasks, "aggregators": aggregators}
+    return hashlib.sha1(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def completed_heads(ws: Workspace, cfg: HistcodeConfig, summary_path: Path) -> dict | None:
+    """The summary at ``summary_path`` if it describes heads trained on exactly the current feature view state,
+    label set and heads config, with its MLflow runs still FINISHED; None means training would do new work."""
+    if not summary_path.is_file() or not ws.catalog_path.is_file():
+        return None
+    summary = json.loads(summary_path.read_text())
+    try:
+        catalog = Catalog(ws.catalog_path)
+        labels = require_passed_gate(catalog)
+        view = load_view(catalog, cfg.heads.view, cfg.features.attribute_columns)
+        current = _fingerprint(ws, cfg, view, labels["label_version"], cfg.heads.tasks, cfg.heads.aggregators)
+        tracker = Tracker(ws)
+        finished = all(tracker.client.get_run(r["run_id"]).info.status == "FINISHED" for r in summary["runs"].values())
+    except Exception:  # noqa: BLE001 -- no gate, no view, a deleted run: not up to date
+        return None
+    return summary if finished and summary.get("fingerprint") == current else None
+
+
 def train_heads(ws: Workspace, cfg: HistcodeConfig, tasks: tuple[str, ...] | None = None,
                 aggregators: tuple[str, ...] | None = None, view_id: str | None = None) -> HeadsReport:
     hcfg = cfg.heads
     catalog = Catalog(ws.catalog_path)
     labels = require_passed_gate(catalog)
     view = load_view(catalog, view_id or hcfg.view, cfg.features.attribute_columns)
+    tasks, aggregators = tasks or hcfg.tasks, aggregators or hcfg.aggregators
+    fingerprint = _fingerprint(ws, cfg, view, labels["label_version"], tasks, aggregators)
     tag = _tag_state(ws, view, labels["label_version"])
     bags = load_bags(ws, view, as_of=tag)
     tracker = Tracker(ws)
-    report = HeadsReport(view, labels["label_version"], tag)
+    report = HeadsReport(view, labels["label_version"], tag, fingerprint=fingerprint)
     docs = gx_project(ws) / "gx" / "uncommitted" / "data_docs" / "local_site"
     masks = {s["slide_id"]: s for s in catalog.slides(status="ok")}
-    for task in tasks or hcfg.tasks:
+    for task in tasks:
         data = task_data(catalog, task, bags)
         scores = {}
-        for aggregator in aggregators or hcfg.aggregators:
+        for aggregator in aggregators:
             if task == "de" and aggregator == "max":
                 continue  # max-instance MIL has no fold-change form
             result = cross_validate(data, bags, aggregator, hcfg)
@@ -91,11 +136,11 @@ def train_heads(ws: Workspace, cfg: HistcodeConfig, tasks: tuple[str, ...] | Non
                 report.mask_auc[aggregator] = attention_mask_auc(result, bags, masks)
             report.runs[key] = _track(tracker, result, view, labels, tag, hcfg.model_dump(mode="json"), docs,
                                       report.mask_auc.get(aggregator) if task == "tumor" else None)
-            if hcfg.register:
+            if hcfg.register_models:
                 report.versions[key] = _register(tracker, data, bags, aggregator, hcfg, view, labels, tag,
                                                  report.runs[key], result.score)
             scores[aggregator] = result.score
-        if hcfg.register and scores:
+        if hcfg.register_models and scores:
             finite = {a: s for a, s in scores.items() if np.isfinite(s)}
             best = max(finite, key=finite.get) if finite else next(iter(scores))
             tracker.client.set_registered_model_alias(MODEL_NAMES[task], "best", report.versions[f"{task}/{best}"])
@@ -153,7 +198,9 @@ def _register(tracker: Tracker, data: TaskData, bags: dict[str, Bag], aggregator
         run_id, head.model, "head", (view.dim,), None, MODEL_NAMES[data.name], aliases=(aggregator,),
         version_tags={"task": data.name, "aggregator": aggregator, "view_id": view.view_id,
                       "encoder_uri": view.encoder_uri, "label_version": labels["label_version"], "lance_tag": tag,
-                      "classes": ",".join(data.classes), "genes": ",".join(data.genes), "cv_score": score},
+                      "classes": ",".join(data.classes), "genes": ",".join(data.genes), "cv_score": score,
+                      "classified_genes": ",".join(g for g, keep in zip(data.genes, data.gene_included) if keep)
+                      if data.gene_included is not None else ""},
     )
     tracker.end_run(run_id)
     return version

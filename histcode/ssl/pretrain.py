@@ -214,3 +214,20 @@ def _new_run(tracker: Tracker, trainer: Trainer, pcfg: PretrainConfig, catalog: 
         "spec_id": spec_id, "n_tiles": n_tiles, "total_steps": steps, "world_size": world, "data_version": version,
     }})
     return run_id
+
+
+def register_random_encoder(ws: Workspace, cfg: HistcodeConfig) -> str:
+    """Register the encoder exactly as training would start from it (alias ``random``): the ablation's
+    random-initialisation baseline. Returns the registered version."""
+    pcfg = cfg.pretrain
+    tracker = Tracker(ws)
+    run_id = tracker.start_run(EXPERIMENT, f"random-{pcfg.encoder}", tags={"histcode.method": "random"})
+    tracker.log_params(run_id, {"method": "random", "encoder": pcfg.encoder, "seed": pcfg.seed, "image_px": pcfg.image_px})
+    encoder = fresh_encoder(pcfg).eval()
+    _, version = tracker.log_torch_model(
+        run_id, encoder, "encoder", (3, pcfg.image_px, pcfg.image_px), encoder.dim, pcfg.register_as, aliases=("random",),
+        version_tags={"method": "random", "encoder": pcfg.encoder, "image_px": pcfg.image_px, "dim": encoder.dim,
+                      "run_id": run_id},
+    )
+    tracker.end_run(run_id)
+    return version

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 TABLES: dict[str, str] = {
     "meta": """
@@ -157,6 +157,12 @@ TABLES: dict[str, str] = {
         )""",
     "cv_folds": """
         CREATE TABLE IF NOT EXISTS cv_folds (slide_id VARCHAR, patient_id VARCHAR, fold INTEGER)""",
+    # Tile-level scores of a registered head (attention, or a gene's predicted log2FC), queryable in SQL.
+    "tile_scores": """
+        CREATE TABLE IF NOT EXISTS tile_scores (
+            model VARCHAR, version VARCHAR, slide_id VARCHAR, tile_id VARCHAR, x BIGINT, y BIGINT, size INTEGER,
+            score_name VARCHAR, score DOUBLE, created_at TIMESTAMP
+        )""",
 }
 
 # Upgrades of catalogs written by older versions: {version: statements}.
@@ -165,4 +171,4 @@ MIGRATIONS: dict[int, list[str]] = {
 }
 
 # Tables whose rows derive from a slide's pixels: cleared when the slide's content changes.
-DOWNSTREAM_OF_SLIDE = ("tiles", "materializations")
+DOWNSTREAM_OF_SLIDE = ("tiles", "materializations", "tile_scores")

@@ -1,0 +1,44 @@
+"""The paper's ablation: encoder (random init, SimCLR, MoCo, AdCo) x aggregator (mean, attention), every
+combination trained and cross-validated the same way, as comparable runs of the MLflow experiment ``heads``
+(tagged ``histcode.method`` and ``histcode.aggregator``: select them in the UI and press Compare)."""
+
+from __future__ import annotations
+
+import logging
+
+from histcode.config import HistcodeConfig
+from histcode.features.embed import materialize
+from histcode.heads.run import HeadsReport, train_heads
+from histcode.ssl.pretrain import completed, pretrain, register_random_encoder
+from histcode.tracking import Tracker
+from histcode.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+METHODS = ("random", "simclr", "moco", "adco")
+
+
+def _encoder_version(ws: Workspace, cfg: HistcodeConfig, method: str) -> str:
+    """The registered encoder of ``method``, trained (or registered, for random) if there is none yet."""
+    name = cfg.pretrain.register_as
+    if method == "random":
+        try:
+            return Tracker(ws).client.get_model_version_by_alias(name, "random").version
+        except Exception:  # noqa: BLE001 -- not registered yet
+            return register_random_encoder(ws, cfg)
+    mcfg = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"method": method})})
+    done = completed(ws, mcfg)
+    if done is not None:
+        return str(done["version"])
+    return str(pretrain(ws, mcfg).version)
+
+
+def run_ablation(ws: Workspace, cfg: HistcodeConfig, methods: tuple[str, ...] = METHODS,
+                 aggregators: tuple[str, ...] = ("mean", "attention"), tasks: tuple[str, ...] | None = None) -> list[HeadsReport]:
+    reports = []
+    for method in methods:
+        version = _encoder_version(ws, cfg, method)
+        view = materialize(ws, cfg, encoder=f"{cfg.pretrain.register_as}/{version}").view
+        log.info("ablation: %s encoder v%s -> view %s", method, version, view.view_id)
+        reports.append(train_heads(ws, cfg, tasks, aggregators, view.view_id))
+    return reports

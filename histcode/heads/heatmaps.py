@@ -1,0 +1,107 @@
+"""`histcode heatmap SLIDE`: the tumour head's attention and the DE head's gene-specific tile scores over the
+slide, as PNGs, stored per tile in the catalog (table ``tile_scores``), and measured against the ground-truth
+mask where the slide has one."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from histcode.features.read import tile_features
+from histcode.features.registry import load_view
+from histcode.heads.apply import LoadedHead, load_head
+from histcode.heads.data import Bag
+from histcode.heads.masks import tile_tumour_labels
+from histcode.store.catalog import Catalog
+from histcode.store.records import utcnow
+from histcode.tracking import Tracker
+from histcode.viz.heatmap import heatmap_png
+from histcode.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HeatmapResult:
+    slide_id: str
+    pictures: list[Path] = field(default_factory=list)
+    mask_auc: float | None = None
+    scores: pd.DataFrame | None = None  # one row per tile and score
+
+
+def slide_bag(ws: Workspace, head: LoadedHead, slide_id: str) -> Bag:
+    view = load_view(Catalog(ws.catalog_path), head.view_id)
+    frame = tile_features(ws, view, slide_ids=[slide_id], fmt="pandas").sort_values(["y", "x"])
+    if frame.empty:
+        raise LookupError(f"{slide_id} has no vectors in view {head.view_id}: run `histcode embed --slide {slide_id}`")
+    return Bag(slide_id, frame.patient_id.iloc[0], np.stack(frame.vector.to_numpy()).astype(np.float32),
+               frame.tile_id.tolist(), frame[["x", "y"]].to_numpy(), int(frame["size"].iloc[0]))
+
+
+def store_scores(catalog: Catalog, head: LoadedHead, scores: pd.DataFrame) -> None:
+    model = f"{head.task}-head"
+    with catalog.transaction() as con:
+        for sid in scores.slide_id.unique():
+            con.execute("DELETE FROM tile_scores WHERE model = ? AND version = ? AND slide_id = ?", [model, head.version, sid])
+        frame = scores.assign(model=model, version=head.version, created_at=utcnow())
+        con.register("_scores", frame)
+        con.execute("INSERT INTO tile_scores SELECT model, version, slide_id, tile_id, x, y, size, score_name, score, "
+                    "created_at FROM _scores")
+        con.unregister("_scores")
+
+
+def render_heatmaps(ws: Workspace, slide_id: str, out_dir: Path, genes: list[str] | None = None,
+                    alias: str = "attention") -> HeatmapResult:
+    catalog, tracker = Catalog(ws.catalog_path), Tracker(ws)
+    slide = catalog.get_slide(slide_id)
+    if slide is None or slide["status"] != "ok":
+        raise LookupError(f"{slide_id} is not a registered, healthy slide")
+    tumor = load_head(tracker, "tumor", alias)
+    bag = slide_bag(ws, tumor, slide_id)
+    out, attention = tumor(bag.features)
+    result = HeatmapResult(slide_id)
+    p_tumor = float(out[list(tumor.classes).index("tumor")]) if "tumor" in tumor.classes else float("nan")
+    result.pictures.append(heatmap_png(slide, bag.xy, bag.size, attention,
+                                       f"{slide_id}: tumour-head attention (p_tumor {p_tumor:.2f})", "attention",
+                                       out_dir / f"{slide_id}.attention.png"))
+    rows = [{"slide_id": slide_id, "tile_id": t, "x": int(x), "y": int(y), "size": bag.size, "score_name": "attention",
+             "score": float(a)} for t, (x, y), a in zip(bag.tile_ids, bag.xy, attention)]
+    truth = tile_tumour_labels(slide, bag)
+    if truth is not None and truth.any() and not truth.all():
+        from sklearn.metrics import roc_auc_score
+
+        result.mask_auc = float(roc_auc_score(truth, attention))
+    store_scores(catalog, tumor, pd.DataFrame(rows))
+    try:
+        de = load_head(tracker, "de", "best")
+    except LookupError:
+        de = None
+    if de is not None and de.genes:
+        chosen = genes or list(de.genes[:2])
+        unknown = sorted(set(chosen) - set(de.genes))
+        if unknown:
+            raise LookupError(f"genes {unknown} are not in the DE head's panel {list(de.genes)}")
+        per_tile = de.tile_scores(bag.features)
+        de_rows = []
+        for gene in chosen:
+            g = list(de.genes).index(gene)
+            result.pictures.append(heatmap_png(slide, bag.xy, bag.size, per_tile[:, g],
+                                               f"{slide_id}: predicted log2FC of {gene} per tile", f"{gene} log2FC",
+                                               out_dir / f"{slide_id}.{gene}.png", cmap="coolwarm"))
+            de_rows += [{"slide_id": slide_id, "tile_id": t, "x": int(x), "y": int(y), "size": bag.size,
+                         "score_name": f"log2fc:{gene}", "score": float(v)} for t, (x, y), v in zip(bag.tile_ids, bag.xy, per_tile[:, g])]
+        store_scores(catalog, de, pd.DataFrame(de_rows))
+        rows += de_rows
+    result.scores = pd.DataFrame(rows)
+    run = tracker.start_run("heatmaps", f"heatmap-{slide_id}", tags={"histcode.slide_id": slide_id,
+                                                                       "histcode.tumor_head_version": tumor.version})
+    if result.mask_auc is not None:
+        tracker.log_metrics(run, {"attention_mask_auc": result.mask_auc})
+    for picture in result.pictures:
+        tracker.log_artifact(run, picture, "heatmaps")
+    tracker.end_run(run)
+    return result

@@ -1,0 +1,116 @@
+"""`histcode predict`: new slides in, one row of predictions per slide out.
+
+Each slide is ingested and tiled like any other (so it joins the catalog), embedded with the encoder of the
+registered heads' feature view, and scored by ``histcode-tumor-head@best``, ``histcode-subtype-head@best`` and
+``histcode-de-head@best``. A slide that fails at any step gets status ``failed`` and the reason; the others are
+predicted. Attention comes from the tumour head registered with the attention aggregator when there is one.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from histcode.config import HistcodeConfig
+from histcode.features.embed import materialize
+from histcode.heads.apply import HeadNotFound, load_head
+from histcode.heads.heatmaps import render_heatmaps, slide_bag
+from histcode.ingest.run import ingest_sources
+from histcode.ingest.sources import SlideSource
+from histcode.store.catalog import Catalog
+from histcode.tiling.run import tile_slides
+from histcode.tracking import Tracker
+from histcode.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prediction:
+    predictions: pd.DataFrame
+    tile_scores: pd.DataFrame = field(default_factory=pd.DataFrame)
+    heatmaps: list[Path] = field(default_factory=list)
+
+
+def predict_slides(ws: Workspace, cfg: HistcodeConfig, sources: list[SlideSource], heatmap_dir: Path | None = None,
+                   progress: bool = True) -> Prediction:
+    catalog, tracker = Catalog(ws.catalog_path), Tracker(ws)
+    tumor = load_head(tracker, "tumor", "best")
+    subtype = _optional(tracker, "subtype")
+    de = _optional(tracker, "de")
+    try:
+        attention_head = load_head(tracker, "tumor", "attention")
+    except HeadNotFound:
+        attention_head = tumor
+    status: dict[str, tuple[str, str | None]] = {}
+    order = []
+    for o in ingest_sources(sources, catalog, cfg.ingest, progress=progress).outcomes:
+        order.append(o.slide_id)
+        status[o.slide_id] = (o.status, o.reason)
+    ok = [s for s in order if status[s][0] == "ok"]
+    if ok:
+        for o in tile_slides(catalog, cfg.tiling, ws.outputs_dir / "qc", slide_ids=ok, progress=progress).outcomes:
+            if o.status != "ok":
+                status[o.slide_id] = ("failed", f"tiling: {o.reason}")
+    ok = [s for s in order if status[s][0] == "ok"]
+    if ok:
+        encoder = tumor.encoder_uri.removeprefix("models:/")
+        report = materialize(ws, cfg, encoder=encoder, slide_ids=ok, progress=progress)
+        if report.view.view_id != tumor.view_id:
+            raise RuntimeError(f"embedding produced view {report.view.view_id}, but the heads were trained on "
+                               f"{tumor.view_id}: the tiling spec or encoder changed since `histcode heads`")
+        for o in report.failed:
+            status[o.slide_id] = ("failed", f"embedding: {o.reason}")
+    rows, tiles, pictures = [], [], []
+    for sid in order:
+        row: dict = {"slide_id": sid, "status": status[sid][0], "reason": status[sid][1]}
+        if row["status"] == "ok":
+            try:
+                scored, slide_tiles = _score_slide(ws, sid, tumor, subtype, de, attention_head)
+            except Exception as exc:  # noqa: BLE001 -- one slide's failure must not lose the others' predictions
+                log.warning("scoring %s failed: %s", sid, exc)
+                row.update(status="failed", reason=f"scoring: {type(exc).__name__}: {exc}")
+            else:
+                row.update(scored)
+                tiles += slide_tiles
+                if heatmap_dir is not None:
+                    pictures += render_heatmaps(ws, sid, heatmap_dir).pictures
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    for col in ("p_tumor", "p_luad", "p_lusc"):
+        if col not in frame:
+            frame[col] = np.nan
+    lead = ["slide_id", "status", "reason", "p_tumor", "p_luad", "p_lusc"]
+    frame = frame[lead + [c for c in frame.columns if c not in lead]]
+    return Prediction(frame, pd.DataFrame(tiles, columns=["slide_id", "x", "y", "size", "attention"]), pictures)
+
+
+def _score_slide(ws: Workspace, sid: str, tumor, subtype, de, attention_head) -> tuple[dict, list[dict]]:
+    bag = slide_bag(ws, tumor, sid)
+    p, _ = tumor(bag.features)
+    row = {"p_tumor": float(p[list(tumor.classes).index("tumor")])}
+    if subtype is not None:
+        ps, _ = subtype(bag.features)
+        row.update({f"p_{c.lower()}": float(v) for c, v in zip(subtype.classes, ps)})
+    if de is not None:
+        out, _ = de(bag.features)
+        for g, gene in enumerate(de.genes):
+            probs = out[g, 1:]
+            called = gene in de.classified_genes and np.isfinite(probs).all()
+            row[f"de_{gene}"] = de.classes[int(np.argmax(probs))] if called else "not_classified"
+    _, attention = attention_head(bag.features)
+    tiles = [{"slide_id": sid, "x": int(x), "y": int(y), "size": bag.size, "attention": float(a)}
+             for (x, y), a in zip(bag.xy, attention)]
+    return row, tiles
+
+
+def _optional(tracker: Tracker, task: str):
+    try:
+        return load_head(tracker, task, "best")
+    except HeadNotFound:
+        log.warning("no registered %s head: its columns stay empty", task)
+        return None

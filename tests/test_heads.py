@@ -1,0 +1,158 @@
+"""Heads: attention properties, leakage-free folds, real CV on the demo cohort, the registry, heatmaps, predict."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from histcode.config import HeadsConfig
+from histcode.heads.apply import load_head
+from histcode.heads.cv import cross_validate
+from histcode.heads.data import Bag, TaskData
+from histcode.heads.models import CLAMSingleBranch, GatedAttention, MultiTaskDE
+from histcode.store.catalog import Catalog
+from histcode.tracking import Tracker
+
+
+def test_gated_attention_sums_to_one_and_ignores_tile_order() -> None:
+    torch.manual_seed(0)
+    model = CLAMSingleBranch(16, 2, k_sample=2).eval()
+    bag = torch.randn(11, 16)
+    perm = torch.randperm(11)
+    with torch.no_grad():
+        p, a = model(bag)
+        p2, a2 = model(bag[perm])
+    assert float(a.sum()) == pytest.approx(1.0, abs=1e-6) and (a >= 0).all()
+    torch.testing.assert_close(p, p2)  # the slide prediction does not depend on tile order
+    torch.testing.assert_close(a[perm], a2)  # each tile keeps its own weight
+    assert GatedAttention(16, 8).eval()(torch.randn(1, 16)).item() == pytest.approx(1.0)  # a one-tile bag
+    de = MultiTaskDE(16, 5).eval()
+    with torch.no_grad():
+        out, att = de(bag)
+    assert out.shape == (5, 4) and torch.allclose(out[:, 1:].sum(dim=1), torch.ones(5)) and float(att.sum()) == pytest.approx(1)
+
+
+def test_clam_loss_trains_instance_clustering() -> None:
+    torch.manual_seed(0)
+    model = CLAMSingleBranch(8, 2, k_sample=3)
+    loss = model.loss(torch.randn(10, 8), 1)
+    loss.backward()
+    assert model.instance_classifiers[1].weight.grad is not None and model.instance_classifiers[0].weight.grad is None
+
+
+def _synthetic_task(n_patients: int = 10, slides_per_patient: int = 2) -> tuple[TaskData, dict[str, Bag]]:
+    rng = np.random.default_rng(0)
+    slides, patients, y, bags = [], [], [], {}
+    for p in range(n_patients):
+        for s in range(slides_per_patient):
+            sid, label = f"P{p}-S{s}", (p + s) % 2
+            feats = rng.normal(size=(12, 8)).astype(np.float32) + label * 1.5
+            bags[sid] = Bag(sid, f"P{p}", feats, [f"{sid}-t{i}" for i in range(12)], np.zeros((12, 2)), 256)
+            slides.append(sid), patients.append(f"P{p}"), y.append(label)
+    folds = np.array([int(p[1:]) % 3 for p in patients])  # planned by patient, as the gate does
+    return TaskData("tumor", slides, np.array(patients), folds, np.array(y), ("normal", "tumor")), bags
+
+
+@pytest.mark.parametrize("aggregator", ["attention", "max", "mean"])
+def test_folds_never_share_patients_and_never_stop_on_the_test_fold(aggregator: str) -> None:
+    task, bags = _synthetic_task()
+    result = cross_validate(task, bags, aggregator, HeadsConfig(epochs=30, patience=5, lr=3e-3, bootstrap=20, k_sample=2))
+    patient = dict(zip(task.slide_ids, task.patients))
+    assert len(result.fold_slides) == 3
+    for fold in result.fold_slides:
+        test_p = {patient[s] for s in fold["test"]}
+        assert not test_p & {patient[s] for s in fold["train"] + fold["val"]}  # no patient leaks
+        assert fold["val"] and not set(fold["val"]) & set(fold["test"])  # early stopping never sees the test fold
+        assert set(fold["val"]) <= set(task.slide_ids) - set(fold["test"])
+        assert not {patient[s] for s in fold["val"]} & {patient[s] for s in fold["train"]}
+    assert result.pooled["auc"] > 0.9  # the signal is strong: every aggregator must find it
+
+
+def test_tumour_auc_on_the_demo_cohort_is_far_above_chance(headed_workspace) -> None:
+    summary = json.loads((headed_workspace.metrics_dir / "heads.json").read_text())
+    runs = summary["runs"]
+    assert runs["tumor/mean"]["auc"] >= 0.9 and runs["tumor/attention"]["auc"] >= 0.75
+    assert set(summary["best"]) == {"tumor", "subtype", "de"} and "mean_gene_auc" in runs["de/attention"]
+    from mlflow import MlflowClient
+
+    uri = headed_workspace.mlflow_uri
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    parent = client.get_run(runs["tumor/attention"]["run_id"])
+    assert parent.data.tags["histcode.lance_tag"].startswith("heads-ls-") and "auc" in parent.data.metrics
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 3  # one child run per fold
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"roc.png", "confusion.png", "predictions.csv", "label_gate_data_docs"} <= artifacts
+    version = client.get_model_version("histcode-tumor-head", runs["tumor/attention"]["version"])
+    assert version.run_id == parent.info.run_id  # the registered head is the one this parent run trained
+    de_artifacts = {a.path for a in client.list_artifacts(runs["de/attention"]["run_id"])}
+    assert {"genes.csv", "fold_change_vs_auc.png"} <= de_artifacts
+    roc = pd.read_csv(headed_workspace.metrics_dir / "plots" / "roc" / "tumor_attention.csv")  # for `dvc plots show`
+    assert roc.tpr.between(0, 1).all() and roc.tpr.iloc[-1] == 1 and roc.fpr.is_monotonic_increasing
+    genes = pd.read_csv(headed_workspace.metrics_dir / "plots" / "genes" / "de_attention.csv")
+    assert {"gene", "mean_abs_log2fc", "auc", "pearson", "spearman"} <= set(genes.columns)
+
+
+def test_registry_round_trip(headed_workspace) -> None:
+    tracker = Tracker(headed_workspace)
+    head = load_head(tracker, "tumor", "attention")
+    assert head.aggregator == "attention" and head.classes == ("normal", "tumor")
+    from histcode.heads.heatmaps import slide_bag
+
+    sid = Catalog(headed_workspace.catalog_path).query("SELECT slide_id FROM slide_labels ORDER BY 1 LIMIT 1")[0]["slide_id"]
+    bag = slide_bag(headed_workspace, head, sid)
+    for n in (1, len(bag.features)):
+        probs, att = head(bag.features[:n])
+        assert probs.shape == (2,) and probs.sum() == pytest.approx(1, abs=1e-5) and att.shape == (n,)
+    best = load_head(tracker, "de", "best")
+    out, _ = best(bag.features)
+    assert out.shape == (len(best.genes), 4)
+
+
+def test_heatmap_with_mask_auc_and_sql_scores(headed_workspace, copy_workspace) -> None:
+    from histcode.heads.heatmaps import render_heatmaps
+    from histcode.store.sql import run_sql
+
+    ws = copy_workspace(headed_workspace)
+    labels = Catalog(ws.catalog_path).query("SELECT slide_id FROM slide_labels WHERE tumor ORDER BY 1")
+    sid = labels[0]["slide_id"]
+    result = render_heatmaps(ws, sid, ws.outputs_dir / "heatmaps")
+    assert all(p.is_file() and p.stat().st_size > 1000 for p in result.pictures) and len(result.pictures) >= 2
+    assert result.mask_auc is not None and 0 <= result.mask_auc <= 1  # the demo slides carry tumour masks
+    scores = run_sql(ws, f"SELECT score_name, count(*) AS n FROM tile_scores WHERE slide_id = '{sid}' GROUP BY 1").to_pylist()
+    assert {r["score_name"] for r in scores} >= {"attention"} and all(r["n"] > 0 for r in scores)
+
+
+def test_predict_on_new_slides_including_40x_and_failures(headed_workspace, copy_workspace, tiny_cohort, tmp_path) -> None:
+    from histcode.config import DemoConfig
+    from histcode.demo.build import build_demo_cohort
+    from histcode.heads.predict import predict_slides
+    from histcode.ingest.sources import read_manifest
+
+    ws = copy_workspace(headed_workspace)
+    fresh = build_demo_cohort(DemoConfig(n_patients=2, canvas_cells=(6, 8), seed=99, fraction_40x=0.5,
+                                         fraction_generic_tiff=0.0), tmp_path / "new", progress=False)
+    manifest = pd.read_csv(fresh.manifest)
+    manifest["slide_id"] = "NEW-" + manifest.slide_id  # slides the heads never saw
+    (tmp_path / "empty.svs").write_bytes(b"")
+    rows = [*manifest.assign(path=manifest.path.map(lambda p: str(fresh.out_dir / p))).to_dict("records"),
+            {"path": str(tmp_path / "empty.svs"), "slide_id": "NEW-broken"}]
+    pd.DataFrame(rows).to_csv(tmp_path / "predict.csv", index=False)
+    result = predict_slides(ws, ws.config(), read_manifest(tmp_path / "predict.csv"), progress=False)
+    preds = result.predictions.set_index("slide_id")
+    assert preds.loc["NEW-broken", "status"] == "failed" and preds.loc["NEW-broken", "reason"] == "empty file (0 bytes)"
+    ok = preds[preds.status == "ok"]
+    assert len(ok) == len(manifest) and ok.p_tumor.between(0, 1).all()
+    assert {"p_luad", "p_lusc"} <= set(preds.columns) and any(c.startswith("de_") for c in preds.columns)
+    slides = pd.read_csv(fresh.out_dir / "slides.csv")
+    assert (slides.magnification == 40).any()  # a 40x slide was predicted at the same physical scale
+    tiles = result.tile_scores
+    assert list(tiles.columns) == ["slide_id", "x", "y", "size", "attention"] and set(tiles.slide_id) == set(ok.index)
+    forty = "NEW-" + slides.loc[slides.magnification == 40, "slide_id"].iloc[0]
+    assert (tiles[tiles.slide_id == forty]["size"] == 512).all()  # level-0 pixels of a 0.25 um/px slide
+    for sid, group in tiles.groupby("slide_id"):
+        assert group.attention.sum() == pytest.approx(1.0, abs=1e-4)
