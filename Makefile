@@ -10,7 +10,7 @@ export GX_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup demo test test-all bench clean-demo
+.PHONY: setup demo test test-all bench serve mlflow-ui clean-demo
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,5 +32,13 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/tiling.py
 
+# A local Prefect server (UI on http://127.0.0.1:4200), the work pool, prefect.yaml's deployments and a worker.
+serve: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m flows.serve
+
+# The MLflow UI over this workspace's store, on http://127.0.0.1:5000.
+mlflow-ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000
+
 clean-demo:
-	rm -rf data/demo data/catalog.duckdb outputs metrics
+	rm -rf data/demo data/catalog.duckdb data/lancedb data/labels outputs metrics mlruns/mlflow.db mlruns/artifacts

@@ -7,13 +7,14 @@ Run it:  python -m flows.labels [--expression FILE] [--sample-sheet CSV]
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from histcode.labels.run import gate_labels, ingest_labels
+from histcode.labels.run import gate_labels, ingest_labels, passed_label_set
 from histcode.reports import gate_summary, labels_summary, write_json
 from histcode.workspace import Workspace
 from flows._entry import run_flow_from_argv
@@ -41,8 +42,28 @@ def gate_task(workspace: str | None) -> dict:
     return summary
 
 
+@task(name="labels-up-to-date", cache_policy=NO_CACHE)
+def up_to_date_task(workspace: str | None, expression: str | None, sample_sheet: str | None) -> dict | None:
+    """The previous reports, if the current label set is exactly what ingesting now would give and it passed."""
+    ws = Workspace.resolve(workspace)
+    current = passed_label_set(ws, ws.config(), Path(expression) if expression else None,
+                               Path(sample_sheet) if sample_sheet else None)
+    reports = [ws.metrics_dir / "labels.json", ws.metrics_dir / "label_gate.json"]
+    if current is None or not all(p.is_file() for p in reports):
+        return None
+    labels, gate = (json.loads(p.read_text()) for p in reports)
+    return {"labels": labels, "gate": gate} if labels["label_version"] == current["label_version"] else None
+
+
 @flow(name="histcode-labels")
-def labels_flow(expression: str | None = None, sample_sheet: str | None = None, workspace: str | None = None) -> dict:
+def labels_flow(expression: str | None = None, sample_sheet: str | None = None, force: bool = False,
+                workspace: str | None = None) -> dict:
+    """Ingest the expression matrix and gate the label set; a label set that is unchanged and passed is kept
+    as it is unless ``force``."""
+    done = None if force else up_to_date_task(workspace, expression, sample_sheet)
+    if done is not None:
+        get_run_logger().info("label set %s is up to date and passed the gate", done["labels"]["label_version"])
+        return {**done, "reused": True}
     labels = ingest_task(workspace, expression, sample_sheet)
     gate = gate_task(workspace)
     lines = [f"## Label set `{labels['label_version']}`: gate {'passed' if gate['passed'] else 'FAILED'}",
@@ -55,7 +76,7 @@ def labels_flow(expression: str | None = None, sample_sheet: str | None = None, 
     if not gate["passed"]:
         raise LabelGateFailed("label gate failed:\n" + "\n".join(gate["failures"]))
     get_run_logger().info("label set %s passed the gate", labels["label_version"])
-    return {"labels": labels, "gate": gate}
+    return {"labels": labels, "gate": gate, "reused": False}
 
 
 if __name__ == "__main__":

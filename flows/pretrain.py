@@ -17,24 +17,28 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import task_run
 
 from histcode.reports import pretrain_summary, write_json
-from histcode.ssl.pretrain import pretrain
+from histcode.ssl.pretrain import completed, pretrain
 from histcode.tracking import telemetry_off
 from histcode.workspace import Workspace
 from flows._entry import run_flow_from_argv
 
 
 @task(name="pretrain-encoder", tags=["gpu"], cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
-def pretrain_task(workspace: str | None, overrides: dict, resume: bool) -> dict:
+def pretrain_task(workspace: str | None, overrides: dict, resume: bool, force: bool = False) -> dict:
     telemetry_off()
     ws = Workspace.resolve(workspace).ensure()
     cfg = ws.config()
     if overrides:
         cfg = cfg.model_copy(update={"pretrain": cfg.pretrain.model_validate({**cfg.pretrain.model_dump(), **overrides})})
+    done = None if (force or resume) else completed(ws, cfg)
+    if done is not None:  # this configuration already trained on exactly these tiles
+        get_run_logger().info("pretraining is up to date: MLflow run %s", done["run_id"])
+        return {**done, "registered_model": cfg.pretrain.register_as, "reused": True}
     retrying = (task_run.run_count or 1) > 1
     result = pretrain(ws, cfg, resume=resume or retrying, progress=False)
     summary = pretrain_summary(result, cfg.pretrain)
     write_json(ws.metrics_dir / "pretrain.json", summary)
-    return summary
+    return {**summary, "reused": False}
 
 
 @flow(name="histcode-pretrain")
@@ -43,15 +47,18 @@ def pretrain_flow(
     encoder: str | None = None,
     steps: int | None = None,
     resume: bool = False,
+    force: bool = False,
     workspace: str | None = None,
 ) -> dict:
-    """Pretrain an encoder with the workspace's params.yaml; ``method``, ``encoder`` and ``steps`` override it."""
+    """Pretrain an encoder with the workspace's params.yaml; ``method``, ``encoder`` and ``steps`` override it.
+    A configuration that already finished on exactly the current tiles is reused unless ``force``."""
     overrides = {k: v for k, v in {"method": method, "encoder": encoder, "max_steps": steps}.items() if v is not None}
-    summary = pretrain_task(workspace, overrides, resume)
+    summary = pretrain_task(workspace, overrides, resume, force)
     ws = Workspace.resolve(workspace)
     probe = summary.get("probe", {})
     lines = [
-        f"## Pretraining: {summary['method']} ({summary['steps']} steps, final loss {summary['final_loss']:.4f})",
+        f"## Pretraining: {summary['method']} ({summary['steps']} steps, final loss {summary['final_loss']:.4f})"
+        + (" (up to date, reused)" if summary["reused"] else ""),
         f"- MLflow run `{summary['run_id']}` in experiment `pretrain`; open the UI with "
         f"`mlflow ui --backend-store-uri {ws.mlflow_uri}` and go to http://127.0.0.1:5000",
         f"- registered `{summary['registered_model']}` version {summary['version']} (`{summary['model_uri']}`)",

@@ -72,6 +72,8 @@ class Tracker:
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
+        if not self.ws.mlflow_is_local:  # a tracking server decides where artifacts go (its --artifacts-destination)
+            return self.client.create_experiment(name)
         location = (self.ws.mlruns_dir / "artifacts" / name).resolve().as_uri()
         return self.client.create_experiment(name, artifact_location=location)
 

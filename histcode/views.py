@@ -171,9 +171,12 @@ def next_steps(ws, outcome) -> str:
   cohort: {outcome.cohort.out_dir}  (real LC25000 pixels; simulated layout, labels and expression: see its README.md)
 
 [bold]Next[/]
-  mlflow ui --backend-store-uri {ws.mlflow_uri}     then http://127.0.0.1:5000 (experiment 'pretrain')
+  mlflow ui --backend-store-uri {ws.mlflow_uri}     then http://127.0.0.1:5000 (experiments 'pretrain', 'heads')
+  python -m flows.serve                             Prefect UI at http://127.0.0.1:4200 with the deployments; then
+    PREFECT_API_URL=http://127.0.0.1:4200/api prefect deployment run 'histcode-pipeline/demo'
   histcode pretrain --method moco                   another method, probed against the same random init
   histcode sql "SELECT subtype, count(*) AS tiles FROM tile_embeddings GROUP BY 1"
+  histcode sql "SELECT slide_id, max(score) FROM tile_scores WHERE score_name = 'attention' GROUP BY 1"
   histcode search --slide {first_slide(outcome)} --k 5          the most similar slides
   histcode search --tile <tile_id> --where "subtype = 'LUSC'"  nearest tiles within LUSC slides
   histcode predict data/demo/slides/<a slide>.svs --out preds.csv --tile-scores tiles.csv
@@ -181,6 +184,7 @@ def next_steps(ws, outcome) -> str:
   histcode ablation                                 encoder x aggregator grid, compared in MLflow ('heads')
   histcode slides                                   the catalog, slide by slide
   ls {qc}      QC pictures: tissue mask and tile grid per slide
+  ls {ws.outputs_dir / "heatmaps"}      attention and gene heatmaps
   python -c "import duckdb; print(duckdb.connect('{ws.catalog_path}', read_only=True).sql('{sql}'))"
   dvc repro                                         the same stages through DVC (source .venv/bin/activate first)
 """

@@ -63,12 +63,23 @@ class Workspace:
         return self.data_dir / "lancedb"
 
     @property
+    def lancedb_uri(self) -> str:
+        """Where the vectors live: ``$HISTCODE_LANCEDB_URI`` (e.g. ``s3://bucket/histcode/lancedb``; LanceDB reads
+        the usual AWS_* variables) or the workspace's ``data/lancedb``."""
+        return os.environ.get("HISTCODE_LANCEDB_URI") or str(self.lancedb_dir)
+
+    @property
     def mlruns_dir(self) -> Path:
         return self.root / "mlruns"
 
     @property
     def mlflow_uri(self) -> str:
-        return f"sqlite:///{self.mlruns_dir / 'mlflow.db'}"
+        """``$HISTCODE_MLFLOW_URI`` (an MLflow server, e.g. ``http://mlflow:5000``) or the workspace's SQLite store."""
+        return os.environ.get("HISTCODE_MLFLOW_URI") or f"sqlite:///{self.mlruns_dir / 'mlflow.db'}"
+
+    @property
+    def mlflow_is_local(self) -> bool:
+        return self.mlflow_uri.startswith("sqlite:///")
 
     @property
     def outputs_dir(self) -> Path:

@@ -156,3 +156,20 @@ def test_predict_on_new_slides_including_40x_and_failures(headed_workspace, copy
     assert (tiles[tiles.slide_id == forty]["size"] == 512).all()  # level-0 pixels of a 0.25 um/px slide
     for sid, group in tiles.groupby("slide_id"):
         assert group.attention.sum() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_ablation_grid_gives_comparable_runs_per_encoder(headed_workspace, copy_workspace) -> None:
+    from mlflow import MlflowClient
+
+    from histcode.heads.ablation import run_ablation
+
+    ws = copy_workspace(headed_workspace)
+    reports = run_ablation(ws, ws.config(), ("random", "moco"), ("mean",), ("tumor",))
+    assert [r.view.method for r in reports] == ["random", "moco"] and len({r.view.view_id for r in reports}) == 2
+    client = MlflowClient(tracking_uri=ws.mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("heads").experiment_id],
+                              "tags.histcode.task = 'tumor' and tags.histcode.aggregator = 'mean'")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert {r.data.tags["histcode.method"] for r in parents} >= {"random", "moco"}
+    assert all("auc" in r.data.metrics for r in parents)  # one metric to compare them by in the UI
+    assert len({frozenset(r.data.params) for r in parents}) == 1  # the same parameters, different values

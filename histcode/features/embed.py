@@ -112,7 +112,7 @@ def materialize(ws: Workspace, cfg: HistcodeConfig, encoder: str | None = None, 
     done = done_slides(catalog, view.view_id)
     todo = [sid for sid, s in slides.items() if done.get(sid) != s["content_hash"]]
     report.outcomes += [EmbedOutcome(sid, "skipped") for sid in slides if sid not in todo]
-    db = connect(ws.lancedb_dir)
+    db = connect(ws.lancedb_uri)
     tables = {kind: open_table(db, view.table(kind)) for kind in (TILE_KIND, SLIDE_KIND)}
     log.info("view %s (%s, spec %s): %d slides to embed, %d done", view.view_id, view.encoder_uri, spec_id,
              len(todo), len(slides) - len(todo))

@@ -20,7 +20,7 @@ Format = Literal["arrow", "pandas", "torch"]
 
 def view_table(ws: Workspace, view: FeatureView, kind: str, as_of: int | str | None = None):
     """The view's Lance table for ``kind``, checked out at a version number or tag when ``as_of`` is given."""
-    table = open_table(connect(ws.lancedb_dir), view.table(kind), create=False)
+    table = open_table(connect(ws.lancedb_uri), view.table(kind), create=False)
     if as_of is not None:
         try:
             table.checkout(int(as_of) if str(as_of).isdigit() else as_of)

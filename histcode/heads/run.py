@@ -77,7 +77,7 @@ class HeadsReport:
 
 def _tag_state(ws: Workspace, view: FeatureView, label_version: str) -> str:
     tag = f"heads-{label_version}"
-    db = connect(ws.lancedb_dir)
+    db = connect(ws.lancedb_uri)
     for kind in (TILE_KIND, SLIDE_KIND):
         tag_version(open_table(db, view.table(kind), create=False), tag)
     return tag
@@ -85,7 +85,7 @@ def _tag_state(ws: Workspace, view: FeatureView, label_version: str) -> str:
 
 def _fingerprint(ws: Workspace, cfg: HistcodeConfig, view: FeatureView, label_version: str,
                  tasks: tuple[str, ...], aggregators: tuple[str, ...]) -> str:
-    db = connect(ws.lancedb_dir)
+    db = connect(ws.lancedb_uri)
     state = {"view": view.view_id, "lance": [open_table(db, view.table(k), create=False).version for k in (TILE_KIND, SLIDE_KIND)],
              "labels": label_version, "heads": cfg.heads.model_dump(mode="json"), "tasks": tasks, "aggregators": aggregators}
     return hashlib.sha1(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -118,8 +118,7 @@ def ingest_labels(ws: Workspace, cfg: HistcodeConfig, expression: Path | None = 
     frames = build_frames(long, samples, de, genes, class_counts(labels), folds)
     write_frames(frames, frames_dir(ws))
 
-    version = "ls-" + stable_hash({"file": _sha256(path), "sheet": _sha256(sheet_path), "cfg": lcfg.model_dump(mode="json"),
-                                   "slides": sorted(s["slide_id"] + s["content_hash"] for s in slides)}, 12)
+    version = _label_version(path, sheet_path, lcfg, slides)
     with catalog.transaction() as con:
         catalog.replace_table(con, "expression", long[["sample_id", "gene", "value"]])
         catalog.replace_table(con, "expression_samples", samples)
@@ -147,6 +146,28 @@ def ingest_labels(ws: Workspace, cfg: HistcodeConfig, expression: Path | None = 
     log.info("label set %s: %d samples, %d genes, %d patients; DE classes %s; %d genes excluded", version,
              result.n_samples, result.n_genes, result.n_patients, result.de_counts, len(result.excluded_genes))
     return result
+
+
+def _label_version(path: Path, sheet_path: Path | None, lcfg, slides: list[dict]) -> str:
+    return "ls-" + stable_hash({"file": _sha256(path), "sheet": _sha256(sheet_path), "cfg": lcfg.model_dump(mode="json"),
+                                "slides": sorted(s["slide_id"] + s["content_hash"] for s in slides)}, 12)
+
+
+def passed_label_set(ws: Workspace, cfg: HistcodeConfig, expression: Path | None = None,
+                     sample_sheet: Path | None = None) -> dict | None:
+    """The current label set if ingesting ``expression`` now would give exactly it (same file contents, sample
+    sheet, labels config and tiled slides) and it passed the gate; None means ingest and gate have work to do."""
+    lcfg = cfg.labels
+    path = expression or ws.path(lcfg.expression)
+    sheet_path = sample_sheet or (ws.path(lcfg.sample_sheet) if lcfg.sample_sheet else None)
+    if not ws.catalog_path.is_file() or not path.is_file() or (sheet_path is not None and not sheet_path.is_file()):
+        return None
+    catalog = Catalog(ws.catalog_path)
+    current = current_label_set(catalog)
+    if current is None or current["gate_status"] != PASSED:
+        return None
+    version = _label_version(path, sheet_path, lcfg, catalog.tiled_slides(spec_id_of(cfg.tiling)))
+    return current if current["label_version"] == version else None
 
 
 def gate_labels(ws: Workspace, cfg: HistcodeConfig):

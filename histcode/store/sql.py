@@ -64,8 +64,8 @@ def open_session(ws: Workspace) -> duckdb.DuckDBPyConnection:
         "SELECT view_id, kind, lance_table FROM catalog.main.feature_views "
         "WHERE status IN ('ok', 'partial') ORDER BY updated_at DESC"
     ).fetchall()
-    if views and ws.lancedb_dir.exists():
-        db = connect(ws.lancedb_dir)
+    if views and (ws.lancedb_dir.exists() or "://" in ws.lancedb_uri):
+        db = connect(ws.lancedb_uri)
         present = set(table_names(db))
         newest = views[0][0]
         for view_id, kind, lance_table in views:

@@ -58,11 +58,13 @@ class TableSpec:
         return pa.schema(fields, metadata=meta)
 
 
-def connect(directory: Path):
+def connect(uri: str | Path):
+    """A LanceDB connection to a local folder (created if missing) or an object-store URI (``s3://...``)."""
     import lancedb
 
-    directory.mkdir(parents=True, exist_ok=True)
-    return lancedb.connect(str(directory))
+    if "://" not in str(uri):
+        Path(uri).mkdir(parents=True, exist_ok=True)
+    return lancedb.connect(str(uri))
 
 
 def table_names(db) -> list[str]:

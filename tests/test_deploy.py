@@ -1,0 +1,129 @@
+"""Orchestration for real: a Prefect server on a free 127.0.0.1 port, the prefect.yaml deployments, a process
+worker running the whole pipeline on the tiny cohort, and the per-slide fan-out on a 2-worker Dask LocalCluster."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import yaml
+
+from histcode.store.catalog import Catalog
+from histcode.workspace import Workspace
+from tests.conftest import TINY_DEMO, TINY_HEADS, TINY_PRETRAIN
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    from flows.serve import prefect_server
+
+    root = tmp_path_factory.mktemp("prefect")
+    with prefect_server(home=root / "home", log_file=root / "server.log") as api_url:
+        yield api_url, root / "home"
+
+
+@pytest.fixture
+def api_env(prefect_api, monkeypatch):
+    """Point this process (and the processes it starts) at the test server."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    api_url, home = prefect_api
+    monkeypatch.setenv("PREFECT_API_URL", api_url)
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        yield api_url, home
+
+
+def _tiny_workspace(root) -> Workspace:
+    ws = Workspace(root).ensure()
+    params = {"demo": TINY_DEMO.model_dump(mode="json"), "pretrain": TINY_PRETRAIN,
+              "labels": {"min_class_size": 1, "folds": 2}, "heads": {**TINY_HEADS, "epochs": 5, "bootstrap": 20}}
+    (ws.root / "params.yaml").write_text(yaml.safe_dump(params))
+    return ws
+
+
+def test_pipeline_deployment_runs_on_a_process_worker(api_env, tmp_path) -> None:
+    from prefect.deployments import run_deployment
+
+    from flows.serve import deploy, worker
+
+    api_url, home = api_env
+    ws = _tiny_workspace(tmp_path / "ws")
+    deploy(api_url, home)
+    with worker(api_url, home, log_file=tmp_path / "worker.log"):
+        run = run_deployment("histcode-pipeline/demo", parameters={"workspace": str(ws.root)}, timeout=900)
+    log = (tmp_path / "worker.log").read_text() if (tmp_path / "worker.log").exists() else ""
+    assert run.state.is_completed(), f"{run.state}\n{log[-4000:]}"
+    heads = json.loads((ws.metrics_dir / "heads.json").read_text())
+    assert set(heads["best"]) == {"tumor", "subtype", "de"}
+    slides = Catalog(ws.catalog_path).slides(status="ok")
+    assert len(slides) == json.loads((ws.metrics_dir / "tiling.json").read_text())["slides_tiled_ok"] > 0
+    assert list((ws.outputs_dir / "heatmaps").glob("*.png"))
+
+
+def test_ingest_fans_out_on_a_two_worker_dask_cluster(api_env, tiny_cohort, tiled_catalog, tmp_path) -> None:
+    from prefect_dask import DaskTaskRunner
+
+    from flows.ingest import ingest_flow
+
+    ws = Workspace(tmp_path / "ws").ensure()
+    runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True})
+    summary = ingest_flow.with_options(task_runner=runner)(manifest=str(tiny_cohort.manifest), workspace=str(ws.root))
+    assert summary["ingest"]["failed"] == 0 and summary["tiling"]["failed"] == 0
+    # the same tiles as the default thread runner gave (tiled_catalog)
+    reference = shutil.copy2(tiled_catalog, tmp_path / "reference.duckdb")
+    ids = lambda path: sorted(Catalog(path).tiles().column("tile_id").to_pylist())  # noqa: E731
+    assert ids(ws.catalog_path) == ids(reference)
+
+
+def _git(args: list[str], cwd) -> str:
+    import subprocess
+
+    done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_dvc_repro_reproduces_the_pipeline_and_runs_an_experiment(tmp_path) -> None:
+    """`dvc repro` of dvc.yaml in a temporary git copy of the repository, on the tiny configuration, then an
+    unchanged `dvc repro` (nothing to do) and `dvc exp run -S pretrain.method=moco`."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    copy = tmp_path / "repo"
+    for rel in _git(["ls-files"], repo).splitlines():
+        if rel.startswith("tests/"):
+            continue
+        (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(repo / rel, copy / rel)
+    ws = _tiny_workspace(copy)
+    params = yaml.safe_load((ws.root / "params.yaml").read_text())
+    full = yaml.safe_load((repo / "params.yaml").read_text())  # dvc.yaml names keys: keep every one
+    (ws.root / "params.yaml").write_text(yaml.safe_dump({k: {**v, **params.get(k, {})} for k, v in full.items()}))
+    _git(["init", "-q"], copy)
+    _git(["-c", "user.email=t@example.org", "-c", "user.name=test", "commit", "-qm", "copy", "--allow-empty"], copy)
+    _git(["add", "-A"], copy)
+    _git(["-c", "user.email=t@example.org", "-c", "user.name=test", "commit", "-qm", "tiny"], copy)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    dvc = [sys.executable, "-m", "dvc"]
+
+    def run(*args: str) -> str:
+        done = subprocess.run([*dvc, *args], cwd=copy, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, f"dvc {' '.join(args)}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        return done.stdout
+
+    run("repro")
+    heads = json.loads((copy / "metrics" / "heads.json").read_text())
+    assert set(heads["best"]) == {"tumor", "subtype", "de"} and (copy / "dvc.lock").is_file()
+    assert "heads" in run("metrics", "show") and list((copy / "metrics" / "plots" / "roc").glob("*.csv"))
+    assert "up to date" in run("repro").lower() or "didn't change" in run("status").lower()
+    _git(["add", "-A"], copy)
+    _git(["-c", "user.email=t@example.org", "-c", "user.name=test", "commit", "-qm", "repro"], copy)
+    run("exp", "run", "-S", "pretrain.method=moco")
+    assert json.loads((copy / "metrics" / "pretrain.json").read_text())["method"] == "moco"
