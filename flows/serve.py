@@ -129,17 +129,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=4200)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    with prefect_server(args.host, args.port) as api_url:
-        deploy(api_url)
-        with worker(api_url) as process:
-            log.info("Prefect UI: http://%s:%d  (API %s)", args.host, args.port, api_url)
-            log.info("trigger:    PREFECT_API_URL=%s prefect deployment run 'histcode-pipeline/demo'", api_url)
-            log.info("Ctrl-C stops the worker and the server")
-            try:
-                process.wait()
-            except KeyboardInterrupt:
-                pass
 
+    def _terminate(*_) -> None:
+        raise KeyboardInterrupt  # unwind the context managers: stop the worker, then the server
+
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        with prefect_server(args.host, args.port) as api_url:
+            deploy(api_url)
+            with worker(api_url) as process:
+                log.info("Prefect UI: http://%s:%d  (API %s)", args.host, args.port, api_url)
+                log.info("trigger:    PREFECT_API_URL=%s prefect deployment run 'histcode-pipeline/demo'", api_url)
+                log.info("Ctrl-C stops the worker and the server")
+                process.wait()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM, at any point: the context managers have stopped everything
+        log.info("stopped the worker and the server")
 
 if __name__ == "__main__":
     main()

@@ -202,6 +202,32 @@ def demo(
         raise typer.Exit(1)
 
 
+@app.command()
+def serve(
+    port: Annotated[int, typer.Option(help="Prefect server port.")] = 4200,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+) -> None:
+    """A local Prefect server, the work pool, prefect.yaml's deployments and a worker (Ctrl-C stops them)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from histcode.workspace import repository_root
+
+    repo = repository_root()
+    if repo is None or not (repo / "flows" / "serve.py").is_file():
+        _fail("`histcode serve` needs the source checkout (flows/ and prefect.yaml): install with `pip install -e .`")
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"}
+    child = subprocess.Popen([sys.executable, "-m", "flows.serve", "--port", str(port), "--host", host], cwd=repo, env=env)
+    signal.signal(signal.SIGTERM, lambda *_: child.terminate())  # flows.serve stops its server and worker
+    try:
+        code = child.wait()
+    except KeyboardInterrupt:  # the child got the same Ctrl-C and is shutting down
+        code = child.wait()
+    raise typer.Exit(code)
+
+
 def _register_commands() -> None:
     """The command modules add themselves to ``app`` when imported (they import this module's helpers)."""
     import histcode.cli_features  # noqa: F401

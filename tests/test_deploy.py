@@ -127,3 +127,47 @@ def test_dvc_repro_reproduces_the_pipeline_and_runs_an_experiment(tmp_path) -> N
     _git(["-c", "user.email=t@example.org", "-c", "user.name=test", "commit", "-qm", "repro"], copy)
     run("exp", "run", "-S", "pretrain.method=moco")
     assert json.loads((copy / "metrics" / "pretrain.json").read_text())["method"] == "moco"
+
+
+def test_histcode_serve_deploys_and_stops_cleanly(tmp_path) -> None:
+    """The documented command: server, pool, deployments and worker come up; SIGTERM takes all of them down."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    from flows.serve import free_port, wait_healthy
+
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "PREFECT_API_URL": api}
+    histcode = str(Path(sys.executable).parent / "histcode")
+    with open(tmp_path / "serve.log", "wb") as out:
+        process = subprocess.Popen([histcode, "serve", "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_healthy(api, timeout=120)
+            wanted = {"demo", "cohort", "ingest", "pretrain", "embed", "labels", "heads"}
+            names, deadline = set(), time.monotonic() + 180
+            while not wanted <= names and time.monotonic() < deadline:
+                request = urllib.request.Request(f"{api}/deployments/filter", data=b"{}", method="POST",
+                                                 headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    names = {d["name"] for d in json.loads(response.read())}
+                time.sleep(1)
+            assert wanted <= names, names
+        finally:
+            process.send_signal(signal.SIGTERM)
+            code = process.wait(timeout=60)
+    assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the server's port is released: nothing was left running
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) != 0:
+                break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"the Prefect server on port {port} is still running after SIGTERM")
