@@ -172,7 +172,7 @@ def next_steps(ws, outcome) -> str:
 
 [bold]Next[/]
   mlflow ui --backend-store-uri {ws.mlflow_uri}     then http://127.0.0.1:5000 (experiments 'pretrain', 'heads')
-  python -m flows.serve                             Prefect UI at http://127.0.0.1:4200 with the deployments; then
+  histcode serve                                    Prefect UI at http://127.0.0.1:4200 with the deployments; then
     PREFECT_API_URL=http://127.0.0.1:4200/api prefect deployment run 'histcode-pipeline/demo'
   histcode pretrain --method moco                   another method, probed against the same random init
   histcode sql "SELECT subtype, count(*) AS tiles FROM tile_embeddings GROUP BY 1"
