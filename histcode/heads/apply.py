@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,6 +10,8 @@ import torch
 
 from histcode.heads.run import MODEL_NAMES
 from histcode.tracking import Tracker
+
+log = logging.getLogger(__name__)
 
 
 class HeadNotFound(LookupError):
@@ -48,3 +51,12 @@ def load_head(tracker: Tracker, task: str, alias: str = "best") -> LoadedHead:
     split = lambda key: tuple(t for t in tags.get(key, "").split(",") if t)  # noqa: E731
     return LoadedHead(task, str(mv.version), tags.get("aggregator", ""), tags["view_id"], tags["encoder_uri"],
                       split("classes"), split("genes"), model, split("classified_genes"))
+
+
+def optional_head(tracker: Tracker, task: str, alias: str = "best") -> LoadedHead | None:
+    """The registered head, or None (logged) when there is none: callers leave its outputs empty."""
+    try:
+        return load_head(tracker, task, alias)
+    except HeadNotFound:
+        log.warning("no registered %s head (%s@%s): its outputs stay empty", task, MODEL_NAMES[task], alias)
+        return None

@@ -13,7 +13,7 @@ import pandas as pd
 
 from histcode.features.read import tile_features
 from histcode.features.registry import load_view
-from histcode.heads.apply import LoadedHead, load_head
+from histcode.heads.apply import LoadedHead, load_head, optional_head
 from histcode.heads.data import Bag
 from histcode.heads.masks import tile_tumour_labels
 from histcode.store.catalog import Catalog
@@ -55,13 +55,16 @@ def store_scores(catalog: Catalog, head: LoadedHead, scores: pd.DataFrame) -> No
 
 
 def render_heatmaps(ws: Workspace, slide_id: str, out_dir: Path, genes: list[str] | None = None,
-                    alias: str = "attention") -> HeatmapResult:
+                    alias: str = "attention", heads: tuple[LoadedHead, LoadedHead | None] | None = None,
+                    bag: Bag | None = None) -> HeatmapResult:
+    """``heads``: the (tumour, DE) heads when the caller has loaded them already (default: tumour@``alias``
+    and DE@best from the registry); ``bag``: the slide's vectors in the tumour head's view, if already read."""
     catalog, tracker = Catalog(ws.catalog_path), Tracker(ws)
     slide = catalog.get_slide(slide_id)
     if slide is None or slide["status"] != "ok":
         raise LookupError(f"{slide_id} is not a registered, healthy slide")
-    tumor = load_head(tracker, "tumor", alias)
-    bag = slide_bag(ws, tumor, slide_id)
+    tumor, de = heads or (load_head(tracker, "tumor", alias), optional_head(tracker, "de"))
+    bag = bag if bag is not None else slide_bag(ws, tumor, slide_id)
     out, attention = tumor(bag.features)
     result = HeatmapResult(slide_id)
     p_tumor = float(out[list(tumor.classes).index("tumor")]) if "tumor" in tumor.classes else float("nan")
@@ -76,10 +79,6 @@ def render_heatmaps(ws: Workspace, slide_id: str, out_dir: Path, genes: list[str
 
         result.mask_auc = float(roc_auc_score(truth, attention))
     store_scores(catalog, tumor, pd.DataFrame(rows))
-    try:
-        de = load_head(tracker, "de", "best")
-    except LookupError:
-        de = None
     if de is not None and de.genes:
         chosen = genes or list(de.genes[:2])
         unknown = sorted(set(chosen) - set(de.genes))

@@ -17,7 +17,8 @@ import pandas as pd
 
 from histcode.config import HistcodeConfig
 from histcode.features.embed import materialize
-from histcode.heads.apply import HeadNotFound, load_head
+from histcode.heads.apply import load_head, optional_head
+from histcode.heads.data import Bag
 from histcode.heads.heatmaps import render_heatmaps, slide_bag
 from histcode.ingest.run import ingest_sources
 from histcode.ingest.sources import SlideSource
@@ -40,12 +41,9 @@ def predict_slides(ws: Workspace, cfg: HistcodeConfig, sources: list[SlideSource
                    progress: bool = True) -> Prediction:
     catalog, tracker = Catalog(ws.catalog_path), Tracker(ws)
     tumor = load_head(tracker, "tumor", "best")
-    subtype = _optional(tracker, "subtype")
-    de = _optional(tracker, "de")
-    try:
-        attention_head = load_head(tracker, "tumor", "attention")
-    except HeadNotFound:
-        attention_head = tumor
+    subtype = optional_head(tracker, "subtype")
+    de = optional_head(tracker, "de")
+    attention_head = optional_head(tracker, "tumor", "attention") or tumor
     status: dict[str, tuple[str, str | None]] = {}
     order = []
     for o in ingest_sources(sources, catalog, cfg.ingest, progress=progress).outcomes:
@@ -70,7 +68,8 @@ def predict_slides(ws: Workspace, cfg: HistcodeConfig, sources: list[SlideSource
         row: dict = {"slide_id": sid, "status": status[sid][0], "reason": status[sid][1]}
         if row["status"] == "ok":
             try:
-                scored, slide_tiles = _score_slide(ws, sid, tumor, subtype, de, attention_head)
+                bag = slide_bag(ws, tumor, sid)
+                scored, slide_tiles = _score_slide(bag, tumor, subtype, de, attention_head)
             except Exception as exc:  # noqa: BLE001 -- one slide's failure must not lose the others' predictions
                 log.warning("scoring %s failed: %s", sid, exc)
                 row.update(status="failed", reason=f"scoring: {type(exc).__name__}: {exc}")
@@ -78,7 +77,8 @@ def predict_slides(ws: Workspace, cfg: HistcodeConfig, sources: list[SlideSource
                 row.update(scored)
                 tiles += slide_tiles
                 if heatmap_dir is not None:
-                    pictures += render_heatmaps(ws, sid, heatmap_dir).pictures
+                    pictures += render_heatmaps(ws, sid, heatmap_dir, heads=(attention_head, de),
+                                               bag=bag if attention_head.view_id == tumor.view_id else None).pictures
         rows.append(row)
     frame = pd.DataFrame(rows)
     for col in ("p_tumor", "p_luad", "p_lusc"):
@@ -89,8 +89,8 @@ def predict_slides(ws: Workspace, cfg: HistcodeConfig, sources: list[SlideSource
     return Prediction(frame, pd.DataFrame(tiles, columns=["slide_id", "x", "y", "size", "attention"]), pictures)
 
 
-def _score_slide(ws: Workspace, sid: str, tumor, subtype, de, attention_head) -> tuple[dict, list[dict]]:
-    bag = slide_bag(ws, tumor, sid)
+def _score_slide(bag: Bag, tumor, subtype, de, attention_head) -> tuple[dict, list[dict]]:
+    sid = bag.slide_id
     p, _ = tumor(bag.features)
     row = {"p_tumor": float(p[list(tumor.classes).index("tumor")])}
     if subtype is not None:
@@ -106,11 +106,3 @@ def _score_slide(ws: Workspace, sid: str, tumor, subtype, de, attention_head) ->
     tiles = [{"slide_id": sid, "x": int(x), "y": int(y), "size": bag.size, "attention": float(a)}
              for (x, y), a in zip(bag.xy, attention)]
     return row, tiles
-
-
-def _optional(tracker: Tracker, task: str):
-    try:
-        return load_head(tracker, task, "best")
-    except HeadNotFound:
-        log.warning("no registered %s head: its columns stay empty", task)
-        return None
