@@ -44,6 +44,7 @@ def heatmap(
     out: Annotated[Optional[Path], typer.Option(help="Folder for the PNGs (default: outputs/heatmaps).")] = None,
     gene: Annotated[Optional[list[str]], typer.Option("--gene", help="Genes to map (repeatable; default: the first two).")] = None,
     alias: Annotated[str, typer.Option(help="Tumour-head alias whose attention is drawn.")] = "attention",
+    force: Annotated[bool, typer.Option(help="Draw again even if these heads already drew this slide here.")] = False,
 ) -> None:
     """Attention and gene-specific tile scores over the slide; AUC against its ground-truth mask if known."""
     from histcode.heads.heatmaps import render_heatmaps
@@ -52,12 +53,12 @@ def heatmap(
     telemetry_off()
     ws = _ws(ctx)
     try:
-        result = render_heatmaps(ws, slide, out or ws.outputs_dir / "heatmaps", gene, alias)
+        result = render_heatmaps(ws, slide, out or ws.outputs_dir / "heatmaps", gene, alias, force=force)
     except LookupError as exc:
         _fail(str(exc))
     console = _console()
     for picture in result.pictures:
-        console.print(f"wrote {picture}")
+        console.print(f"heatmap: {picture}")
     if result.mask_auc is not None:
         console.print(f"attention vs ground-truth tumour mask: AUC {result.mask_auc:.3f}")
     console.print(f"{len(result.scores)} tile scores stored: histcode sql \"SELECT * FROM tile_scores WHERE slide_id = '{slide}'\"")

@@ -125,6 +125,16 @@ def test_heatmap_with_mask_auc_and_sql_scores(headed_workspace, copy_workspace) 
     assert result.mask_auc is not None and 0 <= result.mask_auc <= 1  # the demo slides carry tumour masks
     scores = run_sql(ws, f"SELECT score_name, count(*) AS n FROM tile_scores WHERE slide_id = '{sid}' GROUP BY 1").to_pylist()
     assert {r["score_name"] for r in scores} >= {"attention"} and all(r["n"] > 0 for r in scores)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=ws.mlflow_uri)
+    drawings = lambda: len(client.search_runs([client.get_experiment_by_name("heatmaps").experiment_id]))  # noqa: E731
+    before = drawings()
+    again = render_heatmaps(ws, sid, ws.outputs_dir / "heatmaps")  # same heads, same genes: not drawn again
+    assert again.pictures == result.pictures and again.mask_auc == pytest.approx(result.mask_auc)
+    assert len(again.scores) == len(result.scores) and drawings() == before
+    render_heatmaps(ws, sid, ws.outputs_dir / "heatmaps", force=True)
+    assert drawings() == before + 1
 
 
 def test_predict_on_new_slides_including_40x_and_failures(headed_workspace, copy_workspace, tiny_cohort, tmp_path) -> None:

@@ -24,6 +24,8 @@ from histcode.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
+EXPERIMENT = "heatmaps"
+
 
 @dataclass
 class HeatmapResult:
@@ -54,23 +56,58 @@ def store_scores(catalog: Catalog, head: LoadedHead, scores: pd.DataFrame) -> No
         con.unregister("_scores")
 
 
+def _drawing_key(tumor: LoadedHead, de: LoadedHead | None, genes: list[str], out_dir: Path) -> str:
+    return f"tumor-head/{tumor.version};de-head/{de.version if de else '-'};genes={','.join(genes)};out={out_dir.resolve()}"
+
+
+def _already_drawn(catalog: Catalog, tracker: Tracker, slide_id: str, heads: tuple[LoadedHead, LoadedHead | None],
+                   key: str, pictures: list[Path]) -> HeatmapResult | None:
+    """The earlier drawing of this slide by exactly these head versions and genes into ``out_dir``, if its
+    pictures are still there: its scores from ``tile_scores`` and its mask AUC from its MLflow run."""
+    if not all(p.is_file() for p in pictures):
+        return None
+    runs = tracker.client.search_runs([tracker.experiment_id(EXPERIMENT)], max_results=1, order_by=["start_time DESC"],
+                                      filter_string=f"tags.`histcode.slide_id` = '{slide_id}' and tags.`histcode.drawing` = '{key}'")
+    if not runs:
+        return None
+    tumor, de = heads
+    scores = pd.DataFrame(catalog.query(
+        "SELECT slide_id, tile_id, x, y, size, score_name, score FROM tile_scores WHERE slide_id = ? AND "
+        "((model = 'tumor-head' AND version = ?) OR (model = 'de-head' AND version = ?)) ORDER BY score_name, y, x",
+        [slide_id, tumor.version, de.version if de else None]))
+    return HeatmapResult(slide_id, pictures, runs[0].data.metrics.get("attention_mask_auc"), scores)
+
+
 def render_heatmaps(ws: Workspace, slide_id: str, out_dir: Path, genes: list[str] | None = None,
                     alias: str = "attention", heads: tuple[LoadedHead, LoadedHead | None] | None = None,
-                    bag: Bag | None = None) -> HeatmapResult:
+                    bag: Bag | None = None, force: bool = False) -> HeatmapResult:
     """``heads``: the (tumour, DE) heads when the caller has loaded them already (default: tumour@``alias``
-    and DE@best from the registry); ``bag``: the slide's vectors in the tumour head's view, if already read."""
+    and DE@best from the registry); ``bag``: the slide's vectors in the tumour head's view, if already read.
+    A slide already drawn by the same head versions and genes into ``out_dir`` is not drawn again unless
+    ``force``."""
     catalog, tracker = Catalog(ws.catalog_path), Tracker(ws)
     slide = catalog.get_slide(slide_id)
     if slide is None or slide["status"] != "ok":
         raise LookupError(f"{slide_id} is not a registered, healthy slide")
     tumor, de = heads or (load_head(tracker, "tumor", alias), optional_head(tracker, "de"))
+    chosen = (genes or list(de.genes[:2])) if de is not None and de.genes else []
+    if de is not None:
+        unknown = sorted(set(chosen) - set(de.genes))
+        if unknown:
+            raise LookupError(f"genes {unknown} are not in the DE head's panel {list(de.genes)}")
+    key = _drawing_key(tumor, de, chosen, out_dir)
+    pictures = [out_dir / f"{slide_id}.attention.png", *(out_dir / f"{slide_id}.{g}.png" for g in chosen)]
+    done = None if force else _already_drawn(catalog, tracker, slide_id, (tumor, de), key, pictures)
+    if done is not None:
+        log.info("%s: heatmaps already drawn by these heads (%s)", slide_id, out_dir)
+        return done
     bag = bag if bag is not None else slide_bag(ws, tumor, slide_id)
     out, attention = tumor(bag.features)
     result = HeatmapResult(slide_id)
     p_tumor = float(out[list(tumor.classes).index("tumor")]) if "tumor" in tumor.classes else float("nan")
     result.pictures.append(heatmap_png(slide, bag.xy, bag.size, attention,
                                        f"{slide_id}: tumour-head attention (p_tumor {p_tumor:.2f})", "attention",
-                                       out_dir / f"{slide_id}.attention.png"))
+                                       pictures[0]))
     rows = [{"slide_id": slide_id, "tile_id": t, "x": int(x), "y": int(y), "size": bag.size, "score_name": "attention",
              "score": float(a)} for t, (x, y), a in zip(bag.tile_ids, bag.xy, attention)]
     truth = tile_tumour_labels(slide, bag)
@@ -79,25 +116,21 @@ def render_heatmaps(ws: Workspace, slide_id: str, out_dir: Path, genes: list[str
 
         result.mask_auc = float(roc_auc_score(truth, attention))
     store_scores(catalog, tumor, pd.DataFrame(rows))
-    if de is not None and de.genes:
-        chosen = genes or list(de.genes[:2])
-        unknown = sorted(set(chosen) - set(de.genes))
-        if unknown:
-            raise LookupError(f"genes {unknown} are not in the DE head's panel {list(de.genes)}")
+    if chosen:
         per_tile = de.tile_scores(bag.features)
         de_rows = []
-        for gene in chosen:
+        for gene, picture in zip(chosen, pictures[1:]):
             g = list(de.genes).index(gene)
             result.pictures.append(heatmap_png(slide, bag.xy, bag.size, per_tile[:, g],
                                                f"{slide_id}: predicted log2FC of {gene} per tile", f"{gene} log2FC",
-                                               out_dir / f"{slide_id}.{gene}.png", cmap="coolwarm"))
+                                               picture, cmap="coolwarm"))
             de_rows += [{"slide_id": slide_id, "tile_id": t, "x": int(x), "y": int(y), "size": bag.size,
                          "score_name": f"log2fc:{gene}", "score": float(v)} for t, (x, y), v in zip(bag.tile_ids, bag.xy, per_tile[:, g])]
         store_scores(catalog, de, pd.DataFrame(de_rows))
         rows += de_rows
     result.scores = pd.DataFrame(rows)
-    run = tracker.start_run("heatmaps", f"heatmap-{slide_id}", tags={"histcode.slide_id": slide_id,
-                                                                       "histcode.tumor_head_version": tumor.version})
+    run = tracker.start_run(EXPERIMENT, f"heatmap-{slide_id}", tags={
+        "histcode.slide_id": slide_id, "histcode.tumor_head_version": tumor.version, "histcode.drawing": key})
     if result.mask_auc is not None:
         tracker.log_metrics(run, {"attention_mask_auc": result.mask_auc})
     for picture in result.pictures:
