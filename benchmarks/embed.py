@@ -38,7 +38,7 @@ def main() -> None:
     from histcode.tiling.spec import spec_id_of
     from histcode.tracking import Tracker, telemetry_off
     from histcode.workspace import Workspace
-    from histcode.wsi.tissue import resolve_device
+    from histcode.runtime import resolve_device
 
     telemetry_off()
     source, tmp = demo_workspace(args.workspace)

@@ -39,7 +39,7 @@ def main() -> None:
     from histcode.store.catalog import Catalog
     from histcode.tiling.run import tile_slides
     from histcode.tiling.spec import spec_id_of
-    from histcode.wsi.tissue import resolve_device
+    from histcode.runtime import resolve_device
 
     ws, tmp = demo_workspace(args.workspace)
     cfg = ws.config()

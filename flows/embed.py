@@ -14,7 +14,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from histcode.features.embed import materialize
-from histcode.reports import embed_summary, write_json
+from histcode.reports import embed_summary
+from histcode.store.files import write_json
 from histcode.tracking import telemetry_off
 from histcode.workspace import Workspace
 from flows._entry import run_flow_from_argv

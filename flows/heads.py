@@ -31,7 +31,7 @@ def gate_check_task(workspace: str | None) -> str:
 
 @task(name="train-heads", tags=["gpu"], cache_policy=NO_CACHE)
 def heads_task(workspace: str | None, tasks: list[str] | None, aggregators: list[str] | None, force: bool) -> dict:
-    from histcode.heads.run import completed_heads, train_heads
+    from histcode.apps.train_heads import completed_heads, train_heads
 
     telemetry_off()
     ws = Workspace.resolve(workspace).ensure()
@@ -49,7 +49,7 @@ def heads_task(workspace: str | None, tasks: list[str] | None, aggregators: list
 
 @task(name="heatmap", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
 def heatmap_task(workspace: str | None, slide_id: str) -> dict:
-    from histcode.heads.heatmaps import render_heatmaps
+    from histcode.apps.heatmaps import render_heatmaps
 
     telemetry_off()
     ws = Workspace.resolve(workspace)

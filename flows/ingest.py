@@ -19,7 +19,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from histcode.ingest.inspect import inspect_slide
 from histcode.ingest.run import IngestReport, commit_record, is_unchanged, refused_outcome, unchanged_outcome
 from histcode.ingest.sources import SlideSource, read_manifest, sources_from_paths, split_duplicates
-from histcode.reports import ingest_summary, tiling_summary, write_json
+from histcode.reports import ingest_summary, tiling_summary
+from histcode.store.files import write_json
 from histcode.store.catalog import Catalog
 from histcode.store.records import FAILED, SlideRecord
 from histcode.tiling.run import TilingReport, commit_tiling, plan_tiling

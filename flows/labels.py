@@ -15,7 +15,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from histcode.labels.run import gate_labels, ingest_labels, passed_label_set
-from histcode.reports import gate_summary, labels_summary, write_json
+from histcode.reports import gate_summary, labels_summary
+from histcode.store.files import write_json
 from histcode.workspace import Workspace
 from flows._entry import run_flow_from_argv
 

@@ -16,7 +16,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import task_run
 
-from histcode.reports import pretrain_summary, write_json
+from histcode.reports import pretrain_summary
+from histcode.store.files import write_json
 from histcode.ssl.pretrain import completed, pretrain
 from histcode.tracking import telemetry_off
 from histcode.workspace import Workspace

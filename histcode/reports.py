@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from histcode.ingest.run import IngestReport
+from histcode.store.files import write_json
 from histcode.tiling.run import TilingReport
-
-
-def write_json(path: Path, payload: dict) -> Path:
-    """Write atomically (temporary file + rename) so a reader never sees half a report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def ingest_summary(report: IngestReport) -> dict:
@@ -101,7 +92,7 @@ def gate_summary(result) -> dict:
 
 
 def write_heads_report(report, metrics_path: Path, plots_dir: Path) -> dict:
-    """``report``: histcode.heads.run.HeadsReport. Writes its summary as metrics JSON and its ROC and per-gene
+    """``report``: histcode.apps.train_heads.HeadsReport. Writes its summary as metrics JSON and its ROC and per-gene
     tables as CSVs under ``plots_dir/roc`` and ``plots_dir/genes`` for `dvc plots show` (tables of heads not in
     this report are removed); returns the summary."""
     summary = report.summary()

@@ -23,6 +23,14 @@ def repository_root() -> Path | None:
     return REPO_ROOT if (REPO_ROOT / "pyproject.toml").exists() else None
 
 
+def bundled_source_dir() -> Path:
+    """The LC25000 lung tiles bundled with the source checkout (the demo cohort's pixels, the probe's tiles)."""
+    root = repository_root()
+    if root is None:
+        raise FileNotFoundError("no bundled LC25000 tiles: set demo.source_dir (and pretrain.probe.source_dir) in params.yaml")
+    return root / "data" / "lc25000_lung"
+
+
 def resolve_root(explicit: str | Path | None = None) -> Path:
     if explicit:
         return Path(explicit).expanduser().resolve()

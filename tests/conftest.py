@@ -156,7 +156,7 @@ def headed_workspace(heads_cohort, tmp_path_factory) -> Workspace:
     summary in metrics/heads.json (read-only)."""
     import yaml
 
-    from histcode.heads.run import train_heads
+    from histcode.apps.train_heads import train_heads
     from histcode.labels.run import gate_labels, ingest_labels
     from histcode.reports import write_heads_report
 

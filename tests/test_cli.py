@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -18,6 +19,38 @@ runner = CliRunner()
 
 def invoke(ws, *args):
     return runner.invoke(app, ["--workspace", str(ws), *map(str, args)], env={"COLUMNS": "250"})
+
+
+def _command_paths(command, prefix=()) -> list[tuple[str, ...]]:
+    """Every command and subcommand of the click group, as argument paths."""
+    paths = [prefix]
+    for name, sub in getattr(command, "commands", {}).items():
+        paths += _command_paths(sub, (*prefix, name))
+    return paths
+
+
+def test_every_command_runs_from_every_entry_point() -> None:
+    """`histcode X`, `python -m histcode X` and `python -m histcode.cli X` all reach every command."""
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    import typer
+
+    paths = _command_paths(typer.main.get_command(app))
+    assert {("pretrain",), ("labels", "gate"), ("heads",), ("predict",)} <= set(paths) and len(paths) > 15
+    entry_points = ([str(Path(sys.executable).with_name("histcode"))], [sys.executable, "-m", "histcode"],
+                    [sys.executable, "-m", "histcode.cli"])
+    jobs = [(entry, path) for entry in entry_points for path in paths]
+
+    def run(job):
+        entry, path = job
+        return job, subprocess.run([*entry, *path, "--help"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+
+    with ThreadPoolExecutor(4) as pool:
+        for (entry, path), done in pool.map(run, jobs):
+            where = " ".join([Path(entry[-1]).name, *path])
+            assert done.returncode == 0, f"{where} --help: {done.stderr[-500:]}"
+            assert "Usage:" in done.stdout and " ".join(path) in done.stdout, where
 
 
 def test_help_is_fast_and_lists_commands() -> None:

@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from histcode.demo.build import build_demo_cohort, bundled_source_dir
+from histcode.demo.build import build_demo_cohort
+from histcode.workspace import bundled_source_dir
 from histcode.demo.expression import PANEL
 from histcode.ingest.run import ingest_sources
 from histcode.ingest.sources import read_manifest

@@ -12,7 +12,8 @@ import torch
 from histcode.config import HeadsConfig
 from histcode.heads.apply import load_head
 from histcode.heads.cv import cross_validate
-from histcode.heads.data import Bag, TaskData
+from histcode.heads.data import Bag
+from histcode.heads.tasks import TaskData
 from histcode.heads.models import CLAMSingleBranch, GatedAttention, MultiTaskDE
 from histcode.store.catalog import Catalog
 from histcode.tracking import Tracker
@@ -101,7 +102,7 @@ def test_registry_round_trip(headed_workspace) -> None:
     tracker = Tracker(headed_workspace)
     head = load_head(tracker, "tumor", "attention")
     assert head.aggregator == "attention" and head.classes == ("normal", "tumor")
-    from histcode.heads.heatmaps import slide_bag
+    from histcode.apps.heatmaps import slide_bag
 
     sid = Catalog(headed_workspace.catalog_path).query("SELECT slide_id FROM slide_labels ORDER BY 1 LIMIT 1")[0]["slide_id"]
     bag = slide_bag(headed_workspace, head, sid)
@@ -114,7 +115,7 @@ def test_registry_round_trip(headed_workspace) -> None:
 
 
 def test_heatmap_with_mask_auc_and_sql_scores(headed_workspace, copy_workspace) -> None:
-    from histcode.heads.heatmaps import render_heatmaps
+    from histcode.apps.heatmaps import render_heatmaps
     from histcode.store.sql import run_sql
 
     ws = copy_workspace(headed_workspace)
@@ -140,7 +141,7 @@ def test_heatmap_with_mask_auc_and_sql_scores(headed_workspace, copy_workspace) 
 def test_predict_on_new_slides_including_40x_and_failures(headed_workspace, copy_workspace, tiny_cohort, tmp_path) -> None:
     from histcode.config import DemoConfig
     from histcode.demo.build import build_demo_cohort
-    from histcode.heads.predict import predict_slides
+    from histcode.apps.predict import predict_slides
     from histcode.ingest.sources import read_manifest
 
     ws = copy_workspace(headed_workspace)
@@ -171,7 +172,7 @@ def test_predict_on_new_slides_including_40x_and_failures(headed_workspace, copy
 def test_ablation_grid_gives_comparable_runs_per_encoder(headed_workspace, copy_workspace) -> None:
     from mlflow import MlflowClient
 
-    from histcode.heads.ablation import run_ablation
+    from histcode.apps.ablation import run_ablation
 
     ws = copy_workspace(headed_workspace)
     reports = run_ablation(ws, ws.config(), ("random", "moco"), ("mean",), ("tumor",))

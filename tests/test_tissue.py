@@ -16,8 +16,8 @@ from histcode.wsi.tissue import (
     label_components,
     log_otsu_threshold,
     otsu_threshold,
-    resolve_device,
 )
+from histcode.runtime import resolve_device
 
 from tests.helpers import GLASS
 

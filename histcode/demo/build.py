@@ -26,7 +26,7 @@ from histcode.demo.expression import SampleSpec, panel_table, simulate_expressio
 from histcode.demo.plan import SlidePlan, load_source_tiles, plan_cohort, sample_barcode
 from histcode.demo.readme import cohort_readme
 from histcode.demo.tiff_writer import write_aperio_svs, write_generic_tiff
-from histcode.workspace import repository_root
+from histcode.workspace import bundled_source_dir
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +44,6 @@ class DemoCohort:
     @property
     def manifest(self) -> Path:
         return self.out_dir / "manifest.csv"
-
-
-def bundled_source_dir() -> Path:
-    root = repository_root()
-    if root is None:
-        raise FileNotFoundError("no bundled LC25000 tiles: set demo.source_dir in params.yaml")
-    return root / "data" / "lc25000_lung"
 
 
 def _fingerprint(cfg: DemoConfig, source_dir: Path) -> str:

@@ -31,7 +31,7 @@ from histcode.features.registry import (
 )
 from histcode.features.upkeep import maintain_tables
 from histcode.ssl.dataset import TileDataset, dataset_from_catalog
-from histcode.ssl.train import resolve_workers
+
 from histcode.store.catalog import Catalog
 from histcode.store.records import utcnow
 from histcode.store.vectors import SLIDE_KIND, TILE_KIND, connect, open_table, to_batch, upsert_slides
@@ -39,7 +39,7 @@ from histcode.tiling.spec import spec_id_of
 from histcode.tracking import Tracker
 from histcode.workspace import Workspace
 from histcode.wsi.reader import SlideReadError
-from histcode.wsi.tissue import resolve_device
+from histcode.runtime import resolve_device, resolve_workers
 
 log = logging.getLogger(__name__)
 

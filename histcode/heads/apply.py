@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from histcode.heads.run import MODEL_NAMES
+from histcode.heads.names import MODEL_NAMES
 from histcode.tracking import Tracker
 
 log = logging.getLogger(__name__)

@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 
 from histcode.config import HeadsConfig
-from histcode.heads import metrics
-from histcode.heads.data import Bag, TaskData, inner_split
+from histcode.heads.data import Bag, inner_split
 from histcode.heads.fit import FittedHead, fit_head
+from histcode.heads.tasks import TaskData
 
 log = logging.getLogger(__name__)
 
@@ -35,32 +35,27 @@ class CVResult:
     @property
     def score(self) -> float:
         """The number the best model is chosen by: pooled AUC, or the mean per-gene AUC for DE."""
-        return float(self.pooled.get("auc", self.pooled.get("mean_gene_auc", float("nan"))))
-
-
-def _targets(task: TaskData, idx: np.ndarray) -> list:
-    if task.name == "de":
-        return [(task.y[i], task.y_class[i]) for i in idx]
-    return [int(task.y[i]) for i in idx]
+        return self.task.kind.selection_score(self.pooled)
 
 
 def fit_on(task: TaskData, bags: dict[str, Bag], idx: np.ndarray, aggregator: str, cfg: HeadsConfig,
            seed: int) -> tuple[FittedHead, np.ndarray, np.ndarray]:
     """Fit on the slides ``idx`` with an inner validation split; returns (head, train idx, val idx)."""
-    strata = task.y[idx] if task.name != "de" else np.zeros(len(idx), dtype=int)
-    if task.name != "de" and len(np.unique(strata)) < 2:
+    kind = task.kind
+    strata = kind.strata(task, idx)
+    if kind.needs_every_class and len(np.unique(strata)) < 2:
         raise ValueError(f"{task.name}: the training slides hold a single class ({task.classes[int(strata[0])]}); "
                          "too few patients per class for this many folds")
     tr, va = inner_split(task.patients[idx], strata, cfg.val_fraction, seed)
-    if task.name != "de" and len(np.unique(strata[tr])) < 2:
+    if kind.needs_every_class and len(np.unique(strata[tr])) < 2:
         # too few patients to hold some out and keep both classes: train on all, for the configured epochs
         log.warning("%s: no validation split possible without losing a class; training without early stopping",
                     task.name)
         tr, va = np.ones(len(idx), dtype=bool), np.zeros(len(idx), dtype=bool)
     train_idx, val_idx = idx[tr], idx[va]
     feats = [bags[task.slide_ids[i]].features for i in range(len(task.slide_ids))]
-    pairs = lambda ids: list(zip([feats[i] for i in ids], _targets(task, ids)))  # noqa: E731
-    head = fit_head(task.name, aggregator, pairs(train_idx), pairs(val_idx), len(task.classes), len(task.genes), cfg, seed)
+    pairs = lambda ids: list(zip([feats[i] for i in ids], kind.targets(task, ids)))  # noqa: E731
+    head = fit_head(kind, aggregator, pairs(train_idx), pairs(val_idx), task.shape, cfg, seed)
     return head, train_idx, val_idx
 
 
@@ -84,36 +79,10 @@ def cross_validate(task: TaskData, bags: dict[str, Bag], aggregator: str, cfg: H
         ids = lambda idx: [task.slide_ids[i] for i in idx]  # noqa: E731
         result.fold_slides.append({"train": ids(train_idx), "val": ids(val_idx), "test": ids(test_idx)})
         fold = {"fold": k, "epochs": head.epochs, "n_test": len(test_idx)}
-        fold.update(_score(task, test_idx, outputs))
+        fold.update(task.kind.score(task, test_idx, outputs))
         result.fold_metrics.append(fold)
         log.info("%s/%s fold %d: %s", task.name, aggregator, k, {m: round(v, 3) for m, v in fold.items() if isinstance(v, float)})
     done = np.array([o is not None for o in outputs])
-    result.pooled = _score(task, np.flatnonzero(done), outputs)
-    if task.name != "de":
-        y = task.y[done]
-        proba = np.stack([outputs[i] for i in np.flatnonzero(done)])
-        for m in ("auc", "balanced_accuracy"):
-            lo, hi = metrics.bootstrap_ci(y, proba, m, cfg.bootstrap, cfg.seed)
-            result.pooled[f"{m}_ci_low"], result.pooled[f"{m}_ci_high"] = lo, hi
-        result.predictions = pd.DataFrame({"slide_id": np.array(task.slide_ids)[done], "fold": task.folds[done], "y": y,
-                                           **{f"p_{c}": proba[:, j] for j, c in enumerate(task.classes)}})
-    else:
-        result.genes = _gene_rows(task, np.flatnonzero(done), outputs)
+    result.pooled = task.kind.score(task, np.flatnonzero(done), outputs)
+    task.kind.summarise(result, task, np.flatnonzero(done), outputs, cfg)
     return result
-
-
-def _score(task: TaskData, idx: np.ndarray, outputs: list) -> dict:
-    if len(idx) == 0:
-        return {}
-    if task.name != "de":
-        return metrics.classification(task.y[idx], np.stack([outputs[i] for i in idx]))
-    rows = _gene_rows(task, idx, outputs)
-    aucs = [r["auc"] for r in rows if not np.isnan(r["auc"])]
-    pearsons = [r["pearson"] for r in rows if not np.isnan(r["pearson"])]
-    return {"mean_gene_auc": float(np.mean(aucs)) if aucs else float("nan"),
-            "mean_gene_pearson": float(np.mean(pearsons)) if pearsons else float("nan")}
-
-
-def _gene_rows(task: TaskData, idx: np.ndarray, outputs: list) -> list[dict]:
-    out = np.stack([outputs[i] for i in idx])  # (n, genes, 4)
-    return metrics.per_gene(task.genes, task.y[idx], out[:, :, 0], task.y_class[idx], out[:, :, 1:], task.mean_abs_log2fc)

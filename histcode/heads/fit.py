@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from histcode.config import HeadsConfig
-from histcode.heads.models import CLAMSingleBranch, MaxInstance, MultiTaskDE
+from histcode.heads.models import MultiTaskDE
 
 log = logging.getLogger(__name__)
 
@@ -84,45 +84,29 @@ class FittedHead:
         return out.numpy(), att.numpy()
 
 
-def _torch_model(task: str, aggregator: str, in_dim: int, n_classes: int, n_genes: int, cfg: HeadsConfig) -> nn.Module:
-    if task == "de":
-        if aggregator != "attention":
-            raise ValueError("the DE task has attention and mean aggregators")
-        return PerGeneDE(in_dim, n_genes) if cfg.de_mode == "per_gene" else MultiTaskDE(in_dim, n_genes)
-    if aggregator == "attention":
-        return CLAMSingleBranch(in_dim, n_classes, k_sample=cfg.k_sample, bag_weight=cfg.bag_weight)
-    return MaxInstance(in_dim, n_classes)
-
-
-def _loss(model: nn.Module, task: str, bag: np.ndarray, target) -> torch.Tensor:
-    x = torch.from_numpy(bag)
-    if task == "de":
-        fc, cls = target
-        return model.loss(x, torch.from_numpy(fc), torch.from_numpy(cls).long())
-    return model.loss(x, int(target))
-
-
-def fit_head(task: str, aggregator: str, train: list[tuple[np.ndarray, object]], val: list[tuple[np.ndarray, object]],
-             n_classes: int, n_genes: int, cfg: HeadsConfig, seed: int) -> FittedHead:
-    """``train`` / ``val``: (bag features, target) pairs; DE targets are (log2FC, class ids) per gene."""
+def fit_head(kind, aggregator: str, train: list[tuple[np.ndarray, object]], val: list[tuple[np.ndarray, object]],
+             shape: dict[str, int], cfg: HeadsConfig, seed: int) -> FittedHead:
+    """``kind``: the task kind (``histcode.heads.tasks``), which builds the model, scores a bag against its
+    target and fits the mean-pool head; ``train`` / ``val``: (bag features, target) pairs; ``shape``: the task's
+    output sizes (classes, genes)."""
     if aggregator == "mean":
-        return FittedHead("mean", _fit_mean(task, train, seed).eval())
+        return FittedHead("mean", kind.fit_mean(train, seed).eval())
     torch.manual_seed(seed)
     in_dim = train[0][0].shape[1]
-    model = _torch_model(task, aggregator, in_dim, n_classes, n_genes, cfg)
+    model = kind.torch_model(aggregator, in_dim, shape, cfg)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(seed)
     best, best_state, stale, epoch = float("inf"), copy.deepcopy(model.state_dict()), 0, 0
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         for i in rng.permutation(len(train)):
-            loss = _loss(model, task, *train[i])
+            loss = kind.loss(model, *train[i])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         model.eval()
         with torch.no_grad():
-            val_loss = float(np.mean([_loss(model, task, *item).item() for item in val])) if val else float("nan")
+            val_loss = float(np.mean([kind.loss(model, *item).item() for item in val])) if val else float("nan")
         if not val:
             best_state, best = copy.deepcopy(model.state_dict()), float("nan")
             continue
@@ -137,38 +121,52 @@ def fit_head(task: str, aggregator: str, train: list[tuple[np.ndarray, object]],
     return FittedHead(aggregator, model, epoch, best)
 
 
-def _fit_mean(task: str, train: list[tuple[np.ndarray, object]], seed: int) -> MeanPoolLinear:
-    from sklearn.linear_model import LogisticRegression, Ridge
+def _standardised_means(train: list[tuple[np.ndarray, object]]):
+    """Mean-pooled bags, standardised: (z, the fitted scaler's mean, its scale with zeros replaced by 1)."""
     from sklearn.preprocessing import StandardScaler
 
     x = np.stack([bag.mean(axis=0) for bag, _ in train])
     scaler = StandardScaler().fit(x)
-    z = scaler.transform(x)
-    scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
+    return scaler.transform(x), scaler.mean_, np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
 
-    def logits(clf: LogisticRegression, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-        """A fitted logistic regression as logit weights over ``n_classes`` (absent classes: -inf bias)."""
-        w = np.zeros((n_classes, x.shape[1]))
-        b = np.full(n_classes, -np.inf)
-        if len(clf.classes_) == 2:  # sklearn's binary form: one logit for the second class, 0 for the first
-            w[clf.classes_[1]], b[clf.classes_[1]] = clf.coef_[0], clf.intercept_[0]
-            b[clf.classes_[0]] = 0.0
-        else:
-            w[clf.classes_], b[clf.classes_] = clf.coef_, clf.intercept_
-        return w, b
 
-    if task != "de":
-        y = np.array([int(t) for _, t in train])
-        clf = LogisticRegression(max_iter=2000, random_state=seed).fit(z, y)
-        w, b = logits(clf, int(y.max()) + 1)
-        return MeanPoolLinear(scaler.mean_, scale, w, b)
+def _logits(clf, n_classes: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fitted logistic regression as logit weights over ``n_classes`` (absent classes: -inf bias)."""
+    w = np.zeros((n_classes, dim))
+    b = np.full(n_classes, -np.inf)
+    if len(clf.classes_) == 2:  # sklearn's binary form: one logit for the second class, 0 for the first
+        w[clf.classes_[1]], b[clf.classes_[1]] = clf.coef_[0], clf.intercept_[0]
+        b[clf.classes_[0]] = 0.0
+    else:
+        w[clf.classes_], b[clf.classes_] = clf.coef_, clf.intercept_
+    return w, b
+
+
+def fit_mean_classes(train: list[tuple[np.ndarray, object]], seed: int) -> MeanPoolLinear:
+    """Logistic regression on standardised mean-pooled bags; targets are class ids."""
+    from sklearn.linear_model import LogisticRegression
+
+    z, mean, scale = _standardised_means(train)
+    y = np.array([int(t) for _, t in train])
+    clf = LogisticRegression(max_iter=2000, random_state=seed).fit(z, y)
+    w, b = _logits(clf, int(y.max()) + 1, z.shape[1])
+    return MeanPoolLinear(mean, scale, w, b)
+
+
+def fit_mean_de(train: list[tuple[np.ndarray, object]], seed: int) -> MeanPoolLinear:
+    """Ridge regression of log2FC and a logistic regression per classified gene; targets are (log2FC, class
+    ids) per gene."""
+    from sklearn.linear_model import LogisticRegression, Ridge
+
+    z, mean, scale = _standardised_means(train)
     fc = np.stack([t[0] for _, t in train])
     cls = np.stack([t[1] for _, t in train])
     ridge = Ridge(alpha=10.0).fit(z, np.nan_to_num(fc))
-    de_w = np.zeros((cls.shape[1], 3, x.shape[1]))
+    de_w = np.zeros((cls.shape[1], 3, z.shape[1]))
     de_b = np.full((cls.shape[1], 3), np.nan)
     for g in range(cls.shape[1]):
         known = cls[:, g] >= 0
         if known.sum() and len(np.unique(cls[known, g])) > 1:
-            de_w[g], de_b[g] = logits(LogisticRegression(max_iter=2000, random_state=seed).fit(z[known], cls[known, g]), 3)
-    return MeanPoolLinear(scaler.mean_, scale, ridge.coef_, ridge.intercept_, de_w, de_b)
+            clf = LogisticRegression(max_iter=2000, random_state=seed).fit(z[known], cls[known, g])
+            de_w[g], de_b[g] = _logits(clf, 3, z.shape[1])
+    return MeanPoolLinear(mean, scale, ridge.coef_, ridge.intercept_, de_w, de_b)

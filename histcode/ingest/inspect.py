@@ -7,15 +7,14 @@ can retry them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 from histcode.config import IngestConfig
 from histcode.ingest.sources import SlideSource
 from histcode.store.records import FAILED, OK, SlideRecord
+from histcode.wsi.files import file_sha256
 from histcode.wsi.mpp import MppError, objective_power, resolve_mpp
 from histcode.wsi.reader import OpenSlideReader, SlideReadError
 from histcode.wsi.tiff_check import check_tiff
@@ -23,14 +22,6 @@ from histcode.wsi.tiff_check import check_tiff
 log = logging.getLogger(__name__)
 
 PROBE_SMALLEST_LEVEL_MAX_PX = 4096 * 4096
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _precheck(path: Path) -> str | None:
@@ -140,11 +131,3 @@ def inspect_slide(source: SlideSource, cfg: IngestConfig) -> SlideRecord:
               record.level_count, mpp.x, mpp.source)
     return record
 
-
-def file_signature(path: Path) -> tuple[int, float] | None:
-    """(size, mtime) of a file, or None if it cannot be stat'ed."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_size, st.st_mtime

@@ -15,7 +15,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from histcode.config import IngestConfig
-from histcode.ingest.inspect import file_signature, inspect_slide
+from histcode.ingest.inspect import inspect_slide
+from histcode.wsi.files import file_signature
 from histcode.ingest.sources import SlideSource, split_duplicates
 from histcode.store.catalog import Catalog
 from histcode.store.records import FAILED, OK, SlideRecord

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from histcode.config import HistcodeConfig, PretrainConfig, stable_hash
-from histcode.reports import write_json
+from histcode.store.files import write_json
 from histcode.ssl import distributed as dist_util
 from histcode.ssl.augment import TwoViews
 from histcode.ssl.dataset import dataset_from_catalog
@@ -31,8 +31,8 @@ from histcode.ssl.train import StepLog, Trainer, total_steps
 from histcode.store.catalog import Catalog
 from histcode.tiling.spec import spec_id_of
 from histcode.tracking import Tracker
-from histcode.workspace import Workspace
-from histcode.wsi.tissue import resolve_device
+from histcode.workspace import Workspace, bundled_source_dir
+from histcode.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +160,6 @@ def _finish(result: PretrainResult, tracker: Tracker, encoder: Encoder, pcfg: Pr
     """Probe, export and register the encoder, attach the checkpoint, close the run."""
     run_id = result.run_id
     if pcfg.probe.enabled:
-        from histcode.demo.build import bundled_source_dir
-
         source = probe_source or (ws.path(pcfg.probe.source_dir) if pcfg.probe.source_dir else bundled_source_dir())
         result.probe = probe_metrics(encoder, pcfg, source, device)
         tracker.log_metrics(run_id, result.probe, result.steps)

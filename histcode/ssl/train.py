@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from tqdm.auto import tqdm
 from histcode.config import PretrainConfig
 from histcode.ssl.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint
 from histcode.ssl.dataset import EpochSampler, TileDataset
+from histcode.runtime import resolve_workers, step_seed
 from histcode.ssl.methods import AdCo, ContrastiveMethod
 
 log = logging.getLogger(__name__)
@@ -49,22 +49,6 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / span)))
 
     return factor
-
-
-def resolve_workers(setting: int | str, device: torch.device) -> int:
-    """'auto': on a GPU, reader processes on all but one core (up to 8) hide slide reads behind the model; on
-    a CPU the model and the readers share the same few cores, and on up to 4 cores the main process reading
-    between steps is faster (benchmarks/pretrain.py measures both)."""
-    if setting != "auto":
-        return int(setting)
-    cores = os.cpu_count() or 1
-    if device.type == "cuda":
-        return max(1, min(8, cores - 1))
-    return 0 if cores <= 4 else min(4, cores // 4)
-
-
-def step_seed(seed: int, step: int) -> int:
-    return (seed * 1_000_003 + step) % (2**63)
 
 
 def total_steps(cfg: PretrainConfig, n_tiles: int) -> int:

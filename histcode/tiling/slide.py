@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from histcode.config import TilingConfig
-from histcode.ingest.inspect import file_signature
+from histcode.wsi.files import file_signature
 from histcode.store.records import FAILED, OK, TilingRecord
 from histcode.tiling.spec import tile_id_of
 from histcode.wsi import qc as tile_qc
@@ -24,7 +24,8 @@ from histcode.wsi.grid import grid_positions, tile_size_level0, tissue_fractions
 from histcode.wsi.overlay import draw_qc_thumbnail, save_mask_png
 from histcode.wsi.reader import OpenSlideReader, SlideReadError, plan_read, render_at_mpp
 from histcode.wsi.tile_reader import TileReader
-from histcode.wsi.tissue import detect_tissue, resolve_device
+from histcode.runtime import resolve_device
+from histcode.wsi.tissue import detect_tissue
 
 log = logging.getLogger(__name__)
 

@@ -15,15 +15,6 @@ import torch
 from histcode.config import TissueMaskConfig
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> CUDA when available, else CPU. Asking for 'cuda' without one is an error, not a fallback."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but torch sees no CUDA device; use 'auto' or 'cpu'")
-    return torch.device(name)
-
-
 @dataclass(frozen=True)
 class TissueMask:
     """A boolean tissue mask and how it maps to level 0: mask pixel (r, c) covers level-0 pixels

@@ -1,75 +1,15 @@
-"""The `histcode` command. Each DVC stage is one command here; heavy imports stay inside the commands so
-`histcode --help` answers at once."""
+"""`histcode` commands for slides: the demo cohort, ingest, tiling, the catalog, the whole demo, the local servers."""
 
 from __future__ import annotations
 
-import logging
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    help="HistCode: whole-slide images -> tiles -> contrastive embeddings -> heads, as a feature store.",
-)
+from histcode.cli.common import config_of, fail, slide_sources, terminal, workspace_of
 
 
-class State:
-    workspace: Optional[Path] = None
-
-
-def _setup_logging(verbose: int) -> None:
-    from rich.logging import RichHandler
-
-    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING
-    logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(show_path=False, rich_tracebacks=True)], force=True)
-    logging.getLogger("histcode").setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
-
-
-@app.callback()
-def main_options(
-    ctx: typer.Context,
-    workspace: Annotated[Optional[Path], typer.Option("--workspace", "-w", help="Workspace directory (default: $HISTCODE_HOME, else the repository root).")] = None,
-    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More logging (-vv for debug).")] = 0,
-) -> None:
-    _setup_logging(verbose)
-    ctx.obj = State()
-    ctx.obj.workspace = workspace
-
-
-def _ws(ctx: typer.Context):
-    from histcode.workspace import Workspace
-
-    return Workspace.resolve(ctx.obj.workspace if ctx.obj else None).ensure()
-
-
-def _config(ws):
-    from histcode.config import ConfigError
-
-    try:
-        return ws.config()
-    except ConfigError as exc:
-        _fail(str(exc))
-
-
-def _fail(message: str, code: int = 2) -> None:
-    from rich.console import Console
-
-    Console(stderr=True).print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
-
-
-def _console():
-    from rich.console import Console
-
-    return Console()
-
-
-@app.command("demo-data")
 def demo_data(
     ctx: typer.Context,
     force: Annotated[bool, typer.Option(help="Rebuild even if an identical cohort is present.")] = False,
@@ -79,18 +19,17 @@ def demo_data(
     from histcode.demo.build import build_demo_cohort
     from histcode.demo.plan import DemoSourceError
 
-    ws = _ws(ctx)
-    cfg = _config(ws).demo
+    ws = workspace_of(ctx)
+    cfg = config_of(ws).demo
     source = ws.path(cfg.source_dir) if cfg.source_dir else None
     try:
         cohort = build_demo_cohort(cfg, ws.path(cfg.out_dir), source, force=force, workers=workers)
     except (DemoSourceError, FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     state = "built" if cohort.built else "up to date"
-    _console().print(f"demo cohort {state}: {cohort.n_patients} patients, {cohort.n_slides} slides in {cohort.out_dir}")
+    terminal().print(f"demo cohort {state}: {cohort.n_patients} patients, {cohort.n_slides} slides in {cohort.out_dir}")
 
 
-@app.command()
 def ingest(
     ctx: typer.Context,
     paths: Annotated[Optional[list[Path]], typer.Argument(help="Slide files or folders of slides.")] = None,
@@ -100,35 +39,26 @@ def ingest(
 ) -> None:
     """Register slides in the catalog. Exits 1 if any slide failed (the others are registered)."""
     from histcode.ingest.run import ingest_sources
-    from histcode.ingest.sources import ManifestError, read_manifest, sources_from_paths
-    from histcode.reports import ingest_summary, write_json
+    from histcode.reports import ingest_summary
+    from histcode.store.files import write_json
     from histcode.store.catalog import Catalog, CatalogError
     from histcode.views import ingest_table
 
-    ws = _ws(ctx)
-    cfg = _config(ws)
-    if not paths and manifest is None:
-        _fail("give slide paths or --manifest CSV")
-    try:
-        sources = read_manifest(manifest, mpp) if manifest else []
-    except ManifestError as exc:
-        _fail(str(exc))
-    sources += sources_from_paths(list(paths or []), cfg.ingest.extensions, mpp)
-    if not sources:
-        _fail("no slide files found in the given paths")
+    ws = workspace_of(ctx)
+    cfg = config_of(ws)
+    sources = slide_sources(paths, manifest, mpp, cfg.ingest.extensions)
     try:
         result = ingest_sources(sources, Catalog(ws.catalog_path), cfg.ingest)
     except CatalogError as exc:
-        _fail(str(exc))
-    _console().print(ingest_table(result))
+        fail(str(exc))
+    terminal().print(ingest_table(result))
     summary = ingest_summary(result)
     write_json(report or ws.metrics_dir / "ingest.json", summary)
     if result.failed:
-        _console().print(f"[yellow]{len(result.failed)} of {len(result.outcomes)} slides failed; see the reasons above.[/]")
+        terminal().print(f"[yellow]{len(result.failed)} of {len(result.outcomes)} slides failed; see the reasons above.[/]")
         raise typer.Exit(1)
 
 
-@app.command()
 def tile(
     ctx: typer.Context,
     slide: Annotated[Optional[list[str]], typer.Option("--slide", help="Only these slide ids (repeatable).")] = None,
@@ -138,30 +68,30 @@ def tile(
     report: Annotated[Optional[Path], typer.Option(help="Write a JSON summary here (default: metrics/tiling.json).")] = None,
 ) -> None:
     """Detect tissue and place the tile grid on every ingested slide. Exits 1 if any slide failed."""
-    from histcode.reports import tiling_summary, write_json
+    from histcode.reports import tiling_summary
+    from histcode.store.files import write_json
     from histcode.store.catalog import Catalog, CatalogError
     from histcode.tiling.run import tile_slides
     from histcode.views import tiling_table
 
-    ws = _ws(ctx)
-    cfg = _config(ws).tiling
+    ws = workspace_of(ctx)
+    cfg = config_of(ws).tiling
     if workers is not None:
         cfg = cfg.model_copy(update={"workers": workers})
     catalog = Catalog(ws.catalog_path)
     if not catalog.path.exists():
-        _fail(f"no catalog at {catalog.path}: run `histcode ingest` first")
+        fail(f"no catalog at {catalog.path}: run `histcode ingest` first")
     try:
         result = tile_slides(catalog, cfg, ws.outputs_dir / "qc", slide_ids=slide, force=force, retry_failed=retry_failed)
     except CatalogError as exc:
-        _fail(str(exc))
-    _console().print(tiling_table(result))
+        fail(str(exc))
+    terminal().print(tiling_table(result))
     write_json(report or ws.metrics_dir / "tiling.json", tiling_summary(result))
-    _console().print(f"QC pictures: {ws.outputs_dir / 'qc' / result.spec_id}")
+    terminal().print(f"QC pictures: {ws.outputs_dir / 'qc' / result.spec_id}")
     if result.failed:
         raise typer.Exit(1)
 
 
-@app.command()
 def slides(
     ctx: typer.Context,
     status: Annotated[Optional[str], typer.Option(help="Only slides with this status (ok, failed).")] = None,
@@ -172,28 +102,27 @@ def slides(
 
     from histcode.store.catalog import CatalogError
 
-    ws = _ws(ctx)
+    ws = workspace_of(ctx)
     try:
-        _console().print(catalog_table(Catalog(ws.catalog_path), status))
+        terminal().print(catalog_table(Catalog(ws.catalog_path), status))
     except CatalogError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
-@app.command()
 def demo(
     ctx: typer.Context,
     workers: Annotated[int, typer.Option(help="Processes for writing the demo slides.")] = 2,
 ) -> None:
     """Run the whole pipeline on the demo cohort with the workspace's params.yaml."""
-    from histcode.demo.pipeline import run_demo
+    from histcode.apps.demo import run_demo
     from histcode.tracking import telemetry_off
     from histcode.views import ingest_table, next_steps, tiling_table
 
     telemetry_off()
-    ws = _ws(ctx)
-    cfg = _config(ws)
+    ws = workspace_of(ctx)
+    cfg = config_of(ws)
     outcome = run_demo(ws, cfg, workers=workers)
-    console = _console()
+    console = terminal()
     if outcome.ingest.failed:
         console.print(ingest_table(outcome.ingest))
     console.print(tiling_table(outcome.tiling))
@@ -202,7 +131,6 @@ def demo(
         raise typer.Exit(1)
 
 
-@app.command()
 def serve(
     port: Annotated[int, typer.Option(help="Prefect server port.")] = 4200,
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
@@ -217,7 +145,7 @@ def serve(
 
     repo = repository_root()
     if repo is None or not (repo / "flows" / "serve.py").is_file():
-        _fail("`histcode serve` needs the source checkout (flows/ and prefect.yaml): install with `pip install -e .`")
+        fail("`histcode serve` needs the source checkout (flows/ and prefect.yaml): install with `pip install -e .`")
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"}
     child = subprocess.Popen([sys.executable, "-m", "flows.serve", "--port", str(port), "--host", host], cwd=repo, env=env)
     signal.signal(signal.SIGTERM, lambda *_: child.terminate())  # flows.serve stops its server and worker
@@ -228,21 +156,11 @@ def serve(
     raise typer.Exit(code)
 
 
-def _register_commands() -> None:
-    """The command modules add themselves to ``app`` when imported (they import this module's helpers)."""
-    import histcode.cli_features  # noqa: F401
-    import histcode.cli_heads  # noqa: F401
-
-
-def main() -> None:
-    _register_commands()
-    try:
-        app()
-    except KeyboardInterrupt:
-        sys.exit(130)
-
-
-_register_commands()
-
-if __name__ == "__main__":
-    main()
+COMMANDS = (
+    ("demo-data", demo_data),
+    ("ingest", ingest),
+    ("tile", tile),
+    ("slides", slides),
+    ("demo", demo),
+    ("serve", serve),
+)

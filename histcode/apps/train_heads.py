@@ -21,8 +21,10 @@ from histcode.config import HistcodeConfig
 from histcode.features.registry import FeatureView, load_view
 from histcode.features.upkeep import tag_version
 from histcode.heads.cv import CVResult, cross_validate, fit_on
-from histcode.heads.data import Bag, TaskData, load_bags, task_data
+from histcode.heads.data import Bag, load_bags
 from histcode.heads.masks import attention_mask_auc
+from histcode.heads.names import MODEL_NAMES
+from histcode.heads.tasks import TASKS, TaskData, task_data
 from histcode.labels.run import gx_project, require_passed_gate
 from histcode.store.catalog import Catalog
 from histcode.store.vectors import SLIDE_KIND, TILE_KIND, connect, open_table
@@ -33,7 +35,6 @@ from histcode.workspace import Workspace
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "heads"
-MODEL_NAMES = {"tumor": "histcode-tumor-head", "subtype": "histcode-subtype-head", "de": "histcode-de-head"}
 
 
 @dataclass
@@ -127,8 +128,8 @@ def train_heads(ws: Workspace, cfg: HistcodeConfig, tasks: tuple[str, ...] | Non
         data = task_data(catalog, task, bags)
         scores = {}
         for aggregator in aggregators:
-            if task == "de" and aggregator == "max":
-                continue  # max-instance MIL has no fold-change form
+            if aggregator not in TASKS[task].aggregators:
+                continue  # e.g. max-instance MIL has no fold-change form
             result = cross_validate(data, bags, aggregator, hcfg)
             report.results.append(result)
             key = f"{task}/{aggregator}"

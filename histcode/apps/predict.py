@@ -19,7 +19,7 @@ from histcode.config import HistcodeConfig
 from histcode.features.embed import materialize
 from histcode.heads.apply import load_head, optional_head
 from histcode.heads.data import Bag
-from histcode.heads.heatmaps import render_heatmaps, slide_bag
+from histcode.apps.heatmaps import render_heatmaps, slide_bag
 from histcode.ingest.run import ingest_sources
 from histcode.ingest.sources import SlideSource
 from histcode.store.catalog import Catalog

@@ -8,7 +8,7 @@ import logging
 
 from histcode.config import HistcodeConfig
 from histcode.features.embed import materialize
-from histcode.heads.run import HeadsReport, train_heads
+from histcode.apps.train_heads import HeadsReport, train_heads
 from histcode.ssl.pretrain import completed, pretrain, register_random_encoder
 from histcode.tracking import Tracker
 from histcode.workspace import Workspace

@@ -1,16 +1,15 @@
-"""`histcode` commands for pretraining, feature views, SQL and search. Registered on the app of ``histcode.cli``."""
+"""`histcode` commands for pretraining, feature views, SQL and search."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from histcode.cli import _config, _console, _fail, _ws, app
+from histcode.cli.common import config_of, fail, print_frame, terminal, workspace_of
 
-@app.command()
+
 def pretrain(
     ctx: typer.Context,
     method: Annotated[Optional[str], typer.Option(help="adco | moco | simclr (default: pretrain.method).")] = None,
@@ -28,8 +27,8 @@ def pretrain(
     from histcode.tracking import telemetry_off
 
     telemetry_off()
-    ws = _ws(ctx)
-    cfg = _config(ws)
+    ws = workspace_of(ctx)
+    cfg = config_of(ws)
     overrides = {k: v for k, v in {"method": method, "encoder": encoder, "init": init, "max_steps": steps}.items()
                  if v is not None}
     if overrides:
@@ -38,15 +37,16 @@ def pretrain(
         try:
             cfg = cfg.model_copy(update={"pretrain": cfg.pretrain.model_validate({**cfg.pretrain.model_dump(), **overrides})})
         except ValidationError as exc:
-            _fail(str(exc))
+            fail(str(exc))
     try:
         result = run_pretrain(ws, cfg, resume=resume)
     except (NoTilesError, EncoderError, TrainingDiverged, ValueError, FileNotFoundError) as exc:
-        _fail(str(exc))
-    console = _console()
+        fail(str(exc))
+    console = terminal()
     if result.run_id is None:
         return  # a torchrun process other than rank 0
-    from histcode.reports import pretrain_summary, write_json
+    from histcode.reports import pretrain_summary
+    from histcode.store.files import write_json
 
     write_json(report or ws.metrics_dir / "pretrain.json", pretrain_summary(result, cfg.pretrain))
     state = f"resumed at step {result.start_step}" if result.resumed else "new run"
@@ -64,7 +64,6 @@ def pretrain(
         )
 
 
-@app.command()
 def embed(
     ctx: typer.Context,
     encoder: Annotated[Optional[str], typer.Option(help="Registered encoder: name@alias, name/version or name (latest); default features.encoder.")] = None,
@@ -75,7 +74,8 @@ def embed(
     """Materialise the feature view of an encoder: tile and slide vectors into LanceDB. Exits 1 if a slide failed."""
     from histcode.features.embed import materialize
     from histcode.features.registry import ViewError
-    from histcode.reports import embed_summary, write_json
+    from histcode.reports import embed_summary
+    from histcode.store.files import write_json
     from histcode.ssl.dataset import NoTilesError
     from histcode.store.catalog import CatalogError
     from histcode.store.vectors import VectorStoreError
@@ -83,19 +83,18 @@ def embed(
     from histcode.views import embed_table
 
     telemetry_off()
-    ws = _ws(ctx)
-    cfg = _config(ws)
+    ws = workspace_of(ctx)
+    cfg = config_of(ws)
     try:
         result = materialize(ws, cfg, encoder=encoder, slide_ids=slide, tag=tag)
     except (ViewError, NoTilesError, CatalogError, VectorStoreError) as exc:
-        _fail(str(exc))
-    _console().print(embed_table(result))
+        fail(str(exc))
+    terminal().print(embed_table(result))
     write_json(report or ws.metrics_dir / "embed.json", embed_summary(result))
     if result.failed:
         raise typer.Exit(1)
 
 
-@app.command()
 def sql(
     ctx: typer.Context,
     query: Annotated[str, typer.Argument(help="One read-only SQL query (SELECT).")],
@@ -107,19 +106,18 @@ def sql(
     from histcode.store.sql import ReadOnlyQueryError, run_sql
     from histcode.views import arrow_table
 
-    ws = _ws(ctx)
+    ws = workspace_of(ctx)
     try:
         result = run_sql(ws, query)
     except ReadOnlyQueryError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except CatalogError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except Exception as exc:  # noqa: BLE001 -- DuckDB's own errors (syntax, unknown column) are the user's to read
-        _fail(f"{type(exc).__name__}: {exc}")
-    _print_frame(result, output, limit, arrow_table)
+        fail(f"{type(exc).__name__}: {exc}")
+    print_frame(result, output, limit, arrow_table)
 
 
-@app.command()
 def search(
     ctx: typer.Context,
     slide: Annotated[Optional[str], typer.Option("--slide", help="Slides like this slide.")] = None,
@@ -141,24 +139,19 @@ def search(
     from histcode.views import arrow_table
 
     telemetry_off()
-    ws = _ws(ctx)
-    cfg = _config(ws)
+    ws = workspace_of(ctx)
+    cfg = config_of(ws)
     try:
         fv = load_view(Catalog(ws.catalog_path), view, cfg.features.attribute_columns)
         hits = run_search(ws, fv, cfg.features, slide_id=slide, tile_id=tile, image=image, k=k, where=where, as_of=as_of)
     except (ViewError, SearchError, VectorStoreError, ValueError) as exc:
-        _fail(str(exc))
-    _print_frame(hits, "json" if as_json else "table", k, arrow_table)
+        fail(str(exc))
+    print_frame(hits, "json" if as_json else "table", k, arrow_table)
 
 
-def _print_frame(table, output: str, limit: int, render) -> None:
-    if output == "csv":
-        sys.stdout.write(table.to_pandas().to_csv(index=False))
-    elif output == "json":
-        sys.stdout.write(table.to_pandas().to_json(orient="records", lines=True, double_precision=6))
-    elif output == "table":
-        _console().print(render(table, limit))
-    else:
-        _fail(f"--format must be table, csv or json, not {output!r}")
-
-
+COMMANDS = (
+    ("pretrain", pretrain),
+    ("embed", embed),
+    ("sql", sql),
+    ("search", search),
+)

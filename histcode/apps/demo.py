@@ -79,8 +79,8 @@ def run_demo(ws: Workspace, cfg: HistcodeConfig, workers: int = 2) -> DemoOutcom
     write_json(ws.metrics_dir / "label_gate.json", outcome.gate)
     if not outcome.gate["passed"]:
         return outcome
-    from histcode.heads.heatmaps import render_heatmaps
-    from histcode.heads.run import completed_heads, train_heads
+    from histcode.apps.heatmaps import render_heatmaps
+    from histcode.apps.train_heads import completed_heads, train_heads
 
     done = completed_heads(ws, cfg, ws.metrics_dir / "heads.json")
     if done is not None:

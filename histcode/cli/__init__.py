@@ -1,0 +1,40 @@
+"""The `histcode` command (also `python -m histcode` and `python -m histcode.cli`).
+
+Commands live in one module per group (slides, features, heads, labels), each listing its commands in
+``COMMANDS``; this module builds the app from those lists explicitly, so nothing registers itself on import and
+no command module imports this one. Heavy libraries are imported inside the commands, so `histcode --help`
+answers at once. Each DVC stage is one command.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from histcode.cli import common, features, heads, labels, slides
+
+HELP = "HistCode: whole-slide images -> tiles -> contrastive embeddings -> heads, as a feature store."
+
+
+def build_app() -> typer.Typer:
+    app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP)
+    app.callback()(common.main_options)
+    for module in (slides, features, heads):
+        for name, command in module.COMMANDS:
+            app.command(name)(command)
+    group = typer.Typer(no_args_is_help=True, help="Expression labels: ingest, DE labelling, the gate.")
+    for name, command in labels.COMMANDS:
+        group.command(name)(command)
+    app.add_typer(group, name="labels")
+    return app
+
+
+app = build_app()
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,73 @@
+"""`histcode labels ...`: expression labels and the Great Expectations gate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from histcode.cli.common import config_of, fail, terminal, workspace_of
+
+
+def labels_ingest(
+    ctx: typer.Context,
+    file: Annotated[Optional[Path], typer.Argument(help="Genes x samples matrix (TSV, CSV, parquet); default labels.expression.")] = None,
+    sample_sheet: Annotated[Optional[Path], typer.Option(help="CSV sample_id, patient_id[, slide_id, sample_type].")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="Write a JSON summary here (default: metrics/labels.json).")] = None,
+) -> None:
+    """Read an expression matrix, map samples to slides, compute DE labels and slide labels, plan the folds."""
+    from histcode.labels.expression import ExpressionFileError
+    from histcode.labels.run import ingest_labels
+    from histcode.reports import labels_summary
+    from histcode.store.files import write_json
+    from histcode.store.catalog import CatalogError
+
+    ws = workspace_of(ctx)
+    cfg = config_of(ws)
+    try:
+        result = ingest_labels(ws, cfg, file, sample_sheet)
+    except (ExpressionFileError, CatalogError) as exc:
+        fail(str(exc))
+    summary = labels_summary(result)
+    write_json(report or ws.metrics_dir / "labels.json", summary)
+    console = terminal()
+    console.print(f"label set {result.label_version}: {result.n_samples} samples, {result.n_genes} genes, "
+                  f"{result.n_patients} patients; DE classes {result.de_counts}; references {result.references}")
+    for gene, reason in result.excluded_genes.items():
+        console.print(f"  [yellow]excluded[/] {gene}: {reason}")
+    for sample, problem in result.problems.items():
+        console.print(f"  [red]sample[/] {sample}: {problem}")
+    console.print("next: `histcode labels gate`")
+
+
+def labels_gate(
+    ctx: typer.Context,
+    report: Annotated[Optional[Path], typer.Option(help="Write a JSON summary here (default: metrics/label_gate.json).")] = None,
+) -> None:
+    """Validate the current label set with Great Expectations; exits 1 (and nothing may train) if it fails."""
+    from histcode.labels.run import LabelGateError, gate_labels
+    from histcode.reports import gate_summary
+    from histcode.store.files import write_json
+
+    ws = workspace_of(ctx)
+    cfg = config_of(ws)
+    try:
+        result = gate_labels(ws, cfg)
+    except (LabelGateError, FileNotFoundError) as exc:
+        fail(str(exc))
+    write_json(report or ws.metrics_dir / "label_gate.json", gate_summary(result))
+    console = terminal()
+    console.print(("[green]" if result.passed else "[red]") + result.summary() + "[/]", soft_wrap=True)
+    for gene, reason in result.excluded_genes.items():
+        console.print(f"  excluded from DE classification: {gene}: {reason}")
+    if result.docs:
+        console.print(f"Data Docs: {result.docs}")
+    if not result.passed:
+        raise typer.Exit(1)
+
+
+COMMANDS = (
+    ("ingest", labels_ingest),
+    ("gate", labels_gate),
+)
