@@ -22,7 +22,7 @@ def demo_workspace(path: Path | None) -> tuple[Workspace, tempfile.TemporaryDire
         path = Path(tmp.name)
     ws = Workspace(path.resolve()).ensure()
     cfg = ws.config()
-    catalog = Catalog(ws.catalog_path)
+    catalog = Catalog.of(ws)
     if not catalog.slides(status="ok"):
         print("building and ingesting the demo cohort ...", flush=True)
         cohort = build_demo_cohort(cfg.demo, ws.path(cfg.demo.out_dir), workers=2, progress=False)

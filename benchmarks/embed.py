@@ -64,7 +64,7 @@ def main() -> None:
             shutil.copytree(source.mlruns_dir, ws.mlruns_dir)
             if source.params_path.exists():
                 shutil.copy2(source.params_path, ws.params_path)
-            with Catalog(ws.catalog_path).transaction() as con:
+            with Catalog.of(ws).transaction() as con:
                 con.execute("DELETE FROM materializations")
             report = materialize(ws, ws.config(), encoder=view.encoder_uri.removeprefix("models:/"), progress=False)
             rates.append(report.tiles_per_s)

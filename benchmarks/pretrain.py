@@ -43,7 +43,7 @@ def main() -> None:
 
     ws, tmp = demo_workspace(args.workspace)
     cfg = ws.config()
-    catalog = Catalog(ws.catalog_path)
+    catalog = Catalog.of(ws)
     tile_slides(catalog, cfg.tiling, ws.outputs_dir / "qc", progress=False)
     pcfg = cfg.pretrain.model_copy(update={"method": args.method or cfg.pretrain.method, "probe": cfg.pretrain.probe})
     device = resolve_device(pcfg.device)

@@ -94,7 +94,7 @@ def main() -> None:
 
     ws, tmp = demo_workspace(args.workspace)
     cfg = ws.config()
-    catalog = Catalog(ws.catalog_path)
+    catalog = Catalog.of(ws)
 
     # 1. tiling throughput (forced, so every slide is processed)
     t0 = time.perf_counter()

@@ -26,7 +26,7 @@ def gate_check_task(workspace: str | None) -> str:
     from histcode.labels.run import require_passed_gate
 
     ws = Workspace.resolve(workspace)
-    return require_passed_gate(Catalog(ws.catalog_path))["label_version"]  # raises LabelGateError otherwise
+    return require_passed_gate(Catalog.of(ws))["label_version"]  # raises LabelGateError otherwise
 
 
 @task(name="train-heads", tags=["gpu"], cache_policy=NO_CACHE)
@@ -44,7 +44,7 @@ def heads_task(workspace: str | None, tasks: list[str] | None, aggregators: list
     if done is not None:
         get_run_logger().info("heads are up to date (%s): nothing to train", metrics)
         return {**done, "reused": True}
-    return {**write_heads_report(train_heads(ws, cfg), metrics, ws.metrics_dir / "plots"), "reused": False}
+    return {**write_heads_report(train_heads(ws, cfg, force=force), metrics, ws.metrics_dir / "plots"), "reused": False}
 
 
 @task(name="heatmap", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
@@ -65,7 +65,7 @@ def heads_flow(task_names: list[str] | None = None, aggregators: list[str] | Non
     label_version = gate_check_task(workspace)
     summary = heads_task(workspace, task_names, aggregators, force)
     ws = Workspace.resolve(workspace)
-    tumour = [r["slide_id"] for r in Catalog(ws.catalog_path).query(
+    tumour = [r["slide_id"] for r in Catalog.of(ws).query(
         "SELECT slide_id FROM slide_labels WHERE tumor ORDER BY slide_id")][:heatmaps]
     maps = [heatmap_task.submit(workspace, sid) for sid in tumour]
     maps = [m.result() for m in maps]

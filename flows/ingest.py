@@ -17,8 +17,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from histcode.ingest.inspect import inspect_slide
-from histcode.ingest.run import IngestReport, commit_record, is_unchanged, refused_outcome, unchanged_outcome
-from histcode.ingest.sources import SlideSource, read_manifest, sources_from_paths, split_duplicates
+from histcode.ingest.run import IngestReport, finish_slide, plan_ingest
+from histcode.ingest.sources import SlideSource, read_manifest, sources_from_paths
 from histcode.reports import ingest_summary, tiling_summary
 from histcode.store.files import write_json
 from histcode.store.catalog import Catalog
@@ -68,21 +68,13 @@ def _inspect_result(future, source: SlideSource) -> SlideRecord:
                            status=FAILED, reason=f"inspection failed after retries: {type(exc).__name__}: {exc}")
 
 
-def _ingest(sources: list[SlideSource], catalog: Catalog, cfg) -> IngestReport:
-    report = IngestReport()
-    kept, refused = split_duplicates(sources)
-    report.outcomes.extend(refused_outcome(s, r) for s, r in refused)
-    pending = []
-    for source in kept:
-        existing = catalog.get_slide(source.slide_id)
-        if is_unchanged(existing, source):
-            report.outcomes.append(unchanged_outcome(existing, source))
-        else:
-            pending.append((existing, source, inspect_task.submit(source, cfg)))
-    for existing, source, future in pending:
-        report.outcomes.append(commit_record(catalog, _inspect_result(future, source), existing))
-    report.log_summary()
-    return report
+def _ingest(sources: list[SlideSource], catalog: Catalog, cfg, cohort: str | None) -> IngestReport:
+    plan = plan_ingest(sources, catalog, cfg, cohort)
+    futures = [(pending, inspect_task.submit(pending.source, cfg)) for pending in plan.pending]
+    for pending, future in futures:
+        plan.report.outcomes.append(finish_slide(catalog, pending, _inspect_result(future, pending.source)))
+    plan.report.log_summary()
+    return plan.report
 
 
 def _tile(catalog: Catalog, cfg, qc_root: Path) -> TilingReport:
@@ -116,16 +108,18 @@ def ingest_flow(
     manifest: str | None = None,
     mpp: float | None = None,
     tile: bool = True,
+    cohort: str | None = None,
     workspace: str | None = None,
 ) -> dict:
-    """Register slides (paths and/or a manifest CSV) and, unless ``tile`` is False, tile every healthy slide."""
+    """Register slides (paths and/or a manifest CSV) in ``cohort`` (default ingest.cohort; a manifest's cohort
+    column wins) and, unless ``tile`` is False, tile every healthy slide."""
     logger = get_run_logger()
     ws = Workspace.resolve(workspace).ensure()
     cfg = ws.config()
     sources = read_manifest(Path(manifest), mpp) if manifest else []
     sources += sources_from_paths([Path(p) for p in paths or []], cfg.ingest.extensions, mpp)
-    catalog = Catalog(ws.catalog_path)
-    ingest = _ingest(sources, catalog, cfg.ingest)
+    catalog = Catalog.of(ws)
+    ingest = _ingest(sources, catalog, cfg.ingest, cohort)
     summary = {"ingest": ingest_summary(ingest)}
     write_json(ws.metrics_dir / "ingest.json", summary["ingest"])
     tiling = None

@@ -54,6 +54,7 @@ def _ingest_runner(task_runner: str, dask_workers: int):
 @flow(name="histcode-pipeline")
 def pipeline_flow(
     manifest: str | None = None,
+    cohort: str | None = None,
     expression: str | None = None,
     method: str | None = None,
     encoder: str | None = None,
@@ -62,7 +63,8 @@ def pipeline_flow(
     dask_workers: int = 2,
     workspace: str | None = None,
 ) -> dict:
-    """Ingest and tile the slides of ``manifest`` (default: the demo cohort, built first), pretrain (``method``
+    """Ingest and tile the slides of ``manifest`` (default: the demo cohort, built first) into ``cohort``
+    (default: ingest.cohort, or demo.cohort for the demo), pretrain (``method``
     overrides pretrain.method; ``encoder``, a registered encoder such as ``histcode-encoder@adco``, skips
     pretraining and embeds with it), embed, label and gate ``expression`` (default labels.expression), train the
     heads and draw ``heatmaps`` heatmaps. Every stage skips what is already done."""
@@ -70,9 +72,9 @@ def pipeline_flow(
     ws = Workspace.resolve(workspace).ensure()
     where = str(ws.root)
     if manifest is None:
-        manifest = demo_cohort_task(where)
+        manifest, cohort = demo_cohort_task(where), cohort or ws.config().demo.cohort
     runner = _ingest_runner(task_runner, dask_workers)
-    ingest = (ingest_flow.with_options(task_runner=runner) if runner else ingest_flow)(manifest=manifest, workspace=where)
+    ingest = (ingest_flow.with_options(task_runner=runner) if runner else ingest_flow)(manifest=manifest, cohort=cohort, workspace=where)
     if ingest["tiling"]["tiles"] == 0:
         raise RuntimeError("no tiles: every slide failed or had no tissue; see `histcode slides`")
     if encoder is None:

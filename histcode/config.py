@@ -33,6 +33,7 @@ class DemoConfig(_Section):
         default=None, description="LC25000 tiles with labels.csv; None = the copy bundled in the repository's data/"
     )
     out_dir: str = "data/demo"
+    cohort: str = "demo"  # the training cohort the demo's slides are ingested into
     n_patients: Annotated[int, Field(ge=2)] = 20
     matched_normal_fraction: Fraction = 0.8
     luad_fraction: Fraction = 0.5
@@ -61,7 +62,15 @@ class IngestConfig(_Section):
     plausible_mpp: tuple[MicronsPerPixel, MicronsPerPixel] = (0.05, 20.0)
     max_anisotropy: Annotated[float, Field(ge=0)] = 0.05  # |mpp_x - mpp_y| / mpp_x above this fails
     probe_reads: bool = True  # decode the corners of level 0 and the smallest level to catch truncated files
+    cohort: str = "default"  # cohort of slides ingested without --cohort or a manifest cohort column
     extensions: tuple[str, ...] = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif")
+
+
+class CohortsConfig(_Section):
+    """Which cohorts the training stages read, and where `histcode predict` registers new slides."""
+
+    train: tuple[str, ...] = ()  # cohorts pretraining, labels and heads read; () = every training cohort
+    predict: str = "inference"  # the inference cohort of `histcode predict` (never trained on)
 
 
 class TissueMaskConfig(_Section):
@@ -175,6 +184,7 @@ class PretrainConfig(_Section):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     register_as: str = "histcode-encoder"
+    exclude_test_folds: tuple[Annotated[int, Field(ge=0)], ...] = ()  # patients of these label-set folds are left out
     augment: AugmentConfig = AugmentConfig()
     probe: ProbeConfig = ProbeConfig()
 
@@ -242,6 +252,7 @@ class HeadsConfig(_Section):
 
 class HistcodeConfig(_Section):
     demo: DemoConfig = DemoConfig()
+    cohorts: CohortsConfig = CohortsConfig()
     ingest: IngestConfig = IngestConfig()
     tiling: TilingConfig = TilingConfig()
     pretrain: PretrainConfig = PretrainConfig()

@@ -1,15 +1,32 @@
-"""Where and how work runs: the device, reader processes and seeds. One small module so every stage resolves
-them the same way (tiling's tissue mask, pretraining, embedding, heads)."""
+"""Where and how work runs: the device, reader processes and seeds, and the fail points that crash tests
+use. One small module so every stage resolves them the same way (tiling's tissue mask, pretraining,
+embedding, heads). torch is imported inside the functions that need it."""
 
 from __future__ import annotations
 
 import os
+import signal
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+FAILPOINT_ENV = "HISTCODE_FAILPOINT"
+
+
+def failpoint(name: str) -> None:
+    """Kill this process with SIGKILL (no cleanup, like a power cut or the OOM killer) when the environment
+    names this point: ``HISTCODE_FAILPOINT=embed.committed``. The points sit where a crash is most awkward
+    (after a commit to one store and before the next); tests use them to prove that a rerun repairs
+    everything. Unset, this is one dictionary lookup."""
+    if os.environ.get(FAILPOINT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def resolve_device(name: str) -> torch.device:
     """'auto' -> CUDA when available, else CPU. Asking for 'cuda' without one is an error, not a fallback."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():

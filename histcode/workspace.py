@@ -7,7 +7,9 @@ directory. Several cohorts are kept apart by giving each its own workspace.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,22 @@ REPO_ROOT = PACKAGE_ROOT.parent
 def repository_root() -> Path | None:
     """The source checkout this package runs from, or None for a non-editable install."""
     return REPO_ROOT if (REPO_ROOT / "pyproject.toml").exists() else None
+
+
+UNSAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+MAX_STEM = 96
+
+
+def file_stem(identifier: str) -> str:
+    """A file-name stem for a slide id (or any id) that stays inside the folder it is joined to on every
+    filesystem: ASCII letters, digits, '.', '_' and '-', no leading dot (so never '.' or '..'), at most 96
+    characters. An id that needed any change gets a hash of the whole id appended, so two different ids never
+    share a stem ('a/b' -> 'a_b-1f0e...', 'a_b' -> 'a_b')."""
+    stem = UNSAFE_FILE_CHARS.sub("_", identifier).lstrip(".")
+    if stem == identifier and 0 < len(stem) <= MAX_STEM:
+        return stem
+    digest = hashlib.sha256(identifier.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{stem[:MAX_STEM - 13]}-{digest}" if stem else f"id-{digest}"
 
 
 def bundled_source_dir() -> Path:

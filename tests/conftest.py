@@ -78,7 +78,7 @@ def _tile_cohort(cohort, root: Path) -> Workspace:
 
     ws = Workspace(root / "ws").ensure()
     cfg = HistcodeConfig()
-    catalog = Catalog(ws.catalog_path)
+    catalog = Catalog.of(ws)
     ingest_sources(read_manifest(cohort.manifest), catalog, cfg.ingest, progress=False)
     report = tile_slides(catalog, cfg.tiling, ws.outputs_dir / "qc", progress=False)
     assert not report.failed

@@ -59,7 +59,7 @@ def test_pipeline_deployment_runs_on_a_process_worker(api_env, tmp_path) -> None
     assert run.state.is_completed(), f"{run.state}\n{log[-4000:]}"
     heads = json.loads((ws.metrics_dir / "heads.json").read_text())
     assert set(heads["best"]) == {"tumor", "subtype", "de"}
-    slides = Catalog(ws.catalog_path).slides(status="ok")
+    slides = Catalog.of(ws).slides(status="ok")
     assert len(slides) == json.loads((ws.metrics_dir / "tiling.json").read_text())["slides_tiled_ok"] > 0
     assert list((ws.outputs_dir / "heatmaps").glob("*.png"))
 

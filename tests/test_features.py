@@ -28,11 +28,11 @@ from tests.conftest import TINY_PRETRAIN
 
 
 def _view(ws):
-    return load_view(Catalog(ws.catalog_path), None, ws.config().features.attribute_columns)
+    return load_view(Catalog.of(ws), None, ws.config().features.attribute_columns)
 
 
 def _catalog_tiles(ws) -> set[str]:
-    return set(Catalog(ws.catalog_path).tiles(spec_id=spec_id_of(ws.config().tiling)).column("tile_id").to_pylist())
+    return set(Catalog.of(ws).tiles(spec_id=spec_id_of(ws.config().tiling)).column("tile_id").to_pylist())
 
 
 def test_materialized_rows_equal_the_catalog_tiles(embedded_workspace) -> None:
@@ -47,7 +47,7 @@ def test_materialized_rows_equal_the_catalog_tiles(embedded_workspace) -> None:
     mine = np.stack(tiles[tiles.slide_id == one.slide_id].vector)
     np.testing.assert_allclose(np.asarray(one.vector), mine.mean(axis=0), rtol=1e-5, atol=1e-6)  # mean pooling
     assert one.n_tiles == len(mine) and one.subtype in ("LUAD", "LUSC", None)
-    ledger = Catalog(ws.catalog_path).query("SELECT status, sum(rows) AS n FROM materializations GROUP BY 1")
+    ledger = Catalog.of(ws).query("SELECT status, sum(rows) AS n FROM materializations GROUP BY 1")
     assert ledger == [{"status": "ok", "n": len(tiles)}]
 
 
@@ -67,7 +67,7 @@ def test_killed_run_resumes_to_exactly_the_expected_rows(embedded_workspace, cop
     db = connect(ws.lancedb_dir)
     for kind in (TILE_KIND, SLIDE_KIND):
         db.drop_table(view.table(kind).name)
-    with Catalog(ws.catalog_path).transaction() as con:
+    with Catalog.of(ws).transaction() as con:
         con.execute("DELETE FROM materializations")
     versions = ws.lancedb_dir / f"{view.table(TILE_KIND).name}.lance" / "_versions"
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
@@ -147,7 +147,7 @@ def test_image_search_and_errors(embedded_workspace, tiny_cohort, tmp_path) -> N
 
     tiles = tile_features(ws, view, fmt="pandas")
     row = tiles.iloc[3]
-    slide = Catalog(ws.catalog_path).get_slide(row.slide_id)
+    slide = Catalog.of(ws).get_slide(row.slide_id)
     with TileReader.for_slide(slide, int(row["size"]), view.image_px) as reader:
         Image.fromarray(reader.read(int(row.x), int(row.y))).save(tmp_path / "q.png")
     hits = search(ws, view, cfg, image=tmp_path / "q.png", k=1)
@@ -225,7 +225,7 @@ def test_as_of_returns_the_older_state(embedded_workspace, copy_workspace) -> No
 def test_sql_reads_everything_and_writes_nothing(embedded_workspace) -> None:
     ws = embedded_workspace
     counts = run_sql(ws, "SELECT slide_id, count(*) AS n FROM tile_embeddings GROUP BY 1").to_pandas()
-    tiles = Catalog(ws.catalog_path).query("SELECT slide_id, count(*) AS n FROM tiles GROUP BY 1")
+    tiles = Catalog.of(ws).query("SELECT slide_id, count(*) AS n FROM tiles GROUP BY 1")
     assert dict(zip(counts.slide_id, counts.n)) == {r["slide_id"]: r["n"] for r in tiles}
     near = run_sql(ws, """
         WITH q AS (SELECT vector FROM tile_embeddings ORDER BY tile_id LIMIT 1)
@@ -250,7 +250,7 @@ def test_spawned_reader_processes_give_the_same_vectors(embedded_workspace, copy
     ws = copy_workspace(embedded_workspace)
     before = tile_features(ws, fmt="pandas").sort_values("tile_id")
     (ws.root / "params.yaml").write_text(yaml.safe_dump({"pretrain": TINY_PRETRAIN, "features": {"num_workers": 1}}))
-    with Catalog(ws.catalog_path).transaction() as con:
+    with Catalog.of(ws).transaction() as con:
         con.execute("DELETE FROM materializations")  # forget the work: every slide is embedded again
     report = materialize(ws, ws.config(), progress=False)
     assert report.tiles_embedded == len(before)

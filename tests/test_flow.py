@@ -33,7 +33,7 @@ def test_ingest_flow_run(tiny_cohort, tmp_path, prefect_home) -> None:
     assert summary["ingest"]["registered"] == 3 and summary["ingest"]["failed"] == 1
     assert summary["ingest"]["failures"] == {"broken": "not a whole-slide image format OpenSlide recognises"}
     assert summary["tiling"]["slides_tiled_ok"] == 3 and summary["tiling"]["tiles"] > 0
-    catalog = Catalog(ws.catalog_path)
+    catalog = Catalog.of(ws)
     assert catalog.tiles().num_rows == summary["tiling"]["tiles"]
     assert (ws.metrics_dir / "tiling.json").is_file()
     # the same flow again does no work
@@ -53,7 +53,7 @@ def test_flow_records_slide_errors_instead_of_crashing(tiny_cohort, tmp_path, pr
     summary = ingest_flow(paths=[str(tiny_cohort.out_dir / p) for p in slides.path], workspace=str(ws.root))
     assert summary["tiling"]["failed"] == 2 and summary["tiling"]["slides_tiled_ok"] == 0
     assert all("no CUDA device" in reason for reason in summary["tiling"]["failures"].values())
-    assert len(Catalog(ws.catalog_path).tilings()) == 2  # both recorded in the ledger with their reason
+    assert len(Catalog.of(ws).tilings()) == 2  # both recorded in the ledger with their reason
 
 
 @pytest.mark.integration

@@ -119,7 +119,7 @@ def test_heatmap_with_mask_auc_and_sql_scores(headed_workspace, copy_workspace) 
     from histcode.store.sql import run_sql
 
     ws = copy_workspace(headed_workspace)
-    labels = Catalog(ws.catalog_path).query("SELECT slide_id FROM slide_labels WHERE tumor ORDER BY 1")
+    labels = Catalog.of(ws).query("SELECT slide_id FROM slide_labels WHERE tumor ORDER BY 1")
     sid = labels[0]["slide_id"]
     result = render_heatmaps(ws, sid, ws.outputs_dir / "heatmaps")
     assert all(p.is_file() and p.stat().st_size > 1000 for p in result.pictures) and len(result.pictures) >= 2

@@ -19,7 +19,7 @@ LABELS = {"panel": list(GENES), "min_class_size": 1, "folds": 2}
 
 def _patients(ws) -> tuple[list[str], list[str]]:
     """(patients with a normal slide, patients without) in the tiny cohort."""
-    slides = Catalog(ws.catalog_path).slides(status="ok")
+    slides = Catalog.of(ws).slides(status="ok")
     patients = sorted({s["patient_id"] for s in slides})
     normals = {s["patient_id"] for s in slides if "-11Z-" in s["slide_id"]}
     return [p for p in patients if p in normals], [p for p in patients if p not in normals]
@@ -63,7 +63,7 @@ def test_good_matrix_passes_with_hand_computed_fold_changes(tiled_workspace) -> 
     _write(ws, _good_matrix(ws))
     label_set, gate = _run(ws)
     assert gate.passed, gate.summary()
-    de = pd.DataFrame(Catalog(ws.catalog_path).query("SELECT * FROM de_labels"))
+    de = pd.DataFrame(Catalog.of(ws).query("SELECT * FROM de_labels"))
     with_normal, without = _patients(ws)
     for i, p in enumerate(with_normal):
         rows = de[de.patient_id == p].set_index("gene")
@@ -79,11 +79,11 @@ def test_good_matrix_passes_with_hand_computed_fold_changes(tiled_workspace) -> 
     assert label_set.excluded_genes["G3"].startswith("a single class (unchanged)")
     assert "G3" in gate.excluded_genes and gate.docs is not None and gate.docs.is_file()
     assert "Expectation" in gate.docs.read_text()
-    current = require_passed_gate(Catalog(ws.catalog_path))
+    current = require_passed_gate(Catalog.of(ws))
     assert current["gate_status"] == "passed"
-    slides = pd.DataFrame(Catalog(ws.catalog_path).query("SELECT * FROM slide_labels"))
+    slides = pd.DataFrame(Catalog.of(ws).query("SELECT * FROM slide_labels"))
     assert slides.tumor.sum() == len(with_normal) + len(without) and set(slides.subtype.dropna()) <= {"LUAD", "LUSC"}
-    folds = pd.DataFrame(Catalog(ws.catalog_path).query("SELECT * FROM cv_folds"))
+    folds = pd.DataFrame(Catalog.of(ws).query("SELECT * FROM cv_folds"))
     assert folds.groupby("patient_id").fold.nunique().max() == 1 and set(folds.fold) == {0, 1}
 
 
@@ -134,7 +134,7 @@ def test_each_bad_input_fails_the_gate_with_its_own_message(tiled_workspace, how
         first = frame.columns[0]
         assert any(f"{first} / G2" in m for m in messages), messages
     with pytest.raises(LabelGateError, match="failed the gate; nothing trains"):
-        require_passed_gate(Catalog(ws.catalog_path))
+        require_passed_gate(Catalog.of(ws))
 
 
 def test_empty_file_fails_the_gate(tiled_workspace) -> None:
@@ -145,17 +145,17 @@ def test_empty_file_fails_the_gate(tiled_workspace) -> None:
     assert not gate.passed
     assert any("the expression table is empty" in f.message for f in gate.failures)
     with pytest.raises(LabelGateError):
-        require_passed_gate(Catalog(ws.catalog_path))
+        require_passed_gate(Catalog.of(ws))
 
 
 def test_no_labels_or_no_gate_means_nothing_trains(tiled_workspace) -> None:
     ws = tiled_workspace
     with pytest.raises(LabelGateError, match="no labels"):
-        require_passed_gate(Catalog(ws.catalog_path))
+        require_passed_gate(Catalog.of(ws))
     _write(ws, _good_matrix(ws))
     ingest_labels(ws, ws.config())
     with pytest.raises(LabelGateError, match="has not been through the gate"):
-        require_passed_gate(Catalog(ws.catalog_path))
+        require_passed_gate(Catalog.of(ws))
 
 
 def test_sample_sheet_maps_non_tcga_samples(tiled_workspace) -> None:
@@ -169,5 +169,5 @@ def test_sample_sheet_maps_non_tcga_samples(tiled_workspace) -> None:
     _write(ws, frame.rename(columns=names), sample_sheet="sheet.csv")
     _, gate = _run(ws)
     assert gate.passed, gate.summary()
-    mapped = Catalog(ws.catalog_path).query("SELECT DISTINCT mapped_by FROM expression_samples")
+    mapped = Catalog.of(ws).query("SELECT DISTINCT mapped_by FROM expression_samples")
     assert mapped == [{"mapped_by": "sample_sheet"}]

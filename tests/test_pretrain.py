@@ -174,7 +174,11 @@ def test_pretrain_cli_tracks_probes_registers_and_resumes_after_kill(tiled_works
     assert {"probe_accuracy", "probe_macro_auc", "probe_random_init_accuracy", "probe_colour_accuracy"} <= set(run.data.metrics)
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
     assert max(steps) == 6 and "mlflow.source.git.commit" in run.data.tags and "histcode.data_version" in run.data.tags
-    assert client.list_artifacts(run.info.run_id, "checkpoint")
+    # one copy of the checkpoint: in the run's folder, referenced by the run (relative to the workspace), not
+    # copied into MLflow's artifacts
+    assert not client.list_artifacts(run.info.run_id, "checkpoint")
+    checkpoint = ws / run.data.tags["histcode.checkpoint"]
+    assert not Path(run.data.tags["histcode.checkpoint"]).is_absolute() and checkpoint.is_file()
     # 3. the registered encoder loads and runs on any batch size
     version = client.get_model_version_by_alias("histcode-encoder", "adco")
     from histcode.tracking import Tracker

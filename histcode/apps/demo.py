@@ -48,8 +48,8 @@ class DemoOutcome:
 def run_demo(ws: Workspace, cfg: HistcodeConfig, workers: int = 2) -> DemoOutcome:
     source = ws.path(cfg.demo.source_dir) if cfg.demo.source_dir else None
     cohort = build_demo_cohort(cfg.demo, ws.path(cfg.demo.out_dir), source, workers=workers)
-    catalog = Catalog(ws.catalog_path)
-    ingest = ingest_sources(read_manifest(cohort.manifest), catalog, cfg.ingest)
+    catalog = Catalog.of(ws)
+    ingest = ingest_sources(read_manifest(cohort.manifest), catalog, cfg.ingest, cohort=cfg.demo.cohort)
     write_json(ws.metrics_dir / "ingest.json", ingest_summary(ingest))
     tiling = tile_slides(catalog, cfg.tiling, ws.outputs_dir / "qc")
     write_json(ws.metrics_dir / "tiling.json", tiling_summary(tiling))
@@ -95,5 +95,5 @@ def run_demo(ws: Workspace, cfg: HistcodeConfig, workers: int = 2) -> DemoOutcom
 
 
 def _tumour_slides(ws: Workspace) -> tuple[list[str], list[bool]]:
-    rows = Catalog(ws.catalog_path).query("SELECT slide_id, tumor FROM slide_labels ORDER BY slide_id")
+    rows = Catalog.of(ws).query("SELECT slide_id, tumor FROM slide_labels ORDER BY slide_id")
     return [r["slide_id"] for r in rows], [bool(r["tumor"]) for r in rows]

@@ -4,6 +4,8 @@ mask where the slide has one."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +22,7 @@ from histcode.store.catalog import Catalog
 from histcode.store.records import utcnow
 from histcode.tracking import Tracker
 from histcode.viz.heatmap import heatmap_png
-from histcode.workspace import Workspace
+from histcode.workspace import Workspace, file_stem
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,7 @@ class HeatmapResult:
 
 
 def slide_bag(ws: Workspace, head: LoadedHead, slide_id: str) -> Bag:
-    view = load_view(Catalog(ws.catalog_path), head.view_id)
+    view = load_view(Catalog.of(ws), head.view_id)
     frame = tile_features(ws, view, slide_ids=[slide_id], fmt="pandas").sort_values(["y", "x"])
     if frame.empty:
         raise LookupError(f"{slide_id} has no vectors in view {head.view_id}: run `histcode embed --slide {slide_id}`")
@@ -56,8 +58,14 @@ def store_scores(catalog: Catalog, head: LoadedHead, scores: pd.DataFrame) -> No
         con.unregister("_scores")
 
 
-def _drawing_key(tumor: LoadedHead, de: LoadedHead | None, genes: list[str], out_dir: Path) -> str:
-    return f"tumor-head/{tumor.version};de-head/{de.version if de else '-'};genes={','.join(genes)};out={out_dir.resolve()}"
+def _drawing_key(ws: Workspace, slide_id: str, tumor: LoadedHead, de: LoadedHead | None, genes: list[str],
+                 out_dir: Path) -> str:
+    """A hash naming one drawing: slide, head versions, genes and folder (inside the workspace: relative, so a
+    copied workspace finds its drawings). Only hex digits, so it is safe in an MLflow filter."""
+    out = out_dir.resolve()
+    where = out.relative_to(ws.root).as_posix() if out.is_relative_to(ws.root) else str(out)
+    payload = [slide_id, tumor.version, de.version if de else None, list(genes), where]
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:24]
 
 
 def _already_drawn(catalog: Catalog, tracker: Tracker, slide_id: str, heads: tuple[LoadedHead, LoadedHead | None],
@@ -67,7 +75,7 @@ def _already_drawn(catalog: Catalog, tracker: Tracker, slide_id: str, heads: tup
     if not all(p.is_file() for p in pictures):
         return None
     runs = tracker.client.search_runs([tracker.experiment_id(EXPERIMENT)], max_results=1, order_by=["start_time DESC"],
-                                      filter_string=f"tags.`histcode.slide_id` = '{slide_id}' and tags.`histcode.drawing` = '{key}'")
+                                      filter_string=f"tags.`histcode.drawing` = '{key}' and attributes.status = 'FINISHED'")
     if not runs:
         return None
     tumor, de = heads
@@ -85,7 +93,7 @@ def render_heatmaps(ws: Workspace, slide_id: str, out_dir: Path, genes: list[str
     and DE@best from the registry); ``bag``: the slide's vectors in the tumour head's view, if already read.
     A slide already drawn by the same head versions and genes into ``out_dir`` is not drawn again unless
     ``force``."""
-    catalog, tracker = Catalog(ws.catalog_path), Tracker(ws)
+    catalog, tracker = Catalog.of(ws), Tracker(ws)
     slide = catalog.get_slide(slide_id)
     if slide is None or slide["status"] != "ok":
         raise LookupError(f"{slide_id} is not a registered, healthy slide")
@@ -95,8 +103,9 @@ def render_heatmaps(ws: Workspace, slide_id: str, out_dir: Path, genes: list[str
         unknown = sorted(set(chosen) - set(de.genes))
         if unknown:
             raise LookupError(f"genes {unknown} are not in the DE head's panel {list(de.genes)}")
-    key = _drawing_key(tumor, de, chosen, out_dir)
-    pictures = [out_dir / f"{slide_id}.attention.png", *(out_dir / f"{slide_id}.{g}.png" for g in chosen)]
+    key = _drawing_key(ws, slide_id, tumor, de, chosen, out_dir)
+    stem = file_stem(slide_id)  # any id (quotes, slashes, any script) names a file inside out_dir
+    pictures = [out_dir / f"{stem}.attention.png", *(out_dir / f"{stem}.{file_stem(g)}.png" for g in chosen)]
     done = None if force else _already_drawn(catalog, tracker, slide_id, (tumor, de), key, pictures)
     if done is not None:
         log.info("%s: heatmaps already drawn by these heads (%s)", slide_id, out_dir)
@@ -129,11 +138,10 @@ def render_heatmaps(ws: Workspace, slide_id: str, out_dir: Path, genes: list[str
         store_scores(catalog, de, pd.DataFrame(de_rows))
         rows += de_rows
     result.scores = pd.DataFrame(rows)
-    run = tracker.start_run(EXPERIMENT, f"heatmap-{slide_id}", tags={
-        "histcode.slide_id": slide_id, "histcode.tumor_head_version": tumor.version, "histcode.drawing": key})
-    if result.mask_auc is not None:
-        tracker.log_metrics(run, {"attention_mask_auc": result.mask_auc})
-    for picture in result.pictures:
-        tracker.log_artifact(run, picture, "heatmaps")
-    tracker.end_run(run)
+    with tracker.run(EXPERIMENT, f"heatmap-{slide_id}", tags={
+            "histcode.slide_id": slide_id, "histcode.tumor_head_version": tumor.version, "histcode.drawing": key}) as run:
+        if result.mask_auc is not None:
+            tracker.log_metrics(run, {"attention_mask_auc": result.mask_auc})
+        for picture in result.pictures:
+            tracker.log_artifact(run, picture, "heatmaps")
     return result

@@ -1,7 +1,8 @@
 """`histcode predict`: new slides in, one row of predictions per slide out.
 
-Each slide is ingested and tiled like any other (so it joins the catalog), embedded with the encoder of the
-registered heads' feature view, and scored by ``histcode-tumor-head@best``, ``histcode-subtype-head@best`` and
+Each slide is ingested and tiled like any other, into an inference cohort of its own (``cohorts.predict``, or
+``--cohort``) that pretraining, labels and heads never read, embedded with the encoder of the registered heads'
+feature view, and scored by ``histcode-tumor-head@best``, ``histcode-subtype-head@best`` and
 ``histcode-de-head@best``. A slide that fails at any step gets status ``failed`` and the reason; the others are
 predicted. Attention comes from the tumour head registered with the attention aggregator when there is one.
 """
@@ -22,7 +23,7 @@ from histcode.heads.data import Bag
 from histcode.apps.heatmaps import render_heatmaps, slide_bag
 from histcode.ingest.run import ingest_sources
 from histcode.ingest.sources import SlideSource
-from histcode.store.catalog import Catalog
+from histcode.store.catalog import INFERENCE, Catalog
 from histcode.tiling.run import tile_slides
 from histcode.tracking import Tracker
 from histcode.workspace import Workspace
@@ -38,17 +39,24 @@ class Prediction:
 
 
 def predict_slides(ws: Workspace, cfg: HistcodeConfig, sources: list[SlideSource], heatmap_dir: Path | None = None,
-                   progress: bool = True) -> Prediction:
-    catalog, tracker = Catalog(ws.catalog_path), Tracker(ws)
+                   progress: bool = True, cohort: str | None = None) -> Prediction:
+    """New slides go into the inference cohort ``cohort`` (default cohorts.predict), which training never
+    reads; a slide id that is already registered in another cohort with the same pixels is predicted where it
+    is (its ``cohort`` column says so), and refused if it names other pixels."""
+    catalog, tracker = Catalog.of(ws), Tracker(ws)
     tumor = load_head(tracker, "tumor", "best")
     subtype = optional_head(tracker, "subtype")
     de = optional_head(tracker, "de")
     attention_head = optional_head(tracker, "tumor", "attention") or tumor
     status: dict[str, tuple[str, str | None]] = {}
+    cohorts: dict[str, str | None] = {}
     order = []
-    for o in ingest_sources(sources, catalog, cfg.ingest, progress=progress).outcomes:
+    ingested = ingest_sources(sources, catalog, cfg.ingest, progress=progress, cohort=cohort or cfg.cohorts.predict,
+                              role=INFERENCE, keep_other_cohorts=True)
+    for o in ingested.outcomes:
         order.append(o.slide_id)
         status[o.slide_id] = (o.status, o.reason)
+        cohorts[o.slide_id] = o.cohort
     ok = [s for s in order if status[s][0] == "ok"]
     if ok:
         for o in tile_slides(catalog, cfg.tiling, ws.outputs_dir / "qc", slide_ids=ok, progress=progress).outcomes:
@@ -65,7 +73,7 @@ def predict_slides(ws: Workspace, cfg: HistcodeConfig, sources: list[SlideSource
             status[o.slide_id] = ("failed", f"embedding: {o.reason}")
     rows, tiles, pictures = [], [], []
     for sid in order:
-        row: dict = {"slide_id": sid, "status": status[sid][0], "reason": status[sid][1]}
+        row: dict = {"slide_id": sid, "cohort": cohorts[sid], "status": status[sid][0], "reason": status[sid][1]}
         if row["status"] == "ok":
             try:
                 bag = slide_bag(ws, tumor, sid)
@@ -84,7 +92,7 @@ def predict_slides(ws: Workspace, cfg: HistcodeConfig, sources: list[SlideSource
     for col in ("p_tumor", "p_luad", "p_lusc"):
         if col not in frame:
             frame[col] = np.nan
-    lead = ["slide_id", "status", "reason", "p_tumor", "p_luad", "p_lusc"]
+    lead = ["slide_id", "cohort", "status", "reason", "p_tumor", "p_luad", "p_lusc"]
     frame = frame[lead + [c for c in frame.columns if c not in lead]]
     return Prediction(frame, pd.DataFrame(tiles, columns=["slide_id", "x", "y", "size", "attention"]), pictures)
 

@@ -1,8 +1,9 @@
-"""Train, evaluate and register the heads: one MLflow parent run per (task, aggregator, view) with a child run
-per fold, plots and tables as artifacts, the label gate's Data Docs attached, final models registered.
+"""Train, evaluate and register the heads on the training cohorts' vectors of a feature view.
 
 Nothing trains unless the current label set passed the gate. The Lance state the heads train on is tagged
-(``heads-<label set>``) and recorded on every run, so the exact vectors can be read back later.
+(``heads-<label set>``) and recorded on every run, so the exact vectors can be read back later. Each
+(task, aggregator) is one MLflow parent run (``head_runs``); one whose inputs are unchanged is reused, not
+trained again, unless ``force``.
 """
 
 from __future__ import annotations
@@ -10,31 +11,28 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from histcode.apps.head_runs import prior_run, read_back, register_final, track_cv
 from histcode.config import HistcodeConfig
 from histcode.features.registry import FeatureView, load_view
 from histcode.features.upkeep import tag_version
-from histcode.heads.cv import CVResult, cross_validate, fit_on
-from histcode.heads.data import Bag, load_bags
+from histcode.heads.cv import CVResult, cross_validate
+from histcode.heads.data import load_bags
 from histcode.heads.masks import attention_mask_auc
 from histcode.heads.names import MODEL_NAMES
-from histcode.heads.tasks import TASKS, TaskData, task_data
+from histcode.heads.tasks import TASKS, task_data
 from histcode.labels.run import gx_project, require_passed_gate
 from histcode.store.catalog import Catalog
 from histcode.store.vectors import SLIDE_KIND, TILE_KIND, connect, open_table
 from histcode.tracking import Tracker
-from histcode.viz import plots
 from histcode.workspace import Workspace
 
 log = logging.getLogger(__name__)
-
-EXPERIMENT = "heads"
 
 
 @dataclass
@@ -48,14 +46,18 @@ class HeadsReport:
     best: dict[str, str] = field(default_factory=dict)  # task -> aggregator with the alias 'best'
     mask_auc: dict[str, float] = field(default_factory=dict)  # aggregator -> mean attention-vs-mask AUC
     fingerprint: str = ""  # view state + label set + heads config: equal fingerprints train the same heads
+    cohorts: list[str] = field(default_factory=list)  # the training cohorts whose slides the heads read
+    reused: list[str] = field(default_factory=list)  # "task/aggregator" keys taken from earlier runs
 
     def summary(self) -> dict:
         out = {"view_id": self.view.view_id, "encoder_uri": self.view.encoder_uri, "label_version": self.label_version,
-               "lance_tag": self.lance_tag, "best": self.best, "fingerprint": self.fingerprint, "runs": {}}
+               "lance_tag": self.lance_tag, "best": self.best, "fingerprint": self.fingerprint, "cohorts": self.cohorts,
+               "reused": self.reused, "runs": {}}
         for r in self.results:
             key = f"{r.task.name}/{r.aggregator}"
             out["runs"][key] = {"run_id": self.runs.get(key), "version": self.versions.get(key),
-                                **{k: round(v, 4) for k, v in r.pooled.items()}}
+                                **{k: round(v, 4) for k, v in r.pooled.items()},
+                                **{f"strict_{k}": round(v, 4) for k, v in r.strict.items()}}
             if r.task.name == "tumor" and r.aggregator in self.mask_auc:
                 out["runs"][key]["attention_mask_auc"] = round(self.mask_auc[r.aggregator], 4)
         return out
@@ -76,6 +78,7 @@ class HeadsReport:
         return tables
 
 
+
 def _tag_state(ws: Workspace, view: FeatureView, label_version: str) -> str:
     tag = f"heads-{label_version}"
     db = connect(ws.lancedb_uri)
@@ -84,12 +87,35 @@ def _tag_state(ws: Workspace, view: FeatureView, label_version: str) -> str:
     return tag
 
 
-def _fingerprint(ws: Workspace, cfg: HistcodeConfig, view: FeatureView, label_version: str,
+def view_state(catalog: Catalog, view: FeatureView, cohorts: list[str]) -> list[tuple[str, str, int]]:
+    """(slide, content hash, rows) of the training cohorts' slides this view has embedded: what the heads read.
+    Vectors of other cohorts (predicted slides) and compactions of the tables do not change it."""
+    training = {s["slide_id"] for s in catalog.tiled_slides(view.spec_id, cohorts)}
+    rows = catalog.query("SELECT slide_id, content_hash, rows FROM materializations WHERE view_id = ? AND status = 'ok' "
+                         "ORDER BY slide_id", [view.view_id])
+    return [(r["slide_id"], r["content_hash"], int(r["rows"])) for r in rows if r["slide_id"] in training]
+
+
+def _fingerprint(view: FeatureView, state: list, label_version: str, cfg: HistcodeConfig,
                  tasks: tuple[str, ...], aggregators: tuple[str, ...]) -> str:
-    db = connect(ws.lancedb_uri)
-    state = {"view": view.view_id, "lance": [open_table(db, view.table(k), create=False).version for k in (TILE_KIND, SLIDE_KIND)],
-             "labels": label_version, "heads": cfg.heads.model_dump(mode="json"), "tasks": tasks, "aggregators": aggregators}
-    return hashlib.sha1(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    payload = {"view": view.view_id, "state": state, "labels": label_version, "heads": cfg.heads.model_dump(mode="json"),
+               "tasks": list(tasks), "aggregators": list(aggregators)}
+    return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _strict_folds(tracker: Tracker, view: FeatureView, label_version: str) -> frozenset[int]:
+    """The folds whose patients the view's encoder was not pretrained on (pretrain.exclude_test_folds), when
+    they are folds of this label set."""
+    try:
+        tags = tracker.client.get_model_version(view.model_name, view.model_version).tags
+    except Exception:  # noqa: BLE001 -- an encoder registered elsewhere: nothing known about its data
+        return frozenset()
+    folds = [int(f) for f in tags.get("excluded_folds", "").split(",") if f]
+    if folds and tags.get("excluded_folds_label_version") != label_version:
+        log.warning("the encoder left out folds %s of label set %s, not of the current %s: no strict metrics",
+                    folds, tags.get("excluded_folds_label_version"), label_version)
+        return frozenset()
+    return frozenset(folds)
 
 
 def completed_heads(ws: Workspace, cfg: HistcodeConfig, summary_path: Path) -> dict | None:
@@ -99,10 +125,11 @@ def completed_heads(ws: Workspace, cfg: HistcodeConfig, summary_path: Path) -> d
         return None
     summary = json.loads(summary_path.read_text())
     try:
-        catalog = Catalog(ws.catalog_path)
+        catalog = Catalog.of(ws)
         labels = require_passed_gate(catalog)
         view = load_view(catalog, cfg.heads.view, cfg.features.attribute_columns)
-        current = _fingerprint(ws, cfg, view, labels["label_version"], cfg.heads.tasks, cfg.heads.aggregators)
+        state = view_state(catalog, view, catalog.training_cohorts(cfg.cohorts.train))
+        current = _fingerprint(view, state, labels["label_version"], cfg, cfg.heads.tasks, cfg.heads.aggregators)
         tracker = Tracker(ws)
         finished = all(tracker.client.get_run(r["run_id"]).info.status == "FINISHED" for r in summary["runs"].values())
     except Exception:  # noqa: BLE001 -- no gate, no view, a deleted run: not up to date
@@ -111,35 +138,59 @@ def completed_heads(ws: Workspace, cfg: HistcodeConfig, summary_path: Path) -> d
 
 
 def train_heads(ws: Workspace, cfg: HistcodeConfig, tasks: tuple[str, ...] | None = None,
-                aggregators: tuple[str, ...] | None = None, view_id: str | None = None) -> HeadsReport:
+                aggregators: tuple[str, ...] | None = None, view_id: str | None = None,
+                force: bool = False) -> HeadsReport:
+    """Cross-validate (and register) every task x aggregator on the training cohorts' slides of the view.
+    ``force`` trains again even where an earlier run has exactly these inputs."""
     hcfg = cfg.heads
-    catalog = Catalog(ws.catalog_path)
+    catalog = Catalog.of(ws)
     labels = require_passed_gate(catalog)
     view = load_view(catalog, view_id or hcfg.view, cfg.features.attribute_columns)
     tasks, aggregators = tasks or hcfg.tasks, aggregators or hcfg.aggregators
-    fingerprint = _fingerprint(ws, cfg, view, labels["label_version"], tasks, aggregators)
-    tag = _tag_state(ws, view, labels["label_version"])
-    bags = load_bags(ws, view, as_of=tag)
+    cohorts = catalog.training_cohorts(cfg.cohorts.train)
+    state = view_state(catalog, view, cohorts)
+    if not state:
+        raise ValueError(f"view {view.view_id} holds no vectors of the training cohorts {cohorts}: run `histcode embed`")
+    label_version = labels["label_version"]
+    tag = _tag_state(ws, view, label_version)
     tracker = Tracker(ws)
-    report = HeadsReport(view, labels["label_version"], tag, fingerprint=fingerprint)
+    strict = _strict_folds(tracker, view, label_version)
+    report = HeadsReport(view, label_version, tag, cohorts=cohorts,
+                         fingerprint=_fingerprint(view, state, label_version, cfg, tasks, aggregators))
+    bags = load_bags(ws, view, as_of=tag, slide_ids=[s for s, _, _ in state])
+    log.info("heads on view %s: %d slides of cohorts %s, label set %s", view.view_id, len(bags), ", ".join(cohorts),
+             label_version)
     docs = gx_project(ws) / "gx" / "uncommitted" / "data_docs" / "local_site"
     masks = {s["slide_id"]: s for s in catalog.slides(status="ok")}
+    params = hcfg.model_dump(mode="json")
     for task in tasks:
         data = task_data(catalog, task, bags)
         scores = {}
         for aggregator in aggregators:
             if aggregator not in TASKS[task].aggregators:
                 continue  # e.g. max-instance MIL has no fold-change form
-            result = cross_validate(data, bags, aggregator, hcfg)
-            report.results.append(result)
             key = f"{task}/{aggregator}"
-            if task == "tumor":
-                report.mask_auc[aggregator] = attention_mask_auc(result, bags, masks)
-            report.runs[key] = _track(tracker, result, view, labels, tag, hcfg.model_dump(mode="json"), docs,
-                                      report.mask_auc.get(aggregator) if task == "tumor" else None)
+            fingerprint = _fingerprint(view, state, label_version, cfg, (task,), (aggregator,))
+            prior = None if force else prior_run(tracker, fingerprint)
+            if prior is not None:
+                result, mask_auc = read_back(tracker, prior, data, aggregator)
+                run_id = prior.info.run_id
+                report.reused.append(key)
+                log.info("%s: inputs unchanged, reusing MLflow run %s", key, run_id)
+            else:
+                result = cross_validate(data, bags, aggregator, hcfg, strict)
+                mask_auc = attention_mask_auc(result, bags, masks) if task == "tumor" else None
+                run_id = track_cv(tracker, result, view, labels, tag, params, docs, mask_auc, fingerprint, cohorts,
+                                  strict)
+            if task == "tumor" and mask_auc is not None:
+                report.mask_auc[aggregator] = mask_auc
+            report.results.append(result)
+            report.runs[key] = run_id
             if hcfg.register_models:
-                report.versions[key] = _register(tracker, data, bags, aggregator, hcfg, view, labels, tag,
-                                                 report.runs[key], result.score)
+                report.versions[key] = register_final(tracker, data, bags, aggregator, hcfg, view, labels, tag,
+                                                      run_id, result.score)
+            elif prior is not None and prior.info.status != "FINISHED":
+                tracker.end_run(run_id)  # its cross-validation was complete: adopted as it is
             scores[aggregator] = result.score
         if hcfg.register_models and scores:
             finite = {a: s for a, s in scores.items() if np.isfinite(s)}
@@ -147,61 +198,3 @@ def train_heads(ws: Workspace, cfg: HistcodeConfig, tasks: tuple[str, ...] | Non
             tracker.client.set_registered_model_alias(MODEL_NAMES[task], "best", report.versions[f"{task}/{best}"])
             report.best[task] = best
     return report
-
-
-def _track(tracker: Tracker, result: CVResult, view: FeatureView, labels: dict, tag: str, params: dict,
-           docs: Path, mask_auc: float | None) -> str:
-    task, agg = result.task, result.aggregator
-    parent = tracker.start_run(EXPERIMENT, f"{task.name}-{agg}-{view.view_id}", tags={
-        "histcode.task": task.name, "histcode.aggregator": agg, "histcode.view_id": view.view_id,
-        "histcode.encoder_uri": view.encoder_uri, "histcode.label_version": labels["label_version"],
-        "histcode.lance_tag": tag, "histcode.method": str(view.method),
-    })
-    tracker.log_params(parent, {"task": task.name, "aggregator": agg, "view_id": view.view_id,
-                                "encoder_uri": view.encoder_uri, "lance_tag": tag, "n_slides": len(task.slide_ids),
-                                "n_patients": len(set(task.patients)), "heads": params})
-    for fold in result.fold_metrics:
-        child = tracker.start_run(EXPERIMENT, f"{task.name}-{agg}-fold{fold['fold']}", parent=parent,
-                                  tags={"histcode.fold": str(fold["fold"])})
-        tracker.log_metrics(child, {k: v for k, v in fold.items() if isinstance(v, (int, float)) and np.isfinite(v)})
-        tracker.end_run(child)
-    pooled = {k: v for k, v in result.pooled.items() if np.isfinite(v)}
-    if mask_auc is not None and np.isfinite(mask_auc):
-        pooled["attention_mask_auc"] = mask_auc
-    tracker.log_metrics(parent, pooled)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        if result.predictions is not None:
-            result.predictions.to_csv(out / "predictions.csv", index=False)
-            y, proba = result.predictions.y.to_numpy(), result.predictions.filter(like="p_").to_numpy()
-            if proba.shape[1] == 2 and len(np.unique(y)) == 2:
-                plots.roc_curve_png(y, proba[:, 1], f"{task.name} / {agg}", out / "roc.png")
-            plots.confusion_png(y, proba.argmax(axis=1), task.classes, f"{task.name} / {agg}", out / "confusion.png")
-        if result.genes is not None:
-            pd.DataFrame(result.genes).to_csv(out / "genes.csv", index=False)
-            plots.fold_change_vs_auc_png(result.genes, f"DE / {agg}: |log2FC| vs AUC", out / "fold_change_vs_auc.png")
-            (out / "fold_slides.json").write_text(json.dumps(result.fold_slides, indent=1))
-        pd.DataFrame(result.fold_metrics).to_csv(out / "folds.csv", index=False)
-        tracker.log_artifacts(parent, out)
-    if docs.is_dir():
-        tracker.log_artifacts(parent, docs, "label_gate_data_docs")
-    tracker.end_run(parent)
-    return parent
-
-
-def _register(tracker: Tracker, data: TaskData, bags: dict[str, Bag], aggregator: str, hcfg, view: FeatureView,
-              labels: dict, tag: str, run_id: str, score: float) -> str:
-    """The final model of (task, aggregator): fitted on every labelled slide (early stopping on an inner
-    patient split), logged to the parent run, registered, aliased by aggregator."""
-    head, _, _ = fit_on(data, bags, np.arange(len(data.slide_ids)), aggregator, hcfg, hcfg.seed)
-    tracker.reopen_run(run_id)
-    _, version = tracker.log_torch_model(
-        run_id, head.model, "head", (view.dim,), None, MODEL_NAMES[data.name], aliases=(aggregator,),
-        version_tags={"task": data.name, "aggregator": aggregator, "view_id": view.view_id,
-                      "encoder_uri": view.encoder_uri, "label_version": labels["label_version"], "lance_tag": tag,
-                      "classes": ",".join(data.classes), "genes": ",".join(data.genes), "cv_score": score,
-                      "classified_genes": ",".join(g for g, keep in zip(data.genes, data.gene_included) if keep)
-                      if data.gene_included is not None else ""},
-    )
-    tracker.end_run(run_id)
-    return version

@@ -142,7 +142,7 @@ def search(
     ws = workspace_of(ctx)
     cfg = config_of(ws)
     try:
-        fv = load_view(Catalog(ws.catalog_path), view, cfg.features.attribute_columns)
+        fv = load_view(Catalog.of(ws), view, cfg.features.attribute_columns)
         hits = run_search(ws, fv, cfg.features, slide_id=slide, tile_id=tile, image=image, k=k, where=where, as_of=as_of)
     except (ViewError, SearchError, VectorStoreError, ValueError) as exc:
         fail(str(exc))

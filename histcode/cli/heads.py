@@ -17,10 +17,12 @@ def heads(
     view: Annotated[Optional[str], typer.Option(help="Feature view id (default: heads.view, else the latest).")] = None,
     report: Annotated[Optional[Path], typer.Option(help="Write a JSON summary here (default: metrics/heads.json).")] = None,
     plots: Annotated[Optional[Path], typer.Option(help="Folder for ROC and per-gene CSVs (default: metrics/plots).")] = None,
+    force: Annotated[bool, typer.Option(help="Train again even heads whose inputs are unchanged since their last run.")] = False,
 ) -> None:
     """Cross-validate and register the heads (only after the label gate passed)."""
     from histcode.features.registry import ViewError
     from histcode.apps.train_heads import train_heads
+    from histcode.store.catalog import CatalogError
     from histcode.labels.run import LabelGateError
     from histcode.reports import write_heads_report
     from histcode.tracking import telemetry_off
@@ -30,8 +32,9 @@ def heads(
     ws = workspace_of(ctx)
     cfg = config_of(ws)
     try:
-        result = train_heads(ws, cfg, tuple(task) if task else None, tuple(aggregator) if aggregator else None, view)
-    except (LabelGateError, ViewError, ValueError) as exc:
+        result = train_heads(ws, cfg, tuple(task) if task else None, tuple(aggregator) if aggregator else None, view,
+                             force=force)
+    except (LabelGateError, ViewError, ValueError, CatalogError) as exc:
         fail(str(exc))
     summary = write_heads_report(result, report or ws.metrics_dir / "heads.json", plots or ws.metrics_dir / "plots")
     terminal().print(heads_table(summary))
@@ -60,7 +63,8 @@ def heatmap(
         console.print(f"heatmap: {picture}")
     if result.mask_auc is not None:
         console.print(f"attention vs ground-truth tumour mask: AUC {result.mask_auc:.3f}")
-    console.print(f"{len(result.scores)} tile scores stored: histcode sql \"SELECT * FROM tile_scores WHERE slide_id = '{slide}'\"")
+    literal = slide.replace("'", "''")
+    console.print(f"{len(result.scores)} tile scores stored: histcode sql \"SELECT * FROM tile_scores WHERE slide_id = '{literal}'\"")
 
 
 def predict(
@@ -71,8 +75,10 @@ def predict(
     mpp: Annotated[Optional[float], typer.Option(help="Microns per pixel for slides without a usable scale.")] = None,
     heatmaps: Annotated[Optional[Path], typer.Option(help="Also draw heatmaps into this folder.")] = None,
     tile_scores: Annotated[Optional[Path], typer.Option("--tile-scores", help="CSV of tile attention: slide_id, x, y, size, attention.")] = None,
+    cohort: Annotated[Optional[str], typer.Option(help="Inference cohort for the new slides (default: cohorts.predict); never trained on.")] = None,
 ) -> None:
-    """Ingest, tile and embed new slides, then apply the registered heads. Exits 1 if any slide failed."""
+    """Ingest, tile and embed new slides into an inference cohort, then apply the registered heads. Exits 1 if
+    any slide failed."""
     from histcode.heads.apply import HeadNotFound
     from histcode.apps.predict import predict_slides
     from histcode.tracking import telemetry_off
@@ -82,7 +88,7 @@ def predict(
     cfg = config_of(ws)
     sources = slide_sources(paths, manifest, mpp, cfg.ingest.extensions)
     try:
-        result = predict_slides(ws, cfg, sources, heatmaps)
+        result = predict_slides(ws, cfg, sources, heatmaps, cohort=cohort)
     except (HeadNotFound, RuntimeError) as exc:
         fail(str(exc))
     out.parent.mkdir(parents=True, exist_ok=True)

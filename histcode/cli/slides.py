@@ -33,11 +33,12 @@ def demo_data(
 def ingest(
     ctx: typer.Context,
     paths: Annotated[Optional[list[Path]], typer.Argument(help="Slide files or folders of slides.")] = None,
-    manifest: Annotated[Optional[Path], typer.Option(help="CSV with path[, slide_id, patient_id, mpp].")] = None,
+    manifest: Annotated[Optional[Path], typer.Option(help="CSV with path[, slide_id, patient_id, mpp, cohort].")] = None,
     mpp: Annotated[Optional[float], typer.Option(help="Microns per pixel for slides whose files carry no usable scale.")] = None,
+    cohort: Annotated[Optional[str], typer.Option(help="Training cohort to register the slides in (default: ingest.cohort).")] = None,
     report: Annotated[Optional[Path], typer.Option(help="Write a JSON summary here (default: metrics/ingest.json).")] = None,
 ) -> None:
-    """Register slides in the catalog. Exits 1 if any slide failed (the others are registered)."""
+    """Register slides in a cohort of the catalog. Exits 1 if any slide failed (the others are registered)."""
     from histcode.ingest.run import ingest_sources
     from histcode.reports import ingest_summary
     from histcode.store.files import write_json
@@ -48,7 +49,7 @@ def ingest(
     cfg = config_of(ws)
     sources = slide_sources(paths, manifest, mpp, cfg.ingest.extensions)
     try:
-        result = ingest_sources(sources, Catalog(ws.catalog_path), cfg.ingest)
+        result = ingest_sources(sources, Catalog.of(ws), cfg.ingest, cohort=cohort)
     except CatalogError as exc:
         fail(str(exc))
     terminal().print(ingest_table(result))
@@ -78,7 +79,7 @@ def tile(
     cfg = config_of(ws).tiling
     if workers is not None:
         cfg = cfg.model_copy(update={"workers": workers})
-    catalog = Catalog(ws.catalog_path)
+    catalog = Catalog.of(ws)
     if not catalog.path.exists():
         fail(f"no catalog at {catalog.path}: run `histcode ingest` first")
     try:
@@ -104,7 +105,7 @@ def slides(
 
     ws = workspace_of(ctx)
     try:
-        terminal().print(catalog_table(Catalog(ws.catalog_path), status))
+        terminal().print(catalog_table(Catalog.of(ws), status))
     except CatalogError as exc:
         fail(str(exc))
 

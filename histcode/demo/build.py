@@ -48,7 +48,7 @@ class DemoCohort:
 
 def _fingerprint(cfg: DemoConfig, source_dir: Path) -> str:
     labels = (source_dir / "labels.csv").read_bytes()
-    return stable_hash({"builder": BUILDER_VERSION, "cfg": cfg.model_dump(mode="json", exclude={"out_dir", "source_dir"}),
+    return stable_hash({"builder": BUILDER_VERSION, "cfg": cfg.model_dump(mode="json", exclude={"out_dir", "source_dir", "cohort"}),
                         "labels": stable_hash(labels.decode())})
 
 

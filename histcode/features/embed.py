@@ -39,7 +39,7 @@ from histcode.tiling.spec import spec_id_of
 from histcode.tracking import Tracker
 from histcode.workspace import Workspace
 from histcode.wsi.reader import SlideReadError
-from histcode.runtime import resolve_device, resolve_workers
+from histcode.runtime import failpoint, resolve_device, resolve_workers
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def _attributes(slide: dict, columns: tuple[str, ...]) -> dict[str, str | None]:
 def materialize(ws: Workspace, cfg: HistcodeConfig, encoder: str | None = None, slide_ids: list[str] | None = None,
                 tag: str | None = None, progress: bool = True) -> EmbedReport:
     fcfg = cfg.features
-    catalog, tracker = Catalog(ws.catalog_path), Tracker(ws)
+    catalog, tracker = Catalog.of(ws), Tracker(ws)
     spec_id = spec_id_of(cfg.tiling)
     view = describe_view(tracker, encoder or fcfg.encoder, spec_id, fcfg.attribute_columns)
     register_view(catalog, view)
@@ -210,6 +210,7 @@ def _flush(view: FeatureView, dataset: TileDataset, slides: dict[str, dict], ord
         sids = [order[s] for s in good]
         tile_version = upsert_slides(tables[TILE_KIND], view.table(TILE_KIND), to_batch(view.table(TILE_KIND), {**tile_cols, **tile_attrs}), sids)
         upsert_slides(tables[SLIDE_KIND], view.table(SLIDE_KIND), to_batch(view.table(SLIDE_KIND), {**slide_cols, **attrs}), sids)
+        failpoint("embed.committed")  # vectors written, ledger not yet: a rerun rewrites them in place
         for s in good:
             sid = order[s]
             n = len(vectors[s])

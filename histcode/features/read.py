@@ -56,7 +56,7 @@ def _convert(data: pa.Table, fmt: Format):
 def _view(ws: Workspace, view: FeatureView | str | None) -> FeatureView:
     if isinstance(view, FeatureView):
         return view
-    return load_view(Catalog(ws.catalog_path), view, ws.config().features.attribute_columns)
+    return load_view(Catalog.of(ws), view, ws.config().features.attribute_columns)
 
 
 def tile_features(ws: Workspace, view: FeatureView | str | None = None, tile_ids: list[str] | None = None,

@@ -15,7 +15,7 @@ from histcode.config import stable_hash
 from histcode.store.catalog import Catalog
 from histcode.store.records import utcnow
 from histcode.store.vectors import SLIDE_KIND, TILE_KIND, TableSpec
-from histcode.tracking import Tracker
+from histcode.tracking import Tracker, quote
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def resolve_encoder(tracker: Tracker, ref: str) -> tuple[str, str, dict]:
         elif version and version != "latest":
             mv = client.get_model_version(name, version)
         else:
-            versions = client.search_model_versions(f"name = '{name}'")
+            versions = client.search_model_versions(f"name = {quote(name)}")
             if not versions:
                 raise ViewError(f"no registered model {name!r}: run `histcode pretrain` first")
             mv = max(versions, key=lambda v: int(v.version))

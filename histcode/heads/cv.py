@@ -31,6 +31,7 @@ class CVResult:
     predictions: pd.DataFrame | None = None
     attention: dict[str, np.ndarray] = field(default_factory=dict)  # test-fold attention of each slide
     genes: list[dict] | None = None
+    strict: dict = field(default_factory=dict)  # pooled over the folds the encoder never saw (see strict_folds)
 
     @property
     def score(self) -> float:
@@ -59,7 +60,10 @@ def fit_on(task: TaskData, bags: dict[str, Bag], idx: np.ndarray, aggregator: st
     return head, train_idx, val_idx
 
 
-def cross_validate(task: TaskData, bags: dict[str, Bag], aggregator: str, cfg: HeadsConfig) -> CVResult:
+def cross_validate(task: TaskData, bags: dict[str, Bag], aggregator: str, cfg: HeadsConfig,
+                   strict_folds: frozenset[int] = frozenset()) -> CVResult:
+    """``strict_folds``: folds whose patients the encoder was not pretrained on (pretrain.exclude_test_folds);
+    their pooled test metrics are kept apart in ``result.strict``."""
     result = CVResult(task, aggregator)
     n = len(task.slide_ids)
     outputs: list[np.ndarray | None] = [None] * n
@@ -85,4 +89,7 @@ def cross_validate(task: TaskData, bags: dict[str, Bag], aggregator: str, cfg: H
     done = np.array([o is not None for o in outputs])
     result.pooled = task.kind.score(task, np.flatnonzero(done), outputs)
     task.kind.summarise(result, task, np.flatnonzero(done), outputs, cfg)
+    strict = np.flatnonzero(done & np.isin(task.folds, sorted(strict_folds)))
+    if len(strict):
+        result.strict = task.kind.score(task, strict, outputs)
     return result

@@ -21,8 +21,10 @@ class Bag:
     size: int
 
 
-def load_bags(ws: Workspace, view: FeatureView, as_of: int | str | None = None) -> dict[str, Bag]:
-    frame = tile_features(ws, view, as_of=as_of, fmt="pandas")
+def load_bags(ws: Workspace, view: FeatureView, as_of: int | str | None = None,
+              slide_ids: list[str] | None = None) -> dict[str, Bag]:
+    """The bags of ``slide_ids`` (default: every slide of the view), one per slide, tiles in (y, x) order."""
+    frame = tile_features(ws, view, slide_ids=slide_ids, as_of=as_of, fmt="pandas")
     bags = {}
     for sid, g in frame.groupby("slide_id", sort=True):
         g = g.sort_values(["y", "x"])

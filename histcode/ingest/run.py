@@ -1,8 +1,13 @@
 """Register slides in the catalog: skip unchanged files, re-register changed ones, record failures.
 
-An unchanged file (same path, size and mtime, same accession and scale request) is not even opened. A file
-whose size or mtime moved is inspected again; if its content hash and scale are the same, nothing downstream
-changes. Each slide is its own transaction, so one bad file never blocks or half-writes another.
+An unchanged file (same path, size and mtime, same accession, cohort and scale request) is not even opened. A
+file whose size or mtime moved is inspected again; if its content hash and scale are the same, nothing
+downstream changes. Each slide is its own transaction, so one bad file never blocks or half-writes another.
+
+Every slide belongs to a cohort (the source's, else the command's, else ``ingest.cohort``); a cohort's role
+(training or inference) is fixed when it is first used. ``keep_other_cohorts`` is prediction's mode: a slide
+already registered in another cohort stays where it is (and is predicted as it is) when its file has the same
+content, and is refused, with nothing written, when the same id names other pixels.
 """
 
 from __future__ import annotations
@@ -17,9 +22,9 @@ from tqdm.auto import tqdm
 from histcode.config import IngestConfig
 from histcode.ingest.inspect import inspect_slide
 from histcode.wsi.files import file_signature
-from histcode.ingest.sources import SlideSource, split_duplicates
+from histcode.ingest.sources import SlideSource, id_problem, split_duplicates
 from histcode.store.catalog import Catalog
-from histcode.store.records import FAILED, OK, SlideRecord
+from histcode.store.records import FAILED, OK, TRAINING, SlideRecord
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,7 @@ class IngestOutcome:
     mpp: float | None = None
     mpp_source: str | None = None
     levels: int | None = None
+    cohort: str | None = None
 
 
 @dataclass
@@ -61,12 +67,16 @@ class IngestReport:
         )
 
 
-def is_unchanged(existing: dict | None, source: SlideSource) -> bool:
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    return a == b or Path(a).resolve() == Path(b).resolve()
+
+
+def is_unchanged(existing: dict | None, source: SlideSource, cohort: str) -> bool:
     """Whether a registered, healthy slide can be skipped without opening its file."""
-    if existing is None or existing["status"] != OK:
+    if existing is None or existing["status"] != OK or existing.get("cohort") != cohort:
         return False
     signature = file_signature(source.path)
-    if signature is None or existing["path"] != str(source.path):
+    if signature is None or not _same_file(existing["path"], source.path):
         return False
     if (existing["file_size"], existing["file_mtime"]) != signature:
         return False
@@ -89,6 +99,7 @@ def _outcome(record: SlideRecord, action: str) -> IngestOutcome:
         mpp=record.mpp_x,
         mpp_source=record.mpp_source,
         levels=record.level_count,
+        cohort=record.cohort,
     )
 
 
@@ -96,6 +107,7 @@ def unchanged_outcome(existing: dict, source: SlideSource) -> IngestOutcome:
     return IngestOutcome(
         slide_id=source.slide_id, path=str(source.path), action=UNCHANGED, status=OK, vendor=existing["vendor"],
         mpp=existing["mpp_x"], mpp_source=existing["mpp_source"], levels=existing["level_count"],
+        cohort=existing["cohort"],
     )
 
 
@@ -109,32 +121,93 @@ def commit_record(catalog: Catalog, record: SlideRecord, existing: dict | None) 
         action = REGISTERED
     elif result == "changed":
         action = CHANGED
-    elif (existing is not None and existing["path"] == record.path and existing["patient_id"] == record.patient_id
-          and existing.get("attributes") == record.attributes):
+    elif (existing is not None and _same_file(existing["path"], record.path) and existing["patient_id"] == record.patient_id
+          and _same_attributes(existing.get("attributes"), record.attributes) and existing.get("cohort") == record.cohort):
         action = UNCHANGED  # touched (mtime) but same content and scale
     else:
-        action = UPDATED  # moved or re-assigned, same pixels: tiles stay valid
+        action = UPDATED  # moved, re-assigned or put in another cohort, same pixels: tiles stay valid
+        if existing is not None and existing.get("cohort") != record.cohort:
+            log.info("%s: moved from cohort %s to %s", record.slide_id, existing.get("cohort"), record.cohort)
     return _outcome(record, action)
 
 
-def ingest_one(source: SlideSource, catalog: Catalog, cfg: IngestConfig) -> IngestOutcome:
-    existing = catalog.get_slide(source.slide_id)
-    if is_unchanged(existing, source):
-        return unchanged_outcome(existing, source)
-    return commit_record(catalog, inspect_slide(source, cfg), existing)
+def _same_attributes(a: str | None, b: str | None) -> bool:
+    return (json.loads(a) if a else {}) == (json.loads(b) if b else {})
+
+
+@dataclass
+class PendingSlide:
+    """A slide that must be inspected: registered in ``cohort`` once inspected, or, with ``compare_only``,
+    compared with the registered slide of another cohort that its id names (prediction's mode)."""
+
+    source: SlideSource
+    cohort: str
+    existing: dict | None
+    compare_only: bool = False
+
+
+def finish_slide(catalog: Catalog, pending: PendingSlide, record: SlideRecord) -> IngestOutcome:
+    """Commit an inspected slide (or, compare-only, check it against the registered one) and say what happened."""
+    if not pending.compare_only:
+        record.cohort = pending.cohort
+        return commit_record(catalog, record, pending.existing)
+    existing, source = pending.existing, pending.source
+    if (record.status == OK and existing["status"] == OK and record.content_hash == existing["content_hash"]
+            and (record.mpp_x, record.mpp_y) == (existing["mpp_x"], existing["mpp_y"])):
+        return unchanged_outcome(existing, source)  # the same pixels: used where they are, nothing written
+    reason = (record.reason if record.status != OK else
+              f"slide_id {source.slide_id!r} already names a slide of cohort {existing['cohort']!r} with other "
+              f"content ({existing['path']}); give this file another slide_id (a manifest's slide_id column)")
+    return refused_outcome(source, reason)
+
+
+@dataclass
+class IngestPlan:
+    report: IngestReport  # refused and unchanged slides, already decided
+    pending: list[PendingSlide]
+
+
+def plan_ingest(sources: list[SlideSource], catalog: Catalog, cfg: IngestConfig, cohort: str | None = None,
+                role: str = TRAINING, keep_other_cohorts: bool = False) -> IngestPlan:
+    """Decide what each source needs without opening any file that is unchanged: refused (duplicate or
+    unusable id), unchanged, or to inspect. Registers the cohorts first (``cohort``, default ``cfg.cohort``; a
+    source's own cohort wins) as cohorts of ``role``: CatalogError, with nothing written, when one exists with
+    another role."""
+    report, pending = IngestReport(), []
+    cohort = cohort or cfg.cohort
+    kept, refused = split_duplicates(sources)
+    for name in sorted({s.cohort or cohort for s in kept}):
+        catalog.put_cohort(name, role)
+    report.outcomes.extend(refused_outcome(source, reason) for source, reason in refused)
+    for source in kept:
+        problem = id_problem(source.slide_id)
+        if problem:
+            report.outcomes.append(refused_outcome(source, problem))
+            continue
+        target = source.cohort or cohort
+        existing = catalog.get_slide(source.slide_id)
+        if keep_other_cohorts and existing is not None and existing.get("cohort") != target:
+            if is_unchanged(existing, source, existing["cohort"]):
+                report.outcomes.append(unchanged_outcome(existing, source))
+            else:
+                pending.append(PendingSlide(source, existing["cohort"], existing, compare_only=True))
+        elif is_unchanged(existing, source, target):
+            report.outcomes.append(unchanged_outcome(existing, source))
+        else:
+            pending.append(PendingSlide(source, target, existing))
+    return IngestPlan(report, pending)
 
 
 def refused_outcome(source: SlideSource, reason: str) -> IngestOutcome:
     log.warning("%s: %s", source.path, reason)
-    return IngestOutcome(source.slide_id, str(source.path), FAILED_ACTION, FAILED, reason)
+    return IngestOutcome(source.slide_id, str(source.path), FAILED_ACTION, FAILED, reason, cohort=source.cohort)
 
 
-def ingest_sources(sources: list[SlideSource], catalog: Catalog, cfg: IngestConfig, progress: bool = True) -> IngestReport:
-    report = IngestReport()
-    kept, refused = split_duplicates(sources)
-    report.outcomes.extend(refused_outcome(source, reason) for source, reason in refused)
-    for source in tqdm(kept, desc="ingest", unit="slide", disable=not progress):
-        report.outcomes.append(ingest_one(source, catalog, cfg))
-    report.log_summary()
-    return report
-
+def ingest_sources(sources: list[SlideSource], catalog: Catalog, cfg: IngestConfig, progress: bool = True,
+                   cohort: str | None = None, role: str = TRAINING, keep_other_cohorts: bool = False) -> IngestReport:
+    """Register ``sources`` in ``cohort`` (see ``plan_ingest``), inspecting the slides one by one."""
+    plan = plan_ingest(sources, catalog, cfg, cohort, role, keep_other_cohorts)
+    for pending in tqdm(plan.pending, desc="ingest", unit="slide", disable=not progress):
+        plan.report.outcomes.append(finish_slide(catalog, pending, inspect_slide(pending.source, cfg)))
+    plan.report.log_summary()
+    return plan.report

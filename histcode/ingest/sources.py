@@ -1,9 +1,14 @@
 """What to ingest: slide files from paths and directories, or a manifest CSV, each with its accession.
 
 Manifest columns: ``path`` (required; relative paths are relative to the manifest), ``slide_id`` (default: the
-file stem), ``patient_id`` (default: the TCGA patient of the slide id, else the slide id) and ``mpp``
-(optional, um/px, for slides whose files carry no usable scale). Any other column (a label, a site, a stain)
-is kept as a slide attribute in the catalog (``slides.attributes``, JSON) and can be used in SQL and filters.
+file stem), ``patient_id`` (default: the TCGA patient of the slide id, else the slide id), ``mpp``
+(optional, um/px, for slides whose files carry no usable scale) and ``cohort`` (optional; default: the command's
+cohort). Any other column (a label, a site, a stain) is kept as a slide attribute in the catalog
+(``slides.attributes``, JSON) and can be used in SQL and filters.
+
+Slide ids are the user's accessions and are kept as given (dots, quotes, any script); only ids that cannot
+name anything are refused: empty ones and ones with control characters. Wherever a file is named after a
+slide, ``histcode.workspace.file_stem`` maps the id to a safe name.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from histcode.store.records import is_path_attribute
+
 log = logging.getLogger(__name__)
 
 TCGA_PATIENT = re.compile(r"^(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})(-|$)", re.IGNORECASE)
@@ -23,6 +30,21 @@ class ManifestError(ValueError):
     """The manifest cannot be used; the message names the file, row and column."""
 
 
+MAX_ID_CHARS = 1024
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def id_problem(slide_id: str) -> str | None:
+    """Why ``slide_id`` cannot be used as a slide accession, or None."""
+    if not slide_id.strip():
+        return "slide_id is empty"
+    if CONTROL.search(slide_id):
+        return f"slide_id {slide_id!r} holds control characters (tabs, newlines, ...)"
+    if len(slide_id) > MAX_ID_CHARS:
+        return f"slide_id {slide_id[:40]!r}... is {len(slide_id)} characters long (at most {MAX_ID_CHARS})"
+    return None
+
+
 @dataclass(frozen=True)
 class SlideSource:
     path: Path
@@ -30,9 +52,10 @@ class SlideSource:
     patient_id: str
     mpp: float | None = None
     attributes: tuple[tuple[str, str], ...] = ()  # the manifest's extra columns, in column order
+    cohort: str | None = None  # None: the cohort the command ingests into
 
 
-MANIFEST_COLUMNS = ("path", "slide_id", "patient_id", "mpp")
+MANIFEST_COLUMNS = ("path", "slide_id", "patient_id", "mpp", "cohort")
 
 
 def patient_of(slide_id: str) -> str:
@@ -98,14 +121,16 @@ def read_manifest(manifest: Path, mpp: float | None = None) -> list[SlideSource]
             raise ManifestError(f"manifest {manifest}, line {i}: mpp {cell!r} is not a number") from exc
         extra = tuple((k, _attribute(k, (v or "").strip(), manifest.parent)) for k, v in row.items()
                       if k and k not in MANIFEST_COLUMNS and (v or "").strip())
-        out.append(SlideSource(path=path.absolute(), slide_id=sid, patient_id=pid, mpp=row_mpp, attributes=extra))
+        cohort = (row.get("cohort") or "").strip() or None
+        out.append(SlideSource(path=path.absolute(), slide_id=sid, patient_id=pid, mpp=row_mpp, attributes=extra,
+                               cohort=cohort))
     return out
 
 
 def _attribute(key: str, value: str, base: Path) -> str:
     """Attribute values that name files (``mask`` or ``*_path``) are resolved like ``path``: relative to the
     manifest."""
-    if key == "mask" or key.endswith("_path"):
+    if is_path_attribute(key):
         p = Path(value).expanduser()
         return str((p if p.is_absolute() else base / p).absolute())
     return value

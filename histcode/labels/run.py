@@ -46,6 +46,7 @@ class LabelSet:
     references: dict[str, int] = field(default_factory=dict)
     excluded_genes: dict[str, str] = field(default_factory=dict)
     problems: dict[str, str] = field(default_factory=dict)
+    cohorts: list[str] = field(default_factory=list)  # the training cohorts whose slides were labelled
 
 
 def frames_dir(ws: Workspace) -> Path:
@@ -106,8 +107,9 @@ def ingest_labels(ws: Workspace, cfg: HistcodeConfig, expression: Path | None = 
     lcfg = cfg.labels
     path = expression or ws.path(lcfg.expression)
     sheet_path = sample_sheet or (ws.path(lcfg.sample_sheet) if lcfg.sample_sheet else None)
-    catalog = Catalog(ws.catalog_path)
-    slides = catalog.tiled_slides(spec_id_of(cfg.tiling))
+    catalog = Catalog.of(ws)
+    cohorts = catalog.training_cohorts(cfg.cohorts.train)
+    slides = catalog.tiled_slides(spec_id_of(cfg.tiling), cohorts)
     long = read_matrix(path)
     sheet = read_sample_sheet(sheet_path) if sheet_path else None
     samples = map_samples(sorted(long.sample_id.unique()), slides, sheet)
@@ -131,8 +133,8 @@ def ingest_labels(ws: Workspace, cfg: HistcodeConfig, expression: Path | None = 
         con.execute(
             "INSERT INTO label_sets (label_version, source, source_sha256, sample_sheet, unit, params, n_samples, n_genes, "
             "n_patients, created_at, is_current, gate_status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, true, ?)",
-            [version, str(path), _sha256(path), str(sheet_path) if sheet_path else None, lcfg.unit,
-             json.dumps(lcfg.model_dump(mode="json")), long.sample_id.nunique(), long.gene.nunique(),
+            [version, catalog.stored_path(path), _sha256(path), catalog.stored_path(sheet_path), lcfg.unit,
+             json.dumps({**lcfg.model_dump(mode="json"), "cohorts": cohorts}), long.sample_id.nunique(), long.gene.nunique(),
              int(samples.patient_id.nunique()), utcnow(), PENDING],
         )
     result = LabelSet(
@@ -142,9 +144,11 @@ def ingest_labels(ws: Workspace, cfg: HistcodeConfig, expression: Path | None = 
         references={k: int(v) for k, v in de.drop_duplicates("sample_id").reference.value_counts().items()} if len(de) else {},
         excluded_genes=dict(zip(genes.loc[~genes.included, "gene"], genes.loc[~genes.included, "reason"])),
         problems=dict(zip(samples.loc[samples.problem.notna(), "sample_id"], samples.loc[samples.problem.notna(), "problem"])),
+        cohorts=cohorts,
     )
-    log.info("label set %s: %d samples, %d genes, %d patients; DE classes %s; %d genes excluded", version,
-             result.n_samples, result.n_genes, result.n_patients, result.de_counts, len(result.excluded_genes))
+    log.info("label set %s (cohorts %s): %d samples, %d genes, %d patients; DE classes %s; %d genes excluded", version,
+             ", ".join(cohorts), result.n_samples, result.n_genes, result.n_patients, result.de_counts,
+             len(result.excluded_genes))
     return result
 
 
@@ -162,11 +166,11 @@ def passed_label_set(ws: Workspace, cfg: HistcodeConfig, expression: Path | None
     sheet_path = sample_sheet or (ws.path(lcfg.sample_sheet) if lcfg.sample_sheet else None)
     if not ws.catalog_path.is_file() or not path.is_file() or (sheet_path is not None and not sheet_path.is_file()):
         return None
-    catalog = Catalog(ws.catalog_path)
+    catalog = Catalog.of(ws)
     current = current_label_set(catalog)
     if current is None or current["gate_status"] != PASSED:
         return None
-    version = _label_version(path, sheet_path, lcfg, catalog.tiled_slides(spec_id_of(cfg.tiling)))
+    version = _label_version(path, sheet_path, lcfg, catalog.training_slides(spec_id_of(cfg.tiling), cfg.cohorts.train))
     return current if current["label_version"] == version else None
 
 
@@ -174,7 +178,7 @@ def gate_labels(ws: Workspace, cfg: HistcodeConfig):
     """Run the gate on the current label set's frames and record the outcome on it."""
     from histcode.labels.gate import run_gate
 
-    catalog = Catalog(ws.catalog_path)
+    catalog = Catalog.of(ws)
     current = current_label_set(catalog)
     if current is None:
         raise LabelGateError("no label set yet: run `histcode labels ingest` first")
@@ -184,7 +188,7 @@ def gate_labels(ws: Workspace, cfg: HistcodeConfig):
     with catalog.transaction() as con:
         con.execute(
             "UPDATE label_sets SET gate_status = ?, gate_at = ?, gate_failures = ?, data_docs = ? WHERE label_version = ?",
-            [PASSED if result.passed else FAILED, utcnow(), json.dumps(failures), str(result.docs) if result.docs else None,
+            [PASSED if result.passed else FAILED, utcnow(), json.dumps(failures), catalog.stored_path(result.docs),
              current["label_version"]],
         )
     return result

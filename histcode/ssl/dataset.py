@@ -98,6 +98,9 @@ def dataset_from_catalog(catalog: Catalog, spec_id: str, tile_px: int, slide_ids
         raise NoTilesError(f"no tiles under tiling spec {spec_id}: run `histcode tile` first")
     frame = table.select(["tile_id", "slide_id", "x", "y", "size"]).to_pandas()
     frame = frame[frame.slide_id.isin(slides)].sort_values(["slide_id", "y", "x"], kind="stable")
+    if frame.empty:
+        raise NoTilesError(f"none of the {len(slides)} selected slides has tiles under tiling spec {spec_id}: "
+                           "run `histcode tile` first")
     order = sorted(frame.slide_id.unique())
     sources = []
     for sid in order:

@@ -10,6 +10,7 @@ Under torchrun, every process trains; process 0 alone tracks, probes and registe
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -23,12 +24,12 @@ from histcode.config import HistcodeConfig, PretrainConfig, stable_hash
 from histcode.store.files import write_json
 from histcode.ssl import distributed as dist_util
 from histcode.ssl.augment import TwoViews
-from histcode.ssl.dataset import dataset_from_catalog
+from histcode.ssl.dataset import NoTilesError, dataset_from_catalog
 from histcode.ssl.encoders import Encoder, build_encoder
 from histcode.ssl.methods import build_method
 from histcode.ssl.probe import colour_features, embed, linear_probe, load_probe_set
 from histcode.ssl.train import StepLog, Trainer, total_steps
-from histcode.store.catalog import Catalog
+from histcode.store.catalog import Catalog, CatalogError
 from histcode.tiling.spec import spec_id_of
 from histcode.tracking import Tracker
 from histcode.workspace import Workspace, bundled_source_dir
@@ -59,9 +60,48 @@ class PretrainResult:
         return self.history[-1].loss if self.history else None
 
 
-def run_dir(ws: Workspace, cfg: PretrainConfig, spec_id: str) -> Path:
-    """Where a run's checkpoint lives: one folder per (training configuration, tiling spec)."""
-    key = stable_hash({"pretrain": cfg.model_dump(mode="json", exclude=RUNTIME_KNOBS), "spec": spec_id}, 10)
+@dataclass
+class PretrainingData:
+    """The slides a pretraining run reads: the tiled slides of the training cohorts, less the patients of
+    ``pretrain.exclude_test_folds`` (folds of the label set ``label_version``)."""
+
+    slide_ids: list[str]
+    cohorts: list[str]
+    excluded_slides: list[str] = field(default_factory=list)
+    excluded_folds: tuple[int, ...] = ()
+    label_version: str | None = None
+
+
+def pretraining_data(catalog: Catalog, cfg: HistcodeConfig) -> PretrainingData:
+    cohorts = catalog.training_cohorts(cfg.cohorts.train)
+    slides = catalog.tiled_slides(spec_id_of(cfg.tiling), cohorts)
+    folds = tuple(sorted(set(cfg.pretrain.exclude_test_folds)))
+    if not folds:
+        return PretrainingData([s["slide_id"] for s in slides], cohorts)
+    labels = catalog.query("SELECT label_version FROM label_sets WHERE is_current")
+    plan = catalog.query("SELECT patient_id, fold FROM cv_folds")
+    if not labels or not plan:
+        raise ValueError("pretrain.exclude_test_folds needs the cross-validation folds of a label set: run "
+                         "`histcode labels ingest` before `histcode pretrain`")
+    known = sorted({r["fold"] for r in plan})
+    if not set(folds) <= set(known):
+        raise ValueError(f"pretrain.exclude_test_folds {list(folds)}: the label set's folds are {known}")
+    patients = {r["patient_id"] for r in plan if r["fold"] in folds}
+    kept = [s["slide_id"] for s in slides if s["patient_id"] not in patients]
+    excluded = [s["slide_id"] for s in slides if s["patient_id"] in patients]
+    return PretrainingData(kept, cohorts, excluded, folds, labels[0]["label_version"])
+
+
+def data_version(tile_ids: list[str]) -> str:
+    """Identity of the training data: its sorted tile ids."""
+    return stable_hash(sorted(tile_ids), 16)
+
+
+def run_dir(ws: Workspace, cfg: PretrainConfig, spec_id: str, version: str) -> Path:
+    """Where a run's checkpoint lives: one folder per (training configuration, tiling spec, training data), so
+    every run keeps its own checkpoint."""
+    key = stable_hash({"pretrain": cfg.model_dump(mode="json", exclude=RUNTIME_KNOBS), "spec": spec_id,
+                       "data": version}, 10)
     return ws.outputs_dir / "pretrain" / f"{cfg.method}-{cfg.encoder}-{key}"
 
 
@@ -106,12 +146,17 @@ def pretrain(ws: Workspace, cfg: HistcodeConfig, resume: bool = False, progress:
              probe_source: Path | None = None) -> PretrainResult:
     pcfg = cfg.pretrain
     device, rank, world = _init_distributed(pcfg.device)
-    catalog = Catalog(ws.catalog_path)
+    catalog = Catalog.of(ws)
     spec_id = spec_id_of(cfg.tiling)
-    dataset = dataset_from_catalog(catalog, spec_id, cfg.tiling.tile_px)
+    data = pretraining_data(catalog, cfg)
+    dataset = dataset_from_catalog(catalog, spec_id, cfg.tiling.tile_px, slide_ids=data.slide_ids)
+    version = data_version(dataset.tile_ids)
+    log.info("pretraining on %d tiles of %d slides (cohorts %s)%s", len(dataset), len(dataset.slides),
+             ", ".join(data.cohorts), f"; {len(data.excluded_slides)} slides of folds {list(data.excluded_folds)} "
+             "left out" if data.excluded_folds else "")
     steps = total_steps(pcfg, len(dataset))
     method = build_method(fresh_encoder(pcfg), pcfg)
-    folder = run_dir(ws, pcfg, spec_id)
+    folder = run_dir(ws, pcfg, spec_id, version)
     trainer = Trainer(method, TwoViews(pcfg.augment, pcfg.image_px), dataset, pcfg, device, steps,
                       folder / "checkpoint.pt", rank, world)
     resumed = trainer.resume() if resume else False
@@ -123,41 +168,32 @@ def pretrain(ws: Workspace, cfg: HistcodeConfig, resume: bool = False, progress:
     run_id = trainer.extra.get("run_id") if resumed else None
     if tracker is not None:
         if run_id:
-            tracker.reopen_run(run_id)
+            tracker.reopen_run(run_id)  # the same run continues; the checkpoint stays for another --resume
         else:
-            run_id = _new_run(tracker, trainer, pcfg, catalog, spec_id, len(dataset), steps, world)
+            run_id = _new_run(tracker, ws, trainer, pcfg, data, version, spec_id, len(dataset), steps, world)
         trainer.extra["run_id"] = run_id
 
     def on_log(entry: StepLog) -> None:
         tracker.log_metrics(run_id, {"loss": entry.loss, "lr": entry.lr, "img_per_s": entry.img_per_s}, entry.step)
 
-    try:
-        history = trainer.fit(on_log if tracker else None, progress)
-    except BaseException:
+    result = PretrainResult(run_id, pcfg.method, steps, resumed, start_step, checkpoint=trainer.checkpoint_path)
+    with tracker.closing(run_id) if tracker is not None else contextlib.nullcontext():
+        try:
+            result.history = trainer.fit(on_log if tracker else None, progress)
+        finally:
+            dataset.close()
         if tracker is not None:
-            tracker.end_run(run_id, "KILLED")  # the checkpoint stays; `--resume` reopens this run
-        raise
-    finally:
-        dataset.close()
-    result = PretrainResult(run_id, pcfg.method, steps, resumed, start_step, history, checkpoint=trainer.checkpoint_path)
-    if tracker is None:
-        dist_util.barrier()
-        return result
-
-    try:
-        _finish(result, tracker, method.encoder, pcfg, ws, spec_id, device, trainer.checkpoint_path, probe_source)
-    except BaseException:
-        tracker.end_run(run_id, "FAILED")
-        raise
+            _finish(result, tracker, method.encoder, pcfg, ws, spec_id, device, data, version, probe_source)
     dist_util.barrier()
-    log.info("pretrain %s: %d steps, loss %.4f, registered %s version %s", pcfg.method, steps,
-             result.final_loss or float("nan"), pcfg.register_as, result.version)
+    if tracker is not None:
+        log.info("pretrain %s: %d steps, loss %.4f, registered %s version %s", pcfg.method, steps,
+                 result.final_loss or float("nan"), pcfg.register_as, result.version)
     return result
 
 
 def _finish(result: PretrainResult, tracker: Tracker, encoder: Encoder, pcfg: PretrainConfig, ws: Workspace,
-            spec_id: str, device: torch.device, checkpoint: Path, probe_source: Path | None) -> None:
-    """Probe, export and register the encoder, attach the checkpoint, close the run."""
+            spec_id: str, device: torch.device, data: PretrainingData, version: str, probe_source: Path | None) -> None:
+    """Probe, export and register the encoder (the checkpoint stays where it is: the run's tag names it)."""
     run_id = result.run_id
     if pcfg.probe.enabled:
         source = probe_source or (ws.path(pcfg.probe.source_dir) if pcfg.probe.source_dir else bundled_source_dir())
@@ -168,31 +204,34 @@ def _finish(result: PretrainResult, tracker: Tracker, encoder: Encoder, pcfg: Pr
         run_id, exported, "encoder", (3, pcfg.image_px, pcfg.image_px), encoder.dim, pcfg.register_as,
         aliases=(pcfg.method,),
         version_tags={"method": pcfg.method, "encoder": pcfg.encoder, "image_px": pcfg.image_px, "dim": encoder.dim,
-                      "spec_id": spec_id, "run_id": run_id},
+                      "spec_id": spec_id, "run_id": run_id, "cohorts": ",".join(data.cohorts),
+                      "excluded_folds": ",".join(map(str, data.excluded_folds)),
+                      "excluded_folds_label_version": data.label_version or ""},
     )
-    tracker.log_artifact(run_id, checkpoint, "checkpoint")
-    tracker.end_run(run_id)
-    write_json(checkpoint.parent / DONE, {
+    write_json(result.checkpoint.parent / DONE, {
         "run_id": run_id, "method": result.method, "steps": result.steps, "version": result.version,
         "model_uri": result.model_uri, "final_loss": result.final_loss, "probe": result.probe,
-        "data_version": tracker.client.get_run(run_id).data.tags.get("histcode.data_version"),
+        "data_version": version,
     })
-
-
-def data_version(catalog: Catalog, spec_id: str) -> str:
-    """Identity of the training data: the sorted tile ids of the spec."""
-    return stable_hash(sorted(catalog.tiles(spec_id=spec_id).column("tile_id").to_pylist()), 16)
 
 
 def completed(ws: Workspace, cfg: HistcodeConfig) -> dict | None:
     """The finished run of exactly this configuration on exactly the current tiles, if there is one (its
     done.json, with its MLflow run still FINISHED); None means training would do new work."""
-    spec_id = spec_id_of(cfg.tiling)
-    done = run_dir(ws, cfg.pretrain, spec_id) / DONE
-    if not done.is_file() or not ws.catalog_path.is_file():
+    if not ws.catalog_path.is_file():
+        return None
+    catalog = Catalog.of(ws)
+    try:
+        data = pretraining_data(catalog, cfg)
+        tile_ids = dataset_from_catalog(catalog, spec_id_of(cfg.tiling), cfg.tiling.tile_px, data.slide_ids).tile_ids
+    except (NoTilesError, ValueError, CatalogError):
+        return None
+    version = data_version(tile_ids)
+    done = run_dir(ws, cfg.pretrain, spec_id_of(cfg.tiling), version) / DONE
+    if not done.is_file():
         return None
     record = json.loads(done.read_text())
-    if record.get("data_version") != data_version(Catalog(ws.catalog_path), spec_id):
+    if record.get("data_version") != version:
         return None
     try:
         status = Tracker(ws).client.get_run(record["run_id"]).info.status
@@ -201,15 +240,19 @@ def completed(ws: Workspace, cfg: HistcodeConfig) -> dict | None:
     return record if status == "FINISHED" else None
 
 
-def _new_run(tracker: Tracker, trainer: Trainer, pcfg: PretrainConfig, catalog: Catalog, spec_id: str, n_tiles: int,
-             steps: int, world: int) -> str:
-    version = data_version(catalog, spec_id)
+def _new_run(tracker: Tracker, ws: Workspace, trainer: Trainer, pcfg: PretrainConfig, data: PretrainingData,
+             version: str, spec_id: str, n_tiles: int, steps: int, world: int) -> str:
+    """A new run; its checkpoint is referenced (workspace-relative path), not copied into MLflow."""
+    checkpoint = trainer.checkpoint_path
+    where = checkpoint.relative_to(ws.root).as_posix() if checkpoint.is_relative_to(ws.root) else str(checkpoint)
     run_id = tracker.start_run(EXPERIMENT, f"{pcfg.method}-{pcfg.encoder}", tags={
         "histcode.method": pcfg.method, "histcode.spec_id": spec_id, "histcode.data_version": version,
-        "histcode.checkpoint": str(trainer.checkpoint_path),
+        "histcode.checkpoint": where, "histcode.cohorts": ",".join(data.cohorts),
     })
     tracker.log_params(run_id, {**pcfg.model_dump(mode="json"), "data": {
-        "spec_id": spec_id, "n_tiles": n_tiles, "total_steps": steps, "world_size": world, "data_version": version,
+        "spec_id": spec_id, "n_tiles": n_tiles, "n_slides": len(data.slide_ids), "total_steps": steps,
+        "world_size": world, "data_version": version, "cohorts": data.cohorts,
+        "excluded_slides": len(data.excluded_slides),
     }})
     return run_id
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from histcode.config import PretrainConfig
 from histcode.ssl.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint
 from histcode.ssl.dataset import EpochSampler, TileDataset
-from histcode.runtime import resolve_workers, step_seed
+from histcode.runtime import failpoint, resolve_workers, step_seed
 from histcode.ssl.methods import AdCo, ContrastiveMethod
 
 log = logging.getLogger(__name__)
@@ -183,6 +183,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{value:.3f}", img_s=f"{entry.img_per_s:.0f}", refresh=False)
             if self.rank == 0 and (self.step % self.cfg.checkpoint_every == 0 or self.step == self.steps):
                 self.save()
+                failpoint("pretrain.checkpoint")
             bar.update()
         bar.close()
         return history

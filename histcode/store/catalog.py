@@ -1,14 +1,20 @@
-"""The DuckDB catalog: slides, tiling specs, the tiling ledger and tiles.
+"""The DuckDB catalog: cohorts, slides, tiling specs, the tiling ledger and tiles.
 
 DuckDB allows one writer process per file, and a writer blocks other processes from opening it, so every
 method opens a connection for the duration of one operation and closes it. Each write is one transaction:
 a slide's tiles appear all together or not at all.
+
+A catalog opened for a workspace (``Catalog.of``) stores file paths that lie inside the workspace relative
+to it, so a copied or moved workspace finds its own slides; and when a slide's content or scale changes it
+removes the slide's rows from every feature view's vector tables in the same step as it clears the slide's
+tiles and ledgers (the vector delete runs inside the catalog transaction, before it commits).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +22,17 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from histcode.store.records import FAILED, INVALIDATED, OK, SlideRecord, TilingRecord, utcnow
+from histcode.store.records import (
+    FAILED,
+    INFERENCE,
+    INVALIDATED,
+    OK,
+    TRAINING,
+    SlideRecord,
+    TilingRecord,
+    is_path_attribute,
+    utcnow,
+)
 from histcode.store.schema import DOWNSTREAM_OF_SLIDE, MIGRATIONS, SCHEMA_VERSION, TABLES
 
 log = logging.getLogger(__name__)
@@ -48,9 +64,54 @@ class SlideChangedError(CatalogError):
 LOCK_WAIT_S = 30.0  # how long to wait for another process that holds the catalog's write lock
 
 
+DEFAULT_COHORT = "default"
+TILING_PATH_COLUMNS = ("thumbnail_path", "mask_path")
+
+
 class Catalog:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, root: str | Path | None = None, vectors_uri: str | None = None) -> None:
+        """``root``: the workspace, against which paths inside it are stored relative; ``vectors_uri``: the
+        LanceDB whose feature views lose a slide's rows when its content changes (both None: paths as given,
+        vectors untouched)."""
         self.path = Path(path)
+        self.root = Path(root).resolve() if root is not None else None
+        self.vectors_uri = vectors_uri
+
+    @classmethod
+    def of(cls, ws) -> Catalog:
+        """The catalog of a workspace (``histcode.workspace.Workspace``)."""
+        return cls(ws.catalog_path, ws.root, ws.lancedb_uri)
+
+    # -- paths ---------------------------------------------------------------------------------------------
+    def stored_path(self, path: str | Path | None) -> str | None:
+        """How a file path is stored: relative (POSIX) to the workspace when it lies inside it, else absolute."""
+        if path is None or self.root is None:
+            return None if path is None else str(path)
+        for candidate in (Path(os.path.abspath(path)), Path(path).resolve()):
+            try:
+                return candidate.relative_to(self.root).as_posix()
+            except ValueError:
+                continue
+        return str(path)
+
+    def real_path(self, stored: str | None) -> str | None:
+        """A stored path as an absolute path in this workspace."""
+        if stored is None or self.root is None or Path(stored).is_absolute():
+            return stored
+        return str(self.root / stored)
+
+    def _attributes(self, attributes: str | None, convert) -> str | None:
+        if not attributes:
+            return attributes
+        values = json.loads(attributes)
+        return json.dumps({k: convert(v) if is_path_attribute(k) and v else v for k, v in values.items()},
+                          sort_keys=True)
+
+    def _slide_out(self, row: dict) -> dict:
+        row["path"] = self.real_path(row["path"])
+        if "attributes" in row:
+            row["attributes"] = self._attributes(row["attributes"], self.real_path)
+        return row
 
     # -- connections -------------------------------------------------------------------------------------
     @contextmanager
@@ -112,12 +173,49 @@ class Catalog:
     # -- slides ------------------------------------------------------------------------------------------
     def get_slide(self, slide_id: str) -> dict | None:
         rows = self.query("SELECT * FROM slides WHERE slide_id = ?", [slide_id])
-        return rows[0] if rows else None
+        return self._slide_out(rows[0]) if rows else None
 
-    def slides(self, status: str | None = None) -> list[dict]:
-        if status is None:
-            return self.query("SELECT * FROM slides ORDER BY slide_id")
-        return self.query("SELECT * FROM slides WHERE status = ? ORDER BY slide_id", [status])
+    def slides(self, status: str | None = None, cohorts: list[str] | None = None) -> list[dict]:
+        """Slides (optionally only those with ``status``, only those of ``cohorts``), paths resolved."""
+        rows = self.query("SELECT * FROM slides WHERE (? IS NULL OR status = ?) ORDER BY slide_id", [status, status])
+        return [self._slide_out(r) for r in rows if cohorts is None or r["cohort"] in cohorts]
+
+    # -- cohorts -------------------------------------------------------------------------------------------
+    def put_cohort(self, cohort: str, role: str = TRAINING) -> None:
+        """Register a cohort; refuses to change the role of an existing one."""
+        if role not in (TRAINING, INFERENCE):
+            raise ValueError(f"cohort role must be {TRAINING!r} or {INFERENCE!r}, not {role!r}")
+        with self.transaction() as con:
+            self._ensure_cohort(con, cohort, role)
+
+    @staticmethod
+    def _ensure_cohort(con: duckdb.DuckDBPyConnection, cohort: str, role: str | None) -> None:
+        found = con.execute("SELECT role FROM cohorts WHERE cohort = ?", [cohort]).fetchall()
+        if found and role is not None and found[0][0] != role:
+            raise CatalogError(f"cohort {cohort!r} is a {found[0][0]} cohort; slides for {role} need a cohort of "
+                               f"their own (another --cohort name)")
+        if not found:
+            con.execute("INSERT INTO cohorts VALUES (?, ?, ?)", [cohort, role or TRAINING, utcnow()])
+
+    def cohorts(self) -> dict[str, str]:
+        """cohort -> role."""
+        return {r["cohort"]: r["role"] for r in self.query("SELECT cohort, role FROM cohorts ORDER BY cohort")}
+
+    def training_cohorts(self, requested: tuple[str, ...] | list[str] = ()) -> list[str]:
+        """The cohorts that pretraining, labels and heads read: ``requested`` (checked), or every training
+        cohort. An inference cohort (`histcode predict`'s) is never one of them."""
+        known = self.cohorts()
+        if not requested:
+            return sorted(c for c, role in known.items() if role == TRAINING)
+        unknown = [c for c in requested if c not in known]
+        if unknown:
+            raise CatalogError(f"cohorts.train names cohorts that hold no slides: {unknown} (cohorts: "
+                               f"{', '.join(f'{c} ({r})' for c, r in known.items()) or 'none'})")
+        inference = [c for c in requested if known[c] != TRAINING]
+        if inference:
+            raise CatalogError(f"cohorts.train names inference cohorts {inference}: slides registered by "
+                               "`histcode predict` are never trained on")
+        return list(requested)
 
     def put_slide(self, record: SlideRecord) -> str:
         """Insert or replace a slide; returns 'new', 'changed', 'same' or 'unreachable'.
@@ -133,9 +231,10 @@ class Catalog:
                               [record.slide_id])
             old = cur.fetchall()
             old_hash, old_mx, old_my, ingested = old[0] if old else (None, None, None, now)
+            stored = self.stored_path(record.path)
             if record.content_hash is None and old_hash is not None:
                 con.execute("UPDATE slides SET status = ?, reason = ?, path = ?, updated_at = ? WHERE slide_id = ?",
-                            [record.status, record.reason, record.path, now, record.slide_id])
+                            [record.status, record.reason, stored, now, record.slide_id])
                 return "unreachable"
             if old_hash is None:
                 outcome = "new"
@@ -147,19 +246,30 @@ class Catalog:
             else:
                 outcome = "same"
             row = record.as_row()
+            row["cohort"] = record.cohort or DEFAULT_COHORT
+            self._ensure_cohort(con, row["cohort"], None)
+            row["path"] = stored
+            row["attributes"] = self._attributes(record.attributes, self.stored_path)
             con.execute("DELETE FROM slides WHERE slide_id = ?", [record.slide_id])
             cols = list(row) + ["ingested_at", "updated_at"]
             values = list(row.values()) + [ingested, now]
             con.execute(f"INSERT INTO slides ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", values)
         return outcome
 
-    @staticmethod
-    def _invalidate(con: duckdb.DuckDBPyConnection, slide_id: str, reason: str) -> None:
+    def _invalidate(self, con: duckdb.DuckDBPyConnection, slide_id: str, reason: str) -> None:
+        """Everything derived from a slide's pixels goes, in the caller's transaction: tiles, ledgers, tile
+        scores and (before the transaction commits) its rows in every feature view's vector tables."""
         for table in DOWNSTREAM_OF_SLIDE:
             con.execute(f"DELETE FROM {table} WHERE slide_id = ?", [slide_id])
         con.execute(
             "UPDATE tilings SET status = ?, reason = ?, n_tiles = 0 WHERE slide_id = ?", [INVALIDATED, reason, slide_id]
         )
+        if self.vectors_uri is not None:
+            from histcode.store.vectors import delete_slides
+
+            tables = [r[0] for r in con.execute("SELECT DISTINCT lance_table FROM feature_views").fetchall()]
+            removed = delete_slides(self.vectors_uri, tables, [slide_id]) if tables else 0
+            log.info("%s: %d vectors removed from %d feature-view tables", slide_id, removed, len(tables))
         log.info("%s: %s; derived rows invalidated", slide_id, reason)
 
     # -- tiling ------------------------------------------------------------------------------------------
@@ -172,14 +282,19 @@ class Catalog:
                     [spec_id, spec["tile_px"], spec["target_mpp"], spec["min_tissue_fraction"], json.dumps(spec, sort_keys=True), utcnow()],
                 )
 
+    def _tiling_out(self, row: dict) -> dict:
+        for col in TILING_PATH_COLUMNS:
+            row[col] = self.real_path(row.get(col))
+        return row
+
     def tiling(self, slide_id: str, spec_id: str) -> dict | None:
         rows = self.query("SELECT * FROM tilings WHERE slide_id = ? AND spec_id = ?", [slide_id, spec_id])
-        return rows[0] if rows else None
+        return self._tiling_out(rows[0]) if rows else None
 
     def tilings(self, spec_id: str | None = None) -> list[dict]:
-        if spec_id is None:
-            return self.query("SELECT * FROM tilings ORDER BY slide_id, spec_id")
-        return self.query("SELECT * FROM tilings WHERE spec_id = ? ORDER BY slide_id", [spec_id])
+        rows = self.query("SELECT * FROM tilings WHERE (? IS NULL OR spec_id = ?) ORDER BY slide_id, spec_id",
+                          [spec_id, spec_id])
+        return [self._tiling_out(r) for r in rows]
 
     def put_tiling(self, record: TilingRecord, tiles: pa.Table | None) -> None:
         """Replace a slide's tiles for one spec and its ledger row, atomically. The slide must still have the
@@ -198,16 +313,20 @@ class Catalog:
                 con.execute("INSERT INTO tiles SELECT * FROM _new_tiles")
                 con.unregister("_new_tiles")
             row = record.as_row()
+            for col in TILING_PATH_COLUMNS:
+                row[col] = self.stored_path(row[col])
             con.execute(f"INSERT INTO tilings ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
 
-    def tiled_slides(self, spec_id: str) -> list[dict]:
-        """Healthy slides whose tiling under ``spec_id`` is done, with tiles, for their current content."""
-        return self.query(
+    def tiled_slides(self, spec_id: str, cohorts: list[str] | None = None) -> list[dict]:
+        """Healthy slides whose tiling under ``spec_id`` is done, with tiles, for their current content
+        (optionally only those of ``cohorts``)."""
+        rows = self.query(
             """SELECT s.* FROM slides s JOIN tilings t ON t.slide_id = s.slide_id AND t.spec_id = ?
                WHERE s.status = 'ok' AND t.status = 'ok' AND t.content_hash = s.content_hash AND t.n_tiles > 0
                ORDER BY s.slide_id""",
             [spec_id],
         )
+        return [self._slide_out(r) for r in rows if cohorts is None or r["cohort"] in cohorts]
 
     def replace_table(self, con: duckdb.DuckDBPyConnection, table: str, frame) -> None:
         """Replace a table's rows with a pandas frame (inside the caller's transaction); columns by name."""
@@ -232,6 +351,11 @@ class Catalog:
         with self.connect(read_only=True) as con:
             return con.sql(f"SELECT * FROM tiles {where} ORDER BY slide_id, spec_id, y, x", params=params).to_arrow_table()
 
+    def training_slides(self, spec_id: str, requested_cohorts: tuple[str, ...] | list[str] = ()) -> list[dict]:
+        """The tiled slides of the training cohorts (``requested_cohorts``, or all): what pretraining, labels
+        and heads read."""
+        return self.tiled_slides(spec_id, self.training_cohorts(requested_cohorts))
+
     # -- generic -----------------------------------------------------------------------------------------
     def query(self, sql: str, params: list | None = None) -> list[dict]:
         """Rows as dicts, from a read-only connection (an empty list when no catalog exists yet)."""
@@ -243,4 +367,5 @@ class Catalog:
             return [dict(zip(names, r)) for r in cur.fetchall()]
 
 
-__all__ = ["Catalog", "CatalogError", "FAILED", "OK", "INVALIDATED", "TILE_SCHEMA"]
+__all__ = ["Catalog", "CatalogError", "DEFAULT_COHORT", "FAILED", "INFERENCE", "OK", "INVALIDATED", "TILE_SCHEMA",
+           "TRAINING"]

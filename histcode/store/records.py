@@ -9,6 +9,8 @@ OK = "ok"
 FAILED = "failed"
 INVALIDATED = "invalidated"
 
+TRAINING, INFERENCE = "training", "inference"  # cohort roles
+
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
@@ -37,6 +39,7 @@ class SlideRecord:
     mpp_source: str | None = None
     objective: float | None = None
     attributes: str | None = None  # JSON object of the manifest's extra columns (labels, sites, ...)
+    cohort: str | None = None
 
     def as_row(self) -> dict:
         return asdict(self)
@@ -64,3 +67,9 @@ class TilingRecord:
 
     def as_row(self) -> dict:
         return asdict(self)
+
+
+def is_path_attribute(key: str) -> bool:
+    """Slide attributes that name files (``mask``, ``*_path``): resolved like the slide's path, and stored
+    relative to the workspace when they lie inside it."""
+    return key == "mask" or key.endswith("_path")

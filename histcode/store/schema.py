@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 TABLES: dict[str, str] = {
     "meta": """
@@ -32,10 +32,19 @@ TABLES: dict[str, str] = {
             mpp_source VARCHAR,
             objective DOUBLE,
             attributes JSON,
+            cohort VARCHAR,
             status VARCHAR NOT NULL,
             reason VARCHAR,
             ingested_at TIMESTAMP,
             updated_at TIMESTAMP
+        )""",
+    # Named cohorts. role 'training' (pretraining, labels and heads read its slides) or 'inference' (slides
+    # registered by `histcode predict`: embedded and scored, never trained on).
+    "cohorts": """
+        CREATE TABLE IF NOT EXISTS cohorts (
+            cohort VARCHAR PRIMARY KEY,
+            role VARCHAR NOT NULL,
+            created_at TIMESTAMP
         )""",
     "tiling_specs": """
         CREATE TABLE IF NOT EXISTS tiling_specs (
@@ -168,6 +177,12 @@ TABLES: dict[str, str] = {
 # Upgrades of catalogs written by older versions: {version: statements}.
 MIGRATIONS: dict[int, list[str]] = {
     2: ["ALTER TABLE slides ADD COLUMN IF NOT EXISTS attributes JSON"],
+    # cohorts: slides registered before them belong to the training cohort 'default'
+    5: ["ALTER TABLE slides ADD COLUMN IF NOT EXISTS cohort VARCHAR",
+        "UPDATE slides SET cohort = 'default' WHERE cohort IS NULL",
+        TABLES["cohorts"],
+        "INSERT INTO cohorts SELECT DISTINCT cohort, 'training', now() FROM slides "
+        "WHERE cohort NOT IN (SELECT cohort FROM cohorts)"],
 }
 
 # Tables whose rows derive from a slide's pixels: cleared when the slide's content changes.

@@ -49,7 +49,7 @@ def check_read_only(query: str) -> None:
 
 def open_session(ws: Workspace) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB session with the catalog attached read-only and the Lance tables registered."""
-    catalog = Catalog(ws.catalog_path)
+    catalog = Catalog.of(ws)
     if not catalog.path.exists():
         raise CatalogError(f"no catalog at {catalog.path}: run `histcode ingest` first")
     con = duckdb.connect()

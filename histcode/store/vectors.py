@@ -107,16 +107,35 @@ def to_batch(spec: TableSpec, columns: dict) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
+def slide_filter(slide_ids: list[str]) -> str:
+    """A Lance SQL predicate selecting these slides (ids quoted, quotes doubled)."""
+    return "slide_id IN (" + ", ".join("'" + s.replace("'", "''") + "'" for s in slide_ids) + ")"
+
+
+def delete_slides(uri: str | Path, tables: list[str], slide_ids: list[str]) -> int:
+    """Delete the slides' rows from each of the named tables that exists; returns the rows removed."""
+    db = connect(uri)
+    present = set(table_names(db))
+    removed = 0
+    for name in tables:
+        if name not in present:
+            continue
+        table = db.open_table(name)
+        before = table.count_rows()
+        table.delete(slide_filter(slide_ids))
+        removed += before - table.count_rows()
+    return removed
+
+
 def upsert_slides(table, spec: TableSpec, batch: pa.Table, slide_ids: list[str]) -> int:
     """One commit: insert or update ``batch`` by key and delete the listed slides' other rows. Returns the
     table version after the commit."""
     if batch.schema.field("vector").type != spec.schema().field("vector").type:
         raise VectorStoreError(f"{spec.name}: vector type {batch.schema.field('vector').type} is not "
                                f"{spec.schema().field('vector').type}")
-    quoted = ", ".join("'" + s.replace("'", "''") + "'" for s in slide_ids)
     (table.merge_insert(spec.key)
         .when_matched_update_all()
         .when_not_matched_insert_all()
-        .when_not_matched_by_source_delete(f"slide_id IN ({quoted})")
+        .when_not_matched_by_source_delete(slide_filter(slide_ids))
         .execute(batch))
     return table.version

@@ -20,6 +20,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from histcode.config import TilingConfig
+from histcode.runtime import failpoint
 from histcode.store.catalog import Catalog, SlideChangedError
 from histcode.store.records import FAILED, OK
 from histcode.tiling.slide import SlideTiling, failed_tiling, tile_slide
@@ -172,6 +173,7 @@ def tile_slides(
     bar = tqdm(total=len(plan.todo), desc="tile", unit="slide", disable=not progress)
     for result in _run(plan.todo, cfg, plan.spec_id, qc_root / plan.spec_id, cfg.workers):
         report.outcomes.append(commit_tiling(catalog, result))
+        failpoint("tiling.committed")
         bar.set_postfix(tiles=report.n_tiles, refresh=False)
         bar.update()
     bar.close()

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from histcode.config import TilingConfig
+from histcode.workspace import file_stem
 from histcode.wsi.files import file_signature
 from histcode.store.records import FAILED, OK, TilingRecord
 from histcode.tiling.spec import tile_id_of
@@ -86,7 +87,7 @@ def tile_slide(slide: dict, cfg: TilingConfig, spec_id: str, qc_dir: Path) -> Sl
 
     keep = tissue_ok & qc_ok
     n_keep = int(keep.sum())
-    name = slide["slide_id"].replace("/", "_")  # ids may hold dots (TCGA file names): never use with_suffix
+    name = file_stem(slide["slide_id"])  # any id names a file inside qc_dir (never use with_suffix: ids hold dots)
     mask_path = save_mask_png(mask.mask, qc_dir / f"{name}.mask.png")
     thumb_path = draw_qc_thumbnail(thumb, thumb_ds, mask.mask, positions[keep], positions[tissue_ok & ~qc_ok], size,
                                    qc_dir / f"{name}.qc.png")

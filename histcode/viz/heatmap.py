@@ -31,7 +31,7 @@ def heatmap_png(slide: dict, xy: np.ndarray, size: int, scores: np.ndarray, titl
     ax.imshow(thumb)
     shown = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, alpha=0.55)
     ax.set_axis_off()
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title.replace("$", r"\$"), fontsize=9)  # ids are text, never mathtext
     fig.colorbar(shown, ax=ax, fraction=0.035, pad=0.02, label=label)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

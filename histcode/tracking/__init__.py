@@ -1,8 +1,13 @@
 """The one place that talks to MLflow.
 
 Store: ``sqlite:///<workspace>/mlruns/mlflow.db`` with artifacts under ``<workspace>/mlruns/artifacts/<experiment>``
-(MLflow 3 refuses the old file store). Runs are driven through an explicit ``MlflowClient``; only model logging
-needs MLflow's active-run machinery, and that is confined to ``log_torch_model``.
+(MLflow 3 refuses the old file store); a copied or moved workspace's store is pointed at its own artifacts before
+first use (``relocate``). Runs are driven through an explicit ``MlflowClient``; only model logging needs MLflow's
+active-run machinery, and that is confined to ``log_torch_model``.
+
+Runs always end: ``Tracker.run`` ends a run FINISHED, FAILED on an exception, KILLED on Ctrl-C; every run is
+tagged with the process that owns it, and a run whose process was killed outright is ended KILLED by the next
+HistCode process that opens runs (``owners``).
 """
 
 from __future__ import annotations
@@ -17,20 +22,26 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from histcode.tracking.owners import OWNER_TAG, end_dead_runs, owner_tag
+from histcode.tracking.relocate import relocate_store
 from histcode.workspace import REPO_ROOT, Workspace
 
 log = logging.getLogger(__name__)
 
 MAX_PARAM_CHARS = 6000
+MAX_RUN_NAME = 120
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}; lists and tuples stay values."""
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists and tuples become comma-separated values ('attention,mean'), which
+    read and filter better in MLflow's compare view than JSON lists."""
     out: dict[str, Any] = {}
     for key, value in d.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
             out.update(flatten(value, f"{name}."))
+        elif isinstance(value, (list, tuple)):
+            out[name] = ",".join(map(str, value))
         else:
             out[name] = value
     return out
@@ -56,17 +67,44 @@ def code_tags() -> dict[str, str]:
     return tags
 
 
+def quote(value: str) -> str:
+    """A string literal for an MLflow filter (``tags.x = {quote(v)}``), for values with quotes in them."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ValueError(f"{value!r} holds both quote characters and cannot be used in an MLflow filter")
+
+
 class Tracker:
     def __init__(self, ws: Workspace) -> None:
         self.ws = ws
         self.uri = ws.mlflow_uri
         ws.mlruns_dir.mkdir(parents=True, exist_ok=True)
+        self._swept = False
+
+    @property
+    def artifact_root(self) -> Path:
+        return (self.ws.mlruns_dir / "artifacts").resolve()
 
     @cached_property
     def client(self):
         from mlflow import MlflowClient
 
+        if self.ws.mlflow_is_local:
+            relocate_store(self.ws.mlruns_dir / "mlflow.db", self.artifact_root.as_uri())
         return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+
+    def end_dead_runs(self) -> list[str]:
+        """KILLED for runs left RUNNING by processes of this host that died (kill -9, power loss)."""
+        ids = [e.experiment_id for e in self.client.search_experiments()]
+        return end_dead_runs(self.client, ids)
+
+    def end_dead_runs_once(self) -> None:
+        """``end_dead_runs`` the first time this tracker opens or looks up runs."""
+        if not self._swept:
+            self._swept = True
+            self.end_dead_runs()
 
     def experiment_id(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
@@ -74,23 +112,44 @@ class Tracker:
             return exp.experiment_id
         if not self.ws.mlflow_is_local:  # a tracking server decides where artifacts go (its --artifacts-destination)
             return self.client.create_experiment(name)
-        location = (self.ws.mlruns_dir / "artifacts" / name).resolve().as_uri()
+        location = (self.artifact_root / name).as_uri()
         return self.client.create_experiment(name, artifact_location=location)
 
     def start_run(self, experiment: str, run_name: str, tags: Mapping[str, str] | None = None,
                   parent: str | None = None) -> str:
+        """A new RUNNING run owned by this process; prefer ``run``, which always ends it."""
+        self.end_dead_runs_once()
         extra = {"mlflow.parentRunId": parent} if parent else {}
-        run = self.client.create_run(self.experiment_id(experiment), run_name=run_name,
-                                     tags={**code_tags(), **(tags or {}), **extra})
+        run = self.client.create_run(self.experiment_id(experiment), run_name=run_name[:MAX_RUN_NAME],
+                                     tags={**code_tags(), **(tags or {}), **extra, OWNER_TAG: owner_tag()})
         return run.info.run_id
 
     def reopen_run(self, run_id: str) -> str:
-        """Continue a run after a restart (a resumed training run stays one MLflow run)."""
+        """Continue a run after a restart (a resumed training run stays one MLflow run); this process owns it."""
+        self.end_dead_runs_once()
+        self.client.set_tag(run_id, OWNER_TAG, owner_tag())
         self.client.update_run(run_id, status="RUNNING")
         return run_id
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+
+    @contextmanager
+    def closing(self, run_id: str) -> Iterator[str]:
+        """End ``run_id`` when the block ends: FINISHED, FAILED on an exception, KILLED on Ctrl-C or exit."""
+        try:
+            yield run_id
+        except (KeyboardInterrupt, SystemExit):
+            self.end_run(run_id, "KILLED")
+            raise
+        except BaseException:
+            self.end_run(run_id, "FAILED")
+            raise
+        self.end_run(run_id)
+
+    def run(self, experiment: str, run_name: str, tags: Mapping[str, str] | None = None, parent: str | None = None):
+        """A new run for a ``with`` block, always ended (see ``closing``)."""
+        return self.closing(self.start_run(experiment, run_name, tags, parent))
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
