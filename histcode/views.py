@@ -53,18 +53,32 @@ def embed_table(report) -> Table:
     return table
 
 
-def arrow_table(data, limit: int) -> Table:
-    """A pyarrow table as a rich table (vectors shown by their dimension, floats to 4 digits)."""
-    table = Table(caption=f"{data.num_rows} rows" + (f", first {limit} shown" if data.num_rows > limit else ""))
+ID_WIDTH, TEXT_WIDTH = 26, 48  # columns cut to these widths (with an ellipsis) unless --wide
+
+
+def arrow_table(data, limit: int, wide: bool = False, title: str | None = None) -> Table:
+    """A pyarrow table as a rich table (vectors shown by their dimension, floats to 4 digits, statuses in
+    colour). It fits the terminal: long ids and texts are cut with an ellipsis, one line per row, unless
+    ``wide`` (then cells wrap and nothing is cut; ``--format csv`` or ``json`` give the values whole)."""
+    caption = f"{data.num_rows} rows" + (f", first {limit} shown" if data.num_rows > limit else "")
+    if not wide and data.num_rows:
+        caption += "; --wide shows long values whole"
+    table = Table(title=title, caption=caption)
     for name in data.column_names:
-        table.add_column(name, overflow="fold")
+        if wide:
+            table.add_column(name, overflow="fold")
+        else:
+            table.add_column(name, overflow="ellipsis", no_wrap=True,
+                             max_width=ID_WIDTH if name.endswith("_id") or name == "path" else TEXT_WIDTH)
     for row in data.slice(0, limit).to_pylist():
         cells = []
-        for value in row.values():
+        for name, value in row.items():
             if isinstance(value, list):
                 cells.append(f"<{len(value)}-d vector>")
             elif isinstance(value, float):
                 cells.append(f"{value:.4f}")
+            elif name == "status" and value:
+                cells.append(_status(str(value)))
             else:
                 cells.append("" if value is None else str(value))
         table.add_row(*cells)
@@ -84,24 +98,24 @@ def heads_table(summary: dict) -> Table:
     return table
 
 
-def catalog_table(catalog: Catalog, status: str | None) -> Table:
+def slides_frame(catalog: Catalog, status: str | None = None):
+    """The catalog's slides, one row each: cohort, status, scale, tilings and tiles, failure reason."""
+    import pyarrow as pa
+
     rows = catalog.query(
-        """SELECT s.slide_id, s.patient_id, s.status, s.vendor, s.width, s.height, s.mpp_x, s.mpp_source, s.reason,
-                  count(t.slide_id) AS tilings, sum(t.n_tiles) AS tiles
+        """SELECT s.slide_id, s.patient_id, s.cohort, s.status, s.vendor, s.width, s.height, s.mpp_x, s.mpp_source,
+                  count(t.slide_id) AS specs, coalesce(sum(t.n_tiles), 0) AS tiles, s.reason
            FROM slides s LEFT JOIN tilings t ON t.slide_id = s.slide_id AND t.status = 'ok'
            WHERE ? IS NULL OR s.status = ?
            GROUP BY ALL ORDER BY s.slide_id""",
         [status, status],
     )
-    table = Table(title=f"{len(rows)} slides in {catalog.path}")
-    for col in ("slide_id", "patient", "status", "vendor", "size", "mpp", "specs", "tiles", "reason"):
-        table.add_column(col, overflow="fold")
-    for r in rows:
-        mpp = f"{r['mpp_x']:.4g} ({r['mpp_source']})" if r["mpp_x"] else ""
-        size = f"{r['width']}x{r['height']}" if r["width"] else ""
-        table.add_row(r["slide_id"], r["patient_id"] or "", _status(r["status"]), r["vendor"] or "", size, mpp,
-                      str(r["tilings"]), str(int(r["tiles"] or 0)), r["reason"] or "")
-    return table
+    out = [{"slide_id": r["slide_id"], "patient_id": r["patient_id"], "cohort": r["cohort"], "status": r["status"],
+            "vendor": r["vendor"], "size": f"{r['width']}x{r['height']}" if r["width"] else None,
+            "mpp": f"{r['mpp_x']:.4g} ({r['mpp_source']})" if r["mpp_x"] else None, "specs": int(r["specs"]),
+            "tiles": int(r["tiles"]), "reason": r["reason"]} for r in rows]
+    names = ["slide_id", "patient_id", "cohort", "status", "vendor", "size", "mpp", "specs", "tiles", "reason"]
+    return pa.Table.from_pylist(out) if out else pa.table({n: pa.array([], pa.string()) for n in names})
 
 
 def pretrain_lines(summary: dict | None, reused: bool) -> str:

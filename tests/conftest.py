@@ -167,3 +167,24 @@ def headed_workspace(heads_cohort, tmp_path_factory) -> Workspace:
     assert gate_labels(ws, ws.config()).passed
     write_heads_report(train_heads(ws, ws.config()), ws.metrics_dir / "heads.json", ws.metrics_dir / "plots")
     return ws
+
+
+# Slides the training cohorts never saw (another seed): for prediction, cohorts and hostile slide ids.
+OTHER_DEMO = DemoConfig(n_patients=3, canvas_cells=(6, 8), seed=23, matched_normal_fraction=1.0, fraction_40x=0.0,
+                        fraction_generic_tiff=0.0)
+
+
+@pytest.fixture(scope="session")
+def other_cohort(tmp_path_factory: pytest.TempPathFactory):
+    from histcode.demo.build import build_demo_cohort
+
+    return build_demo_cohort(OTHER_DEMO, tmp_path_factory.mktemp("other_demo") / "demo", progress=False)
+
+
+def runs_left_running(ws: Workspace) -> list[str]:
+    """Names of the MLflow runs of ``ws`` that are still RUNNING (there must be none after any command)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=ws.mlflow_uri, registry_uri=ws.mlflow_uri)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return [r.info.run_name for r in client.search_runs(ids, "attributes.status = 'RUNNING'")] if ids else []

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import yaml
 from typer.testing import CliRunner
 
 from histcode.cli import app
 from histcode.config import PretrainConfig, ProbeConfig
-from tests.conftest import SLIDES, TINY_DEMO, TINY_HEADS
+from histcode.workspace import Workspace
+from tests.conftest import SLIDES, TINY_DEMO, TINY_HEADS, runs_left_running
 
 runner = CliRunner()
 
@@ -126,6 +129,38 @@ def test_demo_command_end_to_end(tmp_path) -> None:
     assert "encoder: adco (up to date, reused)" in again.stdout
     assert "heads (pooled CV) (up to date, reused)" in again.stdout
     assert json.loads((ws / "metrics" / "heads.json").read_text())["runs"] == heads["runs"]  # not retrained
+    assert runs_left_running(Workspace(ws)) == []
+    _copied_workspace_is_self_contained(ws, tmp_path / "copy")
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+def _copied_workspace_is_self_contained(original: Path, copy: Path) -> None:
+    """A copy of a demo workspace works in place: its slides are found as unchanged, its tiles reused, and heads
+    trained in it write their runs, artifacts and models into it; the original is not touched."""
+    shutil.copytree(original, copy)
+    before = _tree(original)
+    result = invoke(copy, "ingest", "--manifest", copy / "data" / "demo" / "manifest.csv", "--cohort", "demo")
+    assert result.exit_code == 0
+    ingest = json.loads((copy / "metrics" / "ingest.json").read_text())
+    assert ingest["unchanged"] == ingest["slides"] > 0 and ingest["updated"] == 0  # paths are workspace-relative
+    assert json.loads(invoke(copy, "slides", "--format", "json").stdout.splitlines()[0])["cohort"] == "demo"
+    assert invoke(copy, "tile").exit_code == 0
+    assert json.loads((copy / "metrics" / "tiling.json").read_text())["tiled_now"] == 0
+    result = invoke(copy, "heads", "--task", "tumor", "--aggregator", "mean", "--force")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((copy / "metrics" / "heads.json").read_text())
+    from mlflow import MlflowClient
+
+    uri = Workspace(copy).mlflow_uri
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run = client.get_run(summary["runs"]["tumor/mean"]["run_id"])
+    assert run.info.artifact_uri.startswith(copy.resolve().as_uri())
+    version = client.get_model_version("histcode-tumor-head", summary["runs"]["tumor/mean"]["version"])
+    assert client.get_model_version_download_uri("histcode-tumor-head", version.version).startswith(copy.resolve().as_uri())
+    assert _tree(original) == before, "the copy wrote into the original workspace"
 
 
 def test_labels_commands(tiled_workspace, tiny_cohort) -> None:

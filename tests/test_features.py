@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pandas as pd
@@ -22,7 +17,7 @@ from histcode.features.search import SearchError, nearest, search
 from histcode.features.upkeep import maintain_tables
 from histcode.store.catalog import Catalog
 from histcode.store.sql import ReadOnlyQueryError, run_sql
-from histcode.store.vectors import SLIDE_KIND, TILE_KIND, TableSpec, VectorStoreError, connect, open_table, to_batch, upsert_slides
+from histcode.store.vectors import TILE_KIND, TableSpec, VectorStoreError, connect, open_table, to_batch, upsert_slides
 from histcode.tiling.spec import spec_id_of
 from tests.conftest import TINY_PRETRAIN
 
@@ -57,34 +52,6 @@ def test_rerun_is_idempotent(embedded_workspace, copy_workspace) -> None:
     report = materialize(ws, ws.config(), progress=False)
     assert report.count("embedded") == 0 and report.count("skipped") > 0 and report.tiles_embedded == 0
     assert tile_features(ws, fmt="arrow").num_rows == before
-
-
-def test_killed_run_resumes_to_exactly_the_expected_rows(embedded_workspace, copy_workspace) -> None:
-    ws = copy_workspace(embedded_workspace)
-    params = {"pretrain": TINY_PRETRAIN, "features": {"batch_size": 2, "commit_every_slides": 1}}
-    (ws.root / "params.yaml").write_text(yaml.safe_dump(params))
-    view = _view(ws)
-    db = connect(ws.lancedb_dir)
-    for kind in (TILE_KIND, SLIDE_KIND):
-        db.drop_table(view.table(kind).name)
-    with Catalog.of(ws).transaction() as con:
-        con.execute("DELETE FROM materializations")
-    versions = ws.lancedb_dir / f"{view.table(TILE_KIND).name}.lance" / "_versions"
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    proc = subprocess.Popen([sys.executable, "-m", "histcode", "--workspace", str(ws.root), "embed"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and (not versions.is_dir() or len(list(versions.glob("*.manifest"))) < 3):
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    partial = open_table(connect(ws.lancedb_dir), view.table(TILE_KIND)).count_rows()
-    expected = _catalog_tiles(ws)
-    assert 0 < partial < len(expected), "the kill should land mid-run"
-    report = materialize(ws, ws.config(), progress=False)
-    tiles = tile_features(ws, fmt="pandas")
-    assert len(tiles) == len(expected) and set(tiles.tile_id) == expected  # no duplicates, none missing
-    assert report.count("embedded") >= 1 and not report.failed
 
 
 def test_writes_of_another_dimension_or_view_are_refused(embedded_workspace, tmp_path) -> None:
@@ -257,3 +224,35 @@ def test_spawned_reader_processes_give_the_same_vectors(embedded_workspace, copy
     after = tile_features(ws, fmt="pandas").sort_values("tile_id")
     assert after.tile_id.tolist() == before.tile_id.tolist()
     np.testing.assert_allclose(np.stack(after.vector), np.stack(before.vector), atol=1e-5)
+
+
+def test_a_slide_whose_content_changes_leaves_every_feature_view_at_once(embedded_workspace, copy_workspace,
+                                                                         other_cohort, tmp_path) -> None:
+    from histcode.ingest.run import ingest_sources
+    from histcode.ingest.sources import SlideSource
+    from histcode.ssl.pretrain import register_random_encoder
+
+    ws = copy_workspace(embedded_workspace)
+    cfg = ws.config()
+    version = register_random_encoder(ws, cfg)  # a second view of the same slides
+    materialize(ws, cfg, encoder=f"histcode-encoder/{version}", progress=False)
+    catalog = Catalog.of(ws)
+    views = [r["view_id"] for r in catalog.query("SELECT DISTINCT view_id FROM feature_views")]
+    assert len(views) == 2
+    slide = catalog.slides(status="ok")[0]
+    sid = slide["slide_id"]
+    counts = lambda: [(tile_features(ws, v, slide_ids=[sid], fmt="arrow").num_rows,  # noqa: E731
+                       slide_features(ws, v, slide_ids=[sid], fmt="arrow").num_rows) for v in views]
+    assert all(t > 0 and s == 1 for t, s in counts())
+    # the same accession now names other pixels
+    new_file = tmp_path / "rescanned.svs"
+    new_file.write_bytes(next(other_cohort.out_dir.glob("slides/*.svs")).read_bytes())
+    (outcome,) = ingest_sources([SlideSource(new_file, sid, slide["patient_id"])], catalog, cfg.ingest,
+                                progress=False).outcomes
+    assert outcome.action == "changed"
+    assert counts() == [(0, 0), (0, 0)]  # gone from both views' tile and slide tables
+    assert run_sql(ws, f"SELECT count(*) AS n FROM tile_embeddings WHERE slide_id = '{sid}'").column("n")[0].as_py() == 0
+    other = [s for s in catalog.slides(status="ok") if s["slide_id"] != sid][0]["slide_id"]
+    hits = search(ws, _view(ws), cfg.features, slide_id=other, k=50)
+    assert sid not in hits.column("slide_id").to_pylist()
+    assert not catalog.query("SELECT * FROM materializations WHERE slide_id = ?", [sid])

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -147,27 +145,18 @@ def _histcode(ws: Path, *args: str, **kw) -> subprocess.Popen:
 
 
 @pytest.mark.integration
-def test_pretrain_cli_tracks_probes_registers_and_resumes_after_kill(tiled_workspace) -> None:
+def test_pretrain_cli_tracks_probes_and_registers(tiled_workspace) -> None:
+    """(Killed and resumed pretraining is part of the fault matrix, tests/test_faults.py.)"""
     from mlflow import MlflowClient
 
     ws = tiled_workspace.root
     _write_params(ws, method="adco", max_steps=6, checkpoint_every=2, probe=ProbeConfig(enabled=True, folds=3))
-    # 1. a run killed with SIGKILL once its first checkpoint exists
-    proc = _histcode(ws, "pretrain")
-    ckpts = ws / "outputs" / "pretrain"
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(ckpts.rglob("checkpoint.pt")):
-        time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert list(ckpts.rglob("checkpoint.pt")), "no checkpoint before the kill"
-    # 2. --resume finishes the same run
-    out, _ = _histcode(ws, "pretrain", "--resume").communicate(timeout=300)
-    assert "resumed at step" in out, out
+    out, _ = _histcode(ws, "pretrain").communicate(timeout=300)
+    assert "linear probe" in out, out
     uri = f"sqlite:///{ws}/mlruns/mlflow.db"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("pretrain").experiment_id])
-    assert len(runs) == 1, "resume must continue the killed run, not start another"
+    assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert run.data.params["method"] == "adco" and run.data.params["data.n_tiles"]
@@ -179,7 +168,7 @@ def test_pretrain_cli_tracks_probes_registers_and_resumes_after_kill(tiled_works
     assert not client.list_artifacts(run.info.run_id, "checkpoint")
     checkpoint = ws / run.data.tags["histcode.checkpoint"]
     assert not Path(run.data.tags["histcode.checkpoint"]).is_absolute() and checkpoint.is_file()
-    # 3. the registered encoder loads and runs on any batch size
+    # the registered encoder loads and runs on any batch size
     version = client.get_model_version_by_alias("histcode-encoder", "adco")
     from histcode.tracking import Tracker
     from histcode.workspace import Workspace
@@ -188,13 +177,3 @@ def test_pretrain_cli_tracks_probes_registers_and_resumes_after_kill(tiled_works
     for batch in (1, 5):
         assert model(torch.rand(batch, 3, 32, 32)).shape == (batch, 512)
     assert version.tags["method"] == "adco"
-    # 4. the resumed run ends where an uninterrupted run ends
-    fresh = ws.parent / "fresh"
-    fresh.mkdir()
-    (fresh / "data").mkdir()
-    (fresh / "data" / "catalog.duckdb").write_bytes((ws / "data" / "catalog.duckdb").read_bytes())
-    (fresh / "params.yaml").write_text((ws / "params.yaml").read_text())
-    out, _ = _histcode(fresh, "pretrain").communicate(timeout=300)
-    other = Tracker(Workspace(fresh)).load_model("models:/histcode-encoder@adco")
-    x = torch.rand(3, 3, 32, 32)
-    torch.testing.assert_close(model(x), other(x))

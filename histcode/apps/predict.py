@@ -48,46 +48,42 @@ def predict_slides(ws: Workspace, cfg: HistcodeConfig, sources: list[SlideSource
     subtype = optional_head(tracker, "subtype")
     de = optional_head(tracker, "de")
     attention_head = optional_head(tracker, "tumor", "attention") or tumor
-    status: dict[str, tuple[str, str | None]] = {}
-    cohorts: dict[str, str | None] = {}
-    order = []
     ingested = ingest_sources(sources, catalog, cfg.ingest, progress=progress, cohort=cohort or cfg.cohorts.predict,
                               role=INFERENCE, keep_other_cohorts=True)
-    for o in ingested.outcomes:
-        order.append(o.slide_id)
-        status[o.slide_id] = (o.status, o.reason)
-        cohorts[o.slide_id] = o.cohort
-    ok = [s for s in order if status[s][0] == "ok"]
-    if ok:
-        for o in tile_slides(catalog, cfg.tiling, ws.outputs_dir / "qc", slide_ids=ok, progress=progress).outcomes:
-            if o.status != "ok":
-                status[o.slide_id] = ("failed", f"tiling: {o.reason}")
-    ok = [s for s in order if status[s][0] == "ok"]
-    if ok:
+    # one row per source, in order; a refused duplicate keeps its own failed row
+    rows = [{"slide_id": o.slide_id, "cohort": o.cohort, "status": o.status, "reason": o.reason} for o in ingested.outcomes]
+    healthy = {r["slide_id"]: r for r in rows if r["status"] == "ok"}
+
+    def fail(slide_id: str, reason: str) -> None:
+        healthy.pop(slide_id).update(status="failed", reason=reason)
+
+    if healthy:
+        for o in tile_slides(catalog, cfg.tiling, ws.outputs_dir / "qc", slide_ids=list(healthy), progress=progress).outcomes:
+            if o.status != "ok" and o.slide_id in healthy:
+                fail(o.slide_id, f"tiling: {o.reason}")
+    if healthy:
         encoder = tumor.encoder_uri.removeprefix("models:/")
-        report = materialize(ws, cfg, encoder=encoder, slide_ids=ok, progress=progress)
+        report = materialize(ws, cfg, encoder=encoder, slide_ids=list(healthy), progress=progress)
         if report.view.view_id != tumor.view_id:
             raise RuntimeError(f"embedding produced view {report.view.view_id}, but the heads were trained on "
                                f"{tumor.view_id}: the tiling spec or encoder changed since `histcode heads`")
         for o in report.failed:
-            status[o.slide_id] = ("failed", f"embedding: {o.reason}")
-    rows, tiles, pictures = [], [], []
-    for sid in order:
-        row: dict = {"slide_id": sid, "cohort": cohorts[sid], "status": status[sid][0], "reason": status[sid][1]}
-        if row["status"] == "ok":
-            try:
-                bag = slide_bag(ws, tumor, sid)
-                scored, slide_tiles = _score_slide(bag, tumor, subtype, de, attention_head)
-            except Exception as exc:  # noqa: BLE001 -- one slide's failure must not lose the others' predictions
-                log.warning("scoring %s failed: %s", sid, exc)
-                row.update(status="failed", reason=f"scoring: {type(exc).__name__}: {exc}")
-            else:
-                row.update(scored)
-                tiles += slide_tiles
-                if heatmap_dir is not None:
-                    pictures += render_heatmaps(ws, sid, heatmap_dir, heads=(attention_head, de),
-                                               bag=bag if attention_head.view_id == tumor.view_id else None).pictures
-        rows.append(row)
+            if o.slide_id in healthy:
+                fail(o.slide_id, f"embedding: {o.reason}")
+    tiles, pictures = [], []
+    for sid, row in healthy.items():
+        try:
+            bag = slide_bag(ws, tumor, sid)
+            scored, slide_tiles = _score_slide(bag, tumor, subtype, de, attention_head)
+        except Exception as exc:  # noqa: BLE001 -- one slide's failure must not lose the others' predictions
+            log.warning("scoring %s failed: %s", sid, exc)
+            row.update(status="failed", reason=f"scoring: {type(exc).__name__}: {exc}")
+            continue
+        row.update(scored)
+        tiles += slide_tiles
+        if heatmap_dir is not None:
+            pictures += render_heatmaps(ws, sid, heatmap_dir, heads=(attention_head, de),
+                                       bag=bag if attention_head.view_id == tumor.view_id else None).pictures
     frame = pd.DataFrame(rows)
     for col in ("p_tumor", "p_luad", "p_lusc"):
         if col not in frame:

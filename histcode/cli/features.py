@@ -100,6 +100,7 @@ def sql(
     query: Annotated[str, typer.Argument(help="One read-only SQL query (SELECT).")],
     output: Annotated[str, typer.Option("--format", help="table | csv | json")] = "table",
     limit: Annotated[int, typer.Option(help="Rows to print in table format.")] = 50,
+    wide: Annotated[bool, typer.Option("--wide", help="Show long values whole (cells wrap).")] = False,
 ) -> None:
     """Read-only SQL over the catalog and every feature view (tile_embeddings, slide_embeddings, ...)."""
     from histcode.store.catalog import CatalogError
@@ -115,7 +116,7 @@ def sql(
         fail(str(exc))
     except Exception as exc:  # noqa: BLE001 -- DuckDB's own errors (syntax, unknown column) are the user's to read
         fail(f"{type(exc).__name__}: {exc}")
-    print_frame(result, output, limit, arrow_table)
+    print_frame(result, output, limit, lambda t, n: arrow_table(t, n, wide))
 
 
 def search(
@@ -127,7 +128,9 @@ def search(
     where: Annotated[Optional[str], typer.Option(help="SQL filter on the table's columns, e.g. \"subtype = 'LUSC'\".")] = None,
     as_of: Annotated[Optional[str], typer.Option("--as-of", help="A table version number or tag.")] = None,
     view: Annotated[Optional[str], typer.Option(help="Feature view id (default: the latest materialised).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
+    output: Annotated[str, typer.Option("--format", help="table | csv | json")] = "table",
+    as_json: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
+    wide: Annotated[bool, typer.Option("--wide", help="Show long ids whole (cells wrap).")] = False,
 ) -> None:
     """Similarity search: ranked slides or tiles with cosine distances and metadata."""
     from histcode.features.registry import ViewError, load_view
@@ -146,7 +149,7 @@ def search(
         hits = run_search(ws, fv, cfg.features, slide_id=slide, tile_id=tile, image=image, k=k, where=where, as_of=as_of)
     except (ViewError, SearchError, VectorStoreError, ValueError) as exc:
         fail(str(exc))
-    print_frame(hits, "json" if as_json else "table", k, arrow_table)
+    print_frame(hits, "json" if as_json else output, k, lambda t, n: arrow_table(t, n, wide))
 
 
 COMMANDS = (

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from histcode.cli.common import config_of, fail, slide_sources, terminal, workspace_of
+from histcode.cli.common import config_of, fail, print_frame, slide_sources, terminal, workspace_of
 
 
 def demo_data(
@@ -96,18 +96,21 @@ def tile(
 def slides(
     ctx: typer.Context,
     status: Annotated[Optional[str], typer.Option(help="Only slides with this status (ok, failed).")] = None,
+    output: Annotated[str, typer.Option("--format", help="table | csv | json")] = "table",
+    wide: Annotated[bool, typer.Option("--wide", help="Show long ids and reasons whole (cells wrap).")] = False,
+    limit: Annotated[int, typer.Option(help="Rows to print in table format.")] = 1000,
 ) -> None:
-    """List the slides in the catalog with their status and tiling."""
-    from histcode.store.catalog import Catalog
-    from histcode.views import catalog_table
-
-    from histcode.store.catalog import CatalogError
+    """List the slides in the catalog: cohort, status, scale, tiles, failure reason."""
+    from histcode.store.catalog import Catalog, CatalogError
+    from histcode.views import arrow_table, slides_frame
 
     ws = workspace_of(ctx)
+    catalog = Catalog.of(ws)
     try:
-        terminal().print(catalog_table(Catalog.of(ws), status))
+        frame = slides_frame(catalog, status)
     except CatalogError as exc:
         fail(str(exc))
+    print_frame(frame, output, limit, lambda t, n: arrow_table(t, n, wide, f"{t.num_rows} slides in {catalog.path}"))
 
 
 def demo(

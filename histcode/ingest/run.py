@@ -112,7 +112,13 @@ def unchanged_outcome(existing: dict, source: SlideSource) -> IngestOutcome:
 
 
 def commit_record(catalog: Catalog, record: SlideRecord, existing: dict | None) -> IngestOutcome:
-    """Write an inspected slide to the catalog and say what happened to it."""
+    """Write an inspected slide to the catalog and say what happened to it. A file whose pixels are already
+    registered under another slide id fails: the two would share their tiles (tile ids hash the content)."""
+    twin = catalog.slide_with_content(record.content_hash, record.slide_id) if record.status == OK else None
+    if twin is not None:
+        record.status = FAILED
+        record.reason = (f"same pixels (content hash {record.content_hash[:12]}) as slide {twin['slide_id']!r} of "
+                         f"cohort {twin['cohort']!r}: a slide is registered once; use that slide_id")
     result = catalog.put_slide(record)
     if record.status == FAILED:  # includes 'unreachable': derived rows are kept, see Catalog.put_slide
         action = FAILED_ACTION
@@ -209,5 +215,7 @@ def ingest_sources(sources: list[SlideSource], catalog: Catalog, cfg: IngestConf
     plan = plan_ingest(sources, catalog, cfg, cohort, role, keep_other_cohorts)
     for pending in tqdm(plan.pending, desc="ingest", unit="slide", disable=not progress):
         plan.report.outcomes.append(finish_slide(catalog, pending, inspect_slide(pending.source, cfg)))
+    position = {(s.slide_id, str(s.path)): i for i, s in reversed(list(enumerate(sources)))}
+    plan.report.outcomes.sort(key=lambda o: position.get((o.slide_id, o.path), len(sources)))  # the sources' order
     plan.report.log_summary()
     return plan.report

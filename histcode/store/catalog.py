@@ -180,6 +180,14 @@ class Catalog:
         rows = self.query("SELECT * FROM slides WHERE (? IS NULL OR status = ?) ORDER BY slide_id", [status, status])
         return [self._slide_out(r) for r in rows if cohorts is None or r["cohort"] in cohorts]
 
+    def slide_with_content(self, content_hash: str | None, other_than: str) -> dict | None:
+        """A healthy slide other than ``other_than`` with these pixels, if one is registered."""
+        if content_hash is None:
+            return None
+        rows = self.query("SELECT slide_id, cohort FROM slides WHERE content_hash = ? AND slide_id != ? AND status = 'ok' "
+                          "ORDER BY slide_id LIMIT 1", [content_hash, other_than])
+        return rows[0] if rows else None
+
     # -- cohorts -------------------------------------------------------------------------------------------
     def put_cohort(self, cohort: str, role: str = TRAINING) -> None:
         """Register a cohort; refuses to change the role of an existing one."""

@@ -51,7 +51,9 @@ def foreign_roots(con: sqlite3.Connection, root_uri: str) -> set[str]:
 
 def relocate_store(db_path: Path, root_uri: str) -> int:
     """Rewrite the artifact locations of a copied or moved store to ``root_uri`` (this workspace's
-    ``mlruns/artifacts`` as a file URI). Returns the number of rows changed (0: nothing to do)."""
+    ``mlruns/artifacts`` as a file URI). MLflow's own ``Default`` experiment, which it creates with the
+    process's current directory as its location, is pointed into the workspace too. Returns the number of rows
+    changed (0: nothing to do)."""
     if not db_path.is_file():
         return 0
     con = sqlite3.connect(db_path, timeout=30)
@@ -59,10 +61,13 @@ def relocate_store(db_path: Path, root_uri: str) -> int:
         tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()}
         if "experiments" not in tables:
             return 0
+        default = f"{root_uri}/Default"
+        with con:
+            changed = con.execute("UPDATE experiments SET artifact_location = ? WHERE name = 'Default' AND "
+                                  "artifact_location != ?", [default, default]).rowcount
         olds = foreign_roots(con, root_uri)
         if not olds:
-            return 0
-        changed = 0
+            return changed
         with con:  # one transaction
             for old in sorted(olds):
                 for table, column in _columns(con):
