@@ -32,13 +32,15 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/tiling.py
 
-# A local Prefect server (UI on http://127.0.0.1:4200), the work pool, prefect.yaml's deployments and a worker.
+# A local Prefect server (UI on http://127.0.0.1:4200), the work pool, prefect.yaml's deployments and a worker;
+# flow runs use $(HISTCODE_HOME) when set (else this checkout); logs in the workspace's outputs/logs/.
 serve: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m flows.serve
+	$(BIN)/histcode serve
 
-# The MLflow UI over this workspace's store, on http://127.0.0.1:5000.
+# The MLflow UI over the workspace's store ($(HISTCODE_HOME) when set), on http://127.0.0.1:5000, with links
+# straight to the training runs of each experiment.
 mlflow-ui: $(STAMP)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000
+	$(BIN)/histcode mlflow-ui
 
 clean-demo:
 	rm -rf data/demo data/catalog.duckdb data/lancedb data/labels outputs metrics mlruns/mlflow.db mlruns/artifacts

@@ -78,7 +78,7 @@ def heads_flow(task_names: list[str] | None = None, aggregators: list[str] | Non
         lines.append(f"| {key} | {metric} | {run.get(metric)} | `{run['run_id']}` |")
     lines += [f"- heatmap {m['slide_id']}: {', '.join(m['pictures'])}"
               + (f" (attention vs mask AUC {m['mask_auc']:.3f})" if m["mask_auc"] is not None else "") for m in maps]
-    lines.append(f"- compare: `mlflow ui --backend-store-uri {ws.mlflow_uri}` (experiment `heads`)")
+    lines.append(f"- compare: `histcode --workspace {ws.root} mlflow-ui` (experiment `heads`)")
     create_markdown_artifact("\n".join(lines), key="histcode-heads")
     get_run_logger().info("heads on view %s: best %s", summary["view_id"], summary["best"])
     return {**summary, "heatmaps": maps}

@@ -1,7 +1,7 @@
 """Prefect flow: the whole pipeline as one parent flow with the stages as sub-flows.
 
-demo cohort (when no manifest is given) -> ingest + tile (one task per slide) -> pretrain -> embed ->
-labels + gate -> heads + heatmaps. Every stage decides for itself what is already done from content, not from
+demo cohort (when no manifest is given) -> ingest + tile (one task per slide) -> labels + gate -> pretrain ->
+embed -> heads + heatmaps. Every stage decides for itself what is already done from content, not from
 Prefect's result cache: slides by file hash and tiling spec, the encoder by its configuration and the tile set,
 the feature view per slide, the label set by the expression file's hash, labels config and slides, the heads by
 view state, label set and heads config. So an unchanged rerun does almost nothing, a new slide is ingested,
@@ -77,6 +77,9 @@ def pipeline_flow(
     ingest = (ingest_flow.with_options(task_runner=runner) if runner else ingest_flow)(manifest=manifest, cohort=cohort, workspace=where)
     if ingest["tiling"]["tiles"] == 0:
         raise RuntimeError("no tiles: every slide failed or had no tissue; see `histcode slides`")
+    # labels first: they need only the tiled slides (a failed gate stops the run before any training), and
+    # pretrain.exclude_test_folds needs their folds
+    labels = labels_flow(expression=expression, workspace=where)
     if encoder is None:
         trained = pretrain_flow(method=method, workspace=where)
         encoder = f"{trained['registered_model']}/{trained['version']}"
@@ -85,9 +88,8 @@ def pipeline_flow(
     else:
         trained, encoder_line = None, f"- encoder: `{encoder}` (given; not pretrained)"
     view = embed_flow(encoder=encoder, workspace=where)
-    labels = labels_flow(expression=expression, workspace=where)
     heads = heads_flow(heatmaps=heatmaps, workspace=where)
-    mlflow_ui = f"mlflow ui --backend-store-uri {ws.mlflow_uri}"
+    mlflow_ui = f"histcode --workspace {where} mlflow-ui"
     lines = [
         f"## HistCode pipeline on `{where}`",
         f"- slides: {ingest['ingest']['slides']} ({ingest['ingest']['failed']} failed), tiles: {ingest['tiling']['tiles']}",

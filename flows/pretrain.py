@@ -61,7 +61,7 @@ def pretrain_flow(
         f"## Pretraining: {summary['method']} ({summary['steps']} steps, final loss {summary['final_loss']:.4f})"
         + (" (up to date, reused)" if summary["reused"] else ""),
         f"- MLflow run `{summary['run_id']}` in experiment `pretrain`; open the UI with "
-        f"`mlflow ui --backend-store-uri {ws.mlflow_uri}` and go to http://127.0.0.1:5000",
+        f"`histcode --workspace {ws.root} mlflow-ui` and follow its link to the `pretrain` runs",
         f"- registered `{summary['registered_model']}` version {summary['version']} (`{summary['model_uri']}`)",
     ]
     if probe:

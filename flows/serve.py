@@ -1,6 +1,6 @@
 """A local Prefect server, the ``histcode`` process work pool, the deployments of prefect.yaml and a worker.
 
-    python -m flows.serve [--port 4200] [--host 127.0.0.1]     # or: make serve
+    python -m flows.serve [--port 4200] [--host 127.0.0.1] [--logs DIR]    # or: histcode serve, make serve
 
 then, in another shell: ``prefect deployment run 'histcode-pipeline/demo'`` (with
 ``PREFECT_API_URL=http://127.0.0.1:4200/api``) and watch it at http://127.0.0.1:4200. Ctrl-C stops the worker and
@@ -127,7 +127,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=4200)
+    parser.add_argument("--logs", type=Path, default=None,
+                        help="folder for the server's and worker's logs (default: the workspace's outputs/logs)")
     args = parser.parse_args(argv)
+    if args.logs is None:
+        from histcode.workspace import Workspace
+
+        args.logs = Workspace.resolve().outputs_dir / "logs"
+    args.logs.mkdir(parents=True, exist_ok=True)
+    server_log, worker_log = args.logs / "prefect-server.log", args.logs / "prefect-worker.log"
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     def _terminate(*_) -> None:
@@ -135,9 +143,10 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        with prefect_server(args.host, args.port) as api_url:
+        log.info("logs: %s, %s", server_log, worker_log)
+        with prefect_server(args.host, args.port, log_file=server_log) as api_url:
             deploy(api_url)
-            with worker(api_url) as process:
+            with worker(api_url, log_file=worker_log) as process:
                 log.info("Prefect UI: http://%s:%d  (API %s)", args.host, args.port, api_url)
                 log.info("trigger:    PREFECT_API_URL=%s prefect deployment run 'histcode-pipeline/demo'", api_url)
                 log.info("Ctrl-C stops the worker and the server")

@@ -53,35 +53,64 @@ def embed_table(report) -> Table:
     return table
 
 
-ID_WIDTH, TEXT_WIDTH = 26, 48  # columns cut to these widths (with an ellipsis) unless --wide
+ID_WIDTH, TEXT_WIDTH = 26, 48  # the widest an id / a text column gets unless --wide
+SHRINKABLE = ("_id", "path", "reason", "vendor", "mpp", "size", "name", "uri", "hash", "json")
+MIN_SHRUNK = 8
 
 
-def arrow_table(data, limit: int, wide: bool = False, title: str | None = None) -> Table:
+def _text(value) -> str:
+    if isinstance(value, list):
+        return f"<{len(value)}-d vector>"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "" if value is None else str(value)
+
+
+def _fit(names: list[str], rows: list[dict], width: int) -> tuple[list[str], list[int]]:
+    """Columns and widths that fit ``width`` characters: numbers and short labels keep their width, ids and
+    texts shrink (to MIN_SHRUNK at least); columns that still do not fit are left out, from the right."""
+    natural = [max([len(n)] + [len(_text(r[n])) for r in rows]) for n in names]
+    shrinks = [n.endswith(SHRINKABLE) for n in names]
+    widths = [min(w, ID_WIDTH if n.endswith(("_id", "path")) else TEXT_WIDTH) if s else w
+              for n, w, s in zip(names, natural, shrinks)]
+    names = list(names)
+    total = lambda: sum(w + 3 for w in widths) + 1  # noqa: E731 -- a border and two spaces of padding per column
+    while total() > width and len(names) > 1:
+        candidates = [i for i, s in enumerate(shrinks) if s and widths[i] > max(MIN_SHRUNK, len(names[i]) // 2)]
+        if candidates:
+            widest = max(candidates, key=lambda i: widths[i])
+            widths[widest] -= 1
+        else:
+            names.pop(), widths.pop(), shrinks.pop()
+    return names, widths
+
+
+def arrow_table(data, limit: int, wide: bool = False, title: str | None = None, columns: list[str] | None = None,
+                width: int | None = None) -> Table:
     """A pyarrow table as a rich table (vectors shown by their dimension, floats to 4 digits, statuses in
-    colour). It fits the terminal: long ids and texts are cut with an ellipsis, one line per row, unless
-    ``wide`` (then cells wrap and nothing is cut; ``--format csv`` or ``json`` give the values whole)."""
+    colour) that fits the terminal (``width``, default the console's): one line per row; numbers and short
+    labels keep their width, ids, paths and texts are cut with an ellipsis, columns that do not fit are left
+    out; ``columns`` (when given) are the ones shown. ``wide`` shows every column and every value whole (cells
+    wrap); ``--format csv`` or ``json`` give the values as they are."""
+    from rich.console import Console
+
+    rows = data.slice(0, limit).to_pylist()
+    names = data.column_names if wide or columns is None else [c for c in columns if c in data.column_names]
+    widths = None
+    if not wide:
+        names, widths = _fit(names, rows, width or Console().width)
+    hidden = data.num_columns - len(names)
     caption = f"{data.num_rows} rows" + (f", first {limit} shown" if data.num_rows > limit else "")
-    if not wide and data.num_rows:
-        caption += "; --wide shows long values whole"
+    if not wide and rows:
+        caption += f"; --wide shows {f'{hidden} more columns and ' if hidden else ''}long values whole"
     table = Table(title=title, caption=caption)
-    for name in data.column_names:
+    for i, name in enumerate(names):
         if wide:
             table.add_column(name, overflow="fold")
         else:
-            table.add_column(name, overflow="ellipsis", no_wrap=True,
-                             max_width=ID_WIDTH if name.endswith("_id") or name == "path" else TEXT_WIDTH)
-    for row in data.slice(0, limit).to_pylist():
-        cells = []
-        for name, value in row.items():
-            if isinstance(value, list):
-                cells.append(f"<{len(value)}-d vector>")
-            elif isinstance(value, float):
-                cells.append(f"{value:.4f}")
-            elif name == "status" and value:
-                cells.append(_status(str(value)))
-            else:
-                cells.append("" if value is None else str(value))
-        table.add_row(*cells)
+            table.add_column(name, overflow="ellipsis", no_wrap=True, width=widths[i])
+    for row in rows:
+        table.add_row(*(_status(str(row[n])) if n == "status" and row[n] else _text(row[n]) for n in names))
     return table
 
 
@@ -185,7 +214,8 @@ def next_steps(ws, outcome) -> str:
   cohort: {outcome.cohort.out_dir}  (real LC25000 pixels; simulated layout, labels and expression: see its README.md)
 
 [bold]Next[/]
-  mlflow ui --backend-store-uri {ws.mlflow_uri}     then http://127.0.0.1:5000 (experiments 'pretrain', 'heads')
+  histcode mlflow-ui                                MLflow UI, http://127.0.0.1:5000: experiments 'pretrain', 'heads',
+                                                    'heatmaps' (it prints links that open on their training runs)
   histcode serve                                    Prefect UI at http://127.0.0.1:4200 with the deployments; then
     PREFECT_API_URL=http://127.0.0.1:4200/api prefect deployment run 'histcode-pipeline/demo'
   histcode pretrain --method moco                   another method, probed against the same random init

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from histcode.cli import app
 from histcode.config import PretrainConfig, ProbeConfig
+from histcode.store.catalog import Catalog
 from histcode.workspace import Workspace
 from tests.conftest import SLIDES, TINY_DEMO, TINY_HEADS, runs_left_running
 
@@ -114,7 +115,7 @@ def test_demo_command_end_to_end(tmp_path) -> None:
                                                     "heads": {**TINY_HEADS, "epochs": 5, "bootstrap": 20}}))
     result = invoke(ws, "demo", "--workers", "1")
     assert result.exit_code == 0, result.stdout
-    assert "Demo pipeline done" in result.stdout and "mlflow ui --backend-store-uri" in result.stdout
+    assert "Demo pipeline done" in result.stdout and "histcode mlflow-ui" in result.stdout
     assert "encoder: adco (2 steps" in result.stdout and "linear probe accuracy on 222 held-aside tiles" in result.stdout
     assert "gate passed" in result.stdout and json.loads((ws / "metrics" / "label_gate.json").read_text())["passed"]
     tiling = json.loads((ws / "metrics" / "tiling.json").read_text())
@@ -200,3 +201,23 @@ def test_embed_sql_search_commands(embedded_workspace, copy_workspace) -> None:
     assert result.exit_code == 0 and [h["rank"] for h in lines] == [1, 2] and all(h["slide_id"] != slide for h in lines)
     result = invoke(ws, "search", "--slide", "nope")
     assert result.exit_code == 2 and "has no vector" in result.output
+
+
+def test_tables_fit_the_terminal(embedded_workspace) -> None:
+    """At 80 columns every row is one line and no line is wider than the terminal; --wide shows ids whole."""
+    ws = str(embedded_workspace.root)
+    ids = json.loads(runner.invoke(app, ["--workspace", ws, "sql", "SELECT slide_id FROM slides ORDER BY 1 LIMIT 1",
+                                         "--format", "json"]).stdout)
+    commands = [["slides"], ["sql", "SELECT * FROM tilings"], ["search", "--slide", ids["slide_id"], "--k", "3"]]
+    for command in commands:
+        out = runner.invoke(app, ["--workspace", ws, *command], env={"COLUMNS": "80"})
+        assert out.exit_code == 0, out.output
+        lines = out.stdout.splitlines()
+        assert max(len(line) for line in lines) <= 80, out.stdout
+        body = [line for line in lines if line.startswith("│")]
+        assert len(body) == (3 if command[0] == "search" else len(Catalog.of(embedded_workspace).slides())), out.stdout
+    wide = runner.invoke(app, ["--workspace", ws, "slides", "--wide"], env={"COLUMNS": "250"})
+    assert all(s["slide_id"] in wide.stdout for s in Catalog.of(embedded_workspace).slides())
+    assert "vendor" in wide.stdout and "vendor" not in runner.invoke(app, ["--workspace", ws, "slides"]).stdout
+    csv_out = runner.invoke(app, ["--workspace", ws, "slides", "--format", "csv"]).stdout
+    assert csv_out.startswith("slide_id,patient_id,cohort,status")

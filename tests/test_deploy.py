@@ -147,7 +147,8 @@ def test_histcode_serve_deploys_and_stops_cleanly(tmp_path) -> None:
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "PREFECT_API_URL": api}
     histcode = str(Path(sys.executable).parent / "histcode")
     with open(tmp_path / "serve.log", "wb") as out:
-        process = subprocess.Popen([histcode, "serve", "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen([histcode, "--workspace", str(tmp_path / "ws"), "serve", "--port", str(port)], env=env,
+                                   stdout=out, stderr=subprocess.STDOUT)
         try:
             wait_healthy(api, timeout=120)
             wanted = {"demo", "cohort", "ingest", "pretrain", "embed", "labels", "heads"}
@@ -163,6 +164,9 @@ def test_histcode_serve_deploys_and_stops_cleanly(tmp_path) -> None:
             process.send_signal(signal.SIGTERM)
             code = process.wait(timeout=60)
     assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    logs = tmp_path / "ws" / "outputs" / "logs"  # the workspace's, and said so on start
+    assert str(logs) in (tmp_path / "serve.log").read_text()
+    assert (logs / "prefect-server.log").stat().st_size > 0 and (logs / "prefect-worker.log").is_file()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:  # the server's port is released: nothing was left running
         with socket.socket() as s:
@@ -171,3 +175,40 @@ def test_histcode_serve_deploys_and_stops_cleanly(tmp_path) -> None:
         time.sleep(0.5)
     else:
         raise AssertionError(f"the Prefect server on port {port} is still running after SIGTERM")
+
+
+def test_mlflow_ui_serves_the_workspace_store(embedded_workspace, copy_workspace, tmp_path) -> None:
+    """`histcode --workspace W mlflow-ui`: the UI over W's store, with links that open on the training runs."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    from flows.serve import free_port
+
+    ws = copy_workspace(embedded_workspace)
+    port = free_port()
+    histcode = str(Path(sys.executable).parent / "histcode")
+    with open(tmp_path / "ui.log", "wb") as out:
+        process = subprocess.Popen([histcode, "--workspace", str(ws.root), "mlflow-ui", "--port", str(port)],
+                                   stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"})
+        try:
+            names, deadline = set(), time.monotonic() + 120
+            while not names and time.monotonic() < deadline:
+                try:
+                    request = urllib.request.Request(f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/search",
+                                                     data=b'{"max_results": 100}', method="POST",
+                                                     headers={"Content-Type": "application/json"})
+                    with urllib.request.urlopen(request, timeout=5) as response:
+                        names = {e["name"] for e in json.loads(response.read())["experiments"]}
+                except OSError:
+                    time.sleep(0.5)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+    log = (tmp_path / "ui.log").read_text()
+    assert "pretrain" in names, log[-3000:]
+    assert f"http://127.0.0.1:{port}/#/experiments/" in log and "workflowType=machine_learning" in log

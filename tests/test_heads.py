@@ -184,3 +184,13 @@ def test_ablation_grid_gives_comparable_runs_per_encoder(headed_workspace, copy_
     assert {r.data.tags["histcode.method"] for r in parents} >= {"random", "moco"}
     assert all("auc" in r.data.metrics for r in parents)  # one metric to compare them by in the UI
     assert len({frozenset(r.data.params) for r in parents}) == 1  # the same parameters, different values
+
+
+def test_strict_metrics_pool_only_the_folds_the_encoder_never_saw() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    task, bags = _synthetic_task()
+    result = cross_validate(task, bags, "mean", HeadsConfig(bootstrap=20), strict_folds=frozenset({1}))
+    fold1 = result.predictions[result.predictions.fold == 1]
+    assert result.strict["auc"] == pytest.approx(roc_auc_score(fold1.y, fold1.p_tumor))
+    assert cross_validate(task, bags, "mean", HeadsConfig(bootstrap=20)).strict == {}

@@ -177,3 +177,23 @@ def test_pretrain_cli_tracks_probes_and_registers(tiled_workspace) -> None:
     for batch in (1, 5):
         assert model(torch.rand(batch, 3, 32, 32)).shape == (batch, 512)
     assert version.tags["method"] == "adco"
+
+
+def test_exclude_test_folds_leaves_those_patients_out_of_pretraining(headed_workspace, tiled_workspace) -> None:
+    from histcode.ssl.pretrain import pretraining_data
+
+    cfg = headed_workspace.config()
+    catalog = Catalog.of(headed_workspace)
+    everything = pretraining_data(catalog, cfg)
+    strict = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"exclude_test_folds": (0,)})})
+    data = pretraining_data(catalog, strict)
+    fold0 = {r["patient_id"] for r in catalog.query("SELECT patient_id FROM cv_folds WHERE fold = 0")}
+    patient = {s["slide_id"]: s["patient_id"] for s in catalog.slides()}
+    assert data.excluded_slides and {patient[s] for s in data.excluded_slides} == fold0
+    assert not {patient[s] for s in data.slide_ids} & fold0
+    assert sorted(data.slide_ids + data.excluded_slides) == sorted(everything.slide_ids)
+    assert data.label_version == catalog.query("SELECT label_version FROM label_sets WHERE is_current")[0]["label_version"]
+    with pytest.raises(ValueError, match="folds are"):
+        pretraining_data(catalog, strict.model_copy(update={"pretrain": strict.pretrain.model_copy(update={"exclude_test_folds": (7,)})}))
+    with pytest.raises(ValueError, match="histcode labels ingest"):
+        pretraining_data(Catalog.of(tiled_workspace), strict)  # no label set yet: no folds to leave out

@@ -1,5 +1,5 @@
-"""The demo pipeline: build the demo cohort, ingest it, tile it, pretrain an encoder, embed every tile into a
-feature view, label the expression and gate the labels, cross-validate and register the heads, draw a heatmap. Every stage skips work that is already done, so a rerun is quick."""
+"""The demo pipeline: build the demo cohort, ingest it, tile it, label the expression and gate the labels,
+pretrain an encoder, embed every tile into a feature view, cross-validate and register the heads, draw a heatmap. Every stage skips work that is already done, so a rerun is quick."""
 
 from __future__ import annotations
 
@@ -56,6 +56,15 @@ def run_demo(ws: Workspace, cfg: HistcodeConfig, workers: int = 2) -> DemoOutcom
     outcome = DemoOutcome(cohort, ingest, tiling)
     if outcome.failed:
         return outcome
+    # labels first: they need only the tiled slides, and pretrain.exclude_test_folds needs their folds
+    from histcode.labels.run import gate_labels, ingest_labels
+
+    outcome.labels = labels_summary(ingest_labels(ws, cfg, outcome.cohort.out_dir / "expression.tsv"))
+    write_json(ws.metrics_dir / "labels.json", outcome.labels)
+    outcome.gate = gate_summary(gate_labels(ws, cfg))
+    write_json(ws.metrics_dir / "label_gate.json", outcome.gate)
+    if not outcome.gate["passed"]:
+        return outcome
     from histcode.ssl.pretrain import completed, pretrain
 
     done = completed(ws, cfg)
@@ -71,14 +80,6 @@ def run_demo(ws: Workspace, cfg: HistcodeConfig, workers: int = 2) -> DemoOutcom
     encoder = f"{cfg.pretrain.register_as}/{outcome.pretrain['version']}"
     outcome.embed = embed_summary(materialize(ws, cfg, encoder=encoder))
     write_json(ws.metrics_dir / "embed.json", outcome.embed)
-    from histcode.labels.run import gate_labels, ingest_labels
-
-    outcome.labels = labels_summary(ingest_labels(ws, cfg, outcome.cohort.out_dir / "expression.tsv"))
-    write_json(ws.metrics_dir / "labels.json", outcome.labels)
-    outcome.gate = gate_summary(gate_labels(ws, cfg))
-    write_json(ws.metrics_dir / "label_gate.json", outcome.gate)
-    if not outcome.gate["passed"]:
-        return outcome
     from histcode.apps.heatmaps import render_heatmaps
     from histcode.apps.train_heads import completed_heads, train_heads
 

@@ -1,6 +1,6 @@
 """The `histcode` command (also `python -m histcode` and `python -m histcode.cli`).
 
-Commands live in one module per group (slides, features, heads, labels), each listing its commands in
+Commands live in one module per group (slides, features, heads, labels, services), each listing its commands in
 ``COMMANDS``; this module builds the app from those lists explicitly, so nothing registers itself on import and
 no command module imports this one. Heavy libraries are imported inside the commands, so `histcode --help`
 answers at once. Each DVC stage is one command.
@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from histcode.cli import common, features, heads, labels, slides
+from histcode.cli import common, features, heads, labels, services, slides
 
 HELP = "HistCode: whole-slide images -> tiles -> contrastive embeddings -> heads, as a feature store."
 
@@ -20,7 +20,7 @@ HELP = "HistCode: whole-slide images -> tiles -> contrastive embeddings -> heads
 def build_app() -> typer.Typer:
     app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP)
     app.callback()(common.main_options)
-    for module in (slides, features, heads):
+    for module in (slides, features, heads, services):
         for name, command in module.COMMANDS:
             app.command(name)(command)
     group = typer.Typer(no_args_is_help=True, help="Expression labels: ingest, DE labelling, the gate.")
@@ -33,7 +33,14 @@ def build_app() -> typer.Typer:
 app = build_app()
 
 
+def _terminate(signum, frame) -> None:  # noqa: ANN001 -- signal handler signature
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: open MLflow runs end KILLED, transactions roll back
+
+
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)  # `kill PID`, a scheduler's cancel: end cleanly, not mid-write
     try:
         app()
     except KeyboardInterrupt:

@@ -128,7 +128,7 @@ def ablation(
     write_json(ws.metrics_dir / "ablation.json", {r.view.method or r.view.view_id: r.summary() for r in reports})
     for r in reports:
         terminal().print(heads_table(r.summary()))
-    terminal().print(f"compare in MLflow: mlflow ui --backend-store-uri {ws.mlflow_uri}  (experiment 'heads')")
+    terminal().print(f"compare in MLflow: histcode --workspace {ws.root} mlflow-ui  (experiment 'heads')")
 
 
 COMMANDS = (

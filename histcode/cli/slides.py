@@ -110,7 +110,9 @@ def slides(
         frame = slides_frame(catalog, status)
     except CatalogError as exc:
         fail(str(exc))
-    print_frame(frame, output, limit, lambda t, n: arrow_table(t, n, wide, f"{t.num_rows} slides in {catalog.path}"))
+    brief = ["slide_id", "cohort", "status", "tiles", "mpp", "reason"]
+    title = f"{frame.num_rows} slides in {catalog.path.relative_to(ws.root) if catalog.path.is_relative_to(ws.root) else catalog.path}"
+    print_frame(frame, output, limit, lambda t, n: arrow_table(t, n, wide, title, columns=brief))
 
 
 def demo(
@@ -135,36 +137,10 @@ def demo(
         raise typer.Exit(1)
 
 
-def serve(
-    port: Annotated[int, typer.Option(help="Prefect server port.")] = 4200,
-    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-) -> None:
-    """A local Prefect server, the work pool, prefect.yaml's deployments and a worker (Ctrl-C stops them)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    from histcode.workspace import repository_root
-
-    repo = repository_root()
-    if repo is None or not (repo / "flows" / "serve.py").is_file():
-        fail("`histcode serve` needs the source checkout (flows/ and prefect.yaml): install with `pip install -e .`")
-    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"}
-    child = subprocess.Popen([sys.executable, "-m", "flows.serve", "--port", str(port), "--host", host], cwd=repo, env=env)
-    signal.signal(signal.SIGTERM, lambda *_: child.terminate())  # flows.serve stops its server and worker
-    try:
-        code = child.wait()
-    except KeyboardInterrupt:  # the child got the same Ctrl-C and is shutting down
-        code = child.wait()
-    raise typer.Exit(code)
-
-
 COMMANDS = (
     ("demo-data", demo_data),
     ("ingest", ingest),
     ("tile", tile),
     ("slides", slides),
     ("demo", demo),
-    ("serve", serve),
 )

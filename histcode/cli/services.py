@@ -1,0 +1,89 @@
+"""`histcode` commands that run local servers over a workspace: the Prefect server with its deployments and a
+worker (`serve`), and the MLflow UI (`mlflow-ui`). Both honour ``--workspace`` / ``$HISTCODE_HOME`` and stop
+everything they started on Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from histcode.cli.common import fail, terminal, workspace_of
+
+
+def _supervise(command: list[str], cwd, env: dict) -> None:
+    """Run ``command`` until it exits; SIGTERM is passed on, Ctrl-C reaches it by itself."""
+    import signal
+    import subprocess
+
+    child = subprocess.Popen(command, cwd=cwd, env=env)
+    signal.signal(signal.SIGTERM, lambda *_: child.terminate())
+    try:
+        code = child.wait()
+    except KeyboardInterrupt:  # the child got the same Ctrl-C and is shutting down
+        code = child.wait()
+    raise typer.Exit(code)
+
+
+def _env(ws) -> dict:
+    import os
+    import sys
+
+    return {**os.environ, "HISTCODE_HOME": str(ws.root), "MLFLOW_DISABLE_TELEMETRY": "true",
+            "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def serve(
+    ctx: typer.Context,
+    port: Annotated[int, typer.Option(help="Prefect server port.")] = 4200,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+) -> None:
+    """A local Prefect server, the work pool, prefect.yaml's deployments and a worker whose flow runs use this
+    workspace (Ctrl-C stops them). Server and worker logs go to the workspace's outputs/logs/."""
+    import sys
+
+    from histcode.workspace import repository_root
+
+    ws = workspace_of(ctx)
+    repo = repository_root()
+    if repo is None or not (repo / "flows" / "serve.py").is_file():
+        fail("`histcode serve` needs the source checkout (flows/ and prefect.yaml): install with `pip install -e .`")
+    logs = ws.outputs_dir / "logs"
+    terminal().print(f"workspace {ws.root}; Prefect server and worker logs in {logs}")
+    _supervise([sys.executable, "-m", "flows.serve", "--port", str(port), "--host", host, "--logs", str(logs)], repo,
+               _env(ws))
+
+
+def mlflow_ui(
+    ctx: typer.Context,
+    port: Annotated[int, typer.Option(help="Port of the UI.")] = 5000,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+) -> None:
+    """The MLflow UI over this workspace's runs, models and artifacts, with links that open straight on the
+    training runs (MLflow 3 otherwise opens experiments in its GenAI view, where they look empty)."""
+    import sys
+    from pathlib import Path
+
+    from histcode.tracking import Tracker, telemetry_off
+
+    telemetry_off()
+    ws = workspace_of(ctx)
+    if not ws.mlflow_is_local:
+        fail(f"HISTCODE_MLFLOW_URI points at an MLflow server ({ws.mlflow_uri}): open its UI there")
+    tracker = Tracker(ws)  # a copied or moved store is pointed at this workspace before the UI reads it
+    console = terminal()
+    console.print(f"MLflow UI over {ws.mlflow_uri} on http://{host}:{port}")
+    for exp in tracker.client.search_experiments():
+        if exp.name != "Default":
+            console.print(f"  {exp.name:10s} http://{host}:{port}/#/experiments/{exp.experiment_id}/runs"
+                          "?workflowType=machine_learning", soft_wrap=True)
+    mlflow = Path(sys.executable).with_name("mlflow")
+    command = [str(mlflow)] if mlflow.is_file() else [sys.executable, "-m", "mlflow"]
+    _supervise([*command, "ui", "--backend-store-uri", ws.mlflow_uri, "--host", host, "--port", str(port)], ws.root,
+               _env(ws))
+
+
+COMMANDS = (
+    ("serve", serve),
+    ("mlflow-ui", mlflow_ui),
+)
