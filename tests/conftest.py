@@ -12,6 +12,10 @@ for _key, _value in {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DVC_NO_ANALYTICS": "1",
     "PREFECT_LOGGING_LEVEL": "WARNING",
+    # the temporary Prefect servers keep SQLite databases; on a loaded 2-core machine give their writers time
+    # ("database is locked" once came back as a 500 from the concurrency-slot endpoint)
+    "PREFECT_SERVER_DATABASE_TIMEOUT": "60",
+    "PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT": "30",
 }.items():
     os.environ.setdefault(_key, _value)
 

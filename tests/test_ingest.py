@@ -178,8 +178,8 @@ def test_duplicate_slide_ids_are_refused(workspace, config, copy_slide, cmu_slid
     other.parent.mkdir()
     shutil.copy(cmu_slide, other)
     report, _ = ingest([cmu_slide, other], workspace, config)
-    assert [o.status for o in report.outcomes] == ["failed", "ok"]
-    assert report.outcomes[0].reason.startswith("duplicate slide_id 'CMU-1-Small-Region'")
+    assert [o.status for o in report.outcomes] == ["ok", "failed"]  # in the order given: the first one is kept
+    assert report.outcomes[1].reason.startswith("duplicate slide_id 'CMU-1-Small-Region'")
 
 
 def test_directory_scan_takes_slide_extensions_only(workspace, config) -> None:

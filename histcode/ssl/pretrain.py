@@ -249,11 +249,15 @@ def _new_run(tracker: Tracker, ws: Workspace, trainer: Trainer, pcfg: PretrainCo
         "histcode.method": pcfg.method, "histcode.spec_id": spec_id, "histcode.data_version": version,
         "histcode.checkpoint": where, "histcode.cohorts": ",".join(data.cohorts),
     })
-    tracker.log_params(run_id, {**pcfg.model_dump(mode="json"), "data": {
-        "spec_id": spec_id, "n_tiles": n_tiles, "n_slides": len(data.slide_ids), "total_steps": steps,
-        "world_size": world, "data_version": version, "cohorts": data.cohorts,
-        "excluded_slides": len(data.excluded_slides),
-    }})
+    try:
+        tracker.log_params(run_id, {**pcfg.model_dump(mode="json"), "data": {
+            "spec_id": spec_id, "n_tiles": n_tiles, "n_slides": len(data.slide_ids), "total_steps": steps,
+            "world_size": world, "data_version": version, "cohorts": data.cohorts,
+            "excluded_slides": len(data.excluded_slides),
+        }})
+    except BaseException:
+        tracker.end_run(run_id, "FAILED")  # a run whose params cannot be logged ends at once
+        raise
     return run_id
 
 
@@ -262,13 +266,13 @@ def register_random_encoder(ws: Workspace, cfg: HistcodeConfig) -> str:
     random-initialisation baseline. Returns the registered version."""
     pcfg = cfg.pretrain
     tracker = Tracker(ws)
-    run_id = tracker.start_run(EXPERIMENT, f"random-{pcfg.encoder}", tags={"histcode.method": "random"})
-    tracker.log_params(run_id, {"method": "random", "encoder": pcfg.encoder, "seed": pcfg.seed, "image_px": pcfg.image_px})
-    encoder = fresh_encoder(pcfg).eval()
-    _, version = tracker.log_torch_model(
-        run_id, encoder, "encoder", (3, pcfg.image_px, pcfg.image_px), encoder.dim, pcfg.register_as, aliases=("random",),
-        version_tags={"method": "random", "encoder": pcfg.encoder, "image_px": pcfg.image_px, "dim": encoder.dim,
-                      "run_id": run_id},
-    )
-    tracker.end_run(run_id)
+    with tracker.run(EXPERIMENT, f"random-{pcfg.encoder}", tags={"histcode.method": "random"}) as run_id:
+        tracker.log_params(run_id, {"method": "random", "encoder": pcfg.encoder, "seed": pcfg.seed,
+                                    "image_px": pcfg.image_px})
+        encoder = fresh_encoder(pcfg).eval()
+        _, version = tracker.log_torch_model(
+            run_id, encoder, "encoder", (3, pcfg.image_px, pcfg.image_px), encoder.dim, pcfg.register_as,
+            aliases=("random",), version_tags={"method": "random", "encoder": pcfg.encoder, "image_px": pcfg.image_px,
+                                               "dim": encoder.dim, "run_id": run_id},
+        )
     return version
