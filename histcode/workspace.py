@@ -27,15 +27,17 @@ def repository_root() -> Path | None:
 
 UNSAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_STEM = 96
+RESERVED = re.compile(r"^(CON|PRN|AUX|NUL|COM[0-9]|LPT[0-9])(\..*)?$", re.IGNORECASE)  # Windows device names
 
 
 def file_stem(identifier: str) -> str:
     """A file-name stem for a slide id (or any id) that stays inside the folder it is joined to on every
-    filesystem: ASCII letters, digits, '.', '_' and '-', no leading dot (so never '.' or '..'), at most 96
-    characters. An id that needed any change gets a hash of the whole id appended, so two different ids never
-    share a stem ('a/b' -> 'a_b-1f0e...', 'a_b' -> 'a_b')."""
+    filesystem: ASCII letters, digits, '.', '_' and '-', no leading dot (so never '.' or '..'), no trailing dot,
+    no Windows device name (CON, NUL, ...), at most 96 characters. An id that needed any change gets a hash of the
+    whole id appended, so two different ids never share a stem ('a/b' -> 'a_b-1f0e...', 'a_b' -> 'a_b'). Ids
+    that differ only in letter case keep their case (they would share a file on a case-insensitive disk)."""
     stem = UNSAFE_FILE_CHARS.sub("_", identifier).lstrip(".")
-    if stem == identifier and 0 < len(stem) <= MAX_STEM:
+    if stem == identifier and 0 < len(stem) <= MAX_STEM and not RESERVED.match(stem) and not stem.endswith("."):
         return stem
     digest = hashlib.sha256(identifier.encode("utf-8", "surrogatepass")).hexdigest()[:12]
     return f"{stem[:MAX_STEM - 13]}-{digest}" if stem else f"id-{digest}"

@@ -117,3 +117,26 @@ def test_prediction_keeps_training_slides_where_they_are_and_refuses_what_would_
     with pytest.raises(CatalogError, match="inference cohorts"):
         pretraining_data(catalog, strict)
     assert runs_left_running(ws) == []
+
+
+def test_slides_move_between_cohorts_and_training_follows(tiled_workspace) -> None:
+    from typer.testing import CliRunner
+
+    from histcode.cli import app
+
+    ws, cfg = tiled_workspace, tiled_workspace.config()
+    catalog = Catalog.of(ws)
+    first = catalog.slides(status="ok")[0]["slide_id"]
+    runner = CliRunner()
+    out = runner.invoke(app, ["--workspace", str(ws.root), "cohorts", "move", first, "--to", "held-out", "--role", "inference"])
+    assert out.exit_code == 0, out.output
+    assert catalog.cohorts()["held-out"] == "inference"
+    assert first not in pretraining_data(catalog, cfg).slide_ids
+    listed = runner.invoke(app, ["--workspace", str(ws.root), "cohorts", "list", "--format", "csv"]).stdout
+    assert "held-out,inference,1,1" in listed
+    out = runner.invoke(app, ["--workspace", str(ws.root), "cohorts", "move", "no-such-slide", "--to", "default"])
+    assert out.exit_code == 2 and "no such slides" in out.output
+    with pytest.raises(CatalogError, match="inference cohort"):
+        catalog.move_slides([first], "held-out", "training")  # a cohort keeps its role
+    catalog.move_slides([first], "default")
+    assert first in pretraining_data(catalog, cfg).slide_ids

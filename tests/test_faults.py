@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -115,7 +116,7 @@ def test_embedding_killed_between_the_vector_commit_and_the_ledger_then_rerun(em
     assert histcode(ws, "embed").returncode == 0
     tiles = tile_features(ws, view, fmt="pandas").sort_values("tile_id").reset_index(drop=True)
     assert list(tiles.tile_id) == list(expected.tile_id)  # none twice, none missing
-    torch.testing.assert_close(torch.tensor(list(tiles.vector)), torch.tensor(list(expected.vector)))
+    torch.testing.assert_close(torch.from_numpy(np.stack(tiles.vector)), torch.from_numpy(np.stack(expected.vector)))
     ledger = _rows(ws, "SELECT status, sum(rows) FROM materializations GROUP BY 1")
     assert ledger == [("ok", len(expected))]
 

@@ -258,3 +258,20 @@ def test_a_catalog_from_the_first_schema_is_migrated(tmp_path) -> None:
     assert "attributes" in cols and catalog.query("SELECT value FROM meta")[0]["value"] == str(SCHEMA_VERSION)
     assert catalog.query("SELECT slide_id FROM slides") == [{"slide_id": "S1"}]
     assert {"feature_views", "materializations"} <= {r["table_name"] for r in catalog.query("SELECT table_name FROM information_schema.tables")}
+
+
+def test_a_catalog_from_before_cohorts_is_upgraded_by_a_read(workspace, config, cmu_slide) -> None:
+    """Schema 4 had no cohorts: a read-only command (slides, pretrain, heads) upgrades it first; its slides
+    become the training cohort 'default'."""
+    import duckdb
+
+    catalog = Catalog.of(workspace)
+    ingest_sources(sources_from_paths([cmu_slide], config.ingest.extensions), catalog, config.ingest, progress=False)
+    con = duckdb.connect(str(catalog.path))
+    con.execute("DROP TABLE cohorts")
+    con.execute("ALTER TABLE slides DROP COLUMN cohort")
+    con.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
+    con.close()
+    assert catalog.cohorts() == {"default": "training"}
+    assert [s["cohort"] for s in catalog.slides()] == ["default"]
+    assert catalog.training_cohorts() == ["default"]

@@ -86,13 +86,14 @@ def _write_tables(result: CVResult, out: Path) -> None:
 
 
 def prior_run(tracker: Tracker, fingerprint: str):
-    """The newest run of this fingerprint whose cross-validation completed (FINISHED, or KILLED after it), or
-    None. Runs left RUNNING by dead processes are ended first."""
+    """The newest run of this fingerprint whose cross-validation completed, however it ended (FINISHED; KILLED
+    or FAILED afterwards, while registering), or None. Runs left RUNNING by dead processes are ended first; one
+    still RUNNING belongs to a live process and is not taken."""
     tracker.end_dead_runs_once()
     runs = tracker.client.search_runs(
-        [tracker.experiment_id(EXPERIMENT)], max_results=1, order_by=["attributes.start_time DESC"],
+        [tracker.experiment_id(EXPERIMENT)], max_results=50, order_by=["attributes.start_time DESC"],
         filter_string=f"tags.`{FINGERPRINT_TAG}` = '{fingerprint}' and tags.`{CV_COMPLETE_TAG}` = 'true'")
-    return runs[0] if runs and runs[0].info.status in ("FINISHED", "KILLED") else None
+    return next((r for r in runs if r.info.status != "RUNNING"), None)
 
 
 def read_back(tracker: Tracker, run, data: TaskData, aggregator: str) -> tuple[CVResult, float | None]:

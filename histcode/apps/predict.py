@@ -82,8 +82,12 @@ def predict_slides(ws: Workspace, cfg: HistcodeConfig, sources: list[SlideSource
         row.update(scored)
         tiles += slide_tiles
         if heatmap_dir is not None:
-            pictures += render_heatmaps(ws, sid, heatmap_dir, heads=(attention_head, de),
-                                       bag=bag if attention_head.view_id == tumor.view_id else None).pictures
+            try:
+                pictures += render_heatmaps(ws, sid, heatmap_dir, heads=(attention_head, de),
+                                           bag=bag if attention_head.view_id == tumor.view_id else None).pictures
+            except Exception as exc:  # noqa: BLE001 -- the predictions stand; the picture is what failed
+                log.warning("heatmap of %s failed: %s", sid, exc)
+                row["reason"] = f"predicted; heatmap failed: {type(exc).__name__}: {exc}"
     frame = pd.DataFrame(rows)
     for col in ("p_tumor", "p_luad", "p_lusc"):
         if col not in frame:

@@ -21,6 +21,7 @@ from histcode.apps.head_runs import prior_run, read_back, register_final, track_
 from histcode.config import HistcodeConfig
 from histcode.features.registry import FeatureView, load_view
 from histcode.features.upkeep import tag_version
+from histcode.heads import CODE_VERSION
 from histcode.heads.cv import CVResult, cross_validate
 from histcode.heads.data import load_bags
 from histcode.heads.masks import attention_mask_auc
@@ -96,9 +97,14 @@ def view_state(catalog: Catalog, view: FeatureView, cohorts: list[str]) -> list[
     return [(r["slide_id"], r["content_hash"], int(r["rows"])) for r in rows if r["slide_id"] in training]
 
 
+# heads settings that choose what is trained or where, not how: not part of a head's fingerprint
+NOT_LEARNING = {"tasks", "aggregators", "register_models", "device", "view"}
+
+
 def _fingerprint(view: FeatureView, state: list, label_version: str, cfg: HistcodeConfig,
                  tasks: tuple[str, ...], aggregators: tuple[str, ...]) -> str:
-    payload = {"view": view.view_id, "state": state, "labels": label_version, "heads": cfg.heads.model_dump(mode="json"),
+    payload = {"view": view.view_id, "state": state, "labels": label_version, "code": CODE_VERSION,
+               "heads": cfg.heads.model_dump(mode="json", exclude=NOT_LEARNING),
                "tasks": list(tasks), "aggregators": list(aggregators)}
     return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

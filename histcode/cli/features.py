@@ -24,6 +24,7 @@ def pretrain(
     from histcode.ssl.encoders import EncoderError
     from histcode.ssl.pretrain import pretrain as run_pretrain
     from histcode.ssl.train import TrainingDiverged
+    from histcode.store.catalog import CatalogError
     from histcode.tracking import telemetry_off
 
     telemetry_off()
@@ -40,7 +41,7 @@ def pretrain(
             fail(str(exc))
     try:
         result = run_pretrain(ws, cfg, resume=resume)
-    except (NoTilesError, EncoderError, TrainingDiverged, ValueError, FileNotFoundError) as exc:
+    except (NoTilesError, EncoderError, TrainingDiverged, ValueError, FileNotFoundError, CatalogError) as exc:
         fail(str(exc))
     console = terminal()
     if result.run_id is None:

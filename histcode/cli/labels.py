@@ -67,6 +67,8 @@ def labels_gate(
         raise typer.Exit(1)
 
 
+HELP = "Expression labels: ingest, DE labelling, the gate."
+
 COMMANDS = (
     ("ingest", labels_ingest),
     ("gate", labels_gate),

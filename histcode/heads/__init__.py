@@ -1,0 +1,5 @@
+"""Slide-level heads: MIL models, task kinds, fitting, cross-validation, metrics, loading a registered head."""
+
+# Bump when a change to the models, fitting, cross-validation or metrics changes what a head learns or reports:
+# heads trained by an earlier code version are then not reused (histcode.apps.train_heads fingerprints).
+CODE_VERSION = "1"

@@ -24,7 +24,7 @@ from histcode.ingest.inspect import inspect_slide
 from histcode.wsi.files import file_signature
 from histcode.ingest.sources import SlideSource, id_problem, split_duplicates
 from histcode.store.catalog import Catalog
-from histcode.store.records import FAILED, OK, TRAINING, SlideRecord
+from histcode.store.records import FAILED, OK, TRAINING, SlideRecord, is_path_attribute
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def is_unchanged(existing: dict | None, source: SlideSource, cohort: str) -> boo
         return False
     if existing["patient_id"] != source.patient_id:
         return False
-    if (json.loads(existing["attributes"]) if existing.get("attributes") else {}) != dict(source.attributes):
+    if not _same_attributes(existing.get("attributes"), dict(source.attributes)):
         return False
     # the user's mpp is a fallback: it only matters for slides whose scale came from it
     return existing["mpp_source"] != "user" or existing["mpp_x"] == source.mpp
@@ -114,7 +114,8 @@ def unchanged_outcome(existing: dict, source: SlideSource) -> IngestOutcome:
 def commit_record(catalog: Catalog, record: SlideRecord, existing: dict | None) -> IngestOutcome:
     """Write an inspected slide to the catalog and say what happened to it. A file whose pixels are already
     registered under another slide id fails: the two would share their tiles (tile ids hash the content)."""
-    twin = catalog.slide_with_content(record.content_hash, record.slide_id) if record.status == OK else None
+    fresh = existing is None or existing["content_hash"] != record.content_hash  # pixels new to this id
+    twin = catalog.slide_with_content(record.content_hash, record.slide_id) if record.status == OK and fresh else None
     if twin is not None:
         record.status = FAILED
         record.reason = (f"same pixels (content hash {record.content_hash[:12]}) as slide {twin['slide_id']!r} of "
@@ -137,8 +138,12 @@ def commit_record(catalog: Catalog, record: SlideRecord, existing: dict | None) 
     return _outcome(record, action)
 
 
-def _same_attributes(a: str | None, b: str | None) -> bool:
-    return (json.loads(a) if a else {}) == (json.loads(b) if b else {})
+def _same_attributes(a: str | dict | None, b: str | dict | None) -> bool:
+    """Attributes (JSON or dict) equal, file-valued ones compared as the files they name."""
+    a, b = (json.loads(x) if isinstance(x, str) else dict(x or {}) for x in (a, b))
+    if a.keys() != b.keys():
+        return False
+    return all(_same_file(a[k], b[k]) if is_path_attribute(k) and a[k] and b[k] else a[k] == b[k] for k in a)
 
 
 @dataclass

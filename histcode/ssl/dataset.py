@@ -92,7 +92,8 @@ def dataset_from_catalog(catalog: Catalog, spec_id: str, tile_px: int, slide_ids
     grouped by slide in slide-id order, read at ``tile_px``."""
     slides = {s["slide_id"]: s for s in catalog.slides(status="ok")}
     if slide_ids is not None:
-        slides = {k: v for k, v in slides.items() if k in set(slide_ids)}
+        wanted = set(slide_ids)
+        slides = {k: v for k, v in slides.items() if k in wanted}
     table = catalog.tiles(spec_id=spec_id)
     if table.num_rows == 0:
         raise NoTilesError(f"no tiles under tiling spec {spec_id}: run `histcode tile` first")
@@ -101,12 +102,12 @@ def dataset_from_catalog(catalog: Catalog, spec_id: str, tile_px: int, slide_ids
     if frame.empty:
         raise NoTilesError(f"none of the {len(slides)} selected slides has tiles under tiling spec {spec_id}: "
                            "run `histcode tile` first")
-    order = sorted(frame.slide_id.unique())
+    sizes = frame.groupby("slide_id", sort=True)["size"].first()  # one tile size per slide and spec
+    order = sizes.index.tolist()
     sources = []
-    for sid in order:
+    for sid, size in sizes.items():
         s = slides[sid]
-        size = int(frame.loc[frame.slide_id == sid, "size"].iloc[0])
-        sources.append(SlideSource(sid, s["path"], s["vendor"], s["level_dimensions"], s["level_downsamples"], size))
+        sources.append(SlideSource(sid, s["path"], s["vendor"], s["level_dimensions"], s["level_downsamples"], int(size)))
     index = {sid: i for i, sid in enumerate(order)}
     tiles = np.stack([frame.slide_id.map(index).to_numpy(), frame.x.to_numpy(), frame.y.to_numpy()], axis=1)
     return TileDataset(sources, tiles.reshape(-1, 3), tile_px, tile_ids=frame.tile_id.tolist())

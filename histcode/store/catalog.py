@@ -120,12 +120,21 @@ class Catalog:
             raise CatalogError(f"no catalog at {self.path}: run `histcode ingest` first")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         con = self._open(read_only)
+        if read_only and self._version(con) != SCHEMA_VERSION:
+            con.close()  # a catalog written by an older histcode: upgrade it once, then read
+            self.upgrade()
+            con = self._open(read_only)
         try:
             if not read_only:
                 self._ensure_schema(con)
             yield con
         finally:
             con.close()
+
+    def upgrade(self) -> None:
+        """Bring the catalog's schema up to this histcode's (migrations run inside a write connection)."""
+        with self.connect():
+            pass
 
     def _open(self, read_only: bool) -> duckdb.DuckDBPyConnection:
         """Connect, waiting with backoff while another process holds the file's lock (DuckDB allows one
@@ -157,9 +166,13 @@ class Catalog:
             con.commit()
 
     @staticmethod
-    def _ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
+    def _version(con: duckdb.DuckDBPyConnection) -> int | None:
         rows = con.execute("SELECT 1 FROM information_schema.tables WHERE table_name = 'meta'").fetchall()
-        found = int(con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()[0][0]) if rows else None
+        return int(con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()[0][0]) if rows else None
+
+    @classmethod
+    def _ensure_schema(cls, con: duckdb.DuckDBPyConnection) -> None:
+        found = cls._version(con)
         if found is not None and found > SCHEMA_VERSION:
             raise CatalogError(f"catalog schema {found} is newer than this histcode ({SCHEMA_VERSION}); upgrade histcode")
         if found is not None:
@@ -175,10 +188,10 @@ class Catalog:
         rows = self.query("SELECT * FROM slides WHERE slide_id = ?", [slide_id])
         return self._slide_out(rows[0]) if rows else None
 
-    def slides(self, status: str | None = None, cohorts: list[str] | None = None) -> list[dict]:
-        """Slides (optionally only those with ``status``, only those of ``cohorts``), paths resolved."""
+    def slides(self, status: str | None = None) -> list[dict]:
+        """Slides (optionally only those with ``status``), paths resolved."""
         rows = self.query("SELECT * FROM slides WHERE (? IS NULL OR status = ?) ORDER BY slide_id", [status, status])
-        return [self._slide_out(r) for r in rows if cohorts is None or r["cohort"] in cohorts]
+        return [self._slide_out(r) for r in rows]
 
     def slide_with_content(self, content_hash: str | None, other_than: str) -> dict | None:
         """A healthy slide other than ``other_than`` with these pixels, if one is registered."""
@@ -204,6 +217,24 @@ class Catalog:
                                f"their own (another --cohort name)")
         if not found:
             con.execute("INSERT INTO cohorts VALUES (?, ?, ?)", [cohort, role or TRAINING, utcnow()])
+
+    def move_slides(self, slide_ids: list[str], cohort: str, role: str | None = None) -> None:
+        """Put registered slides into ``cohort`` (created with ``role``, default training, if new), in one
+        transaction; their pixels, tiles and vectors stay as they are. Unknown ids: CatalogError, nothing moved."""
+        with self.transaction() as con:
+            known = {r[0] for r in con.execute("SELECT slide_id FROM slides").fetchall()}
+            unknown = sorted(set(slide_ids) - known)
+            if unknown:
+                raise CatalogError(f"no such slides: {unknown[:10]}{' ...' if len(unknown) > 10 else ''}")
+            self._ensure_cohort(con, cohort, role)
+            for sid in slide_ids:
+                con.execute("UPDATE slides SET cohort = ?, updated_at = ? WHERE slide_id = ?", [cohort, utcnow(), sid])
+
+    def cohort_counts(self) -> list[dict]:
+        """Every cohort with its role and its slides (healthy, tiled under any spec)."""
+        return self.query(
+            """SELECT c.cohort, c.role, count(s.slide_id) AS slides, count(s.slide_id) FILTER (s.status = 'ok') AS ok
+               FROM cohorts c LEFT JOIN slides s ON s.cohort = c.cohort GROUP BY ALL ORDER BY c.cohort""")
 
     def cohorts(self) -> dict[str, str]:
         """cohort -> role."""

@@ -52,6 +52,8 @@ def open_session(ws: Workspace) -> duckdb.DuckDBPyConnection:
     catalog = Catalog.of(ws)
     if not catalog.path.exists():
         raise CatalogError(f"no catalog at {catalog.path}: run `histcode ingest` first")
+    with catalog.connect(read_only=True):
+        pass  # upgrades a catalog written by an older histcode before it is attached read-only
     con = duckdb.connect()
     try:
         con.execute(f"ATTACH '{catalog.path}' AS catalog (READ_ONLY)")

@@ -1,7 +1,7 @@
 """Which process owns a RUNNING MLflow run, and whether it is still alive.
 
-Every run HistCode opens is tagged ``histcode.owner = host:pid:start-ms`` (the process start time tells a
-reused pid apart). A process killed with SIGKILL cannot end its runs; the next HistCode process that opens runs
+Every run HistCode opens is tagged ``histcode.owner = machine:pid:start`` (machine = host, boot and pid
+namespace; the process's start tells a reused pid apart). A process killed with SIGKILL cannot end its runs; the next HistCode process that opens runs
 on the same host finds the RUNNING runs whose owner is gone and ends them as KILLED, so no run stays RUNNING.
 Runs owned by other hosts are left alone: only their own host can tell whether they are alive.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from pathlib import Path
 
 import psutil
 
@@ -20,28 +21,48 @@ OWNER_TAG = "histcode.owner"
 END_REASON_TAG = "histcode.end_reason"
 
 
-def _start_ms(pid: int) -> int:
-    return int(psutil.Process(pid).create_time() * 1000)
+def _machine() -> str:
+    """This host, boot and pid namespace: pids are only comparable within one (a container that shares the
+    host's network but not its pids has a namespace of its own)."""
+    host = socket.gethostname()
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+        namespace = "".join(c for c in os.readlink("/proc/self/ns/pid") if c.isdigit())
+    except OSError:  # not Linux
+        return host
+    return f"{host}/{boot}/{namespace}"
+
+
+def _started(pid: int) -> str:
+    """When a process started, as a key a reused pid does not repeat: on Linux its start in clock ticks since
+    boot (unmoved by clock steps); elsewhere its start time in milliseconds."""
+    stat = Path(f"/proc/{pid}/stat")
+    if stat.exists() or Path("/proc/self/stat").exists():
+        return "t" + stat.read_text().rsplit(")", 1)[1].split()[19]  # field 22, starttime
+    return "m" + str(int(psutil.Process(pid).create_time() * 1000))
 
 
 def owner_tag() -> str:
-    pid = os.getpid()
-    return f"{socket.gethostname()}:{pid}:{_start_ms(pid)}"
+    return f"{_machine()}:{os.getpid()}:{_started(os.getpid())}"
 
 
 def owner_alive(tag: str) -> bool | None:
-    """True / False for an owner on this host; None when the tag is malformed or names another host."""
+    """True / False for an owner on this machine; None when the tag is malformed or names another machine,
+    boot or pid namespace (only that one can tell)."""
     try:
-        host, pid, start = tag.rsplit(":", 2)
-        pid, start = int(pid), int(start)
+        machine, pid, start = tag.rsplit(":", 2)
+        pid = int(pid)
     except ValueError:
         return None
-    if host != socket.gethostname():
+    if machine != _machine():
         return None
     try:
-        return abs(_start_ms(pid) - start) <= 10  # create_time is a float; allow rounding
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        now = _started(pid)
+    except (OSError, IndexError, psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return False
+    if now[0] == "m" and start[0] == "m":
+        return abs(int(now[1:]) - int(start[1:])) <= 2000
+    return now == start
 
 
 def end_dead_runs(client, experiment_ids: list[str]) -> list[str]:
