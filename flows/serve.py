@@ -136,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
         args.logs = Workspace.resolve().outputs_dir / "logs"
     args.logs.mkdir(parents=True, exist_ok=True)
     server_log, worker_log = args.logs / "prefect-server.log", args.logs / "prefect-worker.log"
+    for log_file in (server_log, worker_log):
+        log_file.touch()  # both exist from the start, where the first line says they are
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     def _terminate(*_) -> None:

@@ -176,7 +176,10 @@ class PretrainConfig(_Section):
     bank_lr: Annotated[float, Field(gt=0)] = 3.0
     bank_momentum: Fraction = 0.9
     bank_weight_decay: Annotated[float, Field(ge=0)] = 1e-4
-    symmetric: bool = False  # also use (view 2, view 1) as a query/key pair
+    symmetric: bool = False  # also use (view 2, view 1) as a query/key pair (AdCo's --sym)
+    shuffle_bn: bool = True  # MoCo/AdCo: keys on a shuffled batch (across processes; split batch norm on one device)
+    bn_splits: Pixels = 8  # sub-batches of batch norm on one device (shuffle_bn); lowered to divide the batch
+    bank_init: Literal["train", "keys"] = "train"  # AdCo: the authors' warm-up that trains while it fills the bank, or keys only
     amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 with a grad scaler)
     checkpoint_every: Pixels = 25
     log_every: Pixels = 5

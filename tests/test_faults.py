@@ -126,7 +126,7 @@ def _heads_copy(headed_workspace: Workspace, root: Path) -> Workspace:
     shutil.copytree(headed_workspace.root, root)
     ws = Workspace(root)
     params = yaml.safe_load(ws.params_path.read_text())
-    params["heads"] = {**TINY_HEADS, "seed": 3, "epochs": 12, "tasks": ["tumor"]}
+    params["heads"] = {**TINY_HEADS, "seed": 3, "epochs": 6, "tasks": ["tumor"]}
     ws.params_path.write_text(yaml.safe_dump(params))
     return ws
 

@@ -37,12 +37,52 @@ def test_gated_attention_sums_to_one_and_ignores_tile_order() -> None:
     assert out.shape == (5, 4) and torch.allclose(out[:, 1:].sum(dim=1), torch.ones(5)) and float(att.sum()) == pytest.approx(1)
 
 
-def test_clam_loss_trains_instance_clustering() -> None:
+def clam_reference_loss(model: CLAMSingleBranch, bag: torch.Tensor, label: int, k: int, subtyping: bool) -> float:
+    """CLAM_SB's loss with instance evaluation, written from CLAM's forward (Lu et al. 2021, mahmoodlab/CLAM:
+    inst_eval for the slide's class, inst_eval_out for the others when subtyping, the instance loss divided by
+    the number of classifiers when subtyping, total = bag_weight * bag + (1 - bag_weight) * instance)."""
+    import torch.nn.functional as F
+
+    h = model.fc(bag)
+    A = model.attention(h)  # softmax over the tiles
+    bag_loss = F.cross_entropy(model.classifier((A[:, None] * h).sum(dim=0))[None], torch.tensor([label]))
+    total_inst_loss = 0.0
+    for i, classifier in enumerate(model.instance_classifiers):
+        if i == label:
+            top_p_ids, top_n_ids = torch.topk(A, k)[1], torch.topk(-A, k)[1]
+            instances = torch.cat([h[top_p_ids], h[top_n_ids]])
+            targets = torch.cat([torch.ones(k, dtype=torch.long), torch.zeros(k, dtype=torch.long)])
+            total_inst_loss += F.cross_entropy(classifier(instances), targets)
+        elif subtyping:
+            top_p_ids = torch.topk(A, k)[1]
+            total_inst_loss += F.cross_entropy(classifier(h[top_p_ids]), torch.zeros(k, dtype=torch.long))
+    if subtyping:
+        total_inst_loss /= len(model.instance_classifiers)
+    return float(model.bag_weight * bag_loss + (1 - model.bag_weight) * total_inst_loss)
+
+
+@pytest.mark.parametrize("subtyping", [False, True])
+@pytest.mark.parametrize("label", [0, 1, 2])
+def test_clam_loss_equals_clams_instance_evaluation(subtyping: bool, label: int) -> None:
+    torch.manual_seed(label)
+    model = CLAMSingleBranch(8, 3, k_sample=3, subtyping=subtyping).eval()  # no dropout: comparable
+    bag = torch.randn(10, 8)
+    with torch.no_grad():
+        assert float(model.loss(bag, label)) == pytest.approx(clam_reference_loss(model, bag, label, 3, subtyping), rel=1e-5)
+    model.loss(bag, label).backward()
+    trained = [c.weight.grad is not None for c in model.instance_classifiers]
+    assert trained == [True] * 3 if subtyping else trained == [c == label for c in range(3)]
+
+
+def test_clam_one_tile_bag_never_labels_a_tile_both_ways() -> None:
     torch.manual_seed(0)
-    model = CLAMSingleBranch(8, 2, k_sample=3)
-    loss = model.loss(torch.randn(10, 8), 1)
-    loss.backward()
-    assert model.instance_classifiers[1].weight.grad is not None and model.instance_classifiers[0].weight.grad is None
+    for subtyping in (False, True):
+        model = CLAMSingleBranch(8, 2, k_sample=8, subtyping=subtyping)
+        loss = model.loss(torch.randn(1, 8), 1)
+        assert torch.isfinite(loss)
+        loss.backward()
+        assert model.instance_classifiers[1].weight.grad is None  # in-class: no top and bottom tile to tell apart
+        assert (model.instance_classifiers[0].weight.grad is not None) == subtyping  # out-of-class: top tile negative
 
 
 def _synthetic_task(n_patients: int = 10, slides_per_patient: int = 2) -> tuple[TaskData, dict[str, Bag]]:

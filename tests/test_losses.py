@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from histcode.config import PretrainConfig
 from histcode.ssl.encoders import Encoder
-from histcode.ssl.losses import adco_bank_gradient, info_nce, nt_xent
+from histcode.ssl.losses import adco_bank_gradient, adco_loss, info_nce, nt_xent
 from histcode.ssl.methods import AdCo, MoCo
 
 
@@ -74,26 +74,60 @@ def test_losses_validate_their_arguments(call, match: str) -> None:
         call()
 
 
-def official_adco_gradient(q: torch.Tensor, k: torch.Tensor, bank: torch.Tensor, t: float) -> torch.Tensor:
-    """The memory-bank gradient as the AdCo authors compute it analytically (W is D x K there), negated back
-    into d(loss)/d(bank) and transposed to our (K, D) layout."""
-    q, k = F.normalize(q.double(), dim=1), F.normalize(k.double(), dim=1)
-    w = bank.double().t()  # (D, K)
-    d_norm = w / w.norm(dim=0)
-    l_pos = (q * k).sum(dim=1, keepdim=True)
-    l_neg = q @ d_norm
-    p_qd = torch.softmax(torch.cat([l_pos, l_neg], dim=1) / t, dim=1)[:, 1:]
-    g = q.t() @ p_qd / q.shape[0] - (p_qd * l_neg).mean(dim=0) * d_norm
-    g = -g / w.norm(dim=0) / t  # the authors' g, which is -dL/dW
-    return (-g).t()
+def authors_adco_step(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, moco_t: float, mem_t: float):
+    """AdCo's ``update_network`` transcribed from the authors' code (maple-research-lab/AdCo,
+    training/train.py) for one process: W is their (D, K) bank, q and k the normalised queries and keys.
+    Returns (the encoder loss, their bank gradient g, which is -d(loss at mem_t)/dW)."""
+    l_pos = torch.einsum("nc,ck->nk", [q, k.T])  # every query against every key of the batch
+    d_norm = F.normalize(w, dim=0)
+    l_neg = torch.einsum("nc,ck->nk", [q, d_norm])
+    logits = torch.cat([l_pos, l_neg], dim=1) / moco_t
+    labels = torch.arange(0, q.shape[0], dtype=torch.long)
+    loss = F.cross_entropy(logits, labels)
+    cluster = w.shape[1]
+    logits = torch.cat([l_pos, l_neg], dim=1) / mem_t
+    total_bsize = logits.shape[1] - cluster
+    p_qd = torch.softmax(logits, dim=1)[:, total_bsize:]
+    g = torch.einsum("cn,nk->ck", [q.T, p_qd]) / logits.shape[0] - torch.mul(torch.mean(torch.mul(p_qd, l_neg), dim=0), d_norm)
+    g = -torch.div(g, torch.norm(w, dim=0)) / mem_t
+    return loss, g
+
+
+def test_adco_loss_by_hand() -> None:
+    """Two queries, two keys, one bank entry, in 2-D: the loss written out with exp and log."""
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    k = torch.tensor([[0.6, 0.8], [0.0, 1.0]])
+    bank = torch.tensor([[2.0, 0.0]])  # normalised to (1, 0)
+    t = 0.5
+    # query 0: positive key 0 (0.6), other key 1 (0.0), bank (1.0); query 1: positive key 1 (1.0), key 0 (0.8), bank (0.0)
+    l0 = -math.log(math.exp(0.6 / t) / (math.exp(0.6 / t) + math.exp(0.0 / t) + math.exp(1.0 / t)))
+    l1 = -math.log(math.exp(1.0 / t) / (math.exp(1.0 / t) + math.exp(0.8 / t) + math.exp(0.0 / t)))
+    assert float(adco_loss(q, k, bank, t)) == pytest.approx((l0 + l1) / 2, rel=1e-6)
+    # the other keys are negatives: without them (MoCo's form) the loss is lower
+    assert float(info_nce(q, k, bank, t)) < float(adco_loss(q, k, bank, t))
 
 
 @pytest.mark.parametrize("t", [0.02, 0.1])
-def test_adco_bank_gradient_equals_the_authors_formula(t: float) -> None:
+def test_adco_loss_and_bank_gradient_equal_the_authors_update(t: float) -> None:
     g = torch.Generator().manual_seed(3)
-    q, k, bank = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g), torch.randn(20, 8, generator=g) * 3
+    q, k = F.normalize(torch.randn(6, 8, generator=g), dim=1), F.normalize(torch.randn(6, 8, generator=g), dim=1)
+    bank = torch.randn(20, 8, generator=g) * 3  # ours is (K, D), the authors' W is (D, K)
+    loss, theirs = authors_adco_step(q.double(), k.double(), bank.double().t(), 0.12, t)
+    assert float(adco_loss(q, k, bank, 0.12)) == pytest.approx(float(loss), rel=1e-5)
     ours = adco_bank_gradient(q, k, bank, t).double()
-    torch.testing.assert_close(ours, official_adco_gradient(q, k, bank, t), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ours, (-theirs).t(), rtol=1e-4, atol=1e-6)  # theirs is the negative gradient
+
+
+def test_adco_loss_takes_this_process_rows_of_the_gathered_keys() -> None:
+    g = torch.Generator().manual_seed(5)
+    q, keys, bank = torch.randn(3, 4, generator=g), torch.randn(9, 4, generator=g), torch.randn(5, 4, generator=g)
+    # process 1 of 3: its queries' positives are keys 3..5; the others are negatives
+    qn, kn, bn = (F.normalize(x.double(), dim=1) for x in (q, keys, bank))
+    logits = torch.cat([qn @ kn.T, qn @ bn.T], dim=1) / 0.2
+    expected = F.cross_entropy(logits, torch.tensor([3, 4, 5]))
+    assert float(adco_loss(q, keys, bank, 0.2, offset=3)) == pytest.approx(float(expected), rel=1e-6)
+    with pytest.raises(ValueError, match="no keys"):
+        adco_loss(q, keys, bank, 0.2, offset=7)
 
 
 def _tiny_encoder() -> Encoder:
@@ -107,13 +141,13 @@ def test_adco_bank_climbs_the_loss() -> None:
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(10, 8, generator=g), torch.randn(10, 8, generator=g)
     method.init_bank(torch.randn(16, 8, generator=g))
-    losses = [float(info_nce(q, k, method.bank, cfg.bank_temperature))]
+    losses = [float(adco_loss(q, k, method.bank, cfg.bank_temperature))]
     for _ in range(5):
-        method.bank_step(q, k)
-        losses.append(float(info_nce(q, k, method.bank, cfg.bank_temperature)))
+        method.bank_step(method.bank_gradient([(q, k)]))
+        losses.append(float(adco_loss(q, k, method.bank, cfg.bank_temperature)))
     assert all(b > a for a, b in zip(losses, losses[1:])), losses
     # and the encoder-side loss (at the training temperature) rises too: the bank became harder negatives
-    assert float(info_nce(q, k, method.bank, 0.12)) > float(info_nce(q, k, F.normalize(torch.randn(16, 8, generator=g)), 0.12))
+    assert float(adco_loss(q, k, method.bank, 0.12)) > float(adco_loss(q, k, F.normalize(torch.randn(16, 8, generator=g)), 0.12))
 
 
 def test_adco_step_trains_encoder_and_bank_together() -> None:
@@ -152,3 +186,74 @@ def test_momentum_update_moves_keys_towards_queries() -> None:
     method.momentum_update()
     for b, pk, p in zip(before, method.key_encoder.parameters(), method.encoder.parameters()):
         torch.testing.assert_close(pk, 0.5 * b + 0.5 * p)
+
+
+def _bn_encoder() -> Encoder:
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.BatchNorm2d(6), torch.nn.ReLU(),
+                                   torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    return Encoder(backbone, 6, "tiny-bn")
+
+
+@pytest.mark.parametrize("method_cls", [MoCo, AdCo])
+def test_keys_do_not_see_their_queries_batch_statistics(method_cls) -> None:
+    """The shortcut shuffle-BN closes: with the key encoder equal to the query encoder and the same images as
+    both views, plain batch norm gives every key exactly its query (the positive is found through the batch's
+    statistics); with shuffle-BN the key's statistics come from other samples, so keys differ from queries
+    in training but not in evaluation (the shuffle is undone exactly)."""
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 12, 12) * torch.arange(1, 17).view(16, 1, 1, 1) ** 2  # samples far apart in scale
+    for shuffle in (False, True):
+        cfg = PretrainConfig(method=method_cls.name, batch_size=16, bn_splits=4, shuffle_bn=shuffle, queue_size=32,
+                             bank_size=16, proj_dim=8)
+        method = method_cls(_bn_encoder(), cfg).train()
+        with torch.no_grad():
+            q, k = method.embed(x), method.keys(x)
+        cos = (q * k).sum(dim=1)
+        if shuffle:  # a sub-batch that a shuffle happens to rebuild keeps its statistics; most do not
+            assert int((cos < 1 - 1e-5).sum()) >= 12, cos
+        else:
+            torch.testing.assert_close(cos, torch.ones(16))
+    method.copy_to_keys()  # (the two encoders' running statistics moved apart in training)
+    method.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(method.embed(x), method.keys(x))  # the shuffle itself is a permutation undone
+
+
+def test_split_batch_norm_is_batch_norm_of_each_sub_batch() -> None:
+    from histcode.ssl.shuffle_bn import SplitBatchNorm
+
+    torch.manual_seed(1)
+    x = torch.randn(12, 2, 3, 3)
+    split = SplitBatchNorm(2, splits=3).train()
+    out = split(x)
+    for i in range(3):  # sub-batch i holds samples i, i + 3, i + 6, i + 9
+        part = x[i::3]
+        ref = (part - part.mean(dim=(0, 2, 3), keepdim=True)) / torch.sqrt(part.var(dim=(0, 2, 3), unbiased=False, keepdim=True) + 1e-5)
+        torch.testing.assert_close(out[i::3], ref, rtol=1e-4, atol=1e-5)
+    split.eval()
+    torch.testing.assert_close(split(x), torch.nn.functional.batch_norm(x, split.running_mean, split.running_var, split.weight, split.bias))
+
+
+def test_adco_bank_is_filled_as_the_authors_do(tmp_path) -> None:
+    """The authors' init_memory: the encoder trains while its keys fill the bank; then keys = queries' encoder."""
+    from histcode.ssl.augment import TwoViews
+    from histcode.ssl.train import Trainer
+
+    class Tiles(torch.utils.data.Dataset):
+        def __len__(self):
+            return 24
+
+        def __getitem__(self, i):
+            return (torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(i)) * 255).to(torch.uint8)
+
+    cfg = PretrainConfig(method="adco", batch_size=4, bank_size=10, proj_dim=8, image_px=16, num_workers=0, max_steps=1)
+    method = AdCo(_bn_encoder(), cfg)
+    before = [p.clone() for p in method.encoder.parameters()]
+    trainer = Trainer(method, TwoViews(cfg.augment, 16), Tiles(), cfg, torch.device("cpu"), 1, tmp_path / "c.pt")
+    method.train()
+    trainer.init_bank()
+    assert bool(method.bank_ready)
+    torch.testing.assert_close(method.bank.norm(dim=1), torch.ones(10))
+    assert any(not torch.equal(a, b) for a, b in zip(before, method.encoder.parameters()))  # it trained
+    for p, pk in zip(method.encoder.parameters(), method.key_encoder.parameters()):
+        assert torch.equal(p, pk)  # and the key encoder starts as a copy of it

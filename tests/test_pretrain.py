@@ -197,3 +197,30 @@ def test_exclude_test_folds_leaves_those_patients_out_of_pretraining(headed_work
         pretraining_data(catalog, strict.model_copy(update={"pretrain": strict.pretrain.model_copy(update={"exclude_test_folds": (7,)})}))
     with pytest.raises(ValueError, match="histcode labels ingest"):
         pretraining_data(Catalog.of(tiled_workspace), strict)  # no label set yet: no folds to leave out
+
+
+def _shuffle_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from histcode.ssl.shuffle_bn import shuffled, unshuffled
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(rank)  # each process draws its own permutation; process 0's is the one used
+    x = torch.arange(8, dtype=torch.float32).view(4, 2) + 100 * rank  # rows tell which process they came from
+    mixed, undo = shuffled(x)
+    back = unshuffled(mixed * 2, undo)
+    torch.save({"mixed": mixed, "back": back}, Path(out_dir) / f"shuffle{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_keys_are_shuffled_across_processes_and_put_back(tmp_path) -> None:
+    """MoCo's DDP shuffle-BN: the global key batch is permuted across processes before the key encoder and
+    restored after it, each process getting back exactly its own rows."""
+    torch.multiprocessing.spawn(_shuffle_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    parts = [torch.load(tmp_path / f"shuffle{r}.pt", weights_only=True) for r in (0, 1)]
+    for rank, part in enumerate(parts):
+        x = torch.arange(8, dtype=torch.float32).view(4, 2) + 100 * rank
+        torch.testing.assert_close(part["back"], x * 2)
+    together = torch.cat([p["mixed"] for p in parts])
+    everything = torch.cat([torch.arange(8, dtype=torch.float32).view(4, 2) + 100 * r for r in (0, 1)])
+    assert sorted(together[:, 0].tolist()) == sorted(everything[:, 0].tolist())  # a permutation of the global batch

@@ -39,7 +39,8 @@ STRICT = "strict_"  # metric prefix: pooled over the folds the encoder was not p
 def track_cv(tracker: Tracker, result: CVResult, view: FeatureView, labels: dict, tag: str, params: dict,
              docs: Path, mask_auc: float | None, fingerprint: str, cohorts: list[str],
              strict_folds: frozenset[int]) -> str:
-    """The parent run of a cross-validation with its fold runs, metrics and artifacts; returns its id."""
+    """The parent run of a cross-validation with its fold runs, metrics and artifacts; returns its id.
+    ``params``: logged beside the run's own (the heads settings, the encoder architecture)."""
     task, agg = result.task, result.aggregator
     tags = {"histcode.task": task.name, "histcode.aggregator": agg, "histcode.view_id": view.view_id,
             "histcode.encoder_uri": view.encoder_uri, "histcode.label_version": labels["label_version"],
@@ -49,7 +50,7 @@ def track_cv(tracker: Tracker, result: CVResult, view: FeatureView, labels: dict
         tracker.log_params(parent, {"task": task.name, "aggregator": agg, "view_id": view.view_id,
                                     "encoder_uri": view.encoder_uri, "method": str(view.method), "lance_tag": tag,
                                     "n_slides": len(task.slide_ids), "n_patients": len(set(task.patients)),
-                                    "cohorts": cohorts, "strict_folds": sorted(strict_folds), "heads": params})
+                                    "cohorts": cohorts, "strict_folds": sorted(strict_folds), **params})
         for fold in result.fold_metrics:
             fold_tags = {"histcode.fold": str(fold["fold"]),
                          "histcode.encoder_saw_fold": str(fold["fold"] not in strict_folds).lower()}

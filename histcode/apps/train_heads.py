@@ -109,13 +109,17 @@ def _fingerprint(view: FeatureView, state: list, label_version: str, cfg: Histco
     return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _strict_folds(tracker: Tracker, view: FeatureView, label_version: str) -> frozenset[int]:
+def _encoder_tags(tracker: Tracker, view: FeatureView) -> dict:
+    """The registered encoder's version tags (method, architecture, the folds it left out), or {}."""
+    try:
+        return dict(tracker.client.get_model_version(view.model_name, view.model_version).tags)
+    except Exception:  # noqa: BLE001 -- an encoder registered elsewhere: nothing known about it
+        return {}
+
+
+def _strict_folds(tags: dict, label_version: str) -> frozenset[int]:
     """The folds whose patients the view's encoder was not pretrained on (pretrain.exclude_test_folds), when
     they are folds of this label set."""
-    try:
-        tags = tracker.client.get_model_version(view.model_name, view.model_version).tags
-    except Exception:  # noqa: BLE001 -- an encoder registered elsewhere: nothing known about its data
-        return frozenset()
     folds = [int(f) for f in tags.get("excluded_folds", "").split(",") if f]
     if folds and tags.get("excluded_folds_label_version") != label_version:
         log.warning("the encoder left out folds %s of label set %s, not of the current %s: no strict metrics",
@@ -160,7 +164,8 @@ def train_heads(ws: Workspace, cfg: HistcodeConfig, tasks: tuple[str, ...] | Non
     label_version = labels["label_version"]
     tag = _tag_state(ws, view, label_version)
     tracker = Tracker(ws)
-    strict = _strict_folds(tracker, view, label_version)
+    encoder_tags = _encoder_tags(tracker, view)
+    strict = _strict_folds(encoder_tags, label_version)
     report = HeadsReport(view, label_version, tag, cohorts=cohorts,
                          fingerprint=_fingerprint(view, state, label_version, cfg, tasks, aggregators))
     bags = load_bags(ws, view, as_of=tag, slide_ids=[s for s, _, _ in state])
@@ -168,7 +173,7 @@ def train_heads(ws: Workspace, cfg: HistcodeConfig, tasks: tuple[str, ...] | Non
              label_version)
     docs = gx_project(ws) / "gx" / "uncommitted" / "data_docs" / "local_site"
     masks = {s["slide_id"]: s for s in catalog.slides(status="ok")}
-    params = hcfg.model_dump(mode="json")
+    params = {"heads": hcfg.model_dump(mode="json"), "encoder": encoder_tags.get("encoder")}  # logged on every run
     for task in tasks:
         data = task_data(catalog, task, bags)
         scores = {}

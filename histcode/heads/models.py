@@ -46,27 +46,42 @@ class _AttentionBackbone(nn.Module):
 
 
 class CLAMSingleBranch(_AttentionBackbone):
-    def __init__(self, in_dim: int, n_classes: int = 2, k_sample: int = 8, bag_weight: float = 0.7, **kw) -> None:
+    """CLAM_SB. Instance clustering as in CLAM: the slide's own class's instance classifier learns its top-k
+    attended tiles as positive and bottom-k as negative; with ``subtyping`` (every slide belongs to one of the
+    classes, e.g. LUAD vs LUSC) each other class's classifier also learns the top-k tiles as negative, and the
+    instance loss is averaged over the classifiers. k is at most half the bag, so no tile is labelled both
+    ways; a one-tile bag trains the bag classifier (and, with subtyping, the out-of-class branch) only."""
+
+    def __init__(self, in_dim: int, n_classes: int = 2, k_sample: int = 8, bag_weight: float = 0.7,
+                 subtyping: bool = False, **kw) -> None:
         super().__init__(in_dim, **kw)
         hidden = self.fc[0].out_features
         self.classifier = nn.Linear(hidden, n_classes)
         self.instance_classifiers = nn.ModuleList([nn.Linear(hidden, 2) for _ in range(n_classes)])
-        self.k_sample, self.bag_weight, self.n_classes = k_sample, bag_weight, n_classes
+        self.k_sample, self.bag_weight, self.n_classes, self.subtyping = k_sample, bag_weight, n_classes, subtyping
 
     def forward(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """bag (n, in_dim) -> (class probabilities (n_classes,), attention (n,))."""
         _, a, v = self.pool(bag)
         return torch.softmax(self.classifier(v), dim=-1), a
 
+    def instance_loss(self, h: torch.Tensor, a: torch.Tensor, label: int) -> torch.Tensor:
+        total, n = h.sum() * 0, len(a)
+        k_in, k_out = min(self.k_sample, n // 2), min(self.k_sample, n)
+        for c, classifier in enumerate(self.instance_classifiers):
+            if c == label and k_in > 0:
+                top, bottom = torch.topk(a, k_in).indices, torch.topk(-a, k_in).indices
+                targets = torch.cat([torch.ones(k_in), torch.zeros(k_in)]).long().to(h.device)
+                total = total + F.cross_entropy(classifier(torch.cat([h[top], h[bottom]])), targets)
+            elif c != label and self.subtyping:
+                top = torch.topk(a, k_out).indices
+                total = total + F.cross_entropy(classifier(h[top]), torch.zeros(k_out, dtype=torch.long, device=h.device))
+        return total / len(self.instance_classifiers) if self.subtyping else total
+
     def loss(self, bag: torch.Tensor, label: int) -> torch.Tensor:
         h, a, v = self.pool(bag)
         bag_loss = F.cross_entropy(self.classifier(v)[None], torch.tensor([label], device=bag.device))
-        k = min(self.k_sample, max(1, len(a) // 2))
-        top, bottom = torch.topk(a, k).indices, torch.topk(-a, k).indices
-        inst = self.instance_classifiers[label](torch.cat([h[top], h[bottom]]))
-        targets = torch.cat([torch.ones(k), torch.zeros(k)]).long().to(bag.device)
-        instance_loss = F.cross_entropy(inst, targets)
-        return self.bag_weight * bag_loss + (1 - self.bag_weight) * instance_loss
+        return self.bag_weight * bag_loss + (1 - self.bag_weight) * self.instance_loss(h, a, label)
 
 
 class MaxInstance(nn.Module):

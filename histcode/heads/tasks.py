@@ -106,6 +106,7 @@ def _labels_and_folds(catalog: Catalog, bags: dict[str, Bag]) -> tuple[pd.DataFr
 
 class ClassTask(TaskKind):
     needs_every_class = True
+    subtyping = False  # CLAM's subtyping: every slide is of one of the classes (no "absent" class)
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -128,7 +129,8 @@ class ClassTask(TaskKind):
 
     def torch_model(self, aggregator: str, in_dim: int, shape: dict[str, int], cfg: HeadsConfig) -> nn.Module:
         if aggregator == "attention":
-            return CLAMSingleBranch(in_dim, shape["classes"], k_sample=cfg.k_sample, bag_weight=cfg.bag_weight)
+            return CLAMSingleBranch(in_dim, shape["classes"], k_sample=cfg.k_sample, bag_weight=cfg.bag_weight,
+                                    subtyping=self.subtyping)
         if aggregator == "max":
             return MaxInstance(in_dim, shape["classes"])
         raise ValueError(f"{self.name}: no torch head for aggregator {aggregator!r}")
@@ -168,6 +170,8 @@ class TumourTask(ClassTask):
 
 class SubtypeTask(ClassTask):
     """The subtype (LUAD vs LUSC), on tumour slides whose subtype is known."""
+
+    subtyping = True
 
     def labelled(self, labels: pd.DataFrame) -> tuple[pd.DataFrame, tuple[str, ...], np.ndarray]:
         frame = labels[(labels.tumor == True) & labels.subtype.notna()]  # noqa: E712 -- nullable column

@@ -1,5 +1,5 @@
-"""Contrastive losses: NT-Xent (SimCLR), InfoNCE against a queue (MoCo v2) and against a learnable bank of
-adversarial negatives (AdCo). Each validates its inputs and states tensor shapes.
+"""Contrastive losses: NT-Xent (SimCLR), InfoNCE against a queue (MoCo v2), and AdCo's loss against the
+batch's keys and a learnable bank of adversarial negatives. Each validates its inputs and states tensor shapes.
 
 Shapes: N batch, D embedding dimension, K queue or bank size. Embeddings are L2-normalised inside the losses
 (the caller need not), and every loss is a mean over the batch.
@@ -60,15 +60,39 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperat
     return F.cross_entropy(logits.float(), torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
 
 
-def adco_bank_gradient(q: torch.Tensor, k: torch.Tensor, bank: torch.Tensor, bank_temperature: float) -> torch.Tensor:
-    """d(loss)/d(bank) of AdCo's adversarial negatives: the InfoNCE loss at the bank's own temperature, taken
-    with respect to the raw (unnormalised) bank. The bank then moves UP this gradient (it is the adversary).
+def adco_loss(q: torch.Tensor, keys: torch.Tensor, bank: torch.Tensor, temperature: float,
+              offset: int = 0) -> torch.Tensor:
+    """AdCo's loss (Hu et al. 2021, as their ``update_network`` computes it): each query against every key of the
+    (gathered) batch and every entry of the adversarial bank. Query i's positive is key ``offset + i`` (its own
+    view; ``offset`` is this process's first row in the gathered keys), and the batch's other keys are negatives
+    as well as the bank's entries.
 
-    q, k: (N, D) (no gradient flows back to them here); bank: (K, D). Returns (K, D).
+    q: (N, D); keys: (M, D) with M >= offset + N; bank: (K, D). All are L2-normalised here.
+    """
+    if q.ndim != 2 or keys.ndim != 2 or bank.ndim != 2:
+        raise ValueError(f"adco_loss: expected 2-D tensors, got {tuple(q.shape)}, {tuple(keys.shape)}, {tuple(bank.shape)}")
+    if not q.shape[1] == keys.shape[1] == bank.shape[1]:
+        raise ValueError(f"adco_loss: dimensions differ: {q.shape[1]}, {keys.shape[1]}, {bank.shape[1]}")
+    if offset < 0 or offset + q.shape[0] > keys.shape[0]:
+        raise ValueError(f"adco_loss: queries {offset}..{offset + q.shape[0]} have no keys among {keys.shape[0]}")
+    _check_temperature(temperature)
+    q, keys, bank = F.normalize(q, dim=1), F.normalize(keys, dim=1), F.normalize(bank, dim=1)
+    logits = torch.cat([q @ keys.t(), q @ bank.t()], dim=1) / temperature  # (N, M + K)
+    labels = torch.arange(offset, offset + q.shape[0], device=q.device)
+    return F.cross_entropy(logits.float(), labels)
+
+
+def adco_bank_gradient(q: torch.Tensor, keys: torch.Tensor, bank: torch.Tensor, bank_temperature: float,
+                       offset: int = 0) -> torch.Tensor:
+    """d(loss)/d(bank) of AdCo's adversarial negatives: ``adco_loss`` (in-batch keys included) at the bank's
+    own temperature, taken with respect to the raw (unnormalised) bank. The bank then moves UP this gradient
+    (it is the adversary).
+
+    q: (N, D); keys: (M, D) (no gradient flows back to either); bank: (K, D). Returns (K, D).
     """
     _check_temperature(bank_temperature, "bank_temperature")
     with torch.enable_grad():  # callers run under no_grad
         bank = bank.detach().float().requires_grad_(True)
-        loss = info_nce(q.detach().float(), k.detach().float(), bank, bank_temperature)
+        loss = adco_loss(q.detach().float(), keys.detach().float(), bank, bank_temperature, offset)
         (grad,) = torch.autograd.grad(loss, bank)
     return grad

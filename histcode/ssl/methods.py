@@ -18,9 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from histcode.config import PretrainConfig
+from histcode.ssl import distributed as dist_util
 from histcode.ssl.distributed import gather_no_grad, gather_with_grad
 from histcode.ssl.encoders import Encoder
-from histcode.ssl.losses import adco_bank_gradient, info_nce, nt_xent
+from histcode.ssl.losses import adco_bank_gradient, adco_loss, info_nce, nt_xent
+from histcode.ssl.shuffle_bn import largest_split, shuffled, split_batch_norms, unshuffled
 
 
 def projection_head(dim: int, hidden: int, out: int, batch_norm: bool) -> nn.Module:
@@ -61,12 +63,17 @@ class SimCLR(ContrastiveMethod):
 
 
 class _MomentumMethod(ContrastiveMethod):
-    """Shared by MoCo and AdCo: a momentum copy of encoder and head that produces the keys."""
+    """Shared by MoCo and AdCo: a momentum copy of encoder and head that produces the keys, with shuffle-BN
+    (``histcode.ssl.shuffle_bn``): keys are computed on a shuffled batch, across processes under torchrun, over
+    ``bn_splits`` sub-batches of batch norm on one device."""
 
     def __init__(self, encoder: Encoder, cfg: PretrainConfig) -> None:
         super().__init__(encoder, cfg)
         self.head = projection_head(encoder.dim, encoder.dim, cfg.proj_dim, batch_norm=False)
-        self.key_encoder = copy.deepcopy(encoder)
+        self.shuffle_bn = cfg.shuffle_bn
+        if cfg.shuffle_bn and dist_util.world_size() == 1:
+            split_batch_norms(self.encoder, largest_split(cfg.batch_size, cfg.bn_splits))
+        self.key_encoder = copy.deepcopy(self.encoder)
         self.key_head = copy.deepcopy(self.head)
         for p in (*self.key_encoder.parameters(), *self.key_head.parameters()):
             p.requires_grad_(False)
@@ -83,7 +90,17 @@ class _MomentumMethod(ContrastiveMethod):
 
     @torch.no_grad()
     def keys(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.key_head(self.key_encoder(x)), dim=1)
+        """L2-normalised keys of ``x`` (N, D), in ``x``'s order, computed on the shuffled batch."""
+        if not self.shuffle_bn:
+            return F.normalize(self.key_head(self.key_encoder(x)), dim=1)
+        mixed, undo = shuffled(x)
+        return unshuffled(F.normalize(self.key_head(self.key_encoder(mixed)), dim=1), undo)
+
+    @torch.no_grad()
+    def copy_to_keys(self) -> None:
+        """The key encoder and head become copies of the online ones."""
+        self.key_encoder.load_state_dict(self.encoder.state_dict())
+        self.key_head.load_state_dict(self.head.state_dict())
 
     def negatives(self) -> torch.Tensor:
         raise NotImplementedError
@@ -125,9 +142,11 @@ class MoCo(_MomentumMethod):
 
 
 class AdCo(_MomentumMethod):
-    """AdCo (Hu et al. 2021): negatives are a learnable bank trained adversarially. The encoder minimises the
-    InfoNCE loss against the bank; the bank takes an SGD-with-momentum step UP the same loss (at its own
-    temperature, with its own learning rate, momentum and weight decay), as in the paper's code."""
+    """AdCo (Hu et al. 2021) as its authors train it: each query is contrasted with every key of the (gathered)
+    batch and with a learnable bank of negatives (``adco_loss``); the encoder minimises that loss, the bank
+    takes an SGD-with-momentum step UP it (at its own temperature, with its own learning rate, momentum and
+    weight decay). Symmetric (``pretrain.symmetric``, the authors' ``--sym``): both views are queries of the
+    online encoder against the other view's keys, the two losses and the two bank gradients averaged."""
 
     name = "adco"
 
@@ -144,26 +163,42 @@ class AdCo(_MomentumMethod):
     def negatives(self) -> torch.Tensor:
         return self.bank.detach()
 
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        self.momentum_update()
+        offset = dist_util.rank() * x1.shape[0]  # this process's rows among the gathered keys
+        views = [(x1, x2), (x2, x1)] if self.symmetric else [(x1, x2)]
+        self._pairs, losses = [], []
+        for xq, xk in views:
+            q, keys = self.embed(xq), gather_no_grad(self.keys(xk))
+            losses.append(adco_loss(q, keys, self.negatives(), self.temperature, offset))
+            self._pairs.append((q.detach(), keys))
+        return sum(losses) / len(losses)
+
     @torch.no_grad()
     def init_bank(self, keys: torch.Tensor) -> None:
-        """Initialise the bank from key embeddings (K, D), as the paper does before training."""
+        """Fill the bank with key embeddings (K, D)."""
         if keys.shape != self.bank.shape:
             raise ValueError(f"init_bank: need {tuple(self.bank.shape)} keys, got {tuple(keys.shape)}")
         self.bank.copy_(F.normalize(keys, dim=1))
         self.bank_velocity.zero_()
         self.bank_ready.fill_(True)
 
+    def bank_gradient(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """d(loss)/d(bank) at the bank temperature, averaged over the pairs (queries of every process, so the
+        mean over the global batch, as the authors' all-reduce gives)."""
+        grads = [adco_bank_gradient(gather_no_grad(q), keys, self.bank, self.bank_temperature) for q, keys in pairs]
+        return sum(grads) / len(grads)
+
     @torch.no_grad()
-    def bank_step(self, q: torch.Tensor, k: torch.Tensor) -> None:
-        grad = adco_bank_gradient(q, k, self.bank, self.bank_temperature)
+    def bank_step(self, grad: torch.Tensor) -> None:
         # v <- m v - dL/dW + wd W ;  W <- W - lr v   (so W climbs the loss; weight decay pulls it in)
         self.bank_velocity.mul_(self.bank_momentum).sub_(grad.to(self.bank.dtype)).add_(self.bank, alpha=self.bank_weight_decay)
         self.bank.sub_(self.bank_velocity, alpha=self.bank_lr)
 
     @torch.no_grad()
     def after_step(self) -> None:
-        for q, k in self._pairs:
-            self.bank_step(gather_no_grad(q), gather_no_grad(k))
+        if self._pairs:
+            self.bank_step(self.bank_gradient(self._pairs))
         self._pairs = []
 
 

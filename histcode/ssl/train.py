@@ -22,6 +22,8 @@ from histcode.config import PretrainConfig
 from histcode.ssl.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint
 from histcode.ssl.dataset import EpochSampler, TileDataset
 from histcode.runtime import failpoint, resolve_workers, step_seed
+from histcode.ssl.distributed import gather_no_grad
+from histcode.ssl.losses import info_nce
 from histcode.ssl.methods import AdCo, ContrastiveMethod
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,8 @@ class Trainer:
         if world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            if device.type == "cuda":
+            if device.type == "cuda" and not getattr(self.method, "shuffle_bn", False):
+                # SimCLR normalises over the global batch; MoCo/AdCo keep per-process BN and shuffle the keys
                 self.method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
             self.model = DistributedDataParallel(self.method, device_ids=[device.index] if device.type == "cuda" else None,
                                                  broadcast_buffers=False)
@@ -121,27 +124,41 @@ class Trainer:
                           num_workers=workers, pin_memory=self.device.type == "cuda", drop_last=False,
                           prefetch_factor=4 if workers else None, persistent_workers=False)
 
-    @torch.no_grad()
     def init_bank(self) -> None:
-        """AdCo: fill the bank with key embeddings of augmented tiles before the first step (paper's init)."""
+        """AdCo: fill the bank before the first step. ``bank_init: train`` is the authors' ``init_memory``: for
+        bank_size / batch steps the encoder trains on InfoNCE against the (still random) bank while each
+        step's keys are written into the next rows of the bank, then the key encoder becomes a copy of the
+        trained query encoder. ``keys``: the bank is filled with keys of the untrained encoder."""
         method = self.method
         if not isinstance(method, AdCo) or bool(method.bank_ready):
             return
         size = method.bank.shape[0]
-        per_step = self.cfg.batch_size
-        steps = math.ceil(size / per_step)
-        keys = []
+        steps = math.ceil(size / self.cfg.batch_size)
+        train = self.cfg.bank_init == "train"
+        rows = []
         torch.manual_seed(step_seed(self.cfg.seed, -1))
         for batch in self.loader(0, steps, seed=self.cfg.seed + 7919):
-            view, _ = self.augment(batch.to(self.device))
+            v1, v2 = self.augment(batch.to(self.device))
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                keys.append(method.keys(view).float())
-        from histcode.ssl.distributed import gather_no_grad
-
-        bank = torch.cat([gather_no_grad(k) for k in keys])
+                if train:
+                    method.momentum_update()
+                    q = method.embed(v1)
+                with torch.no_grad():
+                    keys = method.keys(v2).float()
+                if train:
+                    loss = info_nce(q, keys, method.negatives(), method.temperature)
+            if train:
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            rows.append(gather_no_grad(keys))
+        bank = torch.cat(rows)
         while bank.shape[0] < size:  # fewer tiles than bank slots: repeat
             bank = torch.cat([bank, bank])
         method.init_bank(bank[:size])
+        if train:
+            method.copy_to_keys()
 
     # -- training ------------------------------------------------------------------------------------------
     def fit(self, on_log: Callable[[StepLog], None] | None = None, progress: bool = True) -> list[StepLog]:
