@@ -132,19 +132,22 @@ def registered_version(tracker: Tracker, task: str, run_id: str) -> str | None:
 
 def register_final(tracker: Tracker, data: TaskData, bags: dict[str, Bag], aggregator: str, hcfg, view: FeatureView,
                    labels: dict, tag: str, run_id: str, score: float) -> str:
-    """The final model of (task, aggregator) for the run ``run_id``: registered if the run already has one
-    (adopted: tags and alias set again), else fitted on every labelled slide (early stopping on an inner patient
-    split), logged to the run, registered and aliased by aggregator. The run ends FINISHED."""
+    """The final model of (task, aggregator) for the run ``run_id``: the version the run already registered
+    (its alias set; a run a crash left unended gets its version's tags and is ended), else fitted on every
+    labelled slide (early stopping on an inner patient split), logged to the run, registered and aliased by
+    aggregator. The run ends FINISHED."""
     name = MODEL_NAMES[data.name]
     tags = _version_tags(data, aggregator, view, labels, tag, score)
     version = registered_version(tracker, data.name, run_id)
-    with tracker.closing(tracker.reopen_run(run_id)):
-        if version is not None:
+    if version is not None:  # registered already: keep it (a run a crash left unended is ended now)
+        if tracker.client.get_run(run_id).info.status != "FINISHED":
             log.info("%s/%s: adopting %s version %s of run %s", data.name, aggregator, name, version, run_id)
             for key, value in tags.items():
                 tracker.client.set_model_version_tag(name, version, key, str(value))
-            tracker.client.set_registered_model_alias(name, aggregator, version)
-            return version
+            tracker.end_run(run_id)
+        tracker.client.set_registered_model_alias(name, aggregator, version)
+        return version
+    with tracker.closing(tracker.reopen_run(run_id)):
         head, _, _ = fit_on(data, bags, np.arange(len(data.slide_ids)), aggregator, hcfg, hcfg.seed)
         _, version = tracker.log_torch_model(run_id, head.model, "head", (view.dim,), None, name, aliases=(aggregator,),
                                              version_tags=tags)

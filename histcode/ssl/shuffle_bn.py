@@ -59,7 +59,7 @@ def split_batch_norms(module: nn.Module, splits: int) -> nn.Module:
             split = SplitBatchNorm(child.num_features, splits, eps=child.eps, momentum=child.momentum,
                                    affine=child.affine, track_running_stats=child.track_running_stats)
             split.load_state_dict(child.state_dict())
-            setattr(module, name, split.to(next(iter(child.state_dict().values())).device))
+            setattr(module, name, split.to(child.running_mean.device if child.running_mean is not None else "cpu"))
         else:
             split_batch_norms(child, splits)
     return module

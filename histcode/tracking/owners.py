@@ -36,9 +36,8 @@ def _machine() -> str:
 def _started(pid: int) -> str:
     """When a process started, as a key a reused pid does not repeat: on Linux its start in clock ticks since
     boot (unmoved by clock steps); elsewhere its start time in milliseconds."""
-    stat = Path(f"/proc/{pid}/stat")
-    if stat.exists() or Path("/proc/self/stat").exists():
-        return "t" + stat.read_text().rsplit(")", 1)[1].split()[19]  # field 22, starttime
+    if Path("/proc/self/stat").exists():  # Linux; a process that is gone raises FileNotFoundError
+        return "t" + Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]  # field 22, starttime
     return "m" + str(int(psutil.Process(pid).create_time() * 1000))
 
 

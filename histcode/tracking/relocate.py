@@ -61,10 +61,12 @@ def relocate_store(db_path: Path, root_uri: str) -> int:
         tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()}
         if "experiments" not in tables:
             return 0
-        default = f"{root_uri}/Default"
-        with con:
-            changed = con.execute("UPDATE experiments SET artifact_location = ? WHERE name = 'Default' AND "
-                                  "artifact_location != ?", [default, default]).rowcount
+        default, changed = f"{root_uri}/Default", 0
+        located = con.execute("SELECT artifact_location FROM experiments WHERE name = 'Default'").fetchall()
+        if located and located[0][0] != default:  # read first: no write transaction on every use
+            with con:
+                changed = con.execute("UPDATE experiments SET artifact_location = ? WHERE name = 'Default'",
+                                      [default]).rowcount
         olds = foreign_roots(con, root_uri)
         if not olds:
             return changed
