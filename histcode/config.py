@@ -229,6 +229,7 @@ class LabelsConfig(_Section):
     panel: tuple[str, ...] = DEFAULT_PANEL
     min_class_size: Annotated[int, Field(ge=1)] = 3  # patients per class, per gene and per slide task
     max_expression: Annotated[float, Field(gt=0)] = 1e9  # values above are implausible for the unit (and inf)
+    control_genes: tuple[str, ...] = ()  # panel genes expected to have no morphological signal: scored apart
     folds: Annotated[int, Field(ge=2)] = 5  # the cross-validation the heads will use, planned here
     seed: int = 0
 
@@ -249,8 +250,30 @@ class HeadsConfig(_Section):
     bootstrap: Pixels = 1000  # resamples for 95% confidence intervals
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    view: str | None = None  # feature view id; None = the latest materialised
+    view: str | None = None  # feature view id; None = the default view (features.encoder under the current tiling)
     register_models: bool = True
+    promote: bool = False  # move the production aliases to this run's versions even where they score worse
+
+
+class OODConfig(_Section):
+    """How far a predicted slide's tiles lie from the training cohort's, in the heads' feature view: the mean
+    cosine distance of each tile to its k nearest training tiles, averaged over the slide's tiles, against the
+    same score of every training slide left out by patient (its own patient's tiles removed from the reference)."""
+
+    enabled: bool = True
+    k: Annotated[int, Field(ge=1)] = 10
+    reference_tiles: Annotated[int, Field(ge=10)] = 20_000  # training tiles sampled as the reference
+    tiles_per_slide: Annotated[int, Field(ge=1)] = 256  # tiles of a slide that are scored (sampled above this)
+    calibration_slides: Annotated[int, Field(ge=2)] = 200  # training slides scored leave-one-patient-out
+    quantile: Fraction = 0.99  # slides above this quantile of the calibration scores ...
+    margin: Annotated[float, Field(ge=1)] = 1.1  # ... times this margin are flagged out of distribution
+    seed: int = 0
+
+
+class PredictConfig(_Section):
+    """`histcode predict`: how new slides are scored."""
+
+    ood: OODConfig = OODConfig()
 
 
 class HistcodeConfig(_Section):
@@ -262,6 +285,7 @@ class HistcodeConfig(_Section):
     features: FeaturesConfig = FeaturesConfig()
     labels: LabelsConfig = LabelsConfig()
     heads: HeadsConfig = HeadsConfig()
+    predict: PredictConfig = PredictConfig()
 
 
 class ConfigError(ValueError):

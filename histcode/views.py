@@ -120,10 +120,15 @@ def heads_table(summary: dict) -> Table:
         table.add_column(col)
     for key, r in summary["runs"].items():
         task, agg = key.split("/")
-        auc = f"{r['auc']:.3f} [{r.get('auc_ci_low', float('nan')):.2f}, {r.get('auc_ci_high', float('nan')):.2f}]" if "auc" in r else ""
+        nan = float("nan")
+        ci = lambda k: f"{r[k]:.3f} [{r.get(k + '_ci_low', nan):.2f}, {r.get(k + '_ci_high', nan):.2f}]" if k in r else ""  # noqa: E731
         fmt = lambda k: f"{r[k]:.3f}" if k in r else ""  # noqa: E731
-        table.add_row(key, auc, fmt("balanced_accuracy"), fmt("f1"), fmt("mean_gene_auc"), fmt("mean_gene_pearson"),
-                      fmt("attention_mask_auc"), str(r.get("version") or ""), "*" if summary["best"].get(task) == agg else "")
+        if agg == "best":  # the selection procedure: which aggregator each outer fold chose
+            mark = "folds: " + ", ".join(f"{a} {n}" for a, n in r.get("chosen", {}).items())
+        else:
+            mark = "*" if summary["best"].get(task) == agg else ""
+        table.add_row(key, ci("auc"), fmt("balanced_accuracy"), fmt("f1"), ci("mean_gene_auc"), ci("mean_gene_pearson"),
+                      fmt("attention_mask_auc"), str(r.get("version") or ""), mark)
     return table
 
 

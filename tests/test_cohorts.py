@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from histcode.apps.predict import predict_slides
-from histcode.apps.train_heads import train_heads, view_state
+from histcode.apps.train_heads import train_heads
+from histcode.features.registry import training_state
 from histcode.features.registry import load_view
 from histcode.ingest.sources import read_manifest, sources_from_paths
 from histcode.labels.run import ingest_labels
@@ -80,7 +81,7 @@ def test_predicted_slides_never_reach_pretraining_labels_folds_or_heads(headed_w
     assert gate_labels(ws, cfg).passed
     # heads: the view holds the predicted vectors, the heads' bags and folds do not
     view = load_view(catalog, None)
-    assert not {s for s, _, _ in view_state(catalog, view, ["default"])} & new_ids
+    assert not {s for s, _, _ in training_state(catalog, view, ["default"])} & new_ids
     report = train_heads(ws, cfg, ("tumor",), ("mean",), force=True)
     (cv,) = report.results
     seen = {s for fold in cv.fold_slides for part in fold.values() for s in part}

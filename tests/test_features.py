@@ -191,15 +191,16 @@ def test_as_of_returns_the_older_state(embedded_workspace, copy_workspace) -> No
 
 def test_sql_reads_everything_and_writes_nothing(embedded_workspace) -> None:
     ws = embedded_workspace
-    counts = run_sql(ws, "SELECT slide_id, count(*) AS n FROM tile_embeddings GROUP BY 1").to_pandas()
+    sql = lambda q: run_sql(ws, q, _view(ws).view_id)  # noqa: E731 -- tile_embeddings = the view the caller names
+    counts = sql("SELECT slide_id, count(*) AS n FROM tile_embeddings GROUP BY 1").to_pandas()
     tiles = Catalog.of(ws).query("SELECT slide_id, count(*) AS n FROM tiles GROUP BY 1")
     assert dict(zip(counts.slide_id, counts.n)) == {r["slide_id"]: r["n"] for r in tiles}
-    near = run_sql(ws, """
+    near = sql("""
         WITH q AS (SELECT vector FROM tile_embeddings ORDER BY tile_id LIMIT 1)
         SELECT t.tile_id, array_cosine_distance(t.vector, q.vector) AS d
         FROM tile_embeddings t, q ORDER BY d LIMIT 3""").to_pandas()
     assert near.d.iloc[0] == pytest.approx(0, abs=1e-5) and near.d.is_monotonic_increasing
-    joined = run_sql(ws, "SELECT count(*) AS n FROM slide_embeddings e JOIN slides s USING (slide_id) "
+    joined = sql("SELECT count(*) AS n FROM slide_embeddings e JOIN slides s USING (slide_id) "
                          "WHERE s.attributes->>'sample_type' = 'tumor'").to_pylist()[0]["n"]
     assert joined > 0
     view = _view(ws)
@@ -251,7 +252,8 @@ def test_a_slide_whose_content_changes_leaves_every_feature_view_at_once(embedde
                                 progress=False).outcomes
     assert outcome.action == "changed"
     assert counts() == [(0, 0), (0, 0)]  # gone from both views' tile and slide tables
-    assert run_sql(ws, f"SELECT count(*) AS n FROM tile_embeddings WHERE slide_id = '{sid}'").column("n")[0].as_py() == 0
+    assert run_sql(ws, f"SELECT count(*) AS n FROM tile_embeddings WHERE slide_id = '{sid}'",
+                   _view(ws).view_id).column("n")[0].as_py() == 0
     other = [s for s in catalog.slides(status="ok") if s["slide_id"] != sid][0]["slide_id"]
     hits = search(ws, _view(ws), cfg.features, slide_id=other, k=50)
     assert sid not in hits.column("slide_id").to_pylist()

@@ -1,6 +1,8 @@
 """The paper's ablation: encoder (random init, SimCLR, MoCo, AdCo) x aggregator (mean, attention), every
 combination trained and cross-validated the same way, as comparable runs of the MLflow experiment ``heads``
-(tagged ``histcode.method`` and ``histcode.aggregator``: select them in the UI and press Compare)."""
+(params ``method`` and ``aggregator``: select them in the UI and press Compare). Versions are registered under
+the ablation's own aliases, ``ablation-<method>-<aggregator>`` and ``ablation-<method>-best``; the production
+aliases (``@best``, ``@attention``, ``@mean``, ``@max``) that `histcode predict` reads are never moved here."""
 
 from __future__ import annotations
 
@@ -40,5 +42,5 @@ def run_ablation(ws: Workspace, cfg: HistcodeConfig, methods: tuple[str, ...] = 
         version = _encoder_version(ws, cfg, method)
         view = materialize(ws, cfg, encoder=f"{cfg.pretrain.register_as}/{version}").view
         log.info("ablation: %s encoder v%s -> view %s", method, version, view.view_id)
-        reports.append(train_heads(ws, cfg, tasks, aggregators, view.view_id))
+        reports.append(train_heads(ws, cfg, tasks, aggregators, view.view_id, ablation=method))
     return reports

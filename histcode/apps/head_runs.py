@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from histcode.features.registry import FeatureView
-from histcode.heads.cv import CVResult, fit_on
+from histcode.heads.cv import CVResult, fit_on, validation
 from histcode.heads.data import Bag
 from histcode.heads.names import MODEL_NAMES
 from histcode.heads.tasks import TaskData
@@ -54,6 +56,8 @@ def track_cv(tracker: Tracker, result: CVResult, view: FeatureView, labels: dict
         for fold in result.fold_metrics:
             fold_tags = {"histcode.fold": str(fold["fold"]),
                          "histcode.encoder_saw_fold": str(fold["fold"] not in strict_folds).lower()}
+            if "aggregator" in fold:
+                fold_tags["histcode.chosen_aggregator"] = str(fold["aggregator"])
             with tracker.run(EXPERIMENT, f"{task.name}-{agg}-fold{fold['fold']}", parent=parent, tags=fold_tags) as child:
                 tracker.log_metrics(child, {k: v for k, v in fold.items() if isinstance(v, (int, float)) and np.isfinite(v)})
         pooled = {k: v for k, v in result.pooled.items() if np.isfinite(v)}
@@ -84,6 +88,10 @@ def _write_tables(result: CVResult, out: Path) -> None:
         plots.fold_change_vs_auc_png(result.genes, f"DE / {agg}: |log2FC| vs AUC", out / "fold_change_vs_auc.png")
     (out / "fold_slides.json").write_text(json.dumps(result.fold_slides, indent=1))
     pd.DataFrame(result.fold_metrics).to_csv(out / "folds.csv", index=False)
+    if result.outputs:  # out-of-fold outputs, so that a reused run can take part in a later selection
+        ids = sorted(result.outputs)
+        np.savez_compressed(out / "outputs.npz", slide_id=np.array(ids, dtype=object).astype(str),
+                            outputs=np.stack([result.outputs[s] for s in ids]))
 
 
 def prior_run(tracker: Tracker, fingerprint: str):
@@ -100,7 +108,7 @@ def prior_run(tracker: Tracker, fingerprint: str):
 def read_back(tracker: Tracker, run, data: TaskData, aggregator: str) -> tuple[CVResult, float | None]:
     """A completed cross-validation as its run recorded it: (result, attention-vs-mask AUC)."""
     metrics = run.data.metrics
-    result = CVResult(data, aggregator,
+    result = CVResult(data.kind.tested(data), aggregator,
                       pooled={k: v for k, v in metrics.items() if k != MASK_AUC and not k.startswith(STRICT)},
                       strict={k[len(STRICT):]: v for k, v in metrics.items() if k.startswith(STRICT)})
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,15 +122,27 @@ def read_back(tracker: Tracker, run, data: TaskData, aggregator: str) -> tuple[C
             result.fold_metrics = pd.read_csv(local("folds.csv")).to_dict("records")
         if "fold_slides.json" in names:
             result.fold_slides = json.loads(local("fold_slides.json").read_text())
+        if "outputs.npz" in names:
+            with np.load(local("outputs.npz")) as saved:
+                result.outputs = dict(zip(saved["slide_id"].tolist(), saved["outputs"]))
     return result, metrics.get(MASK_AUC)
 
 
 def _version_tags(data: TaskData, aggregator: str, view: FeatureView, labels: dict, tag: str, score: float) -> dict:
     return {"task": data.name, "aggregator": aggregator, "view_id": view.view_id, "encoder_uri": view.encoder_uri,
-            "label_version": labels["label_version"], "lance_tag": tag, "classes": ",".join(data.classes),
-            "genes": ",".join(data.genes), "cv_score": score,
+            "method": str(view.method), "label_version": labels["label_version"], "lance_tag": tag,
+            "classes": ",".join(data.classes), "genes": ",".join(data.genes), "cv_score": score,
             "classified_genes": ",".join(g for g, keep in zip(data.genes, data.gene_included) if keep)
             if data.gene_included is not None else ""}
+
+
+@dataclass
+class Registered:
+    """A registered final model and its inner-validation figures (what ``@best`` is chosen by)."""
+
+    version: str
+    val_score: float
+    val_loss: float
 
 
 def registered_version(tracker: Tracker, task: str, run_id: str) -> str | None:
@@ -130,12 +150,19 @@ def registered_version(tracker: Tracker, task: str, run_id: str) -> str | None:
     return str(max(int(v.version) for v in versions)) if versions else None
 
 
+def _number(tags: dict, key: str) -> float:
+    try:
+        return float(tags.get(key, "nan"))
+    except ValueError:
+        return math.nan
+
+
 def register_final(tracker: Tracker, data: TaskData, bags: dict[str, Bag], aggregator: str, hcfg, view: FeatureView,
-                   labels: dict, tag: str, run_id: str, score: float) -> str:
+                   labels: dict, tag: str, run_id: str, score: float) -> Registered:
     """The final model of (task, aggregator) for the run ``run_id``: the version the run already registered
-    (its alias set; a run a crash left unended gets its version's tags and is ended), else fitted on every
-    labelled slide (early stopping on an inner patient split), logged to the run, registered and aliased by
-    aggregator. The run ends FINISHED."""
+    (a run a crash left unended gets its version's tags and is ended), else fitted on every labelled slide
+    (early stopping on an inner patient split, whose validation score is tagged on the version), logged to the
+    run and registered. Sets no alias (``promote`` does). The run ends FINISHED."""
     name = MODEL_NAMES[data.name]
     tags = _version_tags(data, aggregator, view, labels, tag, score)
     version = registered_version(tracker, data.name, run_id)
@@ -145,11 +172,60 @@ def register_final(tracker: Tracker, data: TaskData, bags: dict[str, Bag], aggre
             for key, value in tags.items():
                 tracker.client.set_model_version_tag(name, version, key, str(value))
             tracker.end_run(run_id)
-        tracker.client.set_registered_model_alias(name, aggregator, version)
-        return version
+        known = tracker.client.get_model_version(name, version).tags
+        return Registered(version, _number(known, "val_score"), _number(known, "val_loss"))
     with tracker.closing(tracker.reopen_run(run_id)):
-        head, _, _ = fit_on(data, bags, np.arange(len(data.slide_ids)), aggregator, hcfg, hcfg.seed)
-        _, version = tracker.log_torch_model(run_id, head.model, "head", (view.dim,), None, name, aliases=(aggregator,),
-                                             version_tags=tags)
+        head, _, val_idx = fit_on(data, bags, np.arange(len(data.slide_ids)), aggregator, hcfg, hcfg.seed)
+        val = validation(data, bags, head, val_idx)
+        _, version = tracker.log_torch_model(run_id, head.model, "head", (view.dim,), None, name,
+                                             version_tags={**tags, **val})
         failpoint("heads.registered")
-    return version
+    return Registered(version, val["val_score"], val["val_loss"])
+
+
+@dataclass
+class Promotion:
+    alias: str
+    version: str  # the version the alias points at afterwards
+    moved: bool
+    reason: str
+
+
+def promote(tracker: Tracker, task: str, alias: str, version: str, score: float, label_version: str,
+            score_tag: str, force: bool = False) -> Promotion:
+    """Point ``alias`` at ``version`` when it has no version yet, when its version was scored on another label
+    set, when ``score`` beats that version's ``score_tag`` (strictly), or when ``force``; otherwise leave it.
+    ``score`` is tagged on ``version`` as ``score_tag`` when the alias moves."""
+    name = MODEL_NAMES[task]
+    client = tracker.client
+    try:
+        current = client.get_model_version_by_alias(name, alias)
+    except Exception:  # noqa: BLE001 -- no such alias yet
+        current = None
+    if current is not None and str(current.version) == str(version):
+        return Promotion(alias, version, False, "already there")
+    reason = None
+    if force:
+        reason = "promoted by request"
+    elif current is None:
+        reason = "first version"
+    elif current.tags.get("label_version") != label_version:
+        reason = f"label set changed ({current.tags.get('label_version')} -> {label_version})"
+    else:
+        held = _number(current.tags, score_tag)
+        if math.isfinite(score) and (not math.isfinite(held) or score > held):
+            reason = f"{score_tag} {score:.4f} > {held:.4f} of version {current.version}"
+        else:
+            log.info("%s@%s stays on version %s (%s %.4f); version %s scored %.4f", name, alias, current.version,
+                     score_tag, held, version, score)
+            return Promotion(alias, str(current.version), False,
+                             f"version {current.version} scores {held:.4f} >= {score:.4f}")
+    client.set_model_version_tag(name, version, score_tag, str(score))
+    client.set_registered_model_alias(name, alias, version)
+    log.info("%s@%s -> version %s (%s)", name, alias, version, reason)
+    return Promotion(alias, str(version), True, reason)
+
+
+def set_alias(tracker: Tracker, task: str, alias: str, version: str) -> None:
+    """Point ``alias`` at ``version`` unconditionally (ablation aliases)."""
+    tracker.client.set_registered_model_alias(MODEL_NAMES[task], alias, version)

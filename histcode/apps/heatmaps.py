@@ -88,9 +88,10 @@ def _already_drawn(catalog: Catalog, tracker: Tracker, slide_id: str, heads: tup
 
 def render_heatmaps(ws: Workspace, slide_id: str, out_dir: Path, genes: list[str] | None = None,
                     alias: str = "attention", heads: tuple[LoadedHead, LoadedHead | None] | None = None,
-                    bag: Bag | None = None, force: bool = False) -> HeatmapResult:
+                    bags: dict[str, Bag] | None = None, force: bool = False) -> HeatmapResult:
     """``heads``: the (tumour, DE) heads when the caller has loaded them already (default: tumour@``alias``
-    and DE@best from the registry); ``bag``: the slide's vectors in the tumour head's view, if already read.
+    and DE@best from the registry); ``bags``: the slide's vectors by view id, where already read (each head
+    reads the slide in its own view).
     A slide already drawn by the same head versions and genes into ``out_dir`` is not drawn again unless
     ``force``."""
     catalog, tracker = Catalog.of(ws), Tracker(ws)
@@ -110,7 +111,8 @@ def render_heatmaps(ws: Workspace, slide_id: str, out_dir: Path, genes: list[str
     if done is not None:
         log.info("%s: heatmaps already drawn by these heads (%s)", slide_id, out_dir)
         return done
-    bag = bag if bag is not None else slide_bag(ws, tumor, slide_id)
+    bags = dict(bags or {})
+    bag = bags.get(tumor.view_id) or slide_bag(ws, tumor, slide_id)
     out, attention = tumor(bag.features)
     result = HeatmapResult(slide_id)
     p_tumor = float(out[list(tumor.classes).index("tumor")]) if "tumor" in tumor.classes else float("nan")
@@ -126,15 +128,17 @@ def render_heatmaps(ws: Workspace, slide_id: str, out_dir: Path, genes: list[str
         result.mask_auc = float(roc_auc_score(truth, attention))
     store_scores(catalog, tumor, pd.DataFrame(rows))
     if chosen:
-        per_tile = de.tile_scores(bag.features)
+        de_bag = bags.get(de.view_id) or (bag if de.view_id == tumor.view_id else slide_bag(ws, de, slide_id))
+        per_tile = de.tile_scores(de_bag.features)
         de_rows = []
         for gene, picture in zip(chosen, pictures[1:]):
             g = list(de.genes).index(gene)
-            result.pictures.append(heatmap_png(slide, bag.xy, bag.size, per_tile[:, g],
+            result.pictures.append(heatmap_png(slide, de_bag.xy, de_bag.size, per_tile[:, g],
                                                f"{slide_id}: predicted log2FC of {gene} per tile", f"{gene} log2FC",
                                                picture, cmap="coolwarm"))
-            de_rows += [{"slide_id": slide_id, "tile_id": t, "x": int(x), "y": int(y), "size": bag.size,
-                         "score_name": f"log2fc:{gene}", "score": float(v)} for t, (x, y), v in zip(bag.tile_ids, bag.xy, per_tile[:, g])]
+            de_rows += [{"slide_id": slide_id, "tile_id": t, "x": int(x), "y": int(y), "size": de_bag.size,
+                         "score_name": f"log2fc:{gene}", "score": float(v)}
+                        for t, (x, y), v in zip(de_bag.tile_ids, de_bag.xy, per_tile[:, g])]
         store_scores(catalog, de, pd.DataFrame(de_rows))
         rows += de_rows
     result.scores = pd.DataFrame(rows)

@@ -1,10 +1,15 @@
 """`histcode predict`: new slides in, one row of predictions per slide out.
 
 Each slide is ingested and tiled like any other, into an inference cohort of its own (``cohorts.predict``, or
-``--cohort``) that pretraining, labels and heads never read, embedded with the encoder of the registered heads'
-feature view, and scored by ``histcode-tumor-head@best``, ``histcode-subtype-head@best`` and
-``histcode-de-head@best``. A slide that fails at any step gets status ``failed`` and the reason; the others are
-predicted. Attention comes from the tumour head registered with the attention aggregator when there is one.
+``--cohort``) that pretraining, labels and heads never read, and scored by ``histcode-tumor-head@best``,
+``histcode-subtype-head@best`` and ``histcode-de-head@best``. The heads may come from different encoders: each
+head's feature view (its ``view_id`` tag) is checked and the slide is embedded in every view a head needs; a view
+the current tiling can no longer produce is refused. A slide that fails at any step gets status ``failed`` and
+the reason; the others are predicted. Attention comes from the tumour head registered with the attention
+aggregator when there is one. DE calls are ``not_applicable`` for slides the tumour head calls normal (a
+tumour-vs-normal fold change means nothing there). Each slide is also placed against the training cohort in the
+tumour head's view (``histcode.features.ood``): ``ood_score``, its percentile among the training slides'
+leave-one-patient-out scores, and ``in_distribution``; a slide outside says so in ``reason``.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import pandas as pd
 
 from histcode.config import HistcodeConfig
 from histcode.features.embed import materialize
-from histcode.heads.apply import load_head, optional_head
+from histcode.features.ood import reference_for_view
+from histcode.features.registry import load_view
+from histcode.heads.apply import LoadedHead, load_head, optional_head
 from histcode.heads.data import Bag
 from histcode.apps.heatmaps import render_heatmaps, slide_bag
 from histcode.ingest.run import ingest_sources
@@ -30,12 +37,22 @@ from histcode.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
+NOT_APPLICABLE = "not_applicable"
+
 
 @dataclass
 class Prediction:
     predictions: pd.DataFrame
     tile_scores: pd.DataFrame = field(default_factory=pd.DataFrame)
     heatmaps: list[Path] = field(default_factory=list)
+    views: dict[str, str] = field(default_factory=dict)  # "task@alias v<version>" -> the view id it was applied in
+
+
+def _heads(tracker: Tracker) -> dict[str, LoadedHead]:
+    tumor = load_head(tracker, "tumor", "best")
+    heads = {"tumor": tumor, "subtype": optional_head(tracker, "subtype"), "de": optional_head(tracker, "de"),
+             "attention": optional_head(tracker, "tumor", "attention") or tumor}
+    return {k: h for k, h in heads.items() if h is not None}
 
 
 def predict_slides(ws: Workspace, cfg: HistcodeConfig, sources: list[SlideSource], heatmap_dir: Path | None = None,
@@ -44,10 +61,10 @@ def predict_slides(ws: Workspace, cfg: HistcodeConfig, sources: list[SlideSource
     reads; a slide id that is already registered in another cohort with the same pixels is predicted where it
     is (its ``cohort`` column says so), and refused if it names other pixels."""
     catalog, tracker = Catalog.of(ws), Tracker(ws)
-    tumor = load_head(tracker, "tumor", "best")
-    subtype = optional_head(tracker, "subtype")
-    de = optional_head(tracker, "de")
-    attention_head = optional_head(tracker, "tumor", "attention") or tumor
+    heads = _heads(tracker)
+    views = {f"{h.task}@{'attention' if key == 'attention' else 'best'} v{h.version}": h.view_id for key, h in heads.items()}
+    for name, view_id in views.items():
+        log.info("%s is applied in view %s", name, view_id)
     ingested = ingest_sources(sources, catalog, cfg.ingest, progress=progress, cohort=cohort or cfg.cohorts.predict,
                               role=INFERENCE, keep_other_cohorts=True)
     # one row per source, in order; a refused duplicate keeps its own failed row
@@ -61,56 +78,90 @@ def predict_slides(ws: Workspace, cfg: HistcodeConfig, sources: list[SlideSource
         for o in tile_slides(catalog, cfg.tiling, ws.outputs_dir / "qc", slide_ids=list(healthy), progress=progress).outcomes:
             if o.status != "ok" and o.slide_id in healthy:
                 fail(o.slide_id, f"tiling: {o.reason}")
-    if healthy:
-        encoder = tumor.encoder_uri.removeprefix("models:/")
-        report = materialize(ws, cfg, encoder=encoder, slide_ids=list(healthy), progress=progress)
-        if report.view.view_id != tumor.view_id:
-            raise RuntimeError(f"embedding produced view {report.view.view_id}, but the heads were trained on "
-                               f"{tumor.view_id}: the tiling spec or encoder changed since `histcode heads`")
+    by_view = {h.view_id: h for h in heads.values()}
+    for view_id, head in by_view.items():
+        if not healthy:
+            break
+        report = materialize(ws, cfg, encoder=head.encoder_uri.removeprefix("models:/"), slide_ids=list(healthy),
+                             progress=progress)
+        if report.view.view_id != view_id:
+            raise RuntimeError(f"{head.task} head v{head.version} was trained on view {view_id}, but its encoder "
+                               f"{head.encoder_uri} now embeds into {report.view.view_id}: the tiling spec changed since "
+                               "`histcode heads`; train the heads again on the current tiling")
         for o in report.failed:
             if o.slide_id in healthy:
-                fail(o.slide_id, f"embedding: {o.reason}")
+                fail(o.slide_id, f"embedding in view {view_id}: {o.reason}")
+    ood = _ood_reference(ws, catalog, cfg, heads["tumor"]) if healthy else None
     tiles, pictures = [], []
     for sid, row in healthy.items():
         try:
-            bag = slide_bag(ws, tumor, sid)
-            scored, slide_tiles = _score_slide(bag, tumor, subtype, de, attention_head)
+            bags = {view_id: slide_bag(ws, head, sid) for view_id, head in by_view.items()}
+            scored, slide_tiles = _score_slide(bags, heads)
+            if ood is not None:
+                scored.update(ood.assess(bags[heads["tumor"].view_id].features))
         except Exception as exc:  # noqa: BLE001 -- one slide's failure must not lose the others' predictions
             log.warning("scoring %s failed: %s", sid, exc)
             row.update(status="failed", reason=f"scoring: {type(exc).__name__}: {exc}")
             continue
         row.update(scored)
+        if ood is not None and not scored["in_distribution"]:
+            row["reason"] = (f"out of the training distribution: tiles lie {scored['ood_score']:.3f} from the training "
+                             f"cohort's (threshold {ood.threshold:.3f}); treat these predictions with caution")
+            log.warning("%s: %s", sid, row["reason"])
         tiles += slide_tiles
         if heatmap_dir is not None:
             try:
-                pictures += render_heatmaps(ws, sid, heatmap_dir, heads=(attention_head, de),
-                                           bag=bag if attention_head.view_id == tumor.view_id else None).pictures
+                pictures += render_heatmaps(ws, sid, heatmap_dir, heads=(heads["attention"], heads.get("de")),
+                                            bags=bags).pictures
             except Exception as exc:  # noqa: BLE001 -- the predictions stand; the picture is what failed
                 log.warning("heatmap of %s failed: %s", sid, exc)
-                row["reason"] = f"predicted; heatmap failed: {type(exc).__name__}: {exc}"
+                row["reason"] = "; ".join(filter(None, [row.get("reason"),
+                                                        f"predicted; heatmap failed: {type(exc).__name__}: {exc}"]))
     frame = pd.DataFrame(rows)
-    for col in ("p_tumor", "p_luad", "p_lusc"):
+    for col in ("p_tumor", "p_luad", "p_lusc", "ood_score", "ood_percentile", "in_distribution"):
         if col not in frame:
             frame[col] = np.nan
-    lead = ["slide_id", "cohort", "status", "reason", "p_tumor", "p_luad", "p_lusc"]
+    lead = ["slide_id", "cohort", "status", "reason", "p_tumor", "p_luad", "p_lusc", "in_distribution", "ood_score",
+            "ood_percentile"]
     frame = frame[lead + [c for c in frame.columns if c not in lead]]
-    return Prediction(frame, pd.DataFrame(tiles, columns=["slide_id", "x", "y", "size", "attention"]), pictures)
+    return Prediction(frame, pd.DataFrame(tiles, columns=["slide_id", "x", "y", "size", "attention"]), pictures, views)
 
 
-def _score_slide(bag: Bag, tumor, subtype, de, attention_head) -> tuple[dict, list[dict]]:
-    sid = bag.slide_id
-    p, _ = tumor(bag.features)
-    row = {"p_tumor": float(p[list(tumor.classes).index("tumor")])}
-    if subtype is not None:
-        ps, _ = subtype(bag.features)
+def _ood_reference(ws: Workspace, catalog: Catalog, cfg: HistcodeConfig, tumor: LoadedHead):
+    """The training cohort's reference in the tumour head's view, or None when the check is off or impossible
+    (logged: predictions go on without it)."""
+    if not cfg.predict.ood.enabled:
+        return None
+    try:
+        view = load_view(catalog, tumor.view_id, cfg.features.attribute_columns)
+        return reference_for_view(ws, catalog, view, catalog.training_cohorts(cfg.cohorts.train), cfg.predict.ood)
+    except (ValueError, LookupError) as exc:
+        log.warning("no out-of-distribution check: %s", exc)
+        return None
+
+
+def _score_slide(bags: dict[str, Bag], heads: dict[str, LoadedHead]) -> tuple[dict, list[dict]]:
+    """One slide's row (p_tumor, subtype probabilities, DE calls) and its tiles' attention; each head reads the
+    slide's bag in its own view."""
+    tumor = heads["tumor"]
+    p, _ = tumor(bags[tumor.view_id].features)
+    p_tumor = float(p[list(tumor.classes).index("tumor")])
+    row = {"p_tumor": p_tumor}
+    if "subtype" in heads:
+        subtype = heads["subtype"]
+        ps, _ = subtype(bags[subtype.view_id].features)
         row.update({f"p_{c.lower()}": float(v) for c, v in zip(subtype.classes, ps)})
-    if de is not None:
-        out, _ = de(bag.features)
+    if "de" in heads:
+        de = heads["de"]
+        out, _ = de(bags[de.view_id].features)
         for g, gene in enumerate(de.genes):
             probs = out[g, 1:]
             called = gene in de.classified_genes and np.isfinite(probs).all()
-            row[f"de_{gene}"] = de.classes[int(np.argmax(probs))] if called else "not_classified"
+            row[f"de_{gene}"] = (NOT_APPLICABLE if p_tumor < 0.5 else
+                                 de.classes[int(np.argmax(probs))] if called else "not_classified")
+    attention_head = heads["attention"]
+    bag = bags[attention_head.view_id]
     _, attention = attention_head(bag.features)
-    tiles = [{"slide_id": sid, "x": int(x), "y": int(y), "size": bag.size, "attention": float(a)}
+    tiles = [{"slide_id": bag.slide_id, "x": int(x), "y": int(y), "size": bag.size, "attention": float(a)}
              for (x, y), a in zip(bag.xy, attention)]
     return row, tiles

@@ -3,7 +3,9 @@
 Nothing trains unless the current label set passed the gate. The Lance state the heads train on is tagged
 (``heads-<label set>``) and recorded on every run, so the exact vectors can be read back later. Each
 (task, aggregator) is one MLflow parent run (``head_runs``); one whose inputs are unchanged is reused, not
-trained again, unless ``force``.
+trained again, unless ``force``. Each task also gets a ``best`` run: the choice among aggregators made inside
+every outer fold from its inner validation split (``histcode.heads.select``), scored on the outer test folds;
+that score is what ``@best`` is compared by, across runs (``head_runs.promote``).
 """
 
 from __future__ import annotations
@@ -14,18 +16,17 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from histcode.apps.head_runs import prior_run, read_back, register_final, track_cv
+from histcode.apps.head_runs import Promotion, prior_run, promote, read_back, register_final, set_alias, track_cv
 from histcode.config import HistcodeConfig
-from histcode.features.registry import FeatureView, load_view
+from histcode.features.registry import FeatureView, resolve_view, training_state
 from histcode.features.upkeep import tag_version
 from histcode.heads import CODE_VERSION
 from histcode.heads.cv import CVResult, cross_validate
 from histcode.heads.data import load_bags
 from histcode.heads.masks import attention_mask_auc
-from histcode.heads.names import MODEL_NAMES
+from histcode.heads.select import BEST, choose, chosen_counts, select_per_fold
 from histcode.heads.tasks import TASKS, task_data
 from histcode.labels.run import gx_project, require_passed_gate
 from histcode.store.catalog import Catalog
@@ -44,7 +45,9 @@ class HeadsReport:
     results: list[CVResult] = field(default_factory=list)
     runs: dict[str, str] = field(default_factory=dict)  # "task/aggregator" -> parent run id
     versions: dict[str, str] = field(default_factory=dict)  # "task/aggregator" -> registered version
-    best: dict[str, str] = field(default_factory=dict)  # task -> aggregator with the alias 'best'
+    best: dict[str, str] = field(default_factory=dict)  # task -> aggregator the selection chose for the final model
+    promotions: dict[str, list[Promotion]] = field(default_factory=dict)  # task -> what happened to each alias
+    aliases: str = ""  # "" = production aliases; else the prefix of the ablation's own (ablation-<method>)
     mask_auc: dict[str, float] = field(default_factory=dict)  # aggregator -> mean attention-vs-mask AUC
     fingerprint: str = ""  # view state + label set + heads config: equal fingerprints train the same heads
     cohorts: list[str] = field(default_factory=list)  # the training cohorts whose slides the heads read
@@ -53,10 +56,13 @@ class HeadsReport:
     def summary(self) -> dict:
         out = {"view_id": self.view.view_id, "encoder_uri": self.view.encoder_uri, "label_version": self.label_version,
                "lance_tag": self.lance_tag, "best": self.best, "fingerprint": self.fingerprint, "cohorts": self.cohorts,
-               "reused": self.reused, "runs": {}}
+               "reused": self.reused, "aliases": {t: {p.alias: {"version": p.version, "moved": p.moved, "reason": p.reason}
+                                                      for p in ps} for t, ps in self.promotions.items()},
+               "runs": {}}
         for r in self.results:
             key = f"{r.task.name}/{r.aggregator}"
             out["runs"][key] = {"run_id": self.runs.get(key), "version": self.versions.get(key),
+                                **({"chosen": chosen_counts(r)} if r.aggregator == BEST else {}),
                                 **{k: round(v, 4) for k, v in r.pooled.items()},
                                 **{f"strict_{k}": round(v, 4) for k, v in r.strict.items()}}
             if r.task.name == "tumor" and r.aggregator in self.mask_auc:
@@ -88,17 +94,8 @@ def _tag_state(ws: Workspace, view: FeatureView, label_version: str) -> str:
     return tag
 
 
-def view_state(catalog: Catalog, view: FeatureView, cohorts: list[str]) -> list[tuple[str, str, int]]:
-    """(slide, content hash, rows) of the training cohorts' slides this view has embedded: what the heads read.
-    Vectors of other cohorts (predicted slides) and compactions of the tables do not change it."""
-    training = {s["slide_id"] for s in catalog.tiled_slides(view.spec_id, cohorts)}
-    rows = catalog.query("SELECT slide_id, content_hash, rows FROM materializations WHERE view_id = ? AND status = 'ok' "
-                         "ORDER BY slide_id", [view.view_id])
-    return [(r["slide_id"], r["content_hash"], int(r["rows"])) for r in rows if r["slide_id"] in training]
-
-
 # heads settings that choose what is trained or where, not how: not part of a head's fingerprint
-NOT_LEARNING = {"tasks", "aggregators", "register_models", "device", "view"}
+NOT_LEARNING = {"tasks", "aggregators", "register_models", "device", "view", "promote"}
 
 
 def _fingerprint(view: FeatureView, state: list, label_version: str, cfg: HistcodeConfig,
@@ -137,8 +134,8 @@ def completed_heads(ws: Workspace, cfg: HistcodeConfig, summary_path: Path) -> d
     try:
         catalog = Catalog.of(ws)
         labels = require_passed_gate(catalog)
-        view = load_view(catalog, cfg.heads.view, cfg.features.attribute_columns)
-        state = view_state(catalog, view, catalog.training_cohorts(cfg.cohorts.train))
+        view = resolve_view(catalog, Tracker(ws), cfg, cfg.heads.view)
+        state = training_state(catalog, view, catalog.training_cohorts(cfg.cohorts.train))
         current = _fingerprint(view, state, labels["label_version"], cfg, cfg.heads.tasks, cfg.heads.aggregators)
         tracker = Tracker(ws)
         finished = all(tracker.client.get_run(r["run_id"]).info.status == "FINISHED" for r in summary["runs"].values())
@@ -149,63 +146,105 @@ def completed_heads(ws: Workspace, cfg: HistcodeConfig, summary_path: Path) -> d
 
 def train_heads(ws: Workspace, cfg: HistcodeConfig, tasks: tuple[str, ...] | None = None,
                 aggregators: tuple[str, ...] | None = None, view_id: str | None = None,
-                force: bool = False) -> HeadsReport:
-    """Cross-validate (and register) every task x aggregator on the training cohorts' slides of the view.
-    ``force`` trains again even where an earlier run has exactly these inputs."""
+                force: bool = False, ablation: str | None = None) -> HeadsReport:
+    """Cross-validate (and register) every task x aggregator on the training cohorts' slides of the view, and
+    the selection among the aggregators. ``force`` trains again even where an earlier run has exactly these
+    inputs. ``ablation``: the encoder method of an ablation, whose versions get ``ablation-<method>-*`` aliases
+    and leave the production aliases alone."""
     hcfg = cfg.heads
     catalog = Catalog.of(ws)
     labels = require_passed_gate(catalog)
-    view = load_view(catalog, view_id or hcfg.view, cfg.features.attribute_columns)
+    tracker = Tracker(ws)
+    view = resolve_view(catalog, tracker, cfg, view_id or hcfg.view)
     tasks, aggregators = tasks or hcfg.tasks, aggregators or hcfg.aggregators
     cohorts = catalog.training_cohorts(cfg.cohorts.train)
-    state = view_state(catalog, view, cohorts)
+    state = training_state(catalog, view, cohorts)
     if not state:
         raise ValueError(f"view {view.view_id} holds no vectors of the training cohorts {cohorts}: run `histcode embed`")
     label_version = labels["label_version"]
     tag = _tag_state(ws, view, label_version)
-    tracker = Tracker(ws)
     encoder_tags = _encoder_tags(tracker, view)
     strict = _strict_folds(encoder_tags, label_version)
-    report = HeadsReport(view, label_version, tag, cohorts=cohorts,
+    report = HeadsReport(view, label_version, tag, cohorts=cohorts, aliases=f"ablation-{ablation}" if ablation else "",
                          fingerprint=_fingerprint(view, state, label_version, cfg, tasks, aggregators))
     bags = load_bags(ws, view, as_of=tag, slide_ids=[s for s, _, _ in state])
-    log.info("heads on view %s: %d slides of cohorts %s, label set %s", view.view_id, len(bags), ", ".join(cohorts),
-             label_version)
+    log.info("heads on view %s (encoder %s, %s): %d slides of cohorts %s, label set %s", view.view_id,
+             view.encoder_uri, view.method, len(bags), ", ".join(cohorts), label_version)
     docs = gx_project(ws) / "gx" / "uncommitted" / "data_docs" / "local_site"
     masks = {s["slide_id"]: s for s in catalog.slides(status="ok")}
     params = {"heads": hcfg.model_dump(mode="json"), "encoder": encoder_tags.get("encoder")}  # logged on every run
+    context = (tracker, view, labels, tag, params, docs, cohorts, strict)
     for task in tasks:
         data = task_data(catalog, task, bags)
-        scores = {}
+        results, registered = {}, {}
         for aggregator in aggregators:
             if aggregator not in TASKS[task].aggregators:
                 continue  # e.g. max-instance MIL has no fold-change form
-            key = f"{task}/{aggregator}"
             fingerprint = _fingerprint(view, state, label_version, cfg, (task,), (aggregator,))
-            prior = None if force else prior_run(tracker, fingerprint)
-            if prior is not None:
-                result, mask_auc = read_back(tracker, prior, data, aggregator)
-                run_id = prior.info.run_id
-                report.reused.append(key)
-                log.info("%s: inputs unchanged, reusing MLflow run %s", key, run_id)
-            else:
-                result = cross_validate(data, bags, aggregator, hcfg, strict)
-                mask_auc = attention_mask_auc(result, bags, masks) if task == "tumor" else None
-                run_id = track_cv(tracker, result, view, labels, tag, params, docs, mask_auc, fingerprint, cohorts,
-                                  strict)
-            if task == "tumor" and mask_auc is not None:
-                report.mask_auc[aggregator] = mask_auc
-            report.results.append(result)
-            report.runs[key] = run_id
+            result, run_id, mask_auc, reused = _cv_run(context, fingerprint, force, data, aggregator,
+                                                       lambda a=aggregator: cross_validate(data, bags, a, hcfg, strict),
+                                                       bags, masks)
+            _record(report, result, run_id, mask_auc, reused)
+            results[aggregator] = result
             if hcfg.register_models:
-                report.versions[key] = register_final(tracker, data, bags, aggregator, hcfg, view, labels, tag,
-                                                      run_id, result.score)
-            elif prior is not None and prior.info.status != "FINISHED":
+                registered[aggregator] = register_final(tracker, data, bags, aggregator, hcfg, view, labels, tag,
+                                                        run_id, result.score)
+                report.versions[f"{task}/{aggregator}"] = registered[aggregator].version
+            elif reused and tracker.client.get_run(run_id).info.status != "FINISHED":
                 tracker.end_run(run_id)  # its cross-validation was complete: adopted as it is
-            scores[aggregator] = result.score
-        if hcfg.register_models and scores:
-            finite = {a: s for a, s in scores.items() if np.isfinite(s)}
-            best = max(finite, key=finite.get) if finite else next(iter(scores))
-            tracker.client.set_registered_model_alias(MODEL_NAMES[task], "best", report.versions[f"{task}/{best}"])
-            report.best[task] = best
+        if not results:
+            continue
+        fingerprint = _fingerprint(view, state, label_version, cfg, (task,), tuple(results) + (BEST,))
+        best, run_id, _, reused = _cv_run(context, fingerprint, force, data, BEST,
+                                          lambda: select_per_fold(list(results.values()), hcfg, strict), bags, masks)
+        _record(report, best, run_id, None, reused)
+        if reused and tracker.client.get_run(run_id).info.status != "FINISHED":
+            tracker.end_run(run_id)
+        if hcfg.register_models:
+            report.best[task] = choose({a: vars(r) for a, r in registered.items()}, list(registered))
+            report.versions[f"{task}/{BEST}"] = registered[report.best[task]].version
+            report.promotions[task] = _set_aliases(tracker, task, registered, results, report.best[task], best.score,
+                                                   label_version, ablation, hcfg.promote)
     return report
+
+
+def _cv_run(context, fingerprint: str, force: bool, data, aggregator: str, compute, bags, masks):
+    """(result, run id, attention-vs-mask AUC, reused): an earlier run of this fingerprint read back, or
+    ``compute()`` tracked as a new run."""
+    tracker, view, labels, tag, params, docs, cohorts, strict = context
+    prior = None if force else prior_run(tracker, fingerprint)
+    if prior is not None:
+        result, mask_auc = read_back(tracker, prior, data, aggregator)
+        log.info("%s/%s: inputs unchanged, reusing MLflow run %s", data.name, aggregator, prior.info.run_id)
+        return result, prior.info.run_id, mask_auc, True
+    result = compute()
+    mask_auc = attention_mask_auc(result, bags, masks) if data.name == "tumor" and result.attention else None
+    run_id = track_cv(tracker, result, view, labels, tag, params, docs, mask_auc, fingerprint, cohorts, strict)
+    return result, run_id, mask_auc, False
+
+
+def _record(report: HeadsReport, result: CVResult, run_id: str, mask_auc: float | None, reused: bool) -> None:
+    key = f"{result.task.name}/{result.aggregator}"
+    if result.task.name == "tumor" and mask_auc is not None:
+        report.mask_auc[result.aggregator] = mask_auc
+    report.results.append(result)
+    report.runs[key] = run_id
+    if reused:
+        report.reused.append(key)
+
+
+def _set_aliases(tracker: Tracker, task: str, registered: dict, results: dict[str, CVResult], chosen: str,
+                 best_score: float, label_version: str, ablation: str | None, force: bool) -> list[Promotion]:
+    """Production: each aggregator's alias and ``best`` move only to better versions (``promote``). Ablation:
+    ``ablation-<method>-<aggregator>`` and ``ablation-<method>-best`` point at this run's versions."""
+    if ablation:
+        out = []
+        for alias, version in [(a, r.version) for a, r in registered.items()] + [(BEST, registered[chosen].version)]:
+            set_alias(tracker, task, f"ablation-{ablation}-{alias}", version)
+            out.append(Promotion(f"ablation-{ablation}-{alias}", version, True, "ablation"))
+        return out
+    out = [promote(tracker, task, a, r.version, results[a].score, label_version, "cv_score", force)
+           for a, r in registered.items()]
+    out.append(promote(tracker, task, BEST, registered[chosen].version, best_score, label_version, "selection_score",
+                       force))
+    return out

@@ -102,6 +102,7 @@ def sql(
     output: Annotated[str, typer.Option("--format", help="table | csv | json")] = "table",
     limit: Annotated[int, typer.Option(help="Rows to print in table format.")] = 50,
     wide: Annotated[bool, typer.Option("--wide", help="Show long values whole (cells wrap).")] = False,
+    view: Annotated[Optional[str], typer.Option(help="Feature view behind tile_embeddings / slide_embeddings (default: features.encoder's view).")] = None,
 ) -> None:
     """Read-only SQL over the catalog and every feature view (tile_embeddings, slide_embeddings, ...)."""
     from histcode.store.catalog import CatalogError
@@ -109,8 +110,11 @@ def sql(
     from histcode.views import arrow_table
 
     ws = workspace_of(ctx)
+    default = None
+    if "_embeddings" in query or view:
+        default = _view_or_note(ws, view)
     try:
-        result = run_sql(ws, query)
+        result = run_sql(ws, query, default.view_id if default else None)
     except ReadOnlyQueryError as exc:
         fail(str(exc))
     except CatalogError as exc:
@@ -128,29 +132,55 @@ def search(
     k: Annotated[int, typer.Option("--k", help="How many neighbours.")] = 10,
     where: Annotated[Optional[str], typer.Option(help="SQL filter on the table's columns, e.g. \"subtype = 'LUSC'\".")] = None,
     as_of: Annotated[Optional[str], typer.Option("--as-of", help="A table version number or tag.")] = None,
-    view: Annotated[Optional[str], typer.Option(help="Feature view id (default: the latest materialised).")] = None,
+    view: Annotated[Optional[str], typer.Option(help="Feature view id (default: features.encoder's view under the current tiling).")] = None,
     output: Annotated[str, typer.Option("--format", help="table | csv | json")] = "table",
     as_json: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
     wide: Annotated[bool, typer.Option("--wide", help="Show long ids whole (cells wrap).")] = False,
 ) -> None:
     """Similarity search: ranked slides or tiles with cosine distances and metadata."""
-    from histcode.features.registry import ViewError, load_view
+    from histcode.features.registry import ViewError, resolve_view
     from histcode.features.search import SearchError
     from histcode.features.search import search as run_search
     from histcode.store.catalog import Catalog
     from histcode.store.vectors import VectorStoreError
-    from histcode.tracking import telemetry_off
+    from histcode.tracking import Tracker, telemetry_off
     from histcode.views import arrow_table
 
     telemetry_off()
     ws = workspace_of(ctx)
     cfg = config_of(ws)
     try:
-        fv = load_view(Catalog.of(ws), view, cfg.features.attribute_columns)
+        fv = resolve_view(Catalog.of(ws), Tracker(ws), cfg, view)
+        say_view(fv)
         hits = run_search(ws, fv, cfg.features, slide_id=slide, tile_id=tile, image=image, k=k, where=where, as_of=as_of)
     except (ViewError, SearchError, VectorStoreError, ValueError) as exc:
         fail(str(exc))
     print_frame(hits, "json" if as_json else output, k, lambda t, n: arrow_table(t, n, wide))
+
+
+def say_view(view) -> None:
+    """Every command that reads vectors names the view on stderr (stdout stays the data)."""
+    typer.echo(f"view {view.view_id}: encoder {view.model_name}/{view.model_version} ({view.method}), "
+               f"tiling {view.spec_id}", err=True)
+
+
+def _view_or_note(ws, view_id: str | None):
+    """The view behind tile_embeddings / slide_embeddings, named on stderr; None (with the reason) if there is
+    none, so that SQL over the catalog alone still runs."""
+    from histcode.features.registry import ViewError, resolve_view
+    from histcode.store.catalog import Catalog
+    from histcode.tracking import Tracker, telemetry_off
+
+    telemetry_off()
+    try:
+        view = resolve_view(Catalog.of(ws), Tracker(ws), config_of(ws), view_id)
+    except ViewError as exc:
+        if view_id:
+            fail(str(exc))
+        typer.echo(f"tile_embeddings / slide_embeddings are not defined: {exc}", err=True)
+        return None
+    say_view(view)
+    return view
 
 
 COMMANDS = (

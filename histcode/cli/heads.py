@@ -14,12 +14,14 @@ def heads(
     ctx: typer.Context,
     task: Annotated[Optional[list[str]], typer.Option("--task", help="tumor | subtype | de (repeatable; default heads.tasks).")] = None,
     aggregator: Annotated[Optional[list[str]], typer.Option("--aggregator", help="attention | mean | max (repeatable).")] = None,
-    view: Annotated[Optional[str], typer.Option(help="Feature view id (default: heads.view, else the latest).")] = None,
+    view: Annotated[Optional[str], typer.Option(help="Feature view id (default: heads.view, else features.encoder's view).")] = None,
     report: Annotated[Optional[Path], typer.Option(help="Write a JSON summary here (default: metrics/heads.json).")] = None,
     plots: Annotated[Optional[Path], typer.Option(help="Folder for ROC and per-gene CSVs (default: metrics/plots).")] = None,
     force: Annotated[bool, typer.Option(help="Train again even heads whose inputs are unchanged since their last run.")] = False,
+    promote: Annotated[bool, typer.Option(help="Move the production aliases to this run's versions even where they score worse.")] = False,
 ) -> None:
-    """Cross-validate and register the heads (only after the label gate passed)."""
+    """Cross-validate and register the heads (only after the label gate passed). @best and the aggregator
+    aliases move only to versions that score better on the same label set (or with --promote)."""
     from histcode.features.registry import ViewError
     from histcode.apps.train_heads import train_heads
     from histcode.store.catalog import CatalogError
@@ -31,13 +33,21 @@ def heads(
     telemetry_off()
     ws = workspace_of(ctx)
     cfg = config_of(ws)
+    if promote:
+        cfg = cfg.model_copy(update={"heads": cfg.heads.model_copy(update={"promote": True})})
     try:
         result = train_heads(ws, cfg, tuple(task) if task else None, tuple(aggregator) if aggregator else None, view,
                              force=force)
     except (LabelGateError, ViewError, ValueError, CatalogError) as exc:
         fail(str(exc))
     summary = write_heads_report(result, report or ws.metrics_dir / "heads.json", plots or ws.metrics_dir / "plots")
-    terminal().print(heads_table(summary))
+    console = terminal()
+    console.print(f"view {result.view.view_id}: encoder {result.view.model_name}/{result.view.model_version} "
+                  f"({result.view.method})")
+    console.print(heads_table(summary))
+    for task, aliases in summary["aliases"].items():
+        for alias, a in aliases.items():
+            console.print(f"{task}@{alias}: version {a['version']} ({'moved: ' if a['moved'] else 'kept: '}{a['reason']})")
 
 
 def heatmap(
@@ -97,7 +107,12 @@ def predict(
         result.tile_scores.to_csv(tile_scores, index=False)
     failed = result.predictions[result.predictions.status != "ok"]
     console = terminal()
+    for head, view in result.views.items():
+        console.print(f"{head}: view {view}")
     console.print(f"{len(result.predictions) - len(failed)} slides predicted, {len(failed)} failed -> {out}")
+    outside = result.predictions[result.predictions.in_distribution == False]  # noqa: E712 -- NaN for failed rows
+    for row in outside.itertuples():
+        console.print(f"  [yellow]{row.slide_id}[/]: {row.reason}")
     for row in failed.itertuples():
         console.print(f"  [red]{row.slide_id}[/]: {row.reason}")
     if len(failed):

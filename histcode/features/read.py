@@ -10,9 +10,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from histcode.features.registry import FeatureView, load_view
+from histcode.features.registry import FeatureView, resolve_view
 from histcode.store.catalog import Catalog
 from histcode.store.vectors import SLIDE_KIND, TILE_KIND, connect, open_table
+from histcode.tracking import Tracker
 from histcode.workspace import Workspace
 
 Format = Literal["arrow", "pandas", "torch"]
@@ -56,7 +57,7 @@ def _convert(data: pa.Table, fmt: Format):
 def _view(ws: Workspace, view: FeatureView | str | None) -> FeatureView:
     if isinstance(view, FeatureView):
         return view
-    return load_view(Catalog.of(ws), view, ws.config().features.attribute_columns)
+    return resolve_view(Catalog.of(ws), Tracker(ws), ws.config(), view)
 
 
 def tile_features(ws: Workspace, view: FeatureView | str | None = None, tile_ids: list[str] | None = None,

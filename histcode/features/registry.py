@@ -15,6 +15,7 @@ from histcode.config import stable_hash
 from histcode.store.catalog import Catalog
 from histcode.store.records import utcnow
 from histcode.store.vectors import SLIDE_KIND, TILE_KIND, TableSpec
+from histcode.tiling.spec import spec_id_of
 from histcode.tracking import Tracker, quote
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,8 @@ def list_views(catalog: Catalog) -> list[dict]:
 
 
 def load_view(catalog: Catalog, view_id: str | None = None, attribute_columns: tuple[str, ...] = ()) -> FeatureView:
-    """A registered view by id, or (None) the most recently materialised one."""
+    """A registered view by id, or (None) the most recently materialised one (commands use ``resolve_view``,
+    whose default is the configured encoder's view)."""
     rows = list_views(catalog)
     if view_id is not None:
         rows = [r for r in rows if r["view_id"] == view_id]
@@ -121,6 +123,42 @@ def load_view(catalog: Catalog, view_id: str | None = None, attribute_columns: t
     r = rows[0]
     return FeatureView(r["view_id"], r["model_name"], r["model_version"], r["method"], r["dim"], r["spec_id"],
                        r["image_px"], tuple(attribute_columns))
+
+
+def default_view(catalog: Catalog, tracker: Tracker, cfg) -> FeatureView:
+    """The one default view of every command that reads vectors: ``features.encoder`` (what `histcode embed`
+    writes by default) under the current tiling spec. ``cfg``: the HistcodeConfig."""
+    spec_id = spec_id_of(cfg.tiling)
+    try:
+        view = describe_view(tracker, cfg.features.encoder, spec_id, cfg.features.attribute_columns)
+    except ViewError as exc:
+        raise ViewError(f"the default view is features.encoder = {cfg.features.encoder!r} on tiling spec {spec_id}, "
+                        f"and that encoder cannot be resolved ({exc}); pass --view or set features.encoder") from exc
+    rows = [r for r in list_views(catalog) if r["view_id"] == view.view_id and r["status"] in ("ok", "partial")]
+    if not rows:
+        known = ", ".join(f"{r['view_id']} ({r['model_name']}/{r['model_version']})" for r in list_views(catalog))
+        raise ViewError(f"the default view {view.view_id} (features.encoder = {cfg.features.encoder} = "
+                        f"{view.model_name}/{view.model_version}, tiling spec {spec_id}) is not materialised: run "
+                        f"`histcode embed`, or pass --view (views: {known or 'none'})")
+    return view
+
+
+def resolve_view(catalog: Catalog, tracker: Tracker, cfg, view_id: str | None = None) -> FeatureView:
+    """``view_id`` when given, else the default view (``default_view``); logged, so every command that reads
+    vectors says which view answered."""
+    view = load_view(catalog, view_id, cfg.features.attribute_columns) if view_id else default_view(catalog, tracker, cfg)
+    log.info("feature view %s (encoder %s/%s, %s)", view.view_id, view.model_name, view.model_version, view.method)
+    return view
+
+
+def training_state(catalog: Catalog, view: FeatureView, cohorts: list[str]) -> list[tuple[str, str, int]]:
+    """(slide, content hash, rows) of the training cohorts' slides this view has embedded, by slide id: what the
+    heads (and the out-of-distribution reference) read. Vectors of other cohorts (predicted slides) and
+    compactions of the tables do not change it."""
+    training = {s["slide_id"] for s in catalog.tiled_slides(view.spec_id, cohorts)}
+    rows = catalog.query("SELECT slide_id, content_hash, rows FROM materializations WHERE view_id = ? AND status = 'ok' "
+                         "ORDER BY slide_id", [view.view_id])
+    return [(r["slide_id"], r["content_hash"], int(r["rows"])) for r in rows if r["slide_id"] in training]
 
 
 def done_slides(catalog: Catalog, view_id: str) -> dict[str, str]:

@@ -1,8 +1,10 @@
 """Patient-level cross-validation of one head on one task.
 
 Outer folds are the label gate's plan (patients never straddle folds). Inside each training fold, whole patients
-are held out as a validation split for early stopping; the test fold is only ever predicted, never used for a
-choice. Test predictions of all folds are pooled for the metrics and their bootstrap intervals.
+are held out as a validation split for early stopping and for choosing among aggregators (``histcode.heads.select``);
+the test fold is only ever predicted, never used for a choice, and its slides' labels come from the training
+folds' samples (``TaskKind.for_fold``). Test predictions of all folds are pooled for the metrics and their
+patient-level bootstrap intervals.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class CVResult:
-    task: TaskData
-    aggregator: str
+    task: TaskData  # as tested: each slide's targets from its own test fold (TaskKind.tested)
+    aggregator: str  # or "best": the per-fold choice among aggregators (histcode.heads.select)
     fold_metrics: list[dict] = field(default_factory=list)
     fold_slides: list[dict[str, list[str]]] = field(default_factory=list)  # train / val / test slide ids per fold
     pooled: dict = field(default_factory=dict)
@@ -32,6 +34,7 @@ class CVResult:
     attention: dict[str, np.ndarray] = field(default_factory=dict)  # test-fold attention of each slide
     genes: list[dict] | None = None
     strict: dict = field(default_factory=dict)  # pooled over the folds the encoder never saw (see strict_folds)
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)  # out-of-fold output of each tested slide
 
     @property
     def score(self) -> float:
@@ -41,7 +44,8 @@ class CVResult:
 
 def fit_on(task: TaskData, bags: dict[str, Bag], idx: np.ndarray, aggregator: str, cfg: HeadsConfig,
            seed: int) -> tuple[FittedHead, np.ndarray, np.ndarray]:
-    """Fit on the slides ``idx`` with an inner validation split; returns (head, train idx, val idx)."""
+    """Fit on the slides ``idx`` with an inner validation split; returns (head, train idx, val idx). The split
+    depends only on the slides, their strata and the seed, so every aggregator of a fold sees the same one."""
     kind = task.kind
     strata = kind.strata(task, idx)
     if kind.needs_every_class and len(np.unique(strata)) < 2:
@@ -60,11 +64,24 @@ def fit_on(task: TaskData, bags: dict[str, Bag], idx: np.ndarray, aggregator: st
     return head, train_idx, val_idx
 
 
+def validation(task: TaskData, bags: dict[str, Bag], head: FittedHead, val_idx: np.ndarray) -> dict[str, float]:
+    """The head's selection score and comparable loss on its inner validation slides (NaN without any)."""
+    outputs: list = [None] * len(task.slide_ids)
+    for i in val_idx:
+        outputs[i] = head.predict(bags[task.slide_ids[i]].features)[0]
+    if len(val_idx) == 0:
+        return {"val_score": float("nan"), "val_loss": float("nan")}
+    return {"val_score": task.kind.selection_score(task.kind.score(task, val_idx, outputs)),
+            "val_loss": task.kind.val_loss(task, val_idx, outputs)}
+
+
 def cross_validate(task: TaskData, bags: dict[str, Bag], aggregator: str, cfg: HeadsConfig,
                    strict_folds: frozenset[int] = frozenset()) -> CVResult:
     """``strict_folds``: folds whose patients the encoder was not pretrained on (pretrain.exclude_test_folds);
     their pooled test metrics are kept apart in ``result.strict``."""
-    result = CVResult(task, aggregator)
+    kind = task.kind
+    tested = kind.tested(task)
+    result = CVResult(tested, aggregator)
     n = len(task.slide_ids)
     outputs: list[np.ndarray | None] = [None] * n
     for k in range(task.n_folds):
@@ -72,7 +89,8 @@ def cross_validate(task: TaskData, bags: dict[str, Bag], aggregator: str, cfg: H
         rest = np.flatnonzero(task.folds != k)
         if len(test_idx) == 0 or len(rest) == 0:
             continue
-        head, train_idx, val_idx = fit_on(task, bags, rest, aggregator, cfg, cfg.seed + k)
+        fold_task = kind.for_fold(task, k)
+        head, train_idx, val_idx = fit_on(fold_task, bags, rest, aggregator, cfg, cfg.seed + k)
         shared = set(task.patients[test_idx]) & set(task.patients[np.concatenate([train_idx, val_idx])])
         if shared:
             raise RuntimeError(f"fold {k}: patients {sorted(shared)} are in both the test fold and training")
@@ -82,13 +100,24 @@ def cross_validate(task: TaskData, bags: dict[str, Bag], aggregator: str, cfg: H
             result.attention[task.slide_ids[i]] = att
         ids = lambda idx: [task.slide_ids[i] for i in idx]  # noqa: E731
         result.fold_slides.append({"train": ids(train_idx), "val": ids(val_idx), "test": ids(test_idx)})
-        fold = {"fold": k, "epochs": head.epochs, "n_test": len(test_idx)}
-        fold.update(task.kind.score(task, test_idx, outputs))
+        fold = {"fold": k, "epochs": head.epochs, "n_test": len(test_idx),
+                **validation(fold_task, bags, head, val_idx)}
+        fold.update(kind.score(tested, test_idx, outputs))
         result.fold_metrics.append(fold)
         log.info("%s/%s fold %d: %s", task.name, aggregator, k, {m: round(v, 3) for m, v in fold.items() if isinstance(v, float)})
+    result.outputs = {task.slide_ids[i]: o for i, o in enumerate(outputs) if o is not None}
+    return pool(result, cfg, strict_folds)
+
+
+def pool(result: CVResult, cfg: HeadsConfig, strict_folds: frozenset[int] = frozenset()) -> CVResult:
+    """Pooled metrics, intervals and tables of ``result.outputs`` (the out-of-fold outputs) against the tested
+    targets; ``strict`` pooled over ``strict_folds`` only."""
+    task = result.task
+    outputs = [result.outputs.get(s) for s in task.slide_ids]
     done = np.array([o is not None for o in outputs])
     result.pooled = task.kind.score(task, np.flatnonzero(done), outputs)
-    task.kind.summarise(result, task, np.flatnonzero(done), outputs, cfg)
+    if done.any():
+        task.kind.summarise(result, task, np.flatnonzero(done), outputs, cfg)
     strict = np.flatnonzero(done & np.isin(task.folds, sorted(strict_folds)))
     if len(strict):
         result.strict = task.kind.score(task, strict, outputs)

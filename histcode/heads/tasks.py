@@ -4,27 +4,33 @@
   max-instance / mean-pool logistic heads, AUC / accuracy / balanced accuracy / F1 with bootstrap intervals.
 - ``DETask`` (differential expression of the driver panel): per gene (log2FC, up/unchanged/down id) as
   targets, the multi-task (or per-gene) attention head or mean-pool ridge + logistic heads, per-gene AUC,
-  Pearson and Spearman.
+  Pearson and Spearman; control genes (``labels.control_genes``: no morphological signal expected) are scored
+  apart from the rest and take no part in choosing a model.
 
 Each kind also selects its labelled slides from the catalog (``load``). ``TaskData`` is the loaded task:
-slide ids, patients, planned folds and targets.
+slide ids, patients, planned folds and targets. ``for_fold(data, k)`` is the task as outer fold k's training
+may see it: for DE, the cohort-normal reference and the choice of classified genes are computed from the
+training folds' samples only. ``tested(data)`` holds each slide's targets as its own test fold defines them,
+which is what pooled out-of-fold predictions are scored against.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from histcode.config import HeadsConfig
+from histcode.config import HeadsConfig, LabelsConfig
 from histcode.heads import metrics
 from histcode.heads.data import Bag
 from histcode.heads.fit import PerGeneDE, fit_mean_classes, fit_mean_de
 from histcode.heads.models import CLAMSingleBranch, MaxInstance, MultiTaskDE
-from histcode.labels.de import DOWN, UNCHANGED, UP
+from histcode.labels.barcodes import NORMAL
+from histcode.labels.de import DOWN, UNCHANGED, UP, fold_changes, gene_inclusion, panel_matrix
 from histcode.store.catalog import Catalog
 
 DE_CLASSES = (DOWN, UNCHANGED, UP)  # index = class id
@@ -42,7 +48,9 @@ class TaskData:
     y_class: np.ndarray | None = None  # de: class ids (n, genes), -1 where the gene is not classified
     gene_included: np.ndarray | None = None
     mean_abs_log2fc: np.ndarray | None = None
+    controls: np.ndarray | None = None  # de: genes expected to carry no morphological signal (scored apart)
     notes: list[str] = field(default_factory=list)
+    source: dict | None = field(default=None, repr=False)  # de: what fold-wise labels are computed from
 
     @property
     def kind(self) -> TaskKind:
@@ -70,6 +78,18 @@ class TaskKind:
     def targets(self, data: TaskData, idx: np.ndarray) -> list:
         raise NotImplementedError
 
+    def for_fold(self, data: TaskData, k: int) -> TaskData:
+        """The task as the training of outer fold ``k`` may see it (no test-fold sample in any label)."""
+        return data
+
+    def tested(self, data: TaskData) -> TaskData:
+        """Each slide's targets as its own test fold's ``for_fold`` defines them."""
+        return data
+
+    def val_loss(self, data: TaskData, idx: np.ndarray, outputs: list) -> float:
+        """A loss every aggregator's outputs can be compared by (ties of the selection score are broken by it)."""
+        raise NotImplementedError
+
     def strata(self, data: TaskData, idx: np.ndarray) -> np.ndarray:
         """Labels that inner validation splits are stratified by (constant: unstratified)."""
         return np.zeros(len(idx), dtype=int)
@@ -94,6 +114,13 @@ class TaskKind:
     def selection_score(pooled: dict) -> float:
         """The number models of this task are compared by."""
         raise NotImplementedError
+
+
+def label_params(catalog: Catalog) -> LabelsConfig:
+    """The labels config the current label set was made with (thresholds, pseudo-count, panel, controls)."""
+    rows = catalog.query("SELECT params FROM label_sets WHERE is_current")
+    params = json.loads(rows[0]["params"]) if rows and rows[0]["params"] else {}
+    return LabelsConfig.model_validate({k: v for k, v in params.items() if k in LabelsConfig.model_fields})
 
 
 def _labels_and_folds(catalog: Catalog, bags: dict[str, Bag]) -> tuple[pd.DataFrame, dict[str, int]]:
@@ -124,6 +151,12 @@ class ClassTask(TaskKind):
     def targets(self, data: TaskData, idx: np.ndarray) -> list:
         return [int(data.y[i]) for i in idx]
 
+    def val_loss(self, data: TaskData, idx: np.ndarray, outputs: list) -> float:
+        if len(idx) == 0:
+            return float("nan")
+        p = np.array([outputs[i][int(data.y[i])] for i in idx], dtype=float)
+        return float(-np.mean(np.log(np.clip(p, 1e-7, 1.0))))
+
     def strata(self, data: TaskData, idx: np.ndarray) -> np.ndarray:
         return data.y[idx]
 
@@ -149,8 +182,9 @@ class ClassTask(TaskKind):
     def summarise(self, result, data: TaskData, idx: np.ndarray, outputs: list, cfg: HeadsConfig) -> None:
         y = data.y[idx]
         proba = np.stack([outputs[i] for i in idx])
-        for m in ("auc", "balanced_accuracy"):
-            lo, hi = metrics.bootstrap_ci(y, proba, m, cfg.bootstrap, cfg.seed)
+        intervals = metrics.bootstrap_classification(y, proba, data.patients[idx], ("auc", "balanced_accuracy"),
+                                                     cfg.bootstrap, cfg.seed)
+        for m, (lo, hi) in intervals.items():
             result.pooled[f"{m}_ci_low"], result.pooled[f"{m}_ci_high"] = lo, hi
         result.predictions = pd.DataFrame({"slide_id": np.array(data.slide_ids)[idx], "fold": data.folds[idx], "y": y,
                                            **{f"p_{c}": proba[:, j] for j, c in enumerate(data.classes)}})
@@ -193,18 +227,61 @@ class DETask(TaskKind):
             raise ValueError("no DE labels: run `histcode labels ingest`")
         de = de[de.slide_id.isin(bags) & de.slide_id.isin(folds)]
         genes = tuple(genes_gate.gene)
-        fc = de.pivot_table(index="slide_id", columns="gene", values="log2fc").reindex(columns=list(genes))
-        cls = de.pivot_table(index="slide_id", columns="gene", values="de_class", aggfunc="first").reindex(columns=list(genes))
+        fc, ids = _pivot(de, list(genes))
         included = genes_gate.set_index("gene").included.reindex(list(genes)).fillna(False).to_numpy(dtype=bool)
-        ids = cls.apply(lambda col: col.map({c: i for i, c in enumerate(DE_CLASSES)})).fillna(-1).astype(int).to_numpy().copy()
         ids[:, ~included] = -1
         slides = fc.index.tolist()
         patients = de.drop_duplicates("slide_id").set_index("slide_id").patient_id.reindex(slides).to_numpy()
-        return TaskData(self.name, slides, patients, np.array([folds[s] for s in slides]), fc.to_numpy(dtype=np.float32),
-                        DE_CLASSES, genes, ids, included, np.nanmean(np.abs(fc.to_numpy(dtype=float)), axis=0))
+        lcfg = label_params(catalog)
+        patient_fold = {r["patient_id"]: r["fold"] for r in catalog.query("SELECT patient_id, fold FROM cv_folds")}
+        source = {"lcfg": lcfg, "matrix": panel_matrix(catalog, lcfg), "gate_included": included,
+                  "samples": pd.DataFrame(catalog.query("SELECT * FROM expression_samples")), "patient_fold": patient_fold}
+        fc_values = fc.to_numpy(dtype=np.float32)
+        return TaskData(self.name, slides, patients, np.array([folds[s] for s in slides]), fc_values,
+                        DE_CLASSES, genes, ids, included, _mean_abs(fc_values), np.isin(genes, lcfg.control_genes),
+                        source=source)
+
+    def for_fold(self, data: TaskData, k: int) -> TaskData:
+        """Labels of every slide with the cohort-normal reference averaged over the training folds' normal
+        samples, and genes classified only where the training folds' patients give every class enough members
+        (and the gate kept the gene)."""
+        src = data.source
+        if src is None:
+            return data
+        lcfg, samples = src["lcfg"], src["samples"]
+        normals = samples[samples.kind == NORMAL]
+        allowed = {r.sample_id for r in normals.itertuples() if src["patient_fold"].get(r.patient_id, -1) != k}
+        frame = fold_changes(src["matrix"], samples, lcfg, cohort_normals=allowed)
+        frame = frame[frame.slide_id.isin(data.slide_ids)]
+        fc, y_class = _pivot(frame, list(data.genes), data.slide_ids)
+        training = frame[frame.slide_id.isin(np.array(data.slide_ids)[data.folds != k])]
+        kept = gene_inclusion(training, lcfg, present=set(src["matrix"].index)).set_index("gene").included
+        included = src["gate_included"] & kept.reindex(list(data.genes)).fillna(False).to_numpy(dtype=bool)
+        y_class[:, ~included] = -1
+        y = fc.to_numpy(dtype=np.float32)
+        return replace(data, y=y, y_class=y_class, gene_included=included, mean_abs_log2fc=_mean_abs(y))
+
+    def tested(self, data: TaskData) -> TaskData:
+        if data.source is None:
+            return data
+        y, y_class = data.y.copy(), data.y_class.copy()
+        included = np.zeros(len(data.genes), dtype=bool)
+        for k in range(data.n_folds):
+            rows = data.folds == k
+            if rows.any():
+                fold = self.for_fold(data, k)
+                y[rows], y_class[rows] = fold.y[rows], fold.y_class[rows]
+                included |= fold.gene_included
+        return replace(data, y=y, y_class=y_class, gene_included=included, mean_abs_log2fc=_mean_abs(y))
 
     def targets(self, data: TaskData, idx: np.ndarray) -> list:
         return [(data.y[i], data.y_class[i]) for i in idx]
+
+    def val_loss(self, data: TaskData, idx: np.ndarray, outputs: list) -> float:
+        if len(idx) == 0:
+            return float("nan")
+        err = np.stack([outputs[i][:, 0] for i in idx]) - data.y[idx]
+        return float(np.nanmean(err ** 2)) if np.isfinite(err).any() else float("nan")
 
     def torch_model(self, aggregator: str, in_dim: int, shape: dict[str, int], cfg: HeadsConfig) -> nn.Module:
         if aggregator != "attention":
@@ -220,24 +297,62 @@ class DETask(TaskKind):
 
     def gene_rows(self, data: TaskData, idx: np.ndarray, outputs: list) -> list[dict]:
         out = np.stack([outputs[i] for i in idx])  # (n, genes, 4)
-        return metrics.per_gene(data.genes, data.y[idx], out[:, :, 0], data.y_class[idx], out[:, :, 1:],
+        rows = metrics.per_gene(data.genes, data.y[idx], out[:, :, 0], data.y_class[idx], out[:, :, 1:],
                                 data.mean_abs_log2fc)
+        controls = data.controls if data.controls is not None else np.zeros(len(data.genes), dtype=bool)
+        for row, control in zip(rows, controls):
+            row["control"] = bool(control)
+        return rows
 
     def score(self, data: TaskData, idx: np.ndarray, outputs: list) -> dict[str, float]:
         if len(idx) == 0:
             return {}
         rows = self.gene_rows(data, idx, outputs)
-        aucs = [r["auc"] for r in rows if not np.isnan(r["auc"])]
-        pearsons = [r["pearson"] for r in rows if not np.isnan(r["pearson"])]
-        return {"mean_gene_auc": float(np.mean(aucs)) if aucs else float("nan"),
-                "mean_gene_pearson": float(np.mean(pearsons)) if pearsons else float("nan")}
+        out = {}
+        for prefix, group in (("", [r for r in rows if not r["control"]]), ("control_", [r for r in rows if r["control"]])):
+            if prefix and not group:
+                continue
+            for metric in ("auc", "pearson"):
+                values = [r[metric] for r in group if not np.isnan(r[metric])]
+                out[f"{prefix}mean_gene_{metric}"] = float(np.mean(values)) if values else float("nan")
+        return out
 
     def summarise(self, result, data: TaskData, idx: np.ndarray, outputs: list, cfg: HeadsConfig) -> None:
         result.genes = self.gene_rows(data, idx, outputs)
+        out = np.stack([outputs[i] for i in idx])
+        signal = np.array([not r["control"] for r in result.genes])
+        boot = metrics.bootstrap_genes(data.y[idx], out[:, :, 0], data.y_class[idx], out[:, :, 1:], data.patients[idx],
+                                       cfg.bootstrap, cfg.seed, summary=signal)
+        for row, ci in zip(result.genes, boot["genes"]):
+            row.update(ci)
+        for metric in ("auc", "pearson"):
+            lo, hi = boot[f"mean_gene_{metric}_ci"]
+            result.pooled[f"mean_gene_{metric}_ci_low"], result.pooled[f"mean_gene_{metric}_ci_high"] = lo, hi
 
     @staticmethod
     def selection_score(pooled: dict) -> float:
         return float(pooled.get("mean_gene_auc", float("nan")))
+
+
+def _pivot(de: pd.DataFrame, genes: list[str], slides: list[str] | None = None) -> tuple[pd.DataFrame, np.ndarray]:
+    """Long DE labels -> (slides x genes log2FC frame, class ids with -1 where unlabelled), rows in the order of
+    ``slides`` when given (slides without labels: NaN / -1)."""
+    fc = de.pivot_table(index="slide_id", columns="gene", values="log2fc", dropna=False).reindex(columns=genes)
+    if slides is not None:
+        fc = fc.reindex(slides)
+    cls = de.pivot_table(index="slide_id", columns="gene", values="de_class", aggfunc="first").reindex(index=fc.index,
+                                                                                                       columns=genes)
+    codes = {c: i for i, c in enumerate(DE_CLASSES)}
+    ids = cls.apply(lambda col: col.map(codes)).fillna(-1).astype(int).to_numpy().copy()
+    return fc, ids
+
+
+def _mean_abs(fc: np.ndarray) -> np.ndarray:
+    """Each gene's mean |log2FC| over the slides where it is known (NaN for a gene known nowhere)."""
+    known = np.isfinite(fc)
+    counts = known.sum(axis=0)
+    sums = np.where(known, np.abs(fc), 0.0).sum(axis=0)
+    return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
 
 
 TASKS: dict[str, TaskKind] = {"tumor": TumourTask("tumor"), "subtype": SubtypeTask("subtype"), "de": DETask()}

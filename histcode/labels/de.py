@@ -37,14 +37,36 @@ def classify(log2fc: pd.Series, cfg: LabelsConfig) -> pd.Series:
 
 def de_labels(long: pd.DataFrame, samples: pd.DataFrame, cfg: LabelsConfig) -> pd.DataFrame:
     """One row per (tumour sample, panel gene): patient_id, slide_id, sample_id, gene, log2fc, reference, de_class."""
-    matrix = numeric_matrix(long, cfg.unit)
+    return fold_changes(numeric_matrix(long, cfg.unit), samples, cfg)
+
+
+def panel_matrix(catalog, cfg: LabelsConfig) -> pd.DataFrame:
+    """The label set's panel genes x samples from the catalog's ``expression`` table, scaled as ``de_labels``
+    scales them (counts per million over all of a sample's genes when the unit is counts)."""
+    marks = ", ".join("?" for _ in cfg.panel)
+    long = pd.DataFrame(catalog.query(f"SELECT sample_id, gene, value FROM expression WHERE gene IN ({marks})",
+                                      list(cfg.panel)), columns=["sample_id", "gene", "value"])
+    matrix = numeric_matrix(long, "TPM")
+    if cfg.unit == "counts":
+        totals = {r["sample_id"]: r["total"] for r in catalog.query(
+            "SELECT sample_id, SUM(TRY_CAST(value AS DOUBLE)) AS total FROM expression GROUP BY sample_id")}
+        matrix = matrix / pd.Series(totals).reindex(matrix.columns) * 1e6
+    return matrix
+
+
+def fold_changes(matrix: pd.DataFrame, samples: pd.DataFrame, cfg: LabelsConfig,
+                 cohort_normals: set[str] | None = None) -> pd.DataFrame:
+    """``de_labels`` from a genes x samples matrix. ``cohort_normals``: the normal samples the cohort-normal
+    reference may average (default: every usable normal); the heads pass a training fold's normals so that no
+    test-fold sample shapes a training label. A patient's own normal is always its reference."""
     usable = samples[samples.problem.isna()]
     tumours = usable[usable.kind == TUMOUR]
     normals = usable[usable.kind == NORMAL]
     genes = [g for g in cfg.panel if g in matrix.index]
     if not genes or tumours.empty:
         return pd.DataFrame(columns=["patient_id", "slide_id", "sample_id", "gene", "log2fc", "reference", "de_class"])
-    cohort_normal = matrix.loc[genes, normals.sample_id].mean(axis=1) if not normals.empty else None
+    pool = normals if cohort_normals is None else normals[normals.sample_id.isin(cohort_normals)]
+    cohort_normal = matrix.loc[genes, pool.sample_id].mean(axis=1) if not pool.empty else None
     rows = []
     for t in tumours.itertuples():
         own = normals[normals.patient_id == t.patient_id].sample_id.tolist()

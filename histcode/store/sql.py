@@ -2,7 +2,8 @@
 
 Names: the catalog's tables (``slides``, ``tiles``, ``tilings``, ``feature_views``, ...), each view's tables as
 ``tile_emb__<view>`` / ``slide_emb__<view>`` (dashes in the view id become underscores), and
-``tile_embeddings`` / ``slide_embeddings`` for the most recently materialised view. Vectors are ``FLOAT[d]``,
+``tile_embeddings`` / ``slide_embeddings`` for the view the caller names (the CLI passes the default view,
+``histcode.features.registry.default_view``, or ``--view``). Vectors are ``FLOAT[d]``,
 so ``array_cosine_distance`` works in SQL. Only SELECT (and EXPLAIN) statements run; the catalog is attached
 read-only, and the session cannot reach files or change its own configuration.
 """
@@ -47,8 +48,9 @@ def check_read_only(query: str) -> None:
             )
 
 
-def open_session(ws: Workspace) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB session with the catalog attached read-only and the Lance tables registered."""
+def open_session(ws: Workspace, default_view: str | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB session with the catalog attached read-only and the Lance tables registered;
+    ``default_view``'s tables also as ``tile_embeddings`` / ``slide_embeddings``."""
     catalog = Catalog.of(ws)
     if not catalog.path.exists():
         raise CatalogError(f"no catalog at {catalog.path}: run `histcode ingest` first")
@@ -69,22 +71,21 @@ def open_session(ws: Workspace) -> duckdb.DuckDBPyConnection:
     if views and (ws.lancedb_dir.exists() or "://" in ws.lancedb_uri):
         db = connect(ws.lancedb_uri)
         present = set(table_names(db))
-        newest = views[0][0]
         for view_id, kind, lance_table in views:
             if lance_table not in present:
                 continue
             dataset = db.open_table(lance_table).to_lance()
             con.register(lance_table, dataset)
-            if view_id == newest:
+            if view_id == default_view:
                 con.register(f"{kind}_embeddings", dataset)
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     return con
 
 
-def run_sql(ws: Workspace, query: str) -> pa.Table:
+def run_sql(ws: Workspace, query: str, default_view: str | None = None) -> pa.Table:
     check_read_only(query)
-    con = open_session(ws)
+    con = open_session(ws, default_view)
     try:
         return con.sql(query).to_arrow_table()
     finally:
