@@ -229,7 +229,9 @@ class LabelsConfig(_Section):
     panel: tuple[str, ...] = DEFAULT_PANEL
     min_class_size: Annotated[int, Field(ge=1)] = 3  # patients per class, per gene and per slide task
     max_expression: Annotated[float, Field(gt=0)] = 1e9  # values above are implausible for the unit (and inf)
-    control_genes: tuple[str, ...] = ()  # panel genes expected to have no morphological signal: scored apart
+    # panel genes expected to carry no morphological signal, scored apart and left out of model choice; the default
+    # is the demo's (its expression model gives these none: data/demo/genes.csv); [] where a cohort has no controls
+    control_genes: tuple[str, ...] = ("KRAS", "STK11", "KEAP1", "PIK3CA")
     folds: Annotated[int, Field(ge=2)] = 5  # the cross-validation the heads will use, planned here
     seed: int = 0
 

@@ -191,6 +191,7 @@ def test_embed_sql_search_commands(embedded_workspace, copy_workspace) -> None:
     assert summary["slides_embedded"] == 0 and summary["slides_skipped"] > 0 and summary["dim"] == 512
     result = invoke(ws, "sql", "SELECT subtype, count(*) AS n FROM tile_embeddings GROUP BY 1 ORDER BY 1", "--format", "csv")
     assert result.exit_code == 0 and result.stdout.startswith("subtype,n")
+    assert "view fv-" in result.stderr  # the view behind tile_embeddings is named, off the data stream
     result = invoke(ws, "sql", "DELETE FROM slides")
     assert result.exit_code == 2 and "read-only" in result.output
     result = invoke(ws, "sql", "SELECT no_such_column FROM slides")

@@ -88,6 +88,11 @@ def test_expression_matrix_follows_composition(tiny_cohort, slides) -> None:
         assert expr.loc["SFTPC", tumour_col] < expr.loc["SFTPC", normal_col]
     genes = pd.read_csv(tiny_cohort.out_dir / "genes.csv")
     assert set(genes[~genes.morphological_signal].gene) == {"KRAS", "STK11", "KEAP1", "PIK3CA", "GAPDH", "ACTB"}
+    from histcode.config import LabelsConfig
+
+    # the heads score the demo's signal-free panel genes apart: the default controls are exactly those
+    labels = LabelsConfig()
+    assert set(labels.control_genes) == set(genes[~genes.morphological_signal].gene) & set(labels.panel)
 
 
 def _digest(folder) -> dict[str, str]:

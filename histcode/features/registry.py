@@ -144,10 +144,9 @@ def default_view(catalog: Catalog, tracker: Tracker, cfg) -> FeatureView:
 
 
 def resolve_view(catalog: Catalog, tracker: Tracker, cfg, view_id: str | None = None) -> FeatureView:
-    """``view_id`` when given, else the default view (``default_view``); logged, so every command that reads
-    vectors says which view answered."""
+    """``view_id`` when given, else the default view (``default_view``). Commands print the view they used."""
     view = load_view(catalog, view_id, cfg.features.attribute_columns) if view_id else default_view(catalog, tracker, cfg)
-    log.info("feature view %s (encoder %s/%s, %s)", view.view_id, view.model_name, view.model_version, view.method)
+    log.debug("feature view %s (encoder %s/%s, %s)", view.view_id, view.model_name, view.model_version, view.method)
     return view
 
 

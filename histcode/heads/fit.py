@@ -2,8 +2,9 @@
 
 Aggregators: ``attention`` (CLAM_SB; the multi-task DE head for the DE task), ``max`` (max-instance MIL; class
 tasks only) and ``mean`` (mean-pooled slide vectors into scikit-learn: logistic regression for classes, ridge
-regression for log2FC). Torch heads train one bag at a time with Adam; the state with the lowest validation loss
-is kept, and training stops ``patience`` epochs after it.
+regression for log2FC). Torch heads train one bag at a time with Adam on ``heads.device`` (CUDA when present
+under ``auto``; each bag is moved there once, not per epoch); the state with the lowest validation loss is kept,
+training stops ``patience`` epochs after it, and the fitted model comes back on the CPU for export and prediction.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 from histcode.config import HeadsConfig
 from histcode.heads.models import MultiTaskDE
+from histcode.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +94,11 @@ def fit_head(kind, aggregator: str, train: list[tuple[np.ndarray, object]], val:
     if aggregator == "mean":
         return FittedHead("mean", kind.fit_mean(train, seed).eval())
     torch.manual_seed(seed)
+    device = resolve_device(cfg.device)
     in_dim = train[0][0].shape[1]
-    model = kind.torch_model(aggregator, in_dim, shape, cfg)
+    model = kind.torch_model(aggregator, in_dim, shape, cfg).to(device)
+    on_device = lambda pairs: [(torch.as_tensor(b, device=device), t) for b, t in pairs]  # noqa: E731
+    train, val = on_device(train), on_device(val)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(seed)
     best, best_state, stale, epoch = float("inf"), copy.deepcopy(model.state_dict()), 0, 0
@@ -117,7 +122,7 @@ def fit_head(kind, aggregator: str, train: list[tuple[np.ndarray, object]], val:
             if stale >= cfg.patience:
                 break
     model.load_state_dict(best_state)
-    model.eval()
+    model.cpu().eval()
     return FittedHead(aggregator, model, epoch, best)
 
 

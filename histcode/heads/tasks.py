@@ -97,7 +97,8 @@ class TaskKind:
     def torch_model(self, aggregator: str, in_dim: int, shape: dict[str, int], cfg: HeadsConfig) -> nn.Module:
         raise NotImplementedError
 
-    def loss(self, model: nn.Module, bag: np.ndarray, target) -> torch.Tensor:
+    def loss(self, model: nn.Module, bag: torch.Tensor, target) -> torch.Tensor:
+        """The model's training loss on one bag (a tensor on the model's device) and its target."""
         raise NotImplementedError
 
     def fit_mean(self, train: list[tuple[np.ndarray, object]], seed: int) -> nn.Module:
@@ -168,8 +169,8 @@ class ClassTask(TaskKind):
             return MaxInstance(in_dim, shape["classes"])
         raise ValueError(f"{self.name}: no torch head for aggregator {aggregator!r}")
 
-    def loss(self, model: nn.Module, bag: np.ndarray, target) -> torch.Tensor:
-        return model.loss(torch.from_numpy(bag), int(target))
+    def loss(self, model: nn.Module, bag: torch.Tensor, target) -> torch.Tensor:
+        return model.loss(bag, int(target))
 
     def fit_mean(self, train: list[tuple[np.ndarray, object]], seed: int) -> nn.Module:
         return fit_mean_classes(train, seed)
@@ -288,9 +289,9 @@ class DETask(TaskKind):
             raise ValueError("the DE task has attention and mean aggregators")
         return PerGeneDE(in_dim, shape["genes"]) if cfg.de_mode == "per_gene" else MultiTaskDE(in_dim, shape["genes"])
 
-    def loss(self, model: nn.Module, bag: np.ndarray, target) -> torch.Tensor:
+    def loss(self, model: nn.Module, bag: torch.Tensor, target) -> torch.Tensor:
         fc, cls = target
-        return model.loss(torch.from_numpy(bag), torch.from_numpy(fc), torch.from_numpy(cls).long())
+        return model.loss(bag, torch.as_tensor(fc, device=bag.device), torch.as_tensor(cls, device=bag.device).long())
 
     def fit_mean(self, train: list[tuple[np.ndarray, object]], seed: int) -> nn.Module:
         return fit_mean_de(train, seed)
