@@ -35,6 +35,7 @@ class HeatmapResult:
     pictures: list[Path] = field(default_factory=list)
     mask_auc: float | None = None
     scores: pd.DataFrame | None = None  # one row per tile and score
+    views: dict[str, str] = field(default_factory=dict)  # "task-head v<version>" -> the feature view it read
 
 
 def slide_bag(ws: Workspace, head: LoadedHead, slide_id: str) -> Bag:
@@ -104,17 +105,19 @@ def render_heatmaps(ws: Workspace, slide_id: str, out_dir: Path, genes: list[str
         unknown = sorted(set(chosen) - set(de.genes))
         if unknown:
             raise LookupError(f"genes {unknown} are not in the DE head's panel {list(de.genes)}")
+    views = {f"{h.task}-head v{h.version}": h.view_id for h in (tumor, de) if h is not None}
     key = _drawing_key(ws, slide_id, tumor, de, chosen, out_dir)
     stem = file_stem(slide_id)  # any id (quotes, slashes, any script) names a file inside out_dir
     pictures = [out_dir / f"{stem}.attention.png", *(out_dir / f"{stem}.{file_stem(g)}.png" for g in chosen)]
     done = None if force else _already_drawn(catalog, tracker, slide_id, (tumor, de), key, pictures)
     if done is not None:
         log.info("%s: heatmaps already drawn by these heads (%s)", slide_id, out_dir)
+        done.views = views
         return done
     bags = dict(bags or {})
     bag = bags.get(tumor.view_id) or slide_bag(ws, tumor, slide_id)
     out, attention = tumor(bag.features)
-    result = HeatmapResult(slide_id)
+    result = HeatmapResult(slide_id, views=views)
     p_tumor = float(out[list(tumor.classes).index("tumor")]) if "tumor" in tumor.classes else float("nan")
     result.pictures.append(heatmap_png(slide, bag.xy, bag.size, attention,
                                        f"{slide_id}: tumour-head attention (p_tumor {p_tumor:.2f})", "attention",

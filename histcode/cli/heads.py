@@ -69,6 +69,8 @@ def heatmap(
     except LookupError as exc:
         fail(str(exc))
     console = terminal()
+    for head, view in result.views.items():
+        console.print(f"{head}: view {view}")
     for picture in result.pictures:
         console.print(f"heatmap: {picture}")
     if result.mask_auc is not None:

@@ -291,7 +291,7 @@ class DETask(TaskKind):
 
     def loss(self, model: nn.Module, bag: torch.Tensor, target) -> torch.Tensor:
         fc, cls = target
-        return model.loss(bag, torch.as_tensor(fc, device=bag.device), torch.as_tensor(cls, device=bag.device).long())
+        return model.loss(bag, torch.tensor(fc, device=bag.device), torch.tensor(cls, device=bag.device).long())
 
     def fit_mean(self, train: list[tuple[np.ndarray, object]], seed: int) -> nn.Module:
         return fit_mean_de(train, seed)
