@@ -34,12 +34,21 @@ class DemoConfig(_Section):
     )
     out_dir: str = "data/demo"
     cohort: str = "demo"  # the training cohort the demo's slides are ingested into
-    n_patients: Annotated[int, Field(ge=2)] = 20
+    n_patients: Annotated[int, Field(ge=2)] = 22
     matched_normal_fraction: Fraction = 0.8
     luad_fraction: Fraction = 0.5
     canvas_cells: tuple[Pixels, Pixels] = (10, 13)  # rows, cols of source-tile cells
     tile_um: Microns = 112.0  # physical size of one 224 px LC25000 tile by convention
-    tumour_fraction: tuple[Fraction, Fraction] = (0.25, 0.7)
+    tumour_fraction: tuple[Fraction, Fraction] = (0.1, 0.7)  # tumour slides with a larger region
+    small_focus_share: Fraction = 0.35  # share of tumour slides whose tumour is one small focus
+    small_focus_fraction: tuple[Fraction, Fraction] = (0.02, 0.05)  # of the tissue (at least one tile)
+    sites: tuple[str, ...] = ("HC", "HK", "HM", "HR", "HW")  # made-up TCGA tissue-source-site codes
+    stain_site_angle: Annotated[float, Field(ge=0, le=30)] = 10.0  # degrees: most a site turns its H or E vector
+    # range of a site's stretch of each stain's concentration (log-uniform)
+    stain_site_scale: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (0.7, 1.4)
+    stain_slide_angle: Annotated[float, Field(ge=0, le=30)] = 2.0  # per-slide jitter on top of the site's stain
+    stain_slide_scale: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (0.93, 1.07)
+    white_balance: bool = True  # remove each LC25000 class's own white point (each was photographed apart)
     fraction_40x: Fraction = 0.25
     fraction_generic_tiff: Fraction = 0.15
     jpeg_quality: Annotated[int, Field(ge=10, le=100)] = 85
@@ -48,11 +57,15 @@ class DemoConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> DemoConfig:
-        lo, hi = self.tumour_fraction
-        if lo > hi:
-            raise ValueError(f"demo.tumour_fraction: lower bound {lo} is above upper bound {hi}")
+        for name in ("tumour_fraction", "small_focus_fraction", "stain_site_scale", "stain_slide_scale"):
+            lo, hi = getattr(self, name)
+            if lo > hi:
+                raise ValueError(f"demo.{name}: lower bound {lo} is above upper bound {hi}")
         if self.fraction_40x + self.fraction_generic_tiff > 1:
             raise ValueError("demo.fraction_40x + demo.fraction_generic_tiff must not exceed 1")
+        bad = [s for s in self.sites if not (len(s) == 2 and s.isascii() and s.isalnum() and s == s.upper())]
+        if not self.sites or bad or len(set(self.sites)) != len(self.sites):
+            raise ValueError(f"demo.sites: needs distinct two-character upper-case codes (TCGA TSS), got {self.sites}")
         return self
 
 
@@ -243,9 +256,14 @@ class HeadsConfig(_Section):
     aggregators: tuple[Literal["attention", "mean", "max"], ...] = ("attention", "mean", "max")
     de_mode: Literal["multitask", "per_gene"] = "multitask"  # per_gene: the paper's one regression per gene
     epochs: Pixels = 40
+    min_epochs: Pixels = 10  # no early stopping before this many epochs
     patience: Pixels = 8  # early stopping on the validation split of the training folds
-    lr: Annotated[float, Field(gt=0)] = 1e-4  # Adam, as in the paper's CLAM heads
+    lr: Annotated[float, Field(gt=0)] = 2e-4  # Adam, CLAM's default
     weight_decay: Annotated[float, Field(ge=0)] = 1e-5
+    # tile features centred on the training bags' mean and scaled (inside the model): by one global sd, which keeps
+    # the features' geometry, or per feature (z-scores), or not at all
+    standardise: Literal["global", "feature", "none"] = "global"
+    balanced_sampling: bool = True  # each epoch draws bags class-balanced (CLAM's weighted sampler)
     k_sample: Pixels = 8  # CLAM instance clustering: top and bottom k attended tiles
     bag_weight: Fraction = 0.7
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2  # patients of each training fold held out for stopping

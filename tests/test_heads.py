@@ -234,3 +234,44 @@ def test_strict_metrics_pool_only_the_folds_the_encoder_never_saw() -> None:
     fold1 = result.predictions[result.predictions.fold == 1]
     assert result.strict["auc"] == pytest.approx(roc_auc_score(fold1.y, fold1.p_tumor))
     assert cross_validate(task, bags, "mean", HeadsConfig(bootstrap=20)).strict == {}
+
+
+def test_standardised_heads_see_the_training_tiles_mean_and_sd() -> None:
+    from histcode.heads.fit import Standardised, tile_statistics
+
+    rng = np.random.default_rng(3)
+    bags = [rng.normal(5.0, 3.0, size=(n, 4)).astype(np.float32) for n in (3, 7, 11)]
+    mean, sd = tile_statistics(bags)
+    tiles = np.concatenate(bags)
+    np.testing.assert_allclose(mean, tiles.mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(sd, tiles.std(axis=0, ddof=1), rtol=1e-5)
+    assert tile_statistics([np.ones((3, 2), np.float32)])[1].tolist() == [1.0, 1.0]  # constant feature: sd 1
+    inner = CLAMSingleBranch(4, 2, k_sample=1).eval()
+    model = Standardised(inner, mean, sd).eval()
+    bag = torch.from_numpy(bags[1])
+    with torch.no_grad():
+        expected = inner((bag - torch.from_numpy(mean)) / torch.from_numpy(sd))
+        got = model(bag)
+    torch.testing.assert_close(got[0], expected[0]) and torch.testing.assert_close(got[1], expected[1])
+
+
+def test_balanced_sampling_draws_each_class_equally_often() -> None:
+    from histcode.heads.fit import epoch_order
+
+    classes = np.array([0] * 18 + [1] * 2)  # 9 : 1
+    rng = np.random.default_rng(0)
+    drawn = np.concatenate([classes[epoch_order(rng, 20, classes, True)] for _ in range(500)])
+    assert abs(drawn.mean() - 0.5) < 0.03  # each bag drawn with probability 1 / (2 * its class's size)
+    order = epoch_order(np.random.default_rng(0), 20, classes, False)
+    assert sorted(order.tolist()) == list(range(20))  # unbalanced: a permutation
+
+
+def test_early_stopping_waits_for_min_epochs() -> None:
+    from histcode.heads.fit import fit_head
+    from histcode.heads.tasks import TASKS
+
+    task, bags = _synthetic_task(n_patients=6)
+    pairs = [(bags[s].features, int(y)) for s, y in zip(task.slide_ids, task.y)]
+    cfg = HeadsConfig(epochs=30, min_epochs=12, patience=1, lr=1e-2, k_sample=2)
+    head = fit_head(TASKS["tumor"], "attention", pairs[:8], pairs[8:], task.shape, cfg, 0)
+    assert head.epochs >= 12

@@ -126,19 +126,23 @@ def sql(
 
 def search(
     ctx: typer.Context,
-    slide: Annotated[Optional[str], typer.Option("--slide", help="Slides like this slide.")] = None,
-    tile: Annotated[Optional[str], typer.Option("--tile", help="Tiles like this tile.")] = None,
-    image: Annotated[Optional[Path], typer.Option("--image", help="Tiles like this image (embedded by the view's encoder).")] = None,
-    k: Annotated[int, typer.Option("--k", help="How many neighbours.")] = 10,
-    where: Annotated[Optional[str], typer.Option(help="SQL filter on the table's columns, e.g. \"subtype = 'LUSC'\".")] = None,
-    as_of: Annotated[Optional[str], typer.Option("--as-of", help="A table version number or tag.")] = None,
-    view: Annotated[Optional[str], typer.Option(help="Feature view id (default: features.encoder's view under the current tiling).")] = None,
+    slide: Annotated[str | None, typer.Option("--slide", help="Slides like this slide.")] = None,
+    tile: Annotated[str | None, typer.Option("--tile", help="Tiles like this tile.")] = None,
+    image: Annotated[Path | None, typer.Option("--image", help="Tiles like this image (embedded by the view's encoder).")] = None,
+    evaluate: Annotated[bool, typer.Option("--evaluate", help="Score slide retrieval over the cohort instead: leave-one-patient-out MV@1/3/5, mMV@k, mAP@k, logged to MLflow ('retrieval').")] = False,
+    by: Annotated[str, typer.Option("--by", help="With --evaluate: the label, a slide column (subtype, sample_type) or 'tissue' (normal / the tumour's subtype).")] = "tissue",
+    k: Annotated[int | None, typer.Option("--k", help="How many neighbours (default 10; 5 with --evaluate).")] = None,
+    centring: Annotated[str | None, typer.Option("--centring", help="Slide search and --evaluate: 'mean' subtracts the view's mean slide vector before cosine (default), 'none' ranks raw vectors.")] = None,
+    where: Annotated[str | None, typer.Option(help="SQL filter on the table's columns, e.g. \"subtype = 'LUSC'\".")] = None,
+    as_of: Annotated[str | None, typer.Option("--as-of", help="A table version number or tag.")] = None,
+    view: Annotated[str | None, typer.Option(help="Feature view id (default: features.encoder's view under the current tiling).")] = None,
     output: Annotated[str, typer.Option("--format", help="table | csv | json")] = "table",
     as_json: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
     wide: Annotated[bool, typer.Option("--wide", help="Show long ids whole (cells wrap).")] = False,
 ) -> None:
-    """Similarity search: ranked slides or tiles with cosine distances and metadata."""
+    """Similarity search: ranked slides or tiles with cosine distances and metadata; --evaluate scores slide retrieval."""
     from histcode.features.registry import ViewError, resolve_view
+    from histcode.features.retrieval import CENTRINGS
     from histcode.features.search import SearchError
     from histcode.features.search import search as run_search
     from histcode.store.catalog import Catalog
@@ -146,16 +150,44 @@ def search(
     from histcode.tracking import Tracker, telemetry_off
     from histcode.views import arrow_table
 
+    if centring is not None and centring not in CENTRINGS:
+        fail(f"--centring must be one of {', '.join(CENTRINGS)}, not {centring!r}")
+    if centring is not None and not evaluate and slide is None:
+        fail("--centring applies to slide search (--slide) and --evaluate; tile search ranks raw vectors")
+    if evaluate and any(x is not None for x in (slide, tile, image)):
+        fail("--evaluate scores every slide of the cohort; it takes no --slide, --tile or --image")
     telemetry_off()
     ws = workspace_of(ctx)
     cfg = config_of(ws)
+    output = "json" if as_json else output
+    k = k if k is not None else 5 if evaluate else 10
     try:
-        fv = resolve_view(Catalog.of(ws), Tracker(ws), cfg, view)
+        tracker = Tracker(ws)
+        fv = resolve_view(Catalog.of(ws), tracker, cfg, view)
         say_view(fv)
-        hits = run_search(ws, fv, cfg.features, slide_id=slide, tile_id=tile, image=image, k=k, where=where, as_of=as_of)
+        if evaluate:
+            _evaluate_retrieval(ws, cfg, tracker, fv, by, k, centring or "mean", where, as_of, output, wide)
+            return
+        hits = run_search(ws, fv, cfg.features, slide_id=slide, tile_id=tile, image=image, k=k, where=where, as_of=as_of,
+                          centring=centring or "mean")
     except (ViewError, SearchError, VectorStoreError, ValueError) as exc:
         fail(str(exc))
-    print_frame(hits, "json" if as_json else output, k, lambda t, n: arrow_table(t, n, wide))
+    print_frame(hits, output, k, lambda t, n: arrow_table(t, n, wide))
+
+
+def _evaluate_retrieval(ws, cfg, tracker, fv, by: str, k: int, centring: str, where, as_of, output: str, wide: bool) -> None:
+    """`histcode search --evaluate`: the figures as a table (or CSV/JSON), the MLflow run named on stderr."""
+    from histcode.features.retrieval import evaluate_view, log_retrieval
+    from histcode.views import arrow_table
+
+    report = evaluate_view(ws, fv, by=by, k=k, centring=centring, cohorts=cfg.cohorts.train, as_of=as_of, where=where)
+    run_id = log_retrieval(tracker, fv, report, {"as_of": as_of, "where": where, "cohorts": cfg.cohorts.train})
+    table = report.table()
+    title = f"retrieval by {by}: leave-one-patient-out, centring {centring}"
+    print_frame(table, output, table.num_rows, lambda t, n: arrow_table(t, n, wide, title=title))
+    if report.short_queries:
+        typer.echo(f"{report.short_queries} query slides had fewer than {k} candidates of other patients", err=True)
+    typer.echo(f"MLflow run {run_id} (experiment retrieval)", err=True)
 
 
 def say_view(view) -> None:

@@ -23,14 +23,16 @@ from tqdm.auto import tqdm
 from histcode.config import DemoConfig, stable_hash
 from histcode.demo.compose import BASE_MPP, compose_slide, upsample
 from histcode.demo.expression import SampleSpec, panel_table, simulate_expression
+from histcode.demo.pixels import SourceMeasures, measure_sources
 from histcode.demo.plan import SlidePlan, load_source_tiles, plan_cohort, sample_barcode
 from histcode.demo.readme import cohort_readme
+from histcode.demo.shortcut import cohort_shortcut
 from histcode.demo.tiff_writer import write_aperio_svs, write_generic_tiff
 from histcode.workspace import bundled_source_dir
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = "3"
+BUILDER_VERSION = "4"
 MASK_PALETTE = [243, 241, 242, 60, 170, 90, 210, 40, 60]  # glass, benign tissue, tumour
 
 
@@ -73,9 +75,28 @@ def _save_mask(labels: np.ndarray, path: Path) -> None:
     image.save(path)
 
 
-def _build_slide(plan: SlidePlan, pool: dict, cfg: DemoConfig, work: Path) -> tuple[dict, list[dict], SampleSpec]:
+def _tumour_measures(cells: list[dict], plan: SlidePlan, measures: SourceMeasures) -> dict[str, float]:
+    """The slide's tumour tiles' nuclear measures, weighted by how much tissue each cell holds, raw and as
+    z-scores of the patient's tumour class (what the expression model reads)."""
+    tumour = [c for c in cells if c["kind"] == "tumour" and c["tissue_share"] > 0]
+    out = {"nuclear_density": float("nan"), "nuclear_area": float("nan"), "nuclear_density_z": 0.0,
+           "nuclear_area_z": 0.0}
+    if plan.sample_type != "tumor" or not tumour:
+        return out
+    w = np.array([c["tissue_share"] for c in tumour])
+    label = tumour[0]["label"]
+    for m in ("nuclear_density", "nuclear_area"):
+        value = float(np.average([c[m] for c in tumour], weights=w))
+        out[m] = round(value, 2)
+        out[f"{m}_z"] = round(measures.z(label, m, value), 4)
+    return out
+
+
+def _build_slide(plan: SlidePlan, pool: dict, cfg: DemoConfig, work: Path,
+                 measures: SourceMeasures) -> tuple[dict, list[dict], SampleSpec]:
     """Compose and write one slide and its mask; returns its slides.csv row, provenance and expression sample."""
-    composed = compose_slide(plan, pool, cfg.canvas_cells, cfg.tile_um, cfg.mask_mpp)
+    tiles = {str(t.path): measures.tiles[str(t.path)] for kind in pool.values() for t in kind}
+    composed = compose_slide(plan, pool, cfg.canvas_cells, cfg.tile_um, cfg.mask_mpp, tiles)
     path = _write_slide(plan, composed.image, work / "slides", cfg.jpeg_quality)
     labels = composed.layout.label_mask()
     _save_mask(labels, work / "masks" / f"{plan.slide_id}.png")
@@ -83,16 +104,21 @@ def _build_slide(plan: SlidePlan, pool: dict, cfg: DemoConfig, work: Path) -> tu
     aca = tumour if plan.subtype == "LUAD" else 0.0
     scc = tumour if plan.subtype == "LUSC" else 0.0
     barcode = sample_barcode(plan.patient_id, plan.sample_type)
+    nuclear = _tumour_measures(composed.provenance, plan, measures)
     row = {
         "slide_id": plan.slide_id, "patient_id": plan.patient_id, "sample_type": plan.sample_type,
         "subtype": plan.subtype if plan.sample_type == "tumor" else "", "patient_subtype": plan.subtype,
-        "format": plan.fmt, "magnification": plan.magnification, "mpp": plan.mpp,
+        "site": plan.site, "format": plan.fmt, "magnification": plan.magnification, "mpp": plan.mpp,
         "tumour_fraction": round(tumour, 4), "aca_fraction": round(aca, 4), "scc_fraction": round(scc, 4),
+        "small_focus": plan.small_focus, "tumour_tiles": sum(c["kind"] == "tumour" for c in composed.provenance),
         "tissue_fraction_of_canvas": round(float((labels > 0).mean()), 4),
+        **nuclear, **plan.stain.record("stain_"), **plan.site_stain.record("site_stain_"),
         "path": f"slides/{path.name}", "mask": f"masks/{plan.slide_id}.png", "mask_mpp": cfg.mask_mpp,
         "expression_sample": barcode,
     }
-    return row, composed.provenance, SampleSpec(barcode, plan.patient_id, plan.sample_type == "tumor", aca, scc)
+    sample = SampleSpec(barcode, plan.patient_id, plan.sample_type == "tumor", aca, scc,
+                        nuclear["nuclear_density_z"], nuclear["nuclear_area_z"])
+    return row, composed.provenance, sample
 
 
 def _map(fn, jobs: list[tuple], workers: int):
@@ -118,14 +144,15 @@ def build_demo_cohort(cfg: DemoConfig, out_dir: Path, source_dir: Path | None = 
             return DemoCohort(out_dir, previous["n_patients"], previous["n_slides"], built=False)
 
     tiles = load_source_tiles(source_dir)
-    plans, pools = plan_cohort(cfg, tiles)
+    measures = measure_sources(tiles, cfg.white_balance)
+    plans, pools = plan_cohort(cfg, tiles, measures)
     work = out_dir.with_name(f".{out_dir.name}.building")
     shutil.rmtree(work, ignore_errors=True)
     (work / "slides").mkdir(parents=True)
     (work / "masks").mkdir()
 
     slide_rows, provenance, samples = [], [], []
-    jobs = [(plan, pools[plan.patient_id], cfg, work) for plan in plans]
+    jobs = [(plan, pools[plan.patient_id], cfg, work, measures) for plan in plans]
     for row, cells, sample in tqdm(_map(_build_slide, jobs, workers), total=len(jobs), desc="demo slides",
                                    unit="slide", disable=not progress):
         slide_rows.append(row)
@@ -135,18 +162,21 @@ def build_demo_cohort(cfg: DemoConfig, out_dir: Path, source_dir: Path | None = 
     samples.sort(key=lambda s: s.barcode)
 
     slides = pd.DataFrame(slide_rows)
-    slides[["slide_id", "patient_id", "path", "sample_type", "subtype", "mask", "mask_mpp"]].to_csv(
-        work / "manifest.csv", index=False)
+    slides[["slide_id", "patient_id", "path", "sample_type", "subtype", "mask", "mask_mpp", "site", "tumour_fraction",
+            "small_focus"]].to_csv(work / "manifest.csv", index=False)
     slides.to_csv(work / "slides.csv", index=False)
-    pd.DataFrame(provenance).to_csv(work / "provenance.csv", index=False)
+    cells = pd.DataFrame(provenance)
+    cells.to_csv(work / "provenance.csv", index=False)
+    shortcut = cohort_shortcut(cells, slides, {t.path.name: measures.tiles[str(t.path)].mean_rgb for t in tiles})
     expression = simulate_expression(samples, np.random.default_rng(cfg.seed + 1), cfg.expression_noise_sd)
     expression.to_csv(work / "expression.tsv", sep="\t")
     panel_table().to_csv(work / "genes.csv", index=False)
-    (work / "README.md").write_text(cohort_readme(cfg, slides, BASE_MPP))
+    (work / "README.md").write_text(cohort_readme(cfg, slides, BASE_MPP, shortcut, measures.white_od))
     files = sorted(str(p.relative_to(work)) for p in work.rglob("*") if p.is_file())
     summary = {
         "fingerprint": fingerprint, "builder_version": BUILDER_VERSION, "config": cfg.model_dump(mode="json"),
-        "n_patients": cfg.n_patients, "n_slides": len(plans), "plans": [asdict(p) for p in plans], "files": files,
+        "n_patients": cfg.n_patients, "n_slides": len(plans), "colour_shortcut_auc": shortcut,
+        "white_point_od": measures.white_od, "plans": [asdict(p) for p in plans], "files": files,
     }
     (work / "cohort.json").write_text(json.dumps(summary, indent=1))
 

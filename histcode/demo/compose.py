@@ -1,4 +1,10 @@
-"""Compose one demo slide: real tiles placed cell by cell inside a simulated tissue outline on glass."""
+"""Compose one demo slide: real tiles placed cell by cell inside a simulated tissue outline on glass.
+
+Each tile is white-balanced (``histcode.demo.pixels``) and re-stained with the slide's stain (its site's, with a
+per-slide jitter) in optical-density space before it is placed; provenance records, per cell, the source
+tile, its transform, the share of the cell that is tissue, the mean RGB as placed and the tile's nuclear
+measures (from the source pixels, before the site's stain).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,9 @@ import numpy as np
 from PIL import Image
 
 from histcode.demo.layout import Layout, make_layout
+from histcode.demo.pixels import TileMeasures
 from histcode.demo.plan import SlidePlan, SourceTile
+from histcode.demo.stain import restain
 
 GLASS_RGB = (243, 241, 242)
 BASE_MPP = 0.5  # the composed canvas is at 20x; 40x slides are upsampled from it
@@ -59,12 +67,16 @@ def _glass(rng: np.random.Generator, height: int, width: int, period: int = 256)
 
 
 def compose_slide(
-    plan: SlidePlan, pools: dict[str, list[SourceTile]], cells: tuple[int, int], tile_um: float, mask_mpp: float
+    plan: SlidePlan, pools: dict[str, list[SourceTile]], cells: tuple[int, int], tile_um: float, mask_mpp: float,
+    measures: dict[str, TileMeasures] | None = None,
 ) -> ComposedSlide:
+    """``measures`` per source path: the white point to remove from each tile (none without) and what the
+    provenance records of it."""
     rng = np.random.default_rng(plan.seed)
     cell_px = round(tile_um / BASE_MPP)
     mask_cell_px = round(tile_um / mask_mpp)
-    layout = make_layout(rng, cells, mask_cell_px, plan.tumour_fraction, plan.coverage)
+    layout = make_layout(rng, cells, mask_cell_px, plan.tumour_fraction, plan.coverage, plan.small_focus)
+    share = layout.tissue_share()
     rows, cols = cells
     height, width = rows * cell_px, cols * cell_px
     canvas = np.empty((height, width, 3), dtype=np.uint8)
@@ -78,9 +90,17 @@ def compose_slide(
             kind = "tumour" if layout.tumour_cells[r, c] else "normal"
             src = dealers[kind].draw()
             k = int(rng.integers(0, 8))
-            canvas[r * cell_px:(r + 1) * cell_px, c * cell_px:(c + 1) * cell_px] = _dihedral(_load_tile(src.path, cell_px), k)
+            m = (measures or {}).get(str(src.path))
+            tile = restain(_load_tile(src.path, cell_px), plan.stain, np.asarray(m.white_od) if m else None)
+            canvas[r * cell_px:(r + 1) * cell_px, c * cell_px:(c + 1) * cell_px] = _dihedral(tile, k)
+            mean = tile.reshape(-1, 3).mean(axis=0)
             provenance.append({"slide_id": plan.slide_id, "row": r, "col": c, "kind": kind, "source": src.path.name,
-                               "label": src.label, "group_id": src.group_id, "dihedral": k})
+                               "label": src.label, "group_id": src.group_id, "dihedral": k,
+                               "tissue_share": round(float(share[r, c]), 4),
+                               "mean_r": round(float(mean[0]), 2), "mean_g": round(float(mean[1]), 2),
+                               "mean_b": round(float(mean[2]), 2),
+                               "nuclear_density": round(m.nuclear_density, 1) if m else float("nan"),
+                               "nuclear_area": round(m.nuclear_area, 2) if m else float("nan")})
     # Tissue outline at full resolution: the soft mask upsampled, sharpened to a few-pixel feather.
     soft = Image.fromarray(layout.tissue.astype(np.float32), mode="F").resize((width, height), Image.Resampling.BILINEAR)
     alpha = np.clip((np.asarray(soft) - 0.5) * 4 + 0.5, 0, 1)

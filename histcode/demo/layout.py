@@ -2,7 +2,8 @@
 
 Everything is drawn on a coarse grid (the mask resolution, e.g. 8 um/px) from smooth random fields, then the
 tissue outline is refined to full resolution when the slide is composed. Tumour is decided per source-tile
-cell, so the ground-truth tumour mask matches the pixels that were actually placed.
+cell, so the ground-truth tumour mask matches the pixels that were actually placed; it is placed anywhere in
+the tissue, edges included, as a larger region or as one small focus.
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ class Layout:
         labels = tissue.astype(np.uint8)
         labels[tissue & tumour] = 2
         return labels
+
+    def tissue_share(self) -> np.ndarray:
+        """float (rows, cols): the share of each cell that is tissue."""
+        rows, cols = self.tumour_cells.shape
+        tissue = self.tissue > 0.5
+        return tissue.reshape(rows, self.cell_px, cols, self.cell_px).mean(axis=(1, 3))
 
     def tumour_fraction(self) -> float:
         labels = self.label_mask()
@@ -74,17 +81,41 @@ def tissue_field(rng: np.random.Generator, shape: tuple[int, int], coverage: flo
     return np.clip(soft, 0.0, 1.0)
 
 
+def _grow_focus(field: np.ndarray, per_cell: np.ndarray, target: float) -> np.ndarray:
+    """One contiguous focus: from the cell (at least 3/4 tissue where there is one) where ``field`` is highest,
+    add the 4-neighbour with the highest field among cells at least half tissue, until the focus holds the
+    tissue closest to ``target`` (in cells' worth)."""
+    eligible = per_cell >= 0.5
+    seeds = per_cell >= 0.75 if (per_cell >= 0.75).any() else eligible if eligible.any() else per_cell > 0
+    focus = np.zeros_like(eligible)
+    focus.flat[int(np.argmax(np.where(seeds, field, -np.inf)))] = True
+    held = float(per_cell[focus].sum())
+    while True:
+        ring = ndimage.binary_dilation(focus) & ~focus & eligible
+        if not ring.any():
+            return focus
+        nxt = int(np.argmax(np.where(ring, field, -np.inf)))
+        if abs(held + per_cell.flat[nxt] - target) >= abs(held - target):
+            return focus
+        focus.flat[nxt] = True
+        held += float(per_cell.flat[nxt])
+
+
 def make_layout(
     rng: np.random.Generator,
     cells: tuple[int, int],
     cell_px: int,
     tumour_fraction: float,
     coverage: float,
+    small_focus: bool = False,
 ) -> Layout:
     """A layout of ``cells`` (rows, cols) source-tile cells, each ``cell_px`` mask pixels wide.
 
-    ``tumour_fraction`` of the tissue cells (0 for a normal slide) form a contiguous-looking tumour region
-    chosen as the top of a smooth random field.
+    ``tumour_fraction`` of the tissue (0 for a normal slide) is tumour: the tissue cells where a smooth random
+    field is highest, anywhere in the tissue, edges included (the field knows nothing of the outline, so
+    "touches glass" says nothing about the class). A ``small_focus`` is one contiguous patch grown from the
+    field's highest cell over cells that are at least half tissue (so that a tile of it survives tiling); it
+    covers at least one cell.
     """
     rows, cols = cells
     shape = (rows * cell_px, cols * cell_px)
@@ -92,13 +123,13 @@ def make_layout(
     per_cell = (tissue > 0.5).reshape(rows, cell_px, cols, cell_px).mean(axis=(1, 3))
     tissue_cells = per_cell > 0
     tumour_cells = np.zeros_like(tissue_cells)
-    if tumour_fraction > 0 and tissue_cells.any():
-        field = smooth_field(rng, (rows, cols), sigma=max(rows, cols) / 5)
-        # weight by tissue so tumour sits inside tissue, not in cells that barely touch it
+    field = smooth_field(rng, (rows, cols), sigma=max(rows, cols) / 5)
+    target = tumour_fraction * per_cell.sum()  # in cells' worth of tissue
+    if tumour_fraction > 0 and small_focus and tissue_cells.any():
+        tumour_cells = _grow_focus(field, per_cell, target)
+    elif tumour_fraction > 0 and tissue_cells.any():
         candidates = np.flatnonzero(tissue_cells.ravel())
-        order = candidates[np.argsort(-(field.ravel()[candidates] + per_cell.ravel()[candidates]))]
-        weights = per_cell.ravel()[order]
-        target = tumour_fraction * weights.sum()
-        n = int(np.searchsorted(np.cumsum(weights), target)) + 1
-        tumour_cells.ravel()[order[: max(1, min(n, len(order)))]] = True
+        order = candidates[np.argsort(-field.ravel()[candidates], kind="stable")]
+        n = int(np.argmin(np.abs(np.cumsum(per_cell.ravel()[order]) - target))) + 1  # the closest to target
+        tumour_cells.ravel()[order[:n]] = True
     return Layout(tissue=tissue, tumour_cells=tumour_cells, tissue_cells=tissue_cells, cell_px=cell_px)

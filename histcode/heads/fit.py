@@ -4,7 +4,11 @@ Aggregators: ``attention`` (CLAM_SB; the multi-task DE head for the DE task), ``
 tasks only) and ``mean`` (mean-pooled slide vectors into scikit-learn: logistic regression for classes, ridge
 regression for log2FC). Torch heads train one bag at a time with Adam on ``heads.device`` (CUDA when present
 under ``auto``; each bag is moved there once, not per epoch); the state with the lowest validation loss is kept,
-training stops ``patience`` epochs after it, and the fitted model comes back on the CPU for export and prediction.
+training stops ``patience`` epochs after it (never before ``min_epochs``), and the fitted model comes back on the
+CPU for export and prediction. As CLAM trains at scale: tile features standardised with the training bags' tile
+mean and one sd, or per feature (``standardise``; the statistics are buffers of the exported model, so prediction applies the same),
+and class-balanced bag sampling (``balanced_sampling``: each epoch draws as many bags as there are, with
+replacement, each with probability inversely proportional to its class's size, as CLAM's weighted sampler).
 """
 
 from __future__ import annotations
@@ -70,6 +74,50 @@ class MeanPoolLinear(nn.Module):
         return torch.cat([fc[:, None], probs], dim=1), attention
 
 
+class Standardised(nn.Module):
+    """A torch head whose inputs are standardised first: (bag - mean) / scale, then the head; its ``loss`` and
+    ``tile_scores`` see the same standardised tiles."""
+
+    def __init__(self, head: nn.Module, mean: np.ndarray, scale: np.ndarray) -> None:
+        super().__init__()
+        self.head = head
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
+
+    def _z(self, bag: torch.Tensor) -> torch.Tensor:
+        return (bag - self.mean) / self.scale
+
+    def forward(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(self._z(bag))
+
+    def loss(self, bag: torch.Tensor, *target) -> torch.Tensor:
+        return self.head.loss(self._z(bag), *target)
+
+    def tile_scores(self, bag: torch.Tensor) -> torch.Tensor:
+        return self.head.tile_scores(self._z(bag))
+
+
+def tile_statistics(bags: list[np.ndarray], per_feature: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of every tile of ``bags`` per feature and their sd, per feature or (``per_feature`` False) one sd
+    over all features, the root of the mean variance (sd 0 replaced by 1); accumulated bag by bag."""
+    n = sum(len(b) for b in bags)
+    total = sum(b.sum(axis=0, dtype=np.float64) for b in bags)
+    mean = total / n
+    var = sum(((b - mean) ** 2).sum(axis=0, dtype=np.float64) for b in bags) / max(n - 1, 1)
+    sd = np.sqrt(var) if per_feature else np.full_like(var, np.sqrt(var.mean()))
+    return mean.astype(np.float32), np.where(sd > 0, sd, 1.0).astype(np.float32)
+
+
+def epoch_order(rng: np.random.Generator, n: int, classes: np.ndarray | None, balanced: bool) -> np.ndarray:
+    """The ``n`` bags of one epoch: a permutation, or (balanced, with classes) ``n`` draws with replacement, each
+    bag with probability inversely proportional to its class's size."""
+    if classes is None or not balanced:
+        return rng.permutation(n)
+    counts = np.bincount(classes)
+    weights = 1.0 / counts[classes]
+    return rng.choice(len(classes), size=len(classes), replace=True, p=weights / weights.sum())
+
+
 @dataclass
 class FittedHead:
     aggregator: str
@@ -96,7 +144,11 @@ def fit_head(kind, aggregator: str, train: list[tuple[np.ndarray, object]], val:
     torch.manual_seed(seed)
     device = resolve_device(cfg.device)
     in_dim = train[0][0].shape[1]
-    model = kind.torch_model(aggregator, in_dim, shape, cfg).to(device)
+    model = kind.torch_model(aggregator, in_dim, shape, cfg)
+    if cfg.standardise != "none":
+        model = Standardised(model, *tile_statistics([bag for bag, _ in train], cfg.standardise == "feature"))
+    model = model.to(device)
+    classes = np.array([int(t) for _, t in train]) if kind.needs_every_class else None
     on_device = lambda pairs: [(torch.as_tensor(b, device=device), t) for b, t in pairs]  # noqa: E731
     train, val = on_device(train), on_device(val)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -104,7 +156,7 @@ def fit_head(kind, aggregator: str, train: list[tuple[np.ndarray, object]], val:
     best, best_state, stale, epoch = float("inf"), copy.deepcopy(model.state_dict()), 0, 0
     for epoch in range(1, cfg.epochs + 1):
         model.train()
-        for i in rng.permutation(len(train)):
+        for i in epoch_order(rng, len(train), classes, cfg.balanced_sampling):
             loss = kind.loss(model, *train[i])
             optimizer.zero_grad()
             loss.backward()
@@ -119,7 +171,7 @@ def fit_head(kind, aggregator: str, train: list[tuple[np.ndarray, object]], val:
             best, best_state, stale = val_loss, copy.deepcopy(model.state_dict()), 0
         else:
             stale += 1
-            if stale >= cfg.patience:
+            if stale >= cfg.patience and epoch >= cfg.min_epochs:
                 break
     model.load_state_dict(best_state)
     model.cpu().eval()

@@ -1,0 +1,114 @@
+"""H&E stain in optical-density space: a tissue-source site's stain (and a per-slide jitter) put on real tiles.
+
+Beer-Lambert: optical density ``OD = -log((I + 1) / 256)`` per RGB channel, and ``I = 256 exp(-OD) - 1`` back.
+In OD space a pixel is a sum of stain vectors (unit RGB absorption profiles) times concentrations. A tile is
+decomposed with Ruifrok & Johnston's (2001) haematoxylin and eosin vectors (the third row of the stain matrix
+is the unit normal of their plane: it carries what two stains do not explain, so nothing is thrown away), and
+recomposed with a stain of its own: each concentration stretched by a factor, each stain vector turned by an
+angle towards a direction in its tangent plane. The whole change is one 3x3 matrix in OD space.
+
+``white_balance`` removes a tile batch's white point first (the OD of its brightest pixels, which should be
+zero: empty glass passes white light), so that what is re-stained is the tissue, not the camera's cast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+RUIFROK = np.array([[0.650, 0.704, 0.286], [0.072, 0.990, 0.105]])  # H, E (rows), unit below
+RUIFROK = RUIFROK / np.linalg.norm(RUIFROK, axis=1, keepdims=True)
+
+
+def rgb_to_od(rgb: np.ndarray) -> np.ndarray:
+    return -np.log((rgb.astype(np.float32) + 1.0) / 256.0)
+
+
+def od_to_rgb(od: np.ndarray) -> np.ndarray:
+    return np.clip(256.0 * np.exp(-od) - 1.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def stain_matrix(h: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """3x3: unit H, unit E and the unit normal of their plane, as rows."""
+    h, e = h / np.linalg.norm(h), e / np.linalg.norm(e)
+    n = np.cross(h, e)
+    return np.stack([h, e, n / np.linalg.norm(n)])
+
+
+REFERENCE = stain_matrix(RUIFROK[0], RUIFROK[1])
+UNMIX = np.linalg.inv(REFERENCE)  # OD row vector @ UNMIX = (H, E, residual) concentrations
+
+
+def _turn(v: np.ndarray, angle_deg: float, azimuth_deg: float) -> np.ndarray:
+    """Unit ``v`` turned by ``angle_deg`` towards the tangent direction at ``azimuth_deg``."""
+    a = np.cross(v, [0.0, 0.0, 1.0])
+    a /= np.linalg.norm(a)
+    b = np.cross(v, a)
+    phi, theta = np.deg2rad(azimuth_deg), np.deg2rad(angle_deg)
+    out = np.cos(theta) * v + np.sin(theta) * (np.cos(phi) * a + np.sin(phi) * b)
+    out = np.maximum(out, 1e-3)  # a stain absorbs, it never emits
+    return out / np.linalg.norm(out)
+
+
+@dataclass(frozen=True)
+class StainParams:
+    """A stain as a change from the Ruifrok-Johnston reference: concentration stretches, vector turns."""
+
+    h_scale: float = 1.0
+    e_scale: float = 1.0
+    h_angle: float = 0.0  # degrees the H vector is turned away from the reference
+    h_azimuth: float = 0.0  # towards which side (degrees in its tangent plane)
+    e_angle: float = 0.0
+    e_azimuth: float = 0.0
+
+    def vectors(self) -> np.ndarray:
+        """3x3 stain matrix of this stain (rows H, E, normal)."""
+        if self.h_angle == 0 and self.e_angle == 0:
+            return REFERENCE
+        return stain_matrix(_turn(REFERENCE[0], self.h_angle, self.h_azimuth),
+                            _turn(REFERENCE[1], self.e_angle, self.e_azimuth))
+
+    def transform(self) -> np.ndarray:
+        """3x3 in OD space: reference-stained OD (row vectors) @ transform = OD in this stain."""
+        gain = np.diag([self.h_scale, self.e_scale, 1.0])
+        return (UNMIX @ gain @ self.vectors()).astype(np.float32)
+
+    def then(self, jitter: StainParams) -> StainParams:
+        """This stain with a smaller one on top: stretches multiply, turns add as 2-d offsets."""
+        def add(a1: float, z1: float, a2: float, z2: float) -> tuple[float, float]:
+            x = a1 * np.cos(np.deg2rad(z1)) + a2 * np.cos(np.deg2rad(z2))
+            y = a1 * np.sin(np.deg2rad(z1)) + a2 * np.sin(np.deg2rad(z2))
+            return float(np.hypot(x, y)), float(np.rad2deg(np.arctan2(y, x)) % 360)
+
+        h_angle, h_az = add(self.h_angle, self.h_azimuth, jitter.h_angle, jitter.h_azimuth)
+        e_angle, e_az = add(self.e_angle, self.e_azimuth, jitter.e_angle, jitter.e_azimuth)
+        return StainParams(self.h_scale * jitter.h_scale, self.e_scale * jitter.e_scale, h_angle, h_az, e_angle, e_az)
+
+    def record(self, prefix: str) -> dict[str, float]:
+        return {prefix + k: round(float(v), 4) for k, v in asdict(self).items()}
+
+
+def draw_stain(rng: np.random.Generator, max_angle: float, scale: tuple[float, float]) -> StainParams:
+    """A random stain: turns of up to ``max_angle`` degrees, log-uniform stretches within ``scale``."""
+    lo, hi = np.log(scale[0]), np.log(scale[1])
+    return StainParams(
+        h_scale=float(np.exp(rng.uniform(lo, hi))), e_scale=float(np.exp(rng.uniform(lo, hi))),
+        h_angle=float(rng.uniform(0, max_angle)), h_azimuth=float(rng.uniform(0, 360)),
+        e_angle=float(rng.uniform(0, max_angle)), e_azimuth=float(rng.uniform(0, 360)),
+    )
+
+
+def white_balance(od: np.ndarray, white_od: np.ndarray | None) -> np.ndarray:
+    """OD with the batch's white point taken out (clipped at zero: nothing is brighter than glass)."""
+    if white_od is None:
+        return od
+    return np.maximum(od - np.asarray(white_od, dtype=np.float32), 0.0)
+
+
+def restain(rgb: np.ndarray, stain: StainParams, white_od: np.ndarray | None = None) -> np.ndarray:
+    """``rgb`` (uint8, any shape ending in 3) white-balanced and re-stained to ``stain``.
+
+    With ``white_od=None`` and the identity ``StainParams()`` the input comes back (within rounding)."""
+    od = white_balance(rgb_to_od(rgb), white_od)
+    return od_to_rgb(np.maximum(od @ stain.transform(), 0.0))
