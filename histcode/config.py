@@ -268,6 +268,7 @@ class HeadsConfig(_Section):
     bag_weight: Fraction = 0.7
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2  # patients of each training fold held out for stopping
     bootstrap: Pixels = 1000  # resamples for 95% confidence intervals
+    tumour_fraction_bins: tuple[Fraction, ...] = (0.05, 0.2)  # tumour AUC reported per bin (slide attribute tumour_fraction)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     view: str | None = None  # feature view id; None = the default view (features.encoder under the current tiling)

@@ -275,3 +275,16 @@ def test_early_stopping_waits_for_min_epochs() -> None:
     cfg = HeadsConfig(epochs=30, min_epochs=12, patience=1, lr=1e-2, k_sample=2)
     head = fit_head(TASKS["tumor"], "attention", pairs[:8], pairs[8:], task.shape, cfg, 0)
     assert head.epochs >= 12
+
+
+def test_tumour_auc_is_reported_per_tumour_fraction_bin() -> None:
+    from histcode.heads.tasks import fraction_strata
+
+    y = np.array([0, 0, 0, 1, 1, 1, 1])
+    p = np.array([0.1, 0.2, 0.6, 0.3, 0.9, 0.8, 0.95])
+    fraction = np.array([0, 0, 0, 0.02, 0.03, 0.5, 1.0])
+    out = fraction_strata(y, p, fraction, (0.05, 0.2))
+    # small foci (0.3, 0.9) against normals (0.1, 0.2, 0.6): pairs won 2 + 3 of 6
+    assert out["auc_tf_00_05"] == pytest.approx(5 / 6) and out["n_tf_00_05"] == 2
+    assert "auc_tf_05_20" not in out and out["n_tf_05_20"] == 0  # no slide in the bin: no AUC
+    assert out["auc_tf_20_100"] == 1.0 and out["n_tf_20_100"] == 2  # a fraction of 1.0 is in the last bin
