@@ -278,7 +278,7 @@ def test_early_stopping_waits_for_min_epochs() -> None:
 
 
 def test_tumour_auc_is_reported_per_tumour_fraction_bin() -> None:
-    from histcode.heads.tasks import fraction_strata
+    from histcode.heads.strata import fraction_strata
 
     y = np.array([0, 0, 0, 1, 1, 1, 1])
     p = np.array([0.1, 0.2, 0.6, 0.3, 0.9, 0.8, 0.95])

@@ -28,6 +28,7 @@ from histcode.config import HeadsConfig, LabelsConfig
 from histcode.heads import metrics
 from histcode.heads.data import Bag
 from histcode.heads.fit import PerGeneDE, fit_mean_classes, fit_mean_de
+from histcode.heads.strata import fraction_strata, tumour_fractions
 from histcode.heads.models import CLAMSingleBranch, MaxInstance, MultiTaskDE
 from histcode.labels.barcodes import NORMAL
 from histcode.labels.de import DOWN, UNCHANGED, UP, fold_changes, gene_inclusion, panel_matrix
@@ -125,39 +126,6 @@ def label_params(catalog: Catalog) -> LabelsConfig:
     return LabelsConfig.model_validate({k: v for k, v in params.items() if k in LabelsConfig.model_fields})
 
 
-def _tumour_fractions(catalog: Catalog, slide_ids: list[str]) -> np.ndarray | None:
-    """Each slide's ``tumour_fraction`` attribute (a manifest column; the demo writes it), NaN where unknown;
-    None when no slide has one."""
-    rows = {r["slide_id"]: r["attributes"] for r in catalog.query("SELECT slide_id, attributes FROM slides")}
-    values = []
-    for sid in slide_ids:
-        attrs = json.loads(rows.get(sid) or "{}")
-        try:
-            values.append(float(attrs.get("tumour_fraction", "nan")))
-        except (TypeError, ValueError):
-            values.append(float("nan"))
-    out = np.array(values, dtype=float)
-    return out if np.isfinite(out).any() else None
-
-
-def fraction_strata(y: np.ndarray, p_tumour: np.ndarray, fraction: np.ndarray, bins: tuple[float, ...]) -> dict:
-    """Tumour-vs-normal AUC by tumour-fraction bin: the tumour slides whose tumour fraction lies in the bin
-    against every normal slide (``auc_tf_<lo>_<hi>``, percent), with the bin's slide count (``n_tf_...``)."""
-    from sklearn.metrics import roc_auc_score
-
-    edges = [0.0, *bins, 1.0]
-    normal = y == 0
-    out = {}
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        name = f"tf_{round(lo * 100):02d}_{round(hi * 100):02d}"
-        tumour = (y == 1) & (fraction >= lo) & ((fraction < hi) | (hi >= 1.0))
-        out[f"n_{name}"] = float(tumour.sum())
-        if tumour.any() and normal.any():
-            keep = tumour | normal
-            out[f"auc_{name}"] = float(roc_auc_score(y[keep], p_tumour[keep]))
-    return out
-
-
 def _labels_and_folds(catalog: Catalog, bags: dict[str, Bag]) -> tuple[pd.DataFrame, dict[str, int]]:
     labels = pd.DataFrame(catalog.query("SELECT * FROM slide_labels"))
     folds = {r["slide_id"]: r["fold"] for r in catalog.query("SELECT slide_id, fold FROM cv_folds")}
@@ -182,7 +150,7 @@ class ClassTask(TaskKind):
         frame, classes, y = self.labelled(labels)
         return TaskData(self.name, frame.slide_id.tolist(), frame.patient_id.to_numpy(),
                         frame.slide_id.map(folds).to_numpy(), y, classes,
-                        tumour_fraction=_tumour_fractions(catalog, frame.slide_id.tolist()))
+                        tumour_fraction=tumour_fractions(catalog, frame.slide_id.tolist()))
 
     def targets(self, data: TaskData, idx: np.ndarray) -> list:
         return [int(data.y[i]) for i in idx]
