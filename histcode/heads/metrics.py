@@ -1,4 +1,4 @@
-"""Metrics of slide-level predictions, with bootstrap confidence intervals."""
+"""Metrics of slide-level predictions, with patient-level bootstrap confidence intervals."""
 
 from __future__ import annotations
 
@@ -23,22 +23,6 @@ def classification(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:
         out["auc"] = roc_auc_score(y, cols, multi_class="ovr", labels=present) if len(present) > 2 else \
             roc_auc_score(y == present[1], cols[:, 1])
     return {k: float(v) for k, v in out.items()}
-
-
-def bootstrap_ci(y: np.ndarray, proba: np.ndarray, metric: str, n: int, seed: int) -> tuple[float, float]:
-    """95% percentile interval of ``metric`` over ``n`` resamples of the slides (resamples with one class
-    only are skipped for AUC)."""
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n):
-        idx = rng.integers(0, len(y), len(y))
-        if metric == "auc" and len(np.unique(y[idx])) < 2:
-            continue
-        values.append(classification(y[idx], proba[idx])[metric])
-    if not values:
-        return float("nan"), float("nan")
-    lo, hi = np.percentile(values, [2.5, 97.5])
-    return float(lo), float(hi)
 
 
 def per_gene(genes: tuple[str, ...], fc_true: np.ndarray, fc_pred: np.ndarray, cls_true: np.ndarray,
@@ -72,8 +56,8 @@ _CLASSIFICATION_METRICS = ("auc", "accuracy", "balanced_accuracy", "f1")
 
 def _patient_draws(groups: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(the patient index of every row, into ``np.unique(groups)``; the (n, patients) drawn patient indices).
-    The drawing rule is that of ``bootstrap_ci``: ``rng = np.random.default_rng(seed)``, then per resample
-    ``rng.integers(0, P, P)``; with one slide per patient in row order the draws are the same slides."""
+    The drawing rule: ``rng = np.random.default_rng(seed)``, then per resample ``rng.integers(0, P, P)``; with
+    one slide per patient in row order the draws are those of a plain slide bootstrap with the same seed."""
     groups = np.asarray(groups)
     if groups.ndim != 1 or len(groups) == 0:
         raise ValueError("groups: one patient id per row, at least one row")
@@ -184,7 +168,7 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def _interval(values: np.ndarray) -> tuple[float, float]:
-    """95% percentile interval of the defined (non-NaN) values, as ``bootstrap_ci``; (nan, nan) if none."""
+    """95% percentile interval of the defined (non-NaN) values; (nan, nan) if none."""
     values = np.asarray(values, dtype=np.float64)
     values = values[~np.isnan(values)]
     if len(values) == 0:
