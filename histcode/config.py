@@ -140,12 +140,12 @@ class AugmentConfig(_Section):
     vflip_p: Fraction = 0.5
     rot90_p: Fraction = 0.5  # a random multiple of 90 degrees
     color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
-    color_jitter_p: Fraction = 0.8
-    grayscale_p: Fraction = 0.2
+    color_jitter_p: Fraction = 0.0  # off: after stain normalisation colour (the H/E balance) is information
+    grayscale_p: Fraction = 0.0
     blur_p: Fraction = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # in pixels of a 224 px image, scaled with image_px
-    stain_p: Fraction = 0.5  # H&E stain jitter in optical-density space
-    stain_scale: Annotated[float, Field(ge=0, le=1)] = 0.05  # stain concentrations scaled by U(1 - s, 1 + s)
+    stain_p: Fraction = 0.8  # H&E stain jitter in optical-density space: the stain robustness
+    stain_scale: Annotated[float, Field(ge=0, le=1)] = 0.2  # stain concentrations scaled by U(1 - s, 1 + s)
     stain_shift: Annotated[float, Field(ge=0, le=1)] = 0.05  # ... and shifted by U(-s, s) OD units
 
     @model_validator(mode="after")
@@ -156,13 +156,27 @@ class AugmentConfig(_Section):
 
 
 class ProbeConfig(_Section):
-    """Linear probe on held-aside labelled tiles: frozen embeddings -> logistic regression, grouped CV."""
+    """Linear probe on held-aside labelled tiles: frozen embeddings -> logistic regression, grouped CV; once on
+    the tiles as they are and once on the same tiles re-stained (a random stain per tile, in OD space)."""
 
     enabled: bool = True
     source_dir: str | None = None  # LC25000 with labels.csv; None = the bundled copy
     split: str = "val"
     folds: Annotated[int, Field(ge=2)] = 5
     max_iter: Pixels = 2000
+    stain_log_sd: Annotated[float, Field(ge=0)] = 0.5  # re-staining: log-normal stretch of H and E concentrations
+    stain_angle: Annotated[float, Field(ge=0, le=45)] = 10.0  # ... and turns of each stain vector, degrees (at most)
+
+
+class StainNormConfig(_Section):
+    """Stain normalisation of every tile an encoder sees (pretraining, embedding, the probe): Macenko et al.
+    (2009), estimated once per slide from a sample of its tiles (per tile for loose tiles), mapped onto
+    Macenko's reference stain. Recorded with the encoder, so its feature views read tiles the same way."""
+
+    method: Literal["macenko", "none"] = "macenko"
+    sample_tiles: Annotated[int, Field(ge=1)] = 24  # tiles per slide the stain is estimated from (evenly spread)
+    beta: Annotated[float, Field(gt=0)] = 0.15  # OD norm a pixel must exceed to count as stained
+    alpha: Annotated[float, Field(gt=0, lt=50)] = 1.0  # percentile of the extreme angles (robust extremes)
 
 
 class PretrainConfig(_Section):
@@ -202,6 +216,7 @@ class PretrainConfig(_Section):
     register_as: str = "histcode-encoder"
     exclude_test_folds: tuple[Annotated[int, Field(ge=0)], ...] = ()  # patients of these label-set folds are left out
     augment: AugmentConfig = AugmentConfig()
+    stain_norm: StainNormConfig = StainNormConfig()
     probe: ProbeConfig = ProbeConfig()
 
     def method_temperature(self) -> float:

@@ -159,10 +159,21 @@ def pretrain_lines(summary: dict | None, reused: bool) -> str:
     text = f"  encoder: {summary['method']} ({state}); MLflow run {summary['run_id']}, registered version {summary['version']}"
     probe = summary.get("probe") or {}
     if probe:
-        text += (f"\n  linear probe accuracy on {int(probe['probe_tiles'])} held-aside tiles: trained "
-                 f"{probe['probe_accuracy']:.3f}, random init {probe['probe_random_init_accuracy']:.3f}, "
-                 f"colour only {probe['probe_colour_accuracy']:.3f}")
+        text += "\n" + probe_lines(probe, "  ")
     return text
+
+
+def probe_lines(probe: dict, indent: str = "") -> str:
+    """The linear probe, tiles as they are and re-stained: trained, random init and colour side by side."""
+    lines = []
+    for suffix, what in (("", "as they are"), ("_restained", "re-stained")):
+        if f"probe{suffix}_accuracy" not in probe:
+            continue
+        cells = [f"{name} {probe[f'{key}{suffix}_accuracy']:.3f} / {probe[f'{key}{suffix}_macro_auc']:.3f}"
+                 for name, key in (("trained", "probe"), ("random init", "probe_random_init"), ("colour", "probe_colour"))]
+        lines.append(f"{indent}linear probe, {int(probe['probe_tiles'])} held-aside tiles {what} "
+                     f"(accuracy / macro AUC): " + ", ".join(cells))
+    return "\n".join(lines)
 
 
 def first_slide(outcome) -> str:

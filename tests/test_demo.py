@@ -193,7 +193,7 @@ def test_sites_are_in_the_barcodes_and_independent_of_class() -> None:
 
 def test_restaining_with_identity_returns_the_input_and_follows_beer_lambert() -> None:
     from histcode.demo.pixels import read_rgb
-    from histcode.demo.stain import RUIFROK, StainParams, od_to_rgb, restain
+    from histcode.wsi.stain import RUIFROK, StainParams, od_to_rgb, restain
 
     labels = pd.read_csv(bundled_source_dir() / "labels.csv")
     for path in labels.groupby("label").path.first():
@@ -216,7 +216,7 @@ def test_restaining_with_identity_returns_the_input_and_follows_beer_lambert() -
 
 def _benign_od(cohort, row) -> np.ndarray:
     """Mean OD per channel of a slide's benign tissue, read back from the slide file at 1/4 resolution."""
-    from histcode.demo.stain import rgb_to_od
+    from histcode.wsi.stain import rgb_to_od
 
     with openslide.OpenSlide(cohort.out_dir / row.path) as s:
         level = s.get_best_level_for_downsample(4)
@@ -241,7 +241,7 @@ def test_stain_differs_by_site_not_by_slide(hard_cohort, hard_slides) -> None:
 def test_the_recorded_stain_is_the_one_on_the_slide(hard_cohort, hard_slides) -> None:
     from histcode.demo.compose import _dihedral
     from histcode.demo.pixels import read_rgb
-    from histcode.demo.stain import StainParams, restain, rgb_to_od
+    from histcode.wsi.stain import StainParams, restain, rgb_to_od
 
     prov = pd.read_csv(hard_cohort.out_dir / "provenance.csv")
     white = json.loads((hard_cohort.out_dir / "cohort.json").read_text())["white_point_od"]
@@ -289,7 +289,7 @@ def test_small_foci_at_the_edge_and_masks_match_the_placed_tiles(hard_cohort, ha
 
 def test_nuclear_measures_come_from_the_placed_source_pixels(hard_cohort, hard_slides) -> None:
     from histcode.demo.pixels import nuclear_measures, read_rgb
-    from histcode.demo.stain import rgb_to_od
+    from histcode.wsi.stain import rgb_to_od
 
     prov = pd.read_csv(hard_cohort.out_dir / "provenance.csv")
     source = {p.split("/")[-1]: bundled_source_dir() / p for p in pd.read_csv(bundled_source_dir() / "labels.csv").path}

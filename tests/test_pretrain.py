@@ -161,6 +161,10 @@ def test_pretrain_cli_tracks_probes_and_registers(tiled_workspace) -> None:
     assert run.info.status == "FINISHED"
     assert run.data.params["method"] == "adco" and run.data.params["data.n_tiles"]
     assert {"probe_accuracy", "probe_macro_auc", "probe_random_init_accuracy", "probe_colour_accuracy"} <= set(run.data.metrics)
+    # the same tiles re-stained, for all three, side by side
+    assert {"probe_restained_macro_auc", "probe_random_init_restained_macro_auc", "probe_colour_restained_macro_auc",
+            "probe_gain_restained_macro_auc"} <= set(run.data.metrics)
+    assert "re-stained" in out
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
     assert max(steps) == 6 and "mlflow.source.git.commit" in run.data.tags and "histcode.data_version" in run.data.tags
     # one copy of the checkpoint: in the run's folder, referenced by the run (relative to the workspace), not
@@ -177,6 +181,10 @@ def test_pretrain_cli_tracks_probes_and_registers(tiled_workspace) -> None:
     for batch in (1, 5):
         assert model(torch.rand(batch, 3, 32, 32)).shape == (batch, 512)
     assert version.tags["method"] == "adco"
+    # the encoder carries how it reads tiles, so its feature views read them the same way
+    from histcode.ssl.stain_norm import parse
+
+    assert parse(version.tags["stain_norm"]).method == "macenko"
 
 
 def test_exclude_test_folds_leaves_those_patients_out_of_pretraining(headed_workspace, tiled_workspace) -> None:

@@ -268,3 +268,55 @@ def test_search_evaluate_command(embedded_workspace, copy_workspace) -> None:
         assert result.exit_code == 2 and message in result.output, result.output
     result = invoke(ws, "search", "--tile", "x", "--centring", "none")
     assert result.exit_code == 2 and "slide search" in result.output
+
+
+# -- attention-pooled slide vectors ---------------------------------------------------------------------------
+def test_attention_weights_by_hand() -> None:
+    from histcode.apps.slide_vectors import attention_weights
+
+    assert np.allclose(attention_weights(np.array([1.0, 3.0])), [0.25, 0.75])
+    assert np.allclose(attention_weights(np.array([0.0, 0.0, np.nan])), [1 / 3] * 3)  # no attention: uniform
+
+
+def test_attention_pooling_weighs_tiles_by_the_tumour_head(headed_workspace, copy_workspace) -> None:
+    """CLAM's pooling, v = sum_i a_i h_i with a = the tumour head's softmax attention over the slide's tiles,
+    computed here from the registered model's own attention output."""
+    import torch
+
+    from histcode.apps.slide_vectors import PoolingError, slide_vectors
+    from histcode.heads.data import load_bags
+
+    ws = headed_workspace
+    view = load_view(Catalog.of(ws))
+    pooled = slide_vectors(ws, view, "attention")
+    model = Tracker(ws).load_model("models:/histcode-tumor-head@attention")
+    bags = load_bags(ws, view)
+    assert set(pooled) == set(bags)
+    for sid, bag in list(bags.items())[:4]:
+        with torch.no_grad():
+            _, a = model(torch.from_numpy(bag.features))
+        assert abs(float(a.sum()) - 1) < 1e-4
+        expected = (a.numpy()[:, None].astype(np.float64) * bag.features).sum(axis=0)
+        assert np.allclose(pooled[sid], expected, atol=1e-5)
+        assert not np.allclose(pooled[sid], bag.features.mean(axis=0), atol=1e-4)  # not the mean
+    assert slide_vectors(ws, view, "mean") is None
+    # retrieval and slide search take them; the run records the pooling
+    workspace = copy_workspace(ws)
+    result = invoke(workspace.root, "search", "--evaluate", "--pooling", "attention", "--k", "3")
+    assert result.exit_code == 0, result.output
+    assert "attention pooling" in result.stdout
+    client = MlflowClient(tracking_uri=workspace.mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("retrieval").experiment_id])
+    assert [r.data.params["pooling"] for r in runs] == ["attention"]
+    sid = sorted(bags)[0]
+    hits = search(ws, view, ws.config().features, slide_id=sid, k=3, slide_vectors=pooled)
+    assert hits.num_rows == 3 and sid not in hits.column("slide_id").to_pylist()
+    with pytest.raises(PoolingError, match="pooling must be"):
+        slide_vectors(ws, view, "max")
+
+
+def test_attention_pooling_without_a_tumour_head_says_what_to_run(embedded_workspace) -> None:
+    result = invoke(embedded_workspace.root, "search", "--evaluate", "--pooling", "attention")
+    assert result.exit_code == 2 and "attention pooling needs a gated-attention tumour head" in result.output
+    result = invoke(embedded_workspace.root, "search", "--tile", "x", "--pooling", "attention")
+    assert result.exit_code == 2 and "--pooling applies to slide search" in result.output

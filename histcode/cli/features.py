@@ -48,6 +48,7 @@ def pretrain(
         return  # a torchrun process other than rank 0
     from histcode.reports import pretrain_summary
     from histcode.store.files import write_json
+    from histcode.views import probe_lines
 
     write_json(report or ws.metrics_dir / "pretrain.json", pretrain_summary(result, cfg.pretrain))
     state = f"resumed at step {result.start_step}" if result.resumed else "new run"
@@ -56,13 +57,7 @@ def pretrain(
     console.print(f"MLflow run {result.run_id}; registered {cfg.pretrain.register_as} version {result.version} "
                   f"(models:/{cfg.pretrain.register_as}@{result.method})")
     if result.probe:
-        p = result.probe
-        console.print(
-            f"linear probe on {int(p['probe_tiles'])} held-aside tiles, accuracy / macro AUC: "
-            f"trained {p['probe_accuracy']:.3f} / {p['probe_macro_auc']:.3f}, "
-            f"random init {p['probe_random_init_accuracy']:.3f} / {p['probe_random_init_macro_auc']:.3f}, "
-            f"colour only {p['probe_colour_accuracy']:.3f} / {p['probe_colour_macro_auc']:.3f}"
-        )
+        console.print(probe_lines(result.probe))
 
 
 def embed(
@@ -133,6 +128,7 @@ def search(
     by: Annotated[str, typer.Option("--by", help="With --evaluate: the label, a slide column (subtype, sample_type) or 'tissue' (normal / the tumour's subtype).")] = "tissue",
     k: Annotated[int | None, typer.Option("--k", help="How many neighbours (default 10; 5 with --evaluate).")] = None,
     centring: Annotated[str | None, typer.Option("--centring", help="Slide search and --evaluate: 'mean' subtracts the view's mean slide vector before cosine (default), 'none' ranks raw vectors.")] = None,
+    pooling: Annotated[str | None, typer.Option("--pooling", help="Slide search and --evaluate: 'mean' of the tiles (default) or 'attention' (weighted by the registered tumour head's attention on this view).")] = None,
     where: Annotated[str | None, typer.Option(help="SQL filter on the table's columns, e.g. \"subtype = 'LUSC'\".")] = None,
     as_of: Annotated[str | None, typer.Option("--as-of", help="A table version number or tag.")] = None,
     view: Annotated[str | None, typer.Option(help="Feature view id (default: features.encoder's view under the current tiling).")] = None,
@@ -141,6 +137,7 @@ def search(
     wide: Annotated[bool, typer.Option("--wide", help="Show long ids whole (cells wrap).")] = False,
 ) -> None:
     """Similarity search: ranked slides or tiles with cosine distances and metadata; --evaluate scores slide retrieval."""
+    from histcode.apps.slide_vectors import POOLINGS, PoolingError, slide_vectors
     from histcode.features.registry import ViewError, resolve_view
     from histcode.features.retrieval import CENTRINGS
     from histcode.features.search import SearchError
@@ -154,6 +151,10 @@ def search(
         fail(f"--centring must be one of {', '.join(CENTRINGS)}, not {centring!r}")
     if centring is not None and not evaluate and slide is None:
         fail("--centring applies to slide search (--slide) and --evaluate; tile search ranks raw vectors")
+    if pooling is not None and pooling not in POOLINGS:
+        fail(f"--pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
+    if pooling is not None and not evaluate and slide is None:
+        fail("--pooling applies to slide search (--slide) and --evaluate; tile search ranks tiles")
     if evaluate and any(x is not None for x in (slide, tile, image)):
         fail("--evaluate scores every slide of the cohort; it takes no --slide, --tile or --image")
     telemetry_off()
@@ -165,25 +166,30 @@ def search(
         tracker = Tracker(ws)
         fv = resolve_view(Catalog.of(ws), tracker, cfg, view)
         say_view(fv)
+        pooled = slide_vectors(ws, fv, pooling or "mean", as_of) if (evaluate or slide is not None) else None
         if evaluate:
-            _evaluate_retrieval(ws, cfg, tracker, fv, by, k, centring or "mean", where, as_of, output, wide)
+            _evaluate_retrieval(ws, cfg, tracker, fv, by, k, centring or "mean", pooling or "mean", pooled, where,
+                                as_of, output, wide)
             return
         hits = run_search(ws, fv, cfg.features, slide_id=slide, tile_id=tile, image=image, k=k, where=where, as_of=as_of,
-                          centring=centring or "mean")
-    except (ViewError, SearchError, VectorStoreError, ValueError) as exc:
+                          centring=centring or "mean", slide_vectors=pooled)
+    except (ViewError, SearchError, VectorStoreError, PoolingError, ValueError) as exc:
         fail(str(exc))
     print_frame(hits, output, k, lambda t, n: arrow_table(t, n, wide))
 
 
-def _evaluate_retrieval(ws, cfg, tracker, fv, by: str, k: int, centring: str, where, as_of, output: str, wide: bool) -> None:
+def _evaluate_retrieval(ws, cfg, tracker, fv, by: str, k: int, centring: str, pooling: str, pooled, where, as_of,
+                        output: str, wide: bool) -> None:
     """`histcode search --evaluate`: the figures as a table (or CSV/JSON), the MLflow run named on stderr."""
     from histcode.features.retrieval import evaluate_view, log_retrieval
     from histcode.views import arrow_table
 
-    report = evaluate_view(ws, fv, by=by, k=k, centring=centring, cohorts=cfg.cohorts.train, as_of=as_of, where=where)
-    run_id = log_retrieval(tracker, fv, report, {"as_of": as_of, "where": where, "cohorts": cfg.cohorts.train})
+    report = evaluate_view(ws, fv, by=by, k=k, centring=centring, cohorts=cfg.cohorts.train, as_of=as_of, where=where,
+                           vectors=pooled)
+    run_id = log_retrieval(tracker, fv, report, {"as_of": as_of, "where": where, "cohorts": cfg.cohorts.train,
+                                                 "pooling": pooling})
     table = report.table()
-    title = f"retrieval by {by}: leave-one-patient-out, centring {centring}"
+    title = f"retrieval by {by}: leave-one-patient-out, {pooling} pooling, centring {centring}"
     print_frame(table, output, table.num_rows, lambda t, n: arrow_table(t, n, wide, title=title))
     if report.short_queries:
         typer.echo(f"{report.short_queries} query slides had fewer than {k} candidates of other patients", err=True)

@@ -18,7 +18,7 @@ from PIL import Image
 from histcode.demo.layout import Layout, make_layout
 from histcode.demo.pixels import TileMeasures
 from histcode.demo.plan import SlidePlan, SourceTile
-from histcode.demo.stain import restain
+from histcode.wsi.stain import restain
 
 GLASS_RGB = (243, 241, 242)
 BASE_MPP = 0.5  # the composed canvas is at 20x; 40x slides are upsampled from it

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from histcode.demo.stain import UNMIX, rgb_to_od, white_balance
+from histcode.wsi.stain import UNMIX, rgb_to_od, white_balance
 
 NUCLEUS_H = 0.6  # haematoxylin concentration (reference units) above which a pixel is nuclear
 MIN_NUCLEUS_PX = 20  # 5 um2 at 0.5 um/px

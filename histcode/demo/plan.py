@@ -19,7 +19,7 @@ import numpy as np
 
 from histcode.config import DemoConfig
 from histcode.demo.pixels import SourceMeasures, group_measures
-from histcode.demo.stain import StainParams, draw_stain
+from histcode.wsi.stain import StainParams, draw_stain
 
 CLASSES = ("lung_n", "lung_aca", "lung_scc")
 SUBTYPE_CLASS = {"LUAD": "lung_aca", "LUSC": "lung_scc"}

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from histcode.config import DemoConfig
-from histcode.demo.stain import od_to_rgb
+from histcode.wsi.stain import od_to_rgb
 
 
 def _span(values: pd.Series, fmt: str) -> str:

@@ -31,6 +31,7 @@ from histcode.features.registry import (
 )
 from histcode.features.upkeep import maintain_tables
 from histcode.ssl.dataset import TileDataset, dataset_from_catalog
+from histcode.ssl.stain_norm import normalise_dataset, parse as parse_stain_norm
 
 from histcode.store.catalog import Catalog
 from histcode.store.records import utcnow
@@ -132,6 +133,7 @@ def _embed(tracker: Tracker, view: FeatureView, cfg: HistcodeConfig, catalog: Ca
     device = resolve_device(fcfg.device)
     model = tracker.load_model(view.encoder_uri).to(device)  # an exported graph: already in inference mode
     dataset = dataset_from_catalog(catalog, view.spec_id, view.image_px, slide_ids=todo)
+    normalise_dataset(dataset, parse_stain_norm(view.stain_norm))
     order = [s.slide_id for s in dataset.slides]
     counts = np.bincount(dataset.tiles[:, 0], minlength=len(order))
     vectors: dict[int, list[tuple[int, np.ndarray]]] = {}

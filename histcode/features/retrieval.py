@@ -57,6 +57,17 @@ def vector_matrix(data: pa.Table) -> np.ndarray:
     return vectors.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float64)
 
 
+def replace_vectors(data: pa.Table, vectors: dict[str, np.ndarray] | None) -> np.ndarray:
+    """The slide table's vectors, or (``vectors`` given) those of its slides in its row order."""
+    if vectors is None:
+        return vector_matrix(data)
+    ids = data.column("slide_id").to_pylist()
+    missing = [s for s in ids if s not in vectors]
+    if missing:
+        raise ValueError(f"{len(missing)} slides of the view have no pooled vector (first: {missing[0]})")
+    return np.stack([np.asarray(vectors[s], dtype=np.float64) for s in ids])
+
+
 def centre_of(vectors: np.ndarray, centring: Centring) -> np.ndarray | None:
     """What ``centring`` subtracts: the mean of ``vectors`` ("mean") or nothing ("none")."""
     if centring not in CENTRINGS:
@@ -256,14 +267,16 @@ def evaluate(vectors: np.ndarray, labels: Sequence[str | None], patients: Sequen
 
 
 def evaluate_view(ws: Workspace, view: FeatureView, *, by: str = TISSUE, k: int = 5, centring: Centring = "mean",
-                  cohorts: Sequence[str] = (), as_of: int | str | None = None, where: str | None = None) -> RetrievalReport:
+                  cohorts: Sequence[str] = (), as_of: int | str | None = None, where: str | None = None,
+                  vectors: dict[str, np.ndarray] | None = None) -> RetrievalReport:
     """Leave-one-patient-out retrieval over the view's slides of the training ``cohorts`` (all training cohorts
     when empty) that have the label ``by``, optionally only those matching ``where`` (a filter on the slide
-    table's columns). Centring subtracts the mean of the whole slide table, as slide search does."""
+    table's columns). Centring subtracts the mean of the whole slide table, as slide search does. ``vectors``:
+    slide vectors to use instead of the table's (another pooling), by slide id."""
     data = view_table(ws, view, SLIDE_KIND, as_of).to_lance().to_table()
     if data.num_rows == 0:
         raise ValueError(f"view {view.view_id} has no slide vectors: run `histcode embed`")
-    vectors = vector_matrix(data)
+    vectors = replace_vectors(data, vectors)
     centre = centre_of(vectors, centring)
     frame = data.drop_columns(["vector"]).to_pandas()
     labels = slide_labels(frame, by)
@@ -291,7 +304,8 @@ def log_retrieval(tracker: Tracker, view: FeatureView, report: RetrievalReport, 
     """One MLflow run in experiment ``retrieval``: params (view_id, encoder, label, k, centring, ...), the
     figures as metrics and the per-query neighbours as ``retrieval/queries.csv``. Returns the run id."""
     tags = {"histcode.view_id": view.view_id, "histcode.encoder_uri": view.encoder_uri, "histcode.label": report.label}
-    name = f"retrieval-{report.label}-k{report.k}-{report.centring}-{view.view_id}"
+    pooling = (extra or {}).get("pooling") or "mean"
+    name = f"retrieval-{report.label}-k{report.k}-{pooling}-{report.centring}-{view.view_id}"
     with tracker.run(EXPERIMENT, name, tags=tags) as run_id:
         tracker.log_params(run_id, {"view_id": view.view_id, "encoder": view.encoder_uri, "method": str(view.method),
                                     "label": report.label, "k": report.k, "centring": report.centring,

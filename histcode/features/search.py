@@ -29,7 +29,7 @@ from histcode.features.retrieval import (
     centre_of,
     cosine_distances,
     ranked,
-    vector_matrix,
+    replace_vectors,
 )
 from histcode.features.upkeep import has_vector_index
 from histcode.store.vectors import SLIDE_KIND, TILE_KIND
@@ -71,9 +71,11 @@ def embed_image(ws: Workspace, view: FeatureView, path: Path) -> np.ndarray:
 
 def search(ws: Workspace, view: FeatureView, cfg: FeaturesConfig, *, slide_id: str | None = None,
            tile_id: str | None = None, image: Path | None = None, k: int = 10, where: str | None = None,
-           as_of: int | str | None = None, centring: Centring = "mean") -> pa.Table:
+           as_of: int | str | None = None, centring: Centring = "mean",
+           slide_vectors: dict[str, np.ndarray] | None = None) -> pa.Table:
     """Ranked neighbours with ``rank``, ``distance`` (cosine) and the table's metadata columns. ``centring``
-    applies to slide search (tile search ranks by raw cosine)."""
+    and ``slide_vectors`` (another pooling's vectors, by slide id) apply to slide search (tile search ranks by
+    raw cosine)."""
     if sum(x is not None for x in (slide_id, tile_id, image)) != 1:
         raise SearchError("give exactly one of a slide id, a tile id or an image")
     if k < 1:
@@ -81,7 +83,7 @@ def search(ws: Workspace, view: FeatureView, cfg: FeaturesConfig, *, slide_id: s
     kind = SLIDE_KIND if slide_id is not None else TILE_KIND
     table = view_table(ws, view, kind, as_of)
     if slide_id is not None:
-        return nearest_slides(table, slide_id, k, where, centring, view)
+        return nearest_slides(table, slide_id, k, where, centring, view, slide_vectors)
     filters = [f"({where})"] if where else []
     if tile_id is not None:
         vector = _vector_of(table, "tile_id", tile_id, view)
@@ -92,7 +94,7 @@ def search(ws: Workspace, view: FeatureView, cfg: FeaturesConfig, *, slide_id: s
 
 
 def nearest_slides(table, slide_id: str, k: int, where: str | None, centring: Centring,
-                   view: FeatureView | None = None) -> pa.Table:
+                   view: FeatureView | None = None, slide_vectors: dict[str, np.ndarray] | None = None) -> pa.Table:
     """The k slides nearest to ``slide_id`` by cosine distance after centring, exact, among the slides matching
     ``where``; the centre is the mean of every slide of the table (filtered or not)."""
     dataset = table.to_lance()
@@ -101,7 +103,7 @@ def nearest_slides(table, slide_id: str, k: int, where: str | None, centring: Ce
     if slide_id not in ids:
         name = view.view_id if view is not None else table.name
         raise SearchError(f"slide_id {slide_id!r} has no vector in view {name} (not embedded yet? run `histcode embed`)")
-    vectors = vector_matrix(data)
+    vectors = replace_vectors(data, slide_vectors)
     allowed = set(ids)
     if where:
         try:

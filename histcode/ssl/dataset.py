@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from histcode.store.catalog import Catalog
+from histcode.wsi.stain import apply_od_transform
 from histcode.wsi.tile_reader import TileReader
 
 
@@ -37,6 +38,7 @@ class SlideSource:
     level_dimensions: list
     level_downsamples: list
     size: int  # tile side in level-0 pixels
+    stain: tuple[float, ...] | None = None  # 3x3 OD map (row-major) onto the reference stain; None = as read
 
 
 class TileDataset(Dataset):
@@ -78,6 +80,9 @@ class TileDataset(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         slide, x, y = self.tiles[i]
         pixels = self._reader(int(slide)).read(int(x), int(y))
+        stain = self.slides[int(slide)].stain
+        if stain is not None:
+            pixels = apply_od_transform(pixels, np.asarray(stain, dtype=np.float32).reshape(3, 3))
         return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
     def close(self) -> None:

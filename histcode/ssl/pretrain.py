@@ -27,7 +27,8 @@ from histcode.ssl.augment import TwoViews
 from histcode.ssl.dataset import NoTilesError, dataset_from_catalog
 from histcode.ssl.encoders import Encoder, build_encoder
 from histcode.ssl.methods import build_method
-from histcode.ssl.probe import colour_features, embed, linear_probe, load_probe_set
+from histcode.ssl.probe import colour_features, embed, linear_probe, load_probe_set, restained
+from histcode.ssl.stain_norm import describe as describe_stain_norm, normalise_dataset, normalise_images
 from histcode.ssl.train import StepLog, Trainer, total_steps
 from histcode.store.catalog import Catalog, CatalogError
 from histcode.tiling.spec import spec_id_of
@@ -128,16 +129,25 @@ def fresh_encoder(cfg: PretrainConfig) -> Encoder:
 
 
 def probe_metrics(trained: Encoder, cfg: PretrainConfig, source_dir: Path, device: torch.device) -> dict[str, float]:
+    """The probe of the trained encoder, the same architecture at its initialisation and the colour baseline,
+    on the tiles as they are and re-stained (``*_restained_*``); the encoders read tiles through the stain
+    normalisation they were trained with, the colour baseline reads them raw."""
     probe = load_probe_set(source_dir, cfg.probe.split, cfg.image_px)
+    sets = {"": probe.images, "_restained": restained(probe.images, cfg.probe, cfg.seed)}
     out: dict[str, float] = {}
-    candidates = {"probe": trained, "probe_random_init": fresh_encoder(cfg).to(device)}
-    for prefix, encoder in candidates.items():
-        scores = linear_probe(embed(encoder, probe.images, device), probe.labels, probe.groups, cfg.probe, cfg.seed)
-        out.update({f"{prefix}_{k}": v for k, v in scores.items()})
-    colour = linear_probe(colour_features(probe.images), probe.labels, probe.groups, cfg.probe, cfg.seed)
-    out.update({f"probe_colour_{k}": v for k, v in colour.items()})
-    out["probe_gain_accuracy"] = out["probe_accuracy"] - out["probe_random_init_accuracy"]
-    out["probe_gain_macro_auc"] = out["probe_macro_auc"] - out["probe_random_init_macro_auc"]
+
+    def score(key: str, features) -> None:
+        scores = linear_probe(features, probe.labels, probe.groups, cfg.probe, cfg.seed)
+        out.update({f"{key}_{k}": v for k, v in scores.items()})
+
+    encoders = {"probe": trained, "probe_random_init": fresh_encoder(cfg).to(device)}
+    for suffix, images in sets.items():
+        seen = normalise_images(images, cfg.stain_norm)
+        for prefix, encoder in encoders.items():
+            score(prefix + suffix, embed(encoder, seen, device))
+        score("probe_colour" + suffix, colour_features(images))
+        for metric in ("accuracy", "macro_auc"):
+            out[f"probe_gain{suffix}_{metric}"] = out[f"probe{suffix}_{metric}"] - out[f"probe_random_init{suffix}_{metric}"]
     out["probe_tiles"] = float(len(probe.labels))
     return out
 
@@ -151,6 +161,7 @@ def pretrain(ws: Workspace, cfg: HistcodeConfig, resume: bool = False, progress:
     data = pretraining_data(catalog, cfg)
     dataset = dataset_from_catalog(catalog, spec_id, cfg.tiling.tile_px, slide_ids=data.slide_ids)
     version = data_version(dataset.tile_ids)
+    normalise_dataset(dataset, pcfg.stain_norm)
     log.info("pretraining on %d tiles of %d slides (cohorts %s)%s", len(dataset), len(dataset.slides),
              ", ".join(data.cohorts), f"; {len(data.excluded_slides)} slides of folds {list(data.excluded_folds)} "
              "left out" if data.excluded_folds else "")
@@ -204,7 +215,8 @@ def _finish(result: PretrainResult, tracker: Tracker, encoder: Encoder, pcfg: Pr
         run_id, exported, "encoder", (3, pcfg.image_px, pcfg.image_px), encoder.dim, pcfg.register_as,
         aliases=(pcfg.method,),
         version_tags={"method": pcfg.method, "encoder": pcfg.encoder, "image_px": pcfg.image_px, "dim": encoder.dim,
-                      "spec_id": spec_id, "run_id": run_id, "cohorts": ",".join(data.cohorts),
+                      "spec_id": spec_id, "run_id": run_id, "stain_norm": describe_stain_norm(pcfg.stain_norm),
+                      "cohorts": ",".join(data.cohorts),
                       "excluded_folds": ",".join(map(str, data.excluded_folds)),
                       "excluded_folds_label_version": data.label_version or ""},
     )

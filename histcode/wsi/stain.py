@@ -1,4 +1,5 @@
-"""H&E stain in optical-density space: a tissue-source site's stain (and a per-slide jitter) put on real tiles.
+"""H&E stain in optical-density space: re-staining tiles (the demo's sites, the probe's perturbation) and
+Macenko normalisation (a slide's own stain estimated and mapped onto a reference before an encoder sees it).
 
 Beer-Lambert: optical density ``OD = -log((I + 1) / 256)`` per RGB channel, and ``I = 256 exp(-OD) - 1`` back.
 In OD space a pixel is a sum of stain vectors (unit RGB absorption profiles) times concentrations. A tile is
@@ -6,6 +7,14 @@ decomposed with Ruifrok & Johnston's (2001) haematoxylin and eosin vectors (the 
 is the unit normal of their plane: it carries what two stains do not explain, so nothing is thrown away), and
 recomposed with a stain of its own: each concentration stretched by a factor, each stain vector turned by an
 angle towards a direction in its tangent plane. The whole change is one 3x3 matrix in OD space.
+
+Macenko et al. (2009), "A method for normalizing histology slides for quantitative analysis": the OD of the
+absorbing pixels (OD norm above ``beta``; the paper asks it of every channel) spans a plane whose two main axes come from the eigenvectors
+of their covariance; the stain vectors are the directions at the ``alpha`` and ``100 - alpha`` percentiles of
+the pixels' angles in that plane (the one with the larger red absorption is haematoxylin); each stain's
+concentration is scaled so that its 99th percentile matches the reference's, and the pixels are recomposed
+with the reference vectors. The whole map is linear in OD (``StainEstimate.to_reference``), so a slide is
+estimated once (from a sample of its tiles) and every tile is normalised with one 3x3 product.
 
 ``white_balance`` removes a tile batch's white point first (the OD of its brightest pixels, which should be
 zero: empty glass passes white light), so that what is re-stained is the tissue, not the camera's cast.
@@ -112,3 +121,83 @@ def restain(rgb: np.ndarray, stain: StainParams, white_od: np.ndarray | None = N
     With ``white_od=None`` and the identity ``StainParams()`` the input comes back (within rounding)."""
     od = white_balance(rgb_to_od(rgb), white_od)
     return od_to_rgb(np.maximum(od @ stain.transform(), 0.0))
+
+
+def jitter_stain(rng: np.random.Generator, log_sd: float, max_angle: float) -> StainParams:
+    """A random re-staining for robustness checks: log-normal stretches (sd ``log_sd``) of each concentration,
+    turns of up to ``max_angle`` degrees."""
+    return StainParams(
+        h_scale=float(np.exp(rng.normal(0, log_sd))), e_scale=float(np.exp(rng.normal(0, log_sd))),
+        h_angle=float(rng.uniform(0, max_angle)), h_azimuth=float(rng.uniform(0, 360)),
+        e_angle=float(rng.uniform(0, max_angle)), e_azimuth=float(rng.uniform(0, 360)),
+    )
+
+
+# Macenko's reference (the values the method's public implementations normalise to): H and E vectors in
+# RGB optical density, and the 99th-percentile concentrations of the reference slide.
+MACENKO_VECTORS = ((0.5626, 0.7201, 0.4062), (0.2159, 0.8012, 0.5581))
+MACENKO_MAX = (1.9705, 1.0308)
+
+
+class StainError(ValueError):
+    """Too little stained tissue to estimate a stain from."""
+
+
+@dataclass(frozen=True)
+class StainEstimate:
+    """A stain as Macenko estimates it: unit H and E vectors (rows, RGB OD) and their 99th-percentile
+    concentrations."""
+
+    vectors: tuple[tuple[float, float, float], tuple[float, float, float]]
+    max_conc: tuple[float, float]
+
+    def to_reference(self, vectors=MACENKO_VECTORS, max_conc=MACENKO_MAX) -> np.ndarray:
+        """3x3 in OD space: OD (row vectors) in this stain @ matrix = OD in the reference stain
+        (concentrations by least squares, scaled to the reference's maxima, recomposed)."""
+        own = np.asarray(self.vectors, dtype=np.float64)
+        ref = np.asarray(vectors, dtype=np.float64)
+        ref = ref / np.linalg.norm(ref, axis=1, keepdims=True)
+        gain = np.diag(np.asarray(max_conc, dtype=np.float64) / np.asarray(self.max_conc, dtype=np.float64))
+        return (np.linalg.pinv(own) @ gain @ ref).astype(np.float32)
+
+    def record(self) -> dict:
+        return {"vectors": [list(v) for v in self.vectors], "max_conc": list(self.max_conc)}
+
+    @classmethod
+    def from_record(cls, rec: dict) -> StainEstimate:
+        return cls(tuple(tuple(float(x) for x in v) for v in rec["vectors"]), tuple(float(x) for x in rec["max_conc"]))
+
+
+def estimate_stain(rgb: np.ndarray, beta: float = 0.15, alpha: float = 1.0, min_pixels: int = 500) -> StainEstimate:
+    """Macenko's H and E vectors and concentration maxima of ``rgb`` (uint8, any shape ending in 3: a tile,
+    or several tiles' pixels). A pixel counts as stained when the norm of its OD exceeds ``beta`` (the paper
+    asks every channel to exceed it, which drops pure eosin: its red absorption is small, so the eosin vector
+    came out as a mixture). Raises ``StainError`` with fewer than ``min_pixels`` stained pixels (glass)."""
+    od = rgb_to_od(rgb).reshape(-1, 3).astype(np.float64)
+    tissue = od[np.linalg.norm(od, axis=1) > beta]
+    if len(tissue) < min_pixels:
+        raise StainError(f"{len(tissue)} stained pixels (OD norm > {beta}); at least {min_pixels} needed")
+    _, vecs = np.linalg.eigh(np.cov(tissue.T))
+    plane = vecs[:, [2, 1]]  # the two largest eigenvalues' axes
+    plane = plane * np.where(plane.sum(axis=0) < 0, -1.0, 1.0)  # axes pointing into positive OD
+    proj = tissue @ plane
+    phi = np.arctan2(proj[:, 1], proj[:, 0])
+    lo, hi = np.percentile(phi, [alpha, 100 - alpha])
+    v_lo = plane @ np.array([np.cos(lo), np.sin(lo)])
+    v_hi = plane @ np.array([np.cos(hi), np.sin(hi)])
+    h, e = (v_lo, v_hi) if v_lo[0] > v_hi[0] else (v_hi, v_lo)  # haematoxylin absorbs more red
+    stains = np.stack([h, e])
+    stains = stains * np.where(stains.sum(axis=1, keepdims=True) < 0, -1.0, 1.0)
+    stains = stains / np.linalg.norm(stains, axis=1, keepdims=True)
+    conc = tissue @ np.linalg.pinv(stains)
+    max_conc = np.maximum(np.percentile(conc, 99, axis=0), 1e-3)
+    return StainEstimate(tuple(tuple(float(x) for x in v) for v in stains), (float(max_conc[0]), float(max_conc[1])))
+
+
+_OD_LUT = -np.log((np.arange(256, dtype=np.float32) + 1.0) / 256.0)
+
+
+def apply_od_transform(rgb: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """``rgb`` (uint8, ... x 3) with its OD mapped by ``matrix`` (3x3, row vectors), negative OD clipped."""
+    od = _OD_LUT[rgb]
+    return od_to_rgb(np.maximum(od @ np.asarray(matrix, dtype=np.float32), 0.0))
