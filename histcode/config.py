@@ -145,8 +145,8 @@ class AugmentConfig(_Section):
     blur_p: Fraction = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # in pixels of a 224 px image, scaled with image_px
     stain_p: Fraction = 0.8  # H&E stain jitter in optical-density space: the stain robustness
-    stain_scale: Annotated[float, Field(ge=0, le=1)] = 0.2  # stain concentrations scaled by U(1 - s, 1 + s)
-    stain_shift: Annotated[float, Field(ge=0, le=1)] = 0.05  # ... and shifted by U(-s, s) OD units
+    stain_scale: Annotated[float, Field(ge=0, le=1)] = 0.5  # stain concentrations scaled by U(1 - s, 1 + s)
+    stain_shift: Annotated[float, Field(ge=0, le=1)] = 0.1  # ... and shifted by U(-s, s) OD units
 
     @model_validator(mode="after")
     def _ranges(self) -> AugmentConfig:
@@ -169,9 +169,9 @@ class ProbeConfig(_Section):
 
 
 class StainNormConfig(_Section):
-    """Stain normalisation of every tile an encoder sees (pretraining, embedding, the probe): Macenko et al.
-    (2009), estimated once per slide from a sample of its tiles (per tile for loose tiles), mapped onto
-    Macenko's reference stain. Recorded with the encoder, so its feature views read tiles the same way."""
+    """Stain normalisation of every slide tile an encoder sees (pretraining, embedding): Macenko et al. (2009),
+    estimated once per slide from a sample of its tiles, mapped onto Macenko's reference stain. Recorded with
+    the encoder, so its feature views read tiles the same way (loose tiles are read as they are)."""
 
     method: Literal["macenko", "none"] = "macenko"
     sample_tiles: Annotated[int, Field(ge=1)] = 24  # tiles per slide the stain is estimated from (evenly spread)

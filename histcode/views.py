@@ -213,6 +213,14 @@ def heads_lines(heads: dict | None, heatmap) -> str:
     return text
 
 
+def retrieval_lines(retrieval: dict | None) -> str:
+    if not retrieval or not retrieval.get("poolings"):
+        return "  slide retrieval: not evaluated"
+    parts = [f"{pooling} pooling mMV@5 {m['mmv_at_5']:.2f} (MV@1/3/5 {m['mv_at_1']:.2f}/{m['mv_at_3']:.2f}/"
+             f"{m['mv_at_5']:.2f}, mAP@5 {m['map_at_5']:.2f})" for pooling, m in retrieval["poolings"].items()]
+    return "  slide retrieval by tissue (leave one patient out): " + "; ".join(parts)
+
+
 def next_steps(ws, outcome) -> str:
     """What to do after the demo: where things are and commands to try."""
     qc = ws.outputs_dir / "qc" / outcome.tiling.spec_id
@@ -227,6 +235,7 @@ def next_steps(ws, outcome) -> str:
 {embed_lines(outcome.embed)}
 {label_lines(outcome.labels, outcome.gate)}
 {heads_lines(outcome.heads, outcome.heatmap)}
+{retrieval_lines(outcome.retrieval)}
   cohort: {outcome.cohort.out_dir}  (real LC25000 pixels; simulated layout, labels and expression: see its README.md)
 
 [bold]Next[/]

@@ -313,6 +313,16 @@ def test_attention_pooling_weighs_tiles_by_the_tumour_head(headed_workspace, cop
     assert hits.num_rows == 3 and sid not in hits.column("slide_id").to_pylist()
     with pytest.raises(PoolingError, match="pooling must be"):
         slide_vectors(ws, view, "max")
+    # the demo's summary: both poolings evaluated and logged, then reused while nothing changed
+    from histcode.apps.demo import slide_retrieval
+
+    first = slide_retrieval(workspace, workspace.config(), view, reuse=False)
+    assert set(first["poolings"]) == {"mean", "attention"} and not first.get("reused")
+    assert 0 <= first["poolings"]["attention"]["mmv_at_5"] <= 1
+    again = slide_retrieval(workspace, workspace.config(), view, reuse=True)
+    assert again["reused"] and again["poolings"] == first["poolings"]
+    runs = client.search_runs([client.get_experiment_by_name("retrieval").experiment_id])
+    assert sorted(r.data.params["pooling"] for r in runs) == ["attention", "attention", "mean"]
 
 
 def test_attention_pooling_without_a_tumour_head_says_what_to_run(embedded_workspace) -> None:

@@ -3,6 +3,7 @@ pretrain an encoder, embed every tile into a feature view, cross-validate and re
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ class DemoOutcome:
     gate: dict | None = None  # metrics/label_gate.json's content
     heads: dict | None = None  # metrics/heads.json's content
     heatmap: object | None = None  # the HeatmapResult of one tumour slide
+    retrieval: dict | None = None  # metrics/retrieval.json: slide retrieval by tissue, per pooling
 
     @property
     def failed(self) -> bool:
@@ -78,7 +80,8 @@ def run_demo(ws: Workspace, cfg: HistcodeConfig, workers: int = 2) -> DemoOutcom
     from histcode.features.embed import materialize
 
     encoder = f"{cfg.pretrain.register_as}/{outcome.pretrain['version']}"
-    outcome.embed = embed_summary(materialize(ws, cfg, encoder=encoder))
+    embedded = materialize(ws, cfg, encoder=encoder)
+    outcome.embed = embed_summary(embedded)
     write_json(ws.metrics_dir / "embed.json", outcome.embed)
     from histcode.apps.heatmaps import render_heatmaps
     from histcode.apps.train_heads import completed_heads, train_heads
@@ -89,10 +92,41 @@ def run_demo(ws: Workspace, cfg: HistcodeConfig, workers: int = 2) -> DemoOutcom
         outcome.heads = {**done, "reused": True}
     else:
         outcome.heads = write_heads_report(train_heads(ws, cfg), ws.metrics_dir / "heads.json", ws.metrics_dir / "plots")
+    outcome.retrieval = slide_retrieval(ws, cfg, embedded.view, reuse=bool(outcome.heads.get("reused")))
     tumour_slides = sorted(s for s, t in zip(*_tumour_slides(ws)) if t)
     if tumour_slides:
         outcome.heatmap = render_heatmaps(ws, tumour_slides[0], ws.outputs_dir / "heatmaps")
     return outcome
+
+
+def slide_retrieval(ws: Workspace, cfg: HistcodeConfig, view, reuse: bool) -> dict:
+    """Leave-one-patient-out slide retrieval by tissue (normal / LUAD / LUSC), mean and attention pooling, each
+    logged to MLflow (experiment ``retrieval``) and kept in metrics/retrieval.json; reused while the heads and
+    the view are unchanged."""
+    from histcode.apps.slide_vectors import POOLINGS, PoolingError, slide_vectors
+    from histcode.features.retrieval import evaluate_view, log_retrieval
+    from histcode.tracking import Tracker
+
+    path = ws.metrics_dir / "retrieval.json"
+    if reuse and path.is_file():
+        kept = json.loads(path.read_text())
+        if kept.get("view_id") == view.view_id:
+            return {**kept, "reused": True}
+    out: dict = {"view_id": view.view_id, "by": "tissue", "k": 5, "poolings": {}}
+    tracker = Tracker(ws)
+    for pooling in POOLINGS:
+        try:
+            vectors = slide_vectors(ws, view, pooling)
+        except PoolingError as exc:
+            log.info("retrieval with %s pooling skipped: %s", pooling, exc)
+            continue
+        report = evaluate_view(ws, view, by="tissue", k=5, cohorts=cfg.cohorts.train, vectors=vectors)
+        run_id = log_retrieval(tracker, view, report, {"pooling": pooling, "cohorts": cfg.cohorts.train})
+        metrics = report.metrics()
+        out["poolings"][pooling] = {"run_id": run_id, **{k: metrics[k] for k in ("mv_at_1", "mv_at_3", "mv_at_5",
+                                                                                "mmv_at_5", "map_at_5")}}
+    write_json(path, out)
+    return out
 
 
 def _tumour_slides(ws: Workspace) -> tuple[list[str], list[bool]]:

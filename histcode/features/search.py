@@ -64,6 +64,7 @@ def embed_image(ws: Workspace, view: FeatureView, path: Path) -> np.ndarray:
     except (FileNotFoundError, UnidentifiedImageError, OSError) as exc:
         raise SearchError(f"cannot read query image {path}: {exc}") from exc
     model = Tracker(ws).load_model(view.encoder_uri)
+    # as it is: a stain estimated from one homogeneous tile is unreliable (see histcode.ssl.stain_norm)
     x = torch.from_numpy(pixels.transpose(2, 0, 1).copy())[None].float() / 255.0
     with torch.inference_mode():
         return model(x).float().numpy()[0]

@@ -28,7 +28,7 @@ from histcode.ssl.dataset import NoTilesError, dataset_from_catalog
 from histcode.ssl.encoders import Encoder, build_encoder
 from histcode.ssl.methods import build_method
 from histcode.ssl.probe import colour_features, embed, linear_probe, load_probe_set, restained
-from histcode.ssl.stain_norm import describe as describe_stain_norm, normalise_dataset, normalise_images
+from histcode.ssl.stain_norm import describe as describe_stain_norm, normalise_dataset
 from histcode.ssl.train import StepLog, Trainer, total_steps
 from histcode.store.catalog import Catalog, CatalogError
 from histcode.tiling.spec import spec_id_of
@@ -130,8 +130,8 @@ def fresh_encoder(cfg: PretrainConfig) -> Encoder:
 
 def probe_metrics(trained: Encoder, cfg: PretrainConfig, source_dir: Path, device: torch.device) -> dict[str, float]:
     """The probe of the trained encoder, the same architecture at its initialisation and the colour baseline,
-    on the tiles as they are and re-stained (``*_restained_*``); the encoders read tiles through the stain
-    normalisation they were trained with, the colour baseline reads them raw."""
+    on the tiles as they are and re-stained (``*_restained_*``); loose tiles are not stain-normalised (see
+    ``histcode.ssl.stain_norm``), so the figures measure the encoder's own robustness to stain."""
     probe = load_probe_set(source_dir, cfg.probe.split, cfg.image_px)
     sets = {"": probe.images, "_restained": restained(probe.images, cfg.probe, cfg.seed)}
     out: dict[str, float] = {}
@@ -142,9 +142,8 @@ def probe_metrics(trained: Encoder, cfg: PretrainConfig, source_dir: Path, devic
 
     encoders = {"probe": trained, "probe_random_init": fresh_encoder(cfg).to(device)}
     for suffix, images in sets.items():
-        seen = normalise_images(images, cfg.stain_norm)
         for prefix, encoder in encoders.items():
-            score(prefix + suffix, embed(encoder, seen, device))
+            score(prefix + suffix, embed(encoder, images, device))
         score("probe_colour" + suffix, colour_features(images))
         for metric in ("accuracy", "macro_auc"):
             out[f"probe_gain{suffix}_{metric}"] = out[f"probe{suffix}_{metric}"] - out[f"probe_random_init{suffix}_{metric}"]
