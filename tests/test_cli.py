@@ -116,12 +116,17 @@ def test_demo_command_end_to_end(tmp_path) -> None:
     result = invoke(ws, "demo", "--workers", "1")
     assert result.exit_code == 0, result.stdout
     assert "Demo pipeline done" in result.stdout and "histcode mlflow-ui" in result.stdout
-    assert "encoder: adco (2 steps" in result.stdout and "linear probe accuracy on 222 held-aside tiles" in result.stdout
+    assert "encoder: adco (2 steps" in result.stdout
+    assert "linear probe, 222 held-aside tiles as they are" in result.stdout and "tiles re-stained" in result.stdout
+    assert "slide retrieval by tissue (leave one patient out): mean pooling mMV@5" in result.stdout
+    assert "attention pooling mMV@5" in result.stdout
     assert "gate passed" in result.stdout and json.loads((ws / "metrics" / "label_gate.json").read_text())["passed"]
     tiling = json.loads((ws / "metrics" / "tiling.json").read_text())
     assert tiling["failed"] == 0 and tiling["tiled_now"] == tiling["slides"] > 0
     assert "heads (pooled CV): tumor/attention AUC" in result.stdout and "heatmap: " in result.stdout
     heads = json.loads((ws / "metrics" / "heads.json").read_text())
+    retrieval = json.loads((ws / "metrics" / "retrieval.json").read_text())
+    assert set(retrieval["poolings"]) == {"mean", "attention"}
     assert set(heads["best"]) == {"tumor", "subtype", "de"} and (ws / "metrics" / "plots" / "roc").is_dir()
     again = invoke(ws, "demo", "--workers", "1")
     assert again.exit_code == 0
@@ -130,6 +135,11 @@ def test_demo_command_end_to_end(tmp_path) -> None:
     assert "encoder: adco (up to date, reused)" in again.stdout
     assert "heads (pooled CV) (up to date, reused)" in again.stdout
     assert json.loads((ws / "metrics" / "heads.json").read_text())["runs"] == heads["runs"]  # not retrained
+    assert json.loads((ws / "metrics" / "retrieval.json").read_text()) == retrieval  # nor re-evaluated
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=Workspace(ws).mlflow_uri)
+    assert len(client.search_runs([client.get_experiment_by_name("retrieval").experiment_id])) == 2
     assert runs_left_running(Workspace(ws)) == []
     _copied_workspace_is_self_contained(ws, tmp_path / "copy")
 

@@ -120,7 +120,11 @@ def slide_retrieval(ws: Workspace, cfg: HistcodeConfig, view, reuse: bool) -> di
         except PoolingError as exc:
             log.info("retrieval with %s pooling skipped: %s", pooling, exc)
             continue
-        report = evaluate_view(ws, view, by="tissue", k=5, cohorts=cfg.cohorts.train, vectors=vectors)
+        try:
+            report = evaluate_view(ws, view, by="tissue", k=5, cohorts=cfg.cohorts.train, vectors=vectors)
+        except ValueError as exc:  # e.g. a cohort with labelled slides of one patient only
+            log.info("retrieval with %s pooling skipped: %s", pooling, exc)
+            continue
         run_id = log_retrieval(tracker, view, report, {"pooling": pooling, "cohorts": cfg.cohorts.train})
         metrics = report.metrics()
         out["poolings"][pooling] = {"run_id": run_id, **{k: metrics[k] for k in ("mv_at_1", "mv_at_3", "mv_at_5",
