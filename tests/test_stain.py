@@ -82,6 +82,16 @@ def test_glass_has_no_stain_to_estimate():
         estimate_stain(np.full((64, 64, 3), 245, np.uint8))
 
 
+def test_one_stain_alone_cannot_be_unmixed():
+    from histcode.wsi.stain import StainError, estimate_stain
+
+    rng = np.random.default_rng(2)
+    conc = rng.gamma(2.0, 0.4, size=(20000, 1)) + 0.2
+    rgb = np.clip(np.round(256 * np.exp(-(conc * _unit(H_TRUE))) - 1), 0, 255).astype(np.uint8)
+    with pytest.raises(StainError, match="one stain only"):
+        estimate_stain(rgb)
+
+
 def test_identity_map_returns_the_tile():
     from histcode.wsi.stain import apply_od_transform
 

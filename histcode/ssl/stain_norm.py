@@ -74,4 +74,6 @@ def normalise_dataset(dataset: TileDataset, cfg: StainNormConfig) -> dict[str, s
             continue
         dataset.slides[index] = dataclasses.replace(source, stain=tuple(estimate.to_reference().ravel().tolist()))
     dataset.close()  # the readers opened here stay in this process; workers open their own
+    log.info("stain normalisation (%s): %d slides mapped onto the reference, %d read as they are", cfg.method,
+             len(slides) - len(skipped), len(skipped))
     return skipped

@@ -139,6 +139,9 @@ MACENKO_VECTORS = ((0.5626, 0.7201, 0.4062), (0.2159, 0.8012, 0.5581))
 MACENKO_MAX = (1.9705, 1.0308)
 
 
+MAX_STAIN_COSINE = 0.995  # H and E closer than ~6 degrees: one stain, nothing to unmix (Ruifrok's are 40 apart)
+
+
 class StainError(ValueError):
     """Too little stained tissue to estimate a stain from."""
 
@@ -189,6 +192,9 @@ def estimate_stain(rgb: np.ndarray, beta: float = 0.15, alpha: float = 1.0, min_
     stains = np.stack([h, e])
     stains = stains * np.where(stains.sum(axis=1, keepdims=True) < 0, -1.0, 1.0)
     stains = stains / np.linalg.norm(stains, axis=1, keepdims=True)
+    if float(stains[0] @ stains[1]) > MAX_STAIN_COSINE:
+        raise StainError("the pixels show one stain only (the two stain directions are "
+                         f"{np.degrees(np.arccos(min(1.0, float(stains[0] @ stains[1])))):.1f} degrees apart)")
     conc = tissue @ np.linalg.pinv(stains)
     max_conc = np.maximum(np.percentile(conc, 99, axis=0), 1e-3)
     return StainEstimate(tuple(tuple(float(x) for x in v) for v in stains), (float(max_conc[0]), float(max_conc[1])))
