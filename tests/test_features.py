@@ -119,7 +119,23 @@ def test_image_search_and_errors(embedded_workspace, tiny_cohort, tmp_path) -> N
         Image.fromarray(reader.read(int(row.x), int(row.y))).save(tmp_path / "q.png")
     hits = search(ws, view, cfg, image=tmp_path / "q.png", k=1)
     assert hits.column("tile_id").to_pylist() == [row.tile_id]  # the tile itself is its own nearest neighbour
-    assert hits.column("distance")[0].as_py() < 1e-3
+    # a loose image is read as it is, the stored tile through its slide's stain normalisation: close, not equal
+    assert hits.column("distance")[0].as_py() < 0.1
+    # the same tile as the view read it (normalised by its slide's stain) is the stored vector
+    from histcode.features.registry import resolve_encoder
+    from histcode.ssl.dataset import dataset_from_catalog
+    from histcode.ssl.stain_norm import normalise_dataset, parse
+    from histcode.tracking import Tracker
+
+    tags = resolve_encoder(Tracker(ws), view.encoder_uri)[2]
+    assert parse(tags["stain_norm"]).method == "macenko"
+    dataset = dataset_from_catalog(Catalog.of(ws), view.spec_id, view.image_px, slide_ids=[row.slide_id])
+    normalise_dataset(dataset, parse(tags["stain_norm"]))
+    tile = dataset[dataset.tile_ids.index(row.tile_id)].numpy().transpose(1, 2, 0)
+    dataset.close()
+    Image.fromarray(tile).save(tmp_path / "seen.png")
+    hits = search(ws, view, cfg, image=tmp_path / "seen.png", k=1)
+    assert hits.column("tile_id").to_pylist() == [row.tile_id] and hits.column("distance")[0].as_py() < 1e-3
     with pytest.raises(SearchError, match="exactly one"):
         search(ws, view, cfg, k=1)
     with pytest.raises(SearchError, match="no vector in view"):
