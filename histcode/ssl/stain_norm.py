@@ -68,7 +68,7 @@ def normalise_dataset(dataset: TileDataset, cfg: StainNormConfig) -> dict[str, s
         try:
             pixels = np.stack([dataset[int(i)].numpy().transpose(1, 2, 0) for i in rows])
             estimate = estimate_stain(pixels, cfg.beta, cfg.alpha)
-        except (StainError, SlideReadError, OSError) as exc:  # a broken slide fails later, where it is embedded
+        except (StainError, SlideReadError, OSError, ValueError) as exc:  # a broken slide fails later, where it is read
             log.warning("stain normalisation: slide %s is read as it is: %s", source.slide_id, exc)
             skipped[source.slide_id] = str(exc)
             continue
