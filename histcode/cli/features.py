@@ -166,7 +166,8 @@ def search(
         tracker = Tracker(ws)
         fv = resolve_view(Catalog.of(ws), tracker, cfg, view)
         say_view(fv)
-        pooled = slide_vectors(ws, fv, pooling or "mean", as_of) if (evaluate or slide is not None) else None
+        pooled = (slide_vectors(ws, fv, pooling or "mean", as_of, progress=evaluate)
+                  if (evaluate or slide is not None) else None)
         if evaluate:
             _evaluate_retrieval(ws, cfg, tracker, fv, by, k, centring or "mean", pooling or "mean", pooled, where,
                                 as_of, output, wide)

@@ -27,6 +27,7 @@ from histcode.features.registry import (
     done_slides,
     record_materializations,
     register_view,
+    resolve_encoder,
     set_view_status,
 )
 from histcode.features.upkeep import maintain_tables
@@ -133,7 +134,8 @@ def _embed(tracker: Tracker, view: FeatureView, cfg: HistcodeConfig, catalog: Ca
     device = resolve_device(fcfg.device)
     model = tracker.load_model(view.encoder_uri).to(device)  # an exported graph: already in inference mode
     dataset = dataset_from_catalog(catalog, view.spec_id, view.image_px, slide_ids=todo)
-    normalise_dataset(dataset, parse_stain_norm(view.stain_norm))
+    tags = resolve_encoder(tracker, view.encoder_uri)[2]  # the encoder's version tags say how it reads tiles
+    normalise_dataset(dataset, parse_stain_norm(tags.get("stain_norm")))
     order = [s.slide_id for s in dataset.slides]
     counts = np.bincount(dataset.tiles[:, 0], minlength=len(order))
     vectors: dict[int, list[tuple[int, np.ndarray]]] = {}

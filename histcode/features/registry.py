@@ -38,7 +38,6 @@ class FeatureView:
     spec_id: str
     image_px: int
     attribute_columns: tuple[str, ...] = field(default=())
-    stain_norm: str = "none"  # how the encoder reads tiles (its stain_norm tag; fixed per encoder version)
 
     @property
     def encoder_uri(self) -> str:
@@ -83,7 +82,7 @@ def describe_view(tracker: Tracker, ref: str, spec_id: str, attribute_columns: t
     except KeyError as exc:
         raise ViewError(f"{name} version {version} lacks the dim/image_px tags histcode registers encoders with") from exc
     return FeatureView(view_id_of(name, version, spec_id, image_px), name, version, tags.get("method"), dim, spec_id,
-                       image_px, tuple(attribute_columns), tags.get("stain_norm") or "none")
+                       image_px, tuple(attribute_columns))
 
 
 def register_view(catalog: Catalog, view: FeatureView) -> None:

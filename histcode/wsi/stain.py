@@ -9,8 +9,8 @@ recomposed with a stain of its own: each concentration stretched by a factor, ea
 angle towards a direction in its tangent plane. The whole change is one 3x3 matrix in OD space.
 
 Macenko et al. (2009), "A method for normalizing histology slides for quantitative analysis": the OD of the
-absorbing pixels (OD norm above ``beta``; the paper asks it of every channel) spans a plane whose two main axes come from the eigenvectors
-of their covariance; the stain vectors are the directions at the ``alpha`` and ``100 - alpha`` percentiles of
+absorbing pixels (OD norm above ``beta``; the paper asks it of every channel) spans a plane whose two main
+axes come from the eigenvectors of their covariance; the stain vectors are the directions at the ``alpha`` and ``100 - alpha`` percentiles of
 the pixels' angles in that plane (the one with the larger red absorption is haematoxylin); each stain's
 concentration is scaled so that its 99th percentile matches the reference's, and the pixels are recomposed
 with the reference vectors. The whole map is linear in OD (``StainEstimate.to_reference``), so a slide is
@@ -30,8 +30,12 @@ RUIFROK = np.array([[0.650, 0.704, 0.286], [0.072, 0.990, 0.105]])  # H, E (rows
 RUIFROK = RUIFROK / np.linalg.norm(RUIFROK, axis=1, keepdims=True)
 
 
+_OD_LUT = -np.log((np.arange(256, dtype=np.float32) + 1.0) / 256.0)  # OD of each 8-bit intensity
+
+
 def rgb_to_od(rgb: np.ndarray) -> np.ndarray:
-    return -np.log((rgb.astype(np.float32) + 1.0) / 256.0)
+    """float32 OD of 8-bit intensities (a table lookup)."""
+    return _OD_LUT[np.asarray(rgb, dtype=np.uint8)]
 
 
 def od_to_rgb(od: np.ndarray) -> np.ndarray:
@@ -98,14 +102,18 @@ class StainParams:
         return {prefix + k: round(float(v), 4) for k, v in asdict(self).items()}
 
 
-def draw_stain(rng: np.random.Generator, max_angle: float, scale: tuple[float, float]) -> StainParams:
-    """A random stain: turns of up to ``max_angle`` degrees, log-uniform stretches within ``scale``."""
-    lo, hi = np.log(scale[0]), np.log(scale[1])
+def _random_stain(rng: np.random.Generator, log_scales: np.ndarray, max_angle: float) -> StainParams:
+    """Stretches exp(log_scales) of H and E, each vector turned up to ``max_angle`` degrees to a random side."""
     return StainParams(
-        h_scale=float(np.exp(rng.uniform(lo, hi))), e_scale=float(np.exp(rng.uniform(lo, hi))),
+        h_scale=float(np.exp(log_scales[0])), e_scale=float(np.exp(log_scales[1])),
         h_angle=float(rng.uniform(0, max_angle)), h_azimuth=float(rng.uniform(0, 360)),
         e_angle=float(rng.uniform(0, max_angle)), e_azimuth=float(rng.uniform(0, 360)),
     )
+
+
+def draw_stain(rng: np.random.Generator, max_angle: float, scale: tuple[float, float]) -> StainParams:
+    """A random stain: turns of up to ``max_angle`` degrees, log-uniform stretches within ``scale``."""
+    return _random_stain(rng, rng.uniform(np.log(scale[0]), np.log(scale[1]), size=2), max_angle)
 
 
 def white_balance(od: np.ndarray, white_od: np.ndarray | None) -> np.ndarray:
@@ -126,19 +134,13 @@ def restain(rgb: np.ndarray, stain: StainParams, white_od: np.ndarray | None = N
 def jitter_stain(rng: np.random.Generator, log_sd: float, max_angle: float) -> StainParams:
     """A random re-staining for robustness checks: log-normal stretches (sd ``log_sd``) of each concentration,
     turns of up to ``max_angle`` degrees."""
-    return StainParams(
-        h_scale=float(np.exp(rng.normal(0, log_sd))), e_scale=float(np.exp(rng.normal(0, log_sd))),
-        h_angle=float(rng.uniform(0, max_angle)), h_azimuth=float(rng.uniform(0, 360)),
-        e_angle=float(rng.uniform(0, max_angle)), e_azimuth=float(rng.uniform(0, 360)),
-    )
+    return _random_stain(rng, rng.normal(0, log_sd, size=2), max_angle)
 
 
 # Macenko's reference (the values the method's public implementations normalise to): H and E vectors in
 # RGB optical density, and the 99th-percentile concentrations of the reference slide.
 MACENKO_VECTORS = ((0.5626, 0.7201, 0.4062), (0.2159, 0.8012, 0.5581))
 MACENKO_MAX = (1.9705, 1.0308)
-
-
 MAX_STAIN_COSINE = 0.995  # H and E closer than ~6 degrees: one stain, nothing to unmix (Ruifrok's are 40 apart)
 
 
@@ -162,13 +164,6 @@ class StainEstimate:
         ref = ref / np.linalg.norm(ref, axis=1, keepdims=True)
         gain = np.diag(np.asarray(max_conc, dtype=np.float64) / np.asarray(self.max_conc, dtype=np.float64))
         return (np.linalg.pinv(own) @ gain @ ref).astype(np.float32)
-
-    def record(self) -> dict:
-        return {"vectors": [list(v) for v in self.vectors], "max_conc": list(self.max_conc)}
-
-    @classmethod
-    def from_record(cls, rec: dict) -> StainEstimate:
-        return cls(tuple(tuple(float(x) for x in v) for v in rec["vectors"]), tuple(float(x) for x in rec["max_conc"]))
 
 
 def estimate_stain(rgb: np.ndarray, beta: float = 0.15, alpha: float = 1.0, min_pixels: int = 500) -> StainEstimate:
@@ -200,10 +195,8 @@ def estimate_stain(rgb: np.ndarray, beta: float = 0.15, alpha: float = 1.0, min_
     return StainEstimate(tuple(tuple(float(x) for x in v) for v in stains), (float(max_conc[0]), float(max_conc[1])))
 
 
-_OD_LUT = -np.log((np.arange(256, dtype=np.float32) + 1.0) / 256.0)
-
 
 def apply_od_transform(rgb: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """``rgb`` (uint8, ... x 3) with its OD mapped by ``matrix`` (3x3, row vectors), negative OD clipped."""
-    od = _OD_LUT[rgb]
+    od = rgb_to_od(rgb)
     return od_to_rgb(np.maximum(od @ np.asarray(matrix, dtype=np.float32), 0.0))
