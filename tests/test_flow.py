@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pandas as pd
 import pytest
 
@@ -11,11 +9,20 @@ from histcode.store.catalog import Catalog
 from histcode.workspace import Workspace
 
 
+@pytest.fixture(scope="module")
+def _module_prefect_home(tmp_path_factory):
+    # Prefect keeps one temporary API server per process (a singleton per port) whose SQLite database lives in
+    # the PREFECT_HOME it first saw: every test here shares that home, and nothing removes it while the server
+    # may still open new connections to it (a removed home came back as "unable to open database file", a 500
+    # from the concurrency-slot endpoint, in a later test)
+    return tmp_path_factory.mktemp("prefect-home")
+
+
 @pytest.fixture
-def prefect_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+def prefect_home(_module_prefect_home, monkeypatch):
+    monkeypatch.setenv("PREFECT_HOME", str(_module_prefect_home))
     monkeypatch.setenv("PREFECT_API_URL", "")
-    return tmp_path / "prefect"
+    return _module_prefect_home
 
 
 @pytest.mark.integration
@@ -39,7 +46,6 @@ def test_ingest_flow_run(tiny_cohort, tmp_path, prefect_home) -> None:
     # the same flow again does no work
     again = ingest_flow(paths=paths, workspace=str(ws.root))
     assert again["ingest"]["unchanged"] == 3 and again["tiling"]["tiled_now"] == 0 and again["tiling"]["skipped"] == 3
-    shutil.rmtree(prefect_home, ignore_errors=True)
 
 
 @pytest.mark.integration
