@@ -66,7 +66,7 @@ def test_knobs_come_from_config(batch) -> None:
     torch.testing.assert_close(g1[:, 0], g1[:, 1])
 
 
-@pytest.mark.parametrize(("name", "dim"), [("resnet18", 512), ("resnet50_l3", 1024), ("resnet50", 2048)])
+@pytest.mark.parametrize(("name", "dim"), [("resnet18", 512), ("resnet18_l3", 256), ("resnet50_l3", 1024), ("resnet50", 2048)])
 def test_encoder_dimensions(name: str, dim: int) -> None:
     enc = build_encoder(name).eval()
     with torch.no_grad():

@@ -198,7 +198,7 @@ def test_embed_sql_search_commands(embedded_workspace, copy_workspace) -> None:
     result = invoke(ws, "embed")
     assert result.exit_code == 0 and "skipped" in result.stdout
     summary = json.loads((ws / "metrics" / "embed.json").read_text())
-    assert summary["slides_embedded"] == 0 and summary["slides_skipped"] > 0 and summary["dim"] == 512
+    assert summary["slides_embedded"] == 0 and summary["slides_skipped"] > 0 and summary["dim"] == 256
     result = invoke(ws, "sql", "SELECT subtype, count(*) AS n FROM tile_embeddings GROUP BY 1 ORDER BY 1", "--format", "csv")
     assert result.exit_code == 0 and result.stdout.startswith("subtype,n")
     assert "view fv-" in result.stderr  # the view behind tile_embeddings is named, off the data stream

@@ -35,7 +35,7 @@ def test_materialized_rows_equal_the_catalog_tiles(embedded_workspace) -> None:
     view = _view(ws)
     tiles = tile_features(ws, view, fmt="pandas")
     assert len(tiles) == len(set(tiles.tile_id)) and set(tiles.tile_id) == _catalog_tiles(ws)
-    assert view.dim == 512 and np.stack(tiles.vector).shape == (len(tiles), 512)
+    assert view.dim == 256 and np.stack(tiles.vector).shape == (len(tiles), 256)
     slides = slide_features(ws, view, fmt="pandas")
     assert set(slides.slide_id) == set(tiles.slide_id)
     one = slides.iloc[0]
@@ -59,18 +59,18 @@ def test_writes_of_another_dimension_or_view_are_refused(embedded_workspace, tmp
     spec = view.table(TILE_KIND)
     cols = {"tile_id": ["t"], "slide_id": ["s"], "patient_id": ["p"], "x": [0], "y": [0], "size": [256],
             "sample_type": [None], "subtype": [None]}
-    with pytest.raises(VectorStoreError, match=r"shape \(1, 8\) do not fit view .* \(dim 512"):
+    with pytest.raises(VectorStoreError, match=r"shape \(1, 8\) do not fit view .* \(dim 256"):
         to_batch(spec, {**cols, "vector": np.zeros((1, 8))})
     db = connect(embedded_workspace.lancedb_dir)
-    other = TableSpec(spec.view_id, TILE_KIND, 256, spec.encoder_uri)
-    with pytest.raises(VectorStoreError, match="at dim 512, not view .* at dim 256"):
+    other = TableSpec(spec.view_id, TILE_KIND, 512, spec.encoder_uri)
+    with pytest.raises(VectorStoreError, match="at dim 256, not view .* at dim 512"):
         open_table(db, other)
     foreign = TableSpec("fv-other", TILE_KIND, 512, "models:/x/1")
     table = open_table(connect(tmp_path / "lance"), foreign)
     with pytest.raises(VectorStoreError, match="vector type"):
         upsert_slides(table, foreign, pa.table({"vector": pa.array([[0.0] * 4], pa.list_(pa.float32(), 4))}), ["s"])
     with pytest.raises(VectorStoreError, match="not finite"):
-        to_batch(spec, {**cols, "vector": np.full((1, 512), np.nan)})
+        to_batch(spec, {**cols, "vector": np.full((1, 256), np.nan)})
 
 
 def _cosine_topk(matrix: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -172,7 +172,7 @@ def test_ann_index_recall(tmp_path) -> None:
 def test_read_formats_and_training_set(embedded_workspace) -> None:
     ws = embedded_workspace
     vectors, meta = tile_features(ws, fmt="torch")
-    assert vectors.shape == (len(meta), 512) and "tile_id" in meta
+    assert vectors.shape == (len(meta), 256) and "tile_id" in meta
     some = meta.tile_id.iloc[:3].tolist()
     assert tile_features(ws, tile_ids=some, fmt="pandas").tile_id.tolist() == some
     slides = slide_features(ws, fmt="pandas")

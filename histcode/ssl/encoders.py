@@ -1,6 +1,6 @@
 """Encoder registry: a backbone that maps RGB images in [0, 1] to one feature vector per image.
 
-Names: ``resnet18`` (512-d), ``resnet50`` (2048-d), ``resnet50_l3`` (ResNet-50 truncated after layer3, 1024-d,
+Names: ``resnet18`` (512-d), ``resnet18_l3`` (ResNet-18 truncated after layer3, 256-d), ``resnet50`` (2048-d), ``resnet50_l3`` (ResNet-50 truncated after layer3, 1024-d,
 the paper's), and ``timm:<model>`` for any timm architecture (optional extra ``histcode[timm]``). Input
 normalisation is part of the module, so the exported model takes plain [0, 1] images. Nothing is downloaded:
 ``init='imagenet'`` loads torchvision weights only if they are already in torch's cache.
@@ -55,6 +55,7 @@ class _Spec:
 
 TORCHVISION = {
     "resnet18": _Spec("resnet18", 512, "ResNet18_Weights.IMAGENET1K_V1"),
+    "resnet18_l3": _Spec("resnet18", 256, "ResNet18_Weights.IMAGENET1K_V1"),
     "resnet50": _Spec("resnet50", 2048, "ResNet50_Weights.IMAGENET1K_V2"),
     "resnet50_l3": _Spec("resnet50", 1024, "ResNet50_Weights.IMAGENET1K_V2"),
 }
@@ -98,7 +99,7 @@ def build_encoder(name: str, init: str = "random") -> Encoder:
     resnet = getattr(torchvision.models, spec.builder)(weights=None)
     if init == "imagenet":
         resnet.load_state_dict(_weights_state(spec.weights))
-    if name == "resnet50_l3":
+    if name.endswith("_l3"):
         backbone = _truncate_after_layer3(resnet)
     else:
         resnet.fc = nn.Identity()
