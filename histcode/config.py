@@ -184,7 +184,7 @@ class PretrainConfig(_Section):
     image_px 224, batch_size 256, bank_size 65536, epochs 200."""
 
     method: Literal["adco", "moco", "simclr"] = "adco"
-    encoder: str = "resnet18"
+    encoder: str = "resnet18_l3"
     init: Literal["random", "imagenet"] = "random"
     image_px: Pixels = 112
     batch_size: Annotated[int, Field(ge=2)] = 64
@@ -232,6 +232,8 @@ class FeaturesConfig(_Section):
     commit_every_slides: Pixels = 8  # slides per Lance commit
     attribute_columns: tuple[str, ...] = ("sample_type", "subtype")  # slide attributes copied into the tables
     index_min_rows: Pixels = 100_000  # build an ANN index once a table holds this many vectors
+    optimize_every_rows: Pixels = 100_000  # compact and update indices once this many rows are unindexed ...
+    optimize_max_fragments: Pixels = 64  # ... or a table has more fragments than this
     index_type: Literal["IVF_PQ", "IVF_HNSW_SQ"] = "IVF_HNSW_SQ"
     index_partitions: Annotated[int, Field(ge=1)] | None = None  # None = about sqrt(rows)
     nprobes: Pixels = 20  # partitions searched per query

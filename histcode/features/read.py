@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 
 from histcode.features.registry import FeatureView, resolve_view
 from histcode.store.catalog import Catalog
-from histcode.store.vectors import SLIDE_KIND, TILE_KIND, connect, open_table
+from histcode.store.vectors import SLIDE_KIND, TILE_KIND, connect, key_filter, open_table
 from histcode.tracking import Tracker
 from histcode.workspace import Workspace
 
@@ -31,11 +31,43 @@ def view_table(ws: Workspace, view: FeatureView, kind: str, as_of: int | str | N
     return table
 
 
-def _select(table, column: str, ids: list[str] | None) -> pa.Table:
+def _select(table, column: str, ids: list[str] | None, columns: list[str] | None = None) -> pa.Table:
+    """Rows whose ``column`` is one of ``ids`` (all rows for None), through the column's scalar index."""
     dataset = table.to_lance()
     if ids is None:
-        return dataset.to_table()
-    return dataset.to_table(filter=pc.field(column).isin(pa.array(list(ids), pa.string())))
+        return dataset.to_table(columns=columns)
+    if not ids:
+        return dataset.to_table(columns=columns, limit=0)
+    return dataset.to_table(columns=columns, filter=key_filter(column, list(ids)))
+
+
+def tile_counts(table, slide_ids: list[str] | None = None) -> dict[str, int]:
+    """Tiles per slide of a tile table, streamed over its ``slide_id`` column (never the vectors)."""
+    counts: dict[str, int] = {}
+    scanner = table.to_lance().scanner(columns=["slide_id"],
+                                       filter=key_filter("slide_id", slide_ids) if slide_ids else None)
+    for batch in scanner.to_batches():
+        for item in pc.value_counts(batch.column("slide_id")).to_pylist():
+            counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
+    return counts
+
+
+def slide_chunks(table, slide_ids: list[str] | None = None, max_rows: int = 100_000):
+    """The tile rows of ``slide_ids`` (default: every slide), a few whole slides at a time (about ``max_rows``
+    rows, at least one slide), each chunk sorted by (slide_id, y, x): memory bounded by the chunk, not the view."""
+    counts = tile_counts(table, slide_ids)
+    group: list[str] = []
+    rows = 0
+    for sid in sorted(counts):
+        if group and rows + counts[sid] > max_rows:
+            yield _select(table, "slide_id", group).sort_by([("slide_id", "ascending"), ("y", "ascending"),
+                                                              ("x", "ascending")])
+            group, rows = [], 0
+        group.append(sid)
+        rows += counts[sid]
+    if group:
+        yield _select(table, "slide_id", group).sort_by([("slide_id", "ascending"), ("y", "ascending"),
+                                                          ("x", "ascending")])
 
 
 def _convert(data: pa.Table, fmt: Format):

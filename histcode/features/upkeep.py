@@ -1,5 +1,11 @@
-"""Keeping view tables healthy after writes: compaction, an ANN index past a size threshold, and tags.
+"""Keeping view tables healthy after writes: compaction and index updates scheduled by size, an ANN index past
+a size threshold, and tags.
 
+Rows written since the last index update are scanned by every upsert and per-slide read, so their number is
+what a commit costs beyond its own rows. ``optimize`` (compaction, folding new rows into the id and vector
+indices, pruning versions older than a week) therefore runs when ``features.optimize_every_rows`` rows are
+unindexed or a table has more than ``features.optimize_max_fragments`` fragments, not after every write: the
+cost per commit stays flat as a cohort grows, and a rerun that wrote nothing does nothing.
 Below ``features.index_min_rows`` vectors, exact (flat) search is fast and exact; above it an IVF index
 (IVF_HNSW_SQ by default, IVF_PQ optionally) is built once, and later ``optimize`` calls fold new rows into it.
 A tag names a table version (``--tag``), so training can record exactly which vectors it used and reads can
@@ -30,6 +36,27 @@ def has_vector_index(table) -> bool:
     return any("vector" in list(getattr(ix, "columns", [])) for ix in table.list_indices())
 
 
+def unindexed_rows(table) -> int:
+    """Rows the table's indices do not cover yet (the most over its indices; all rows without one)."""
+    worst = None
+    for ix in table.list_indices():
+        stats = table.index_stats(ix.name)
+        if stats is not None:
+            worst = max(worst or 0, int(stats.num_unindexed_rows))
+    return table.count_rows() if worst is None else worst
+
+
+def needs_optimize(table, cfg: FeaturesConfig) -> str | None:
+    """Why the table is due for ``optimize``, or None."""
+    unindexed = unindexed_rows(table)
+    if unindexed >= cfg.optimize_every_rows:
+        return f"{unindexed} rows unindexed"
+    fragments = len(table.to_lance().get_fragments())
+    if fragments > cfg.optimize_max_fragments:
+        return f"{fragments} fragments"
+    return None
+
+
 def tag_version(table, tag: str) -> None:
     """Point ``tag`` at the table's current version (moving it if it exists)."""
     if tag in table.tags.list():
@@ -41,9 +68,10 @@ def tag_version(table, tag: str) -> None:
 def maintain_tables(tables: dict, cfg: FeaturesConfig, changed: bool, tag: str | None = None) -> list[str]:
     notes = []
     for kind, table in tables.items():
-        if changed:
+        due = needs_optimize(table, cfg) if changed else None
+        if due:
             table.optimize()
-            notes.append(f"{kind}: compacted to version {table.version}")
+            notes.append(f"{kind}: {due}: compacted and indices updated, version {table.version}")
         rows = table.count_rows()
         if rows >= cfg.index_min_rows and not has_vector_index(table):
             dim = table.schema.field("vector").type.list_size

@@ -1,14 +1,25 @@
-"""Bags of tile embeddings per slide, and inner validation splits of a training fold."""
+"""Bags of tile embeddings per slide, and inner validation splits of a training fold.
+
+Bags are built slide by slide: the view's tile table is read a few whole slides at a time (through its
+``slide_id`` index) and the vectors are appended to one float32 file that the bags then memory-map, so building
+the training set holds one chunk of vectors in memory whatever the cohort's size; the operating system pages
+the vectors in as training touches them. The file is unlinked as soon as it is mapped (nothing is left behind).
+"""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 
-from histcode.features.read import tile_features
+from histcode.features.read import slide_chunks, view_table
 from histcode.features.registry import FeatureView
+from histcode.store.vectors import TILE_KIND
 from histcode.workspace import Workspace
+
+CHUNK_ROWS = 100_000  # tiles read per chunk while building bags
 
 
 @dataclass
@@ -22,15 +33,37 @@ class Bag:
 
 
 def load_bags(ws: Workspace, view: FeatureView, as_of: int | str | None = None,
-              slide_ids: list[str] | None = None) -> dict[str, Bag]:
-    """The bags of ``slide_ids`` (default: every slide of the view), one per slide, tiles in (y, x) order."""
-    frame = tile_features(ws, view, slide_ids=slide_ids, as_of=as_of, fmt="pandas")
-    bags = {}
-    for sid, g in frame.groupby("slide_id", sort=True):
-        g = g.sort_values(["y", "x"])
-        bags[sid] = Bag(sid, g.patient_id.iloc[0], np.stack(g.vector.to_numpy()).astype(np.float32), g.tile_id.tolist(),
-                        g[["x", "y"]].to_numpy(), int(g["size"].iloc[0]))
-    return bags
+              slide_ids: list[str] | None = None, chunk_rows: int = CHUNK_ROWS) -> dict[str, Bag]:
+    """The bags of ``slide_ids`` (default: every slide of the view), one per slide, tiles in (y, x) order; their
+    features are read-only-on-disk (copy-on-write) views of one memory-mapped file."""
+    table = view_table(ws, view, TILE_KIND, as_of)
+    ws.data_dir.mkdir(parents=True, exist_ok=True)
+    fd, path = tempfile.mkstemp(prefix="bags-", suffix=".f32", dir=ws.data_dir)
+    spans: list[tuple[str, str, int, int, list[str], np.ndarray, int]] = []
+    total = 0
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in slide_chunks(table, slide_ids, chunk_rows):
+                vectors = chunk.column("vector").combine_chunks()
+                flat = vectors.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+                out.write(flat.tobytes())
+                sids = chunk.column("slide_id").to_numpy(zero_copy_only=False)
+                starts = np.flatnonzero(np.r_[True, sids[1:] != sids[:-1]])
+                ends = np.r_[starts[1:], len(sids)]
+                meta = chunk.select(["tile_id", "patient_id", "x", "y", "size"])
+                for a, b in zip(starts.tolist(), ends.tolist()):
+                    part = meta.slice(a, b - a)
+                    xy = np.stack([part.column("x").to_numpy(), part.column("y").to_numpy()], axis=1)
+                    spans.append((str(sids[a]), part.column("patient_id")[0].as_py(), total + a, total + b,
+                                  part.column("tile_id").to_pylist(), xy, int(part.column("size")[0].as_py())))
+                total += len(sids)
+        if not total:
+            return {}
+        dim = view.dim
+        features = np.memmap(path, dtype=np.float32, mode="c", shape=(total, dim))
+    finally:
+        os.unlink(path)  # the mapping keeps the data; nothing is left on disk once the bags are dropped
+    return {sid: Bag(sid, patient, features[a:b].view(np.ndarray), tile_ids, xy, size) for sid, patient, a, b, tile_ids, xy, size in spans}
 
 
 def inner_split(patients: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,9 +1,13 @@
 """LanceDB: one table of tile vectors and one of slide vectors per feature view.
 
-Writes are upserts (``merge_insert`` on the id) in one commit per batch of slides, and they replace a slide's
-rows completely: rows of the written slides that are not in the batch (left from older content) are deleted
-in the same commit. Every table carries its view's identity in its schema metadata, and a write of vectors of
-another dimension or from another view is refused before anything is written.
+Every table is created with BTREE scalar indices on its ids (``tile_id`` and ``slide_id``; ``slide_id`` on the
+slide table), so that writes and per-slide reads cost what the batch costs, not what the table holds. Writes are
+upserts (``merge_insert`` on the id, which probes the id index) and they replace a slide's rows completely: the
+written slides' rows that are not in the batch (left from an older tiling of the slide) are found through the
+``slide_id`` index and deleted first, in a commit of their own that only happens when a slide lost tiles. Rows
+added since the last index update are scanned, so ``features.upkeep`` folds them into the indices once they
+pass a size (``features.optimize_every_rows``). Every table carries its view's identity in its schema metadata,
+and a write of vectors of another dimension or from another view is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -44,6 +48,10 @@ class TableSpec:
     def key(self) -> str:
         return "tile_id" if self.kind == TILE_KIND else "slide_id"
 
+    @property
+    def indexed_columns(self) -> tuple[str, ...]:
+        return ("tile_id", "slide_id") if self.kind == TILE_KIND else ("slide_id",)
+
     def schema(self) -> pa.Schema:
         vector = pa.field("vector", pa.list_(pa.float32(), self.dim))
         attrs = [pa.field(c, pa.string()) for c in self.attribute_columns]
@@ -73,7 +81,8 @@ def table_names(db) -> list[str]:
 
 
 def open_table(db, spec: TableSpec, create: bool = True):
-    """The view's table, created empty if missing; refuses a table whose metadata belongs to another view."""
+    """The view's table, created empty (with its id indices) if missing; refuses a table whose metadata
+    belongs to another view. A writer (``create``) also gives a table from before the id indices its indices."""
     if spec.name in table_names(db):
         table = db.open_table(spec.name)
         meta = json.loads((table.schema.metadata or {}).get(VIEW_META_KEY, b"{}"))
@@ -82,10 +91,30 @@ def open_table(db, spec: TableSpec, create: bool = True):
                 f"table {spec.name} holds view {meta.get('view_id')} at dim {meta.get('dim')}, "
                 f"not view {spec.view_id} at dim {spec.dim}"
             )
+        if create:
+            ensure_id_indices(table, spec)
         return table
     if not create:
         raise VectorStoreError(f"no table {spec.name}: materialize the view first (histcode embed)")
-    return db.create_table(spec.name, schema=spec.schema())
+    table = db.create_table(spec.name, schema=spec.schema())
+    ensure_id_indices(table, spec)
+    return table
+
+
+def indexed_columns(table) -> set[str]:
+    return {c for ix in table.list_indices() for c in getattr(ix, "columns", [])}
+
+
+def ensure_id_indices(table, spec: TableSpec) -> list[str]:
+    """BTREE indices on the spec's id columns where the table lacks them; returns the columns indexed now."""
+    from lancedb.index import BTree
+
+    have = indexed_columns(table)
+    made = [c for c in spec.indexed_columns if c not in have]
+    for column in made:
+        table.create_index(column, config=BTree())
+        log.info("%s: BTREE index on %s", spec.name, column)
+    return made
 
 
 def to_batch(spec: TableSpec, columns: dict) -> pa.Table:
@@ -109,7 +138,7 @@ def to_batch(spec: TableSpec, columns: dict) -> pa.Table:
 
 def slide_filter(slide_ids: list[str]) -> str:
     """A Lance SQL predicate selecting these slides (ids quoted, quotes doubled)."""
-    return "slide_id IN (" + ", ".join("'" + s.replace("'", "''") + "'" for s in slide_ids) + ")"
+    return key_filter("slide_id", slide_ids)
 
 
 def delete_slides(uri: str | Path, tables: list[str], slide_ids: list[str]) -> int:
@@ -127,15 +156,37 @@ def delete_slides(uri: str | Path, tables: list[str], slide_ids: list[str]) -> i
     return removed
 
 
+def slide_keys(table, spec: TableSpec, slide_ids: list[str]) -> pa.Array:
+    """The ids (``spec.key``) of the listed slides' rows, read through the ``slide_id`` index."""
+    data = table.to_lance().to_table(columns=[spec.key], filter=slide_filter(slide_ids))
+    return data.column(spec.key).combine_chunks()
+
+
 def upsert_slides(table, spec: TableSpec, batch: pa.Table, slide_ids: list[str]) -> int:
-    """One commit: insert or update ``batch`` by key and delete the listed slides' other rows. Returns the
-    table version after the commit."""
+    """Insert or update ``batch`` by key (one commit) after deleting the listed slides' rows that ``batch``
+    does not hold (a commit of its own, only when there are such rows). Returns the table version after."""
+    import pyarrow.compute as pc
+
     if batch.schema.field("vector").type != spec.schema().field("vector").type:
         raise VectorStoreError(f"{spec.name}: vector type {batch.schema.field('vector').type} is not "
                                f"{spec.schema().field('vector').type}")
-    (table.merge_insert(spec.key)
-        .when_matched_update_all()
-        .when_not_matched_insert_all()
-        .when_not_matched_by_source_delete(slide_filter(slide_ids))
-        .execute(batch))
+    missing = sorted(set(batch.column("slide_id").to_pylist()) - set(slide_ids)) if batch.num_rows else []
+    if missing:
+        raise VectorStoreError(f"{spec.name}: rows of slides {missing[:3]} that the write does not list")
+    if spec.key != "slide_id" and slide_ids:
+        existing = slide_keys(table, spec, slide_ids)
+        stale = pc.filter(existing, pc.invert(pc.is_in(existing, value_set=batch.column(spec.key).combine_chunks())))
+        if len(stale):
+            table.delete(slide_filter(slide_ids) + f" AND {key_filter(spec.key, stale.to_pylist())}")
+    elif slide_ids:
+        gone = sorted(set(slide_ids) - set(batch.column("slide_id").to_pylist()))
+        if gone:
+            table.delete(slide_filter(gone))
+    if batch.num_rows:
+        table.merge_insert(spec.key).when_matched_update_all().when_not_matched_insert_all().execute(batch)
     return table.version
+
+
+def key_filter(column: str, values: list[str]) -> str:
+    """A Lance SQL predicate ``column IN (...)`` (values quoted, quotes doubled)."""
+    return f"{column} IN (" + ", ".join("'" + v.replace("'", "''") + "'" for v in values) + ")"
