@@ -12,7 +12,7 @@ workspace. The table grows by upserts of whole slides; at each size in ``--sizes
     ``when_not_matched_by_source_delete`` scans the table), unless ``--no-legacy``;
   - per-slide read ms (``tile_features(slide_ids=[one])``, median over 5 slides);
   - peak RSS of building the heads' training set (``load_bags``, in a fresh spawned process, above what the
-    process held after its imports) against reading the whole view into pandas (the previous ``load_bags``);
+    process held after its imports, sampled every 5 ms) against reading the whole view into pandas (the previous ``load_bags``);
   - the catalog's ``tiles`` table at that many rows: file size and query times.
 Then the ratios last : first. Several GB of disk at 2M x 512; removed at the end.
 """
@@ -60,20 +60,40 @@ def _legacy_upsert(table, spec, batch, slide_ids) -> None:
         .when_not_matched_by_source_delete(slide_filter(slide_ids)).execute(batch))
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
+
+
 def _peak_rss(root: str, dim: int, mode: str, queue) -> None:
+    import threading
+
     from histcode.features.read import tile_features
     from histcode.heads.data import load_bags
     from histcode.workspace import Workspace
 
     ws = Workspace(Path(root))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # after the imports
+    base = _rss_mb()  # after the imports
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mb())
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     start = time.perf_counter()
     if mode == "bags":
         bags = load_bags(ws, _view(dim))
         n = sum(len(b.features) for b in bags.values())
     else:
         n = len(tile_features(ws, _view(dim), fmt="pandas"))
-    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before, time.perf_counter() - start, n))
+    seconds = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    queue.put((max(peak[0], _rss_mb()) - base, seconds, n))
 
 
 def peak_rss(root: Path, dim: int, mode: str) -> tuple[float, float, int]:

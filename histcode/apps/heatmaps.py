@@ -10,13 +10,11 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from histcode.features.read import tile_features
 from histcode.features.registry import load_view
 from histcode.heads.apply import LoadedHead, load_head, optional_head
-from histcode.heads.data import Bag
+from histcode.heads.data import Bag, load_bags
 from histcode.heads.masks import tile_tumour_labels
 from histcode.store.catalog import Catalog
 from histcode.store.records import utcnow
@@ -40,11 +38,10 @@ class HeatmapResult:
 
 def slide_bag(ws: Workspace, head: LoadedHead, slide_id: str) -> Bag:
     view = load_view(Catalog.of(ws), head.view_id)
-    frame = tile_features(ws, view, slide_ids=[slide_id], fmt="pandas").sort_values(["y", "x"])
-    if frame.empty:
+    bag = load_bags(ws, view, slide_ids=[slide_id]).get(slide_id)
+    if bag is None:
         raise LookupError(f"{slide_id} has no vectors in view {head.view_id}: run `histcode embed --slide {slide_id}`")
-    return Bag(slide_id, frame.patient_id.iloc[0], np.stack(frame.vector.to_numpy()).astype(np.float32),
-               frame.tile_id.tolist(), frame[["x", "y"]].to_numpy(), int(frame["size"].iloc[0]))
+    return bag
 
 
 def store_scores(catalog: Catalog, head: LoadedHead, scores: pd.DataFrame) -> None:

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from histcode.config import FeaturesConfig
 from histcode.features.read import view_table
@@ -46,7 +45,7 @@ def _quote(value: str) -> str:
 
 
 def _vector_of(table, column: str, key: str, view: FeatureView) -> np.ndarray:
-    rows = table.to_lance().to_table(columns=["vector"], filter=pc.field(column) == key)
+    rows = table.to_lance().to_table(columns=["vector"], filter=f"{column} = {_quote(key)}")  # its id index
     if rows.num_rows == 0:
         raise SearchError(f"{column} {key!r} has no vector in view {view.view_id} (not embedded yet? run `histcode embed`)")
     return np.asarray(rows.column("vector")[0].as_py(), dtype=np.float32)

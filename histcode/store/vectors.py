@@ -1,12 +1,12 @@
 """LanceDB: one table of tile vectors and one of slide vectors per feature view.
 
 Every table is created with BTREE scalar indices on its ids (``tile_id`` and ``slide_id``; ``slide_id`` on the
-slide table), so that writes and per-slide reads cost what the batch costs, not what the table holds. Writes are
-upserts (``merge_insert`` on the id, which probes the id index) and they replace a slide's rows completely: the
-written slides' rows that are not in the batch (left from an older tiling of the slide) are found through the
-``slide_id`` index and deleted first, in a commit of their own that only happens when a slide lost tiles. Rows
-added since the last index update are scanned, so ``features.upkeep`` folds them into the indices once they
-pass a size (``features.optimize_every_rows``). Every table carries its view's identity in its schema metadata,
+slide table), so that writes and per-slide reads cost what the batch costs, not what the table holds. A write
+replaces the listed slides' rows completely: new slides are appended; slides already there are upserted
+(``merge_insert`` on the id, which probes the id index), and their rows that are not in the batch (left from an
+older tiling) are found through the ``slide_id`` index and deleted first, in a commit of their own that only
+happens when a slide lost tiles. Rows added since the last index update are scanned, so ``features.upkeep``
+folds them into the indices once they pass a size (``features.optimize_every_rows``). Every table carries its view's identity in its schema metadata,
 and a write of vectors of another dimension or from another view is refused before anything is written.
 """
 
@@ -163,8 +163,12 @@ def slide_keys(table, spec: TableSpec, slide_ids: list[str]) -> pa.Array:
 
 
 def upsert_slides(table, spec: TableSpec, batch: pa.Table, slide_ids: list[str]) -> int:
-    """Insert or update ``batch`` by key (one commit) after deleting the listed slides' rows that ``batch``
-    does not hold (a commit of its own, only when there are such rows). Returns the table version after."""
+    """Write ``batch`` as the whole content of the listed slides and return the table version after it.
+
+    The listed slides' rows are looked up through the ``slide_id`` index first. Slides the table does not hold
+    yet (the common case while a cohort grows) are appended, which costs the same at any table size; otherwise
+    the batch is upserted by key (``merge_insert`` probing the id index), after the rows the batch no longer
+    has are deleted (a commit of its own, only when there are such rows)."""
     import pyarrow.compute as pc
 
     if batch.schema.field("vector").type != spec.schema().field("vector").type:
@@ -173,17 +177,17 @@ def upsert_slides(table, spec: TableSpec, batch: pa.Table, slide_ids: list[str])
     missing = sorted(set(batch.column("slide_id").to_pylist()) - set(slide_ids)) if batch.num_rows else []
     if missing:
         raise VectorStoreError(f"{spec.name}: rows of slides {missing[:3]} that the write does not list")
-    if spec.key != "slide_id" and slide_ids:
-        existing = slide_keys(table, spec, slide_ids)
-        stale = pc.filter(existing, pc.invert(pc.is_in(existing, value_set=batch.column(spec.key).combine_chunks())))
-        if len(stale):
-            table.delete(slide_filter(slide_ids) + f" AND {key_filter(spec.key, stale.to_pylist())}")
-    elif slide_ids:
-        gone = sorted(set(slide_ids) - set(batch.column("slide_id").to_pylist()))
-        if gone:
-            table.delete(slide_filter(gone))
+    existing = slide_keys(table, spec, slide_ids) if slide_ids else pa.array([], pa.string())
+    if len(existing):
+        keep = batch.column(spec.key).combine_chunks()
+        stale = pc.filter(existing, pc.invert(pc.is_in(existing, value_set=keep))).to_pylist()
+        if stale:
+            table.delete(slide_filter(slide_ids) + f" AND {key_filter(spec.key, stale)}")
     if batch.num_rows:
-        table.merge_insert(spec.key).when_matched_update_all().when_not_matched_insert_all().execute(batch)
+        if len(existing):
+            table.merge_insert(spec.key).when_matched_update_all().when_not_matched_insert_all().execute(batch)
+        else:
+            table.add(batch)
     return table.version
 
 
