@@ -16,6 +16,9 @@ for _key, _value in {
     # ("database is locked" once came back as a 500 from the concurrency-slot endpoint)
     "PREFECT_SERVER_DATABASE_TIMEOUT": "60",
     "PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT": "30",
+    # a flow run starts Prefect's temporary API server (a fresh SQLite database, its migrations) and waits 20 s
+    # for it by default: a loaded 2-core machine once took longer
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
 }.items():
     os.environ.setdefault(_key, _value)
 
