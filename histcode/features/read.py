@@ -52,7 +52,12 @@ def tile_counts(table, slide_ids: list[str] | None = None) -> dict[str, int]:
     return counts
 
 
-def slide_chunks(table, slide_ids: list[str] | None = None, max_rows: int = 100_000):
+def _slides_sorted(table, slide_ids: list[str]) -> pa.Table:
+    return _select(table, "slide_id", slide_ids).sort_by([("slide_id", "ascending"), ("y", "ascending"),
+                                                           ("x", "ascending")])
+
+
+def slide_chunks(table, slide_ids: list[str] | None = None, max_rows: int = 20_000):
     """The tile rows of ``slide_ids`` (default: every slide), a few whole slides at a time (about ``max_rows``
     rows, at least one slide), each chunk sorted by (slide_id, y, x): memory bounded by the chunk, not the view."""
     counts = tile_counts(table, slide_ids)
@@ -60,14 +65,12 @@ def slide_chunks(table, slide_ids: list[str] | None = None, max_rows: int = 100_
     rows = 0
     for sid in sorted(counts):
         if group and rows + counts[sid] > max_rows:
-            yield _select(table, "slide_id", group).sort_by([("slide_id", "ascending"), ("y", "ascending"),
-                                                              ("x", "ascending")])
+            yield _slides_sorted(table, group)
             group, rows = [], 0
         group.append(sid)
         rows += counts[sid]
     if group:
-        yield _select(table, "slide_id", group).sort_by([("slide_id", "ascending"), ("y", "ascending"),
-                                                          ("x", "ascending")])
+        yield _slides_sorted(table, group)
 
 
 def _convert(data: pa.Table, fmt: Format):

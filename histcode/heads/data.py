@@ -35,7 +35,7 @@ class Bag:
 def load_bags(ws: Workspace, view: FeatureView, as_of: int | str | None = None,
               slide_ids: list[str] | None = None, chunk_rows: int = CHUNK_ROWS) -> dict[str, Bag]:
     """The bags of ``slide_ids`` (default: every slide of the view), one per slide, tiles in (y, x) order; their
-    features are read-only-on-disk (copy-on-write) views of one memory-mapped file."""
+    features are views of one copy-on-write memory map (writes stay in memory, never reach the file)."""
     table = view_table(ws, view, TILE_KIND, as_of)
     ws.data_dir.mkdir(parents=True, exist_ok=True)
     fd, path = tempfile.mkstemp(prefix="bags-", suffix=".f32", dir=ws.data_dir)
@@ -59,11 +59,11 @@ def load_bags(ws: Workspace, view: FeatureView, as_of: int | str | None = None,
                 total += len(sids)
         if not total:
             return {}
-        dim = view.dim
-        features = np.memmap(path, dtype=np.float32, mode="c", shape=(total, dim))
+        features = np.memmap(path, dtype=np.float32, mode="c", shape=(total, view.dim))
     finally:
         os.unlink(path)  # the mapping keeps the data; nothing is left on disk once the bags are dropped
-    return {sid: Bag(sid, patient, features[a:b].view(np.ndarray), tile_ids, xy, size) for sid, patient, a, b, tile_ids, xy, size in spans}
+    return {sid: Bag(sid, patient, features[a:b].view(np.ndarray), tile_ids, xy, size)
+            for sid, patient, a, b, tile_ids, xy, size in spans}
 
 
 def inner_split(patients: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,9 +1,10 @@
 """Encoder registry: a backbone that maps RGB images in [0, 1] to one feature vector per image.
 
-Names: ``resnet18`` (512-d), ``resnet18_l3`` (ResNet-18 truncated after layer3, 256-d), ``resnet50`` (2048-d), ``resnet50_l3`` (ResNet-50 truncated after layer3, 1024-d,
-the paper's), and ``timm:<model>`` for any timm architecture (optional extra ``histcode[timm]``). Input
-normalisation is part of the module, so the exported model takes plain [0, 1] images. Nothing is downloaded:
-``init='imagenet'`` loads torchvision weights only if they are already in torch's cache.
+Names: ``resnet18`` (512-d), ``resnet18_l3`` (ResNet-18 truncated after layer3, 256-d), ``resnet50``
+(2048-d), ``resnet50_l3`` (ResNet-50 truncated after layer3, 1024-d, the paper's), and ``timm:<model>`` for
+any timm architecture (optional extra ``histcode[timm]``). Input normalisation is part of the module, so the
+exported model takes plain [0, 1] images. Nothing is downloaded: ``init='imagenet'`` loads torchvision weights
+only if they are already in torch's cache.
 """
 
 from __future__ import annotations
