@@ -31,7 +31,7 @@ from histcode.features.retrieval import (
     replace_vectors,
 )
 from histcode.features.upkeep import has_vector_index
-from histcode.store.vectors import SLIDE_KIND, TILE_KIND
+from histcode.store.vectors import SLIDE_KIND, TILE_KIND, quote_literal
 from histcode.tracking import Tracker
 from histcode.workspace import Workspace
 
@@ -40,12 +40,8 @@ class SearchError(ValueError):
     """A query that cannot run: unknown id, unreadable image, bad filter."""
 
 
-def _quote(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
 def _vector_of(table, column: str, key: str, view: FeatureView) -> np.ndarray:
-    rows = table.to_lance().to_table(columns=["vector"], filter=f"{column} = {_quote(key)}")  # its id index
+    rows = table.to_lance().to_table(columns=["vector"], filter=f"{column} = {quote_literal(key)}")  # its id index
     if rows.num_rows == 0:
         raise SearchError(f"{column} {key!r} has no vector in view {view.view_id} (not embedded yet? run `histcode embed`)")
     return np.asarray(rows.column("vector")[0].as_py(), dtype=np.float32)
@@ -87,7 +83,7 @@ def search(ws: Workspace, view: FeatureView, cfg: FeaturesConfig, *, slide_id: s
     filters = [f"({where})"] if where else []
     if tile_id is not None:
         vector = _vector_of(table, "tile_id", tile_id, view)
-        filters.append(f"tile_id != {_quote(tile_id)}")
+        filters.append(f"tile_id != {quote_literal(tile_id)}")
     else:
         vector = embed_image(ws, view, Path(image))
     return nearest(table, vector, k, " AND ".join(filters) or None, cfg)

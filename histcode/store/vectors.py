@@ -191,6 +191,11 @@ def upsert_slides(table, spec: TableSpec, batch: pa.Table, slide_ids: list[str])
     return table.version
 
 
+def quote_literal(value: str) -> str:
+    """A Lance SQL string literal (quotes doubled)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
 def key_filter(column: str, values: list[str]) -> str:
-    """A Lance SQL predicate ``column IN (...)`` (values quoted, quotes doubled)."""
-    return f"{column} IN (" + ", ".join("'" + v.replace("'", "''") + "'" for v in values) + ")"
+    """A Lance SQL predicate ``column IN (...)``."""
+    return f"{column} IN (" + ", ".join(quote_literal(v) for v in values) + ")"
