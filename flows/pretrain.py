@@ -16,9 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import task_run
 
-from histcode.reports import pretrain_summary
-from histcode.store.files import write_json
-from histcode.ssl.pretrain import completed, pretrain
+from histcode.apps.pretraining import pretrain_or_reuse
 from histcode.tracking import telemetry_off
 from histcode.workspace import Workspace
 from flows._entry import run_flow_from_argv
@@ -31,15 +29,11 @@ def pretrain_task(workspace: str | None, overrides: dict, resume: bool, force: b
     cfg = ws.config()
     if overrides:
         cfg = cfg.model_copy(update={"pretrain": cfg.pretrain.model_validate({**cfg.pretrain.model_dump(), **overrides})})
-    done = None if (force or resume) else completed(ws, cfg)
-    if done is not None:  # this configuration already trained on exactly these tiles
-        get_run_logger().info("pretraining is up to date: MLflow run %s", done["run_id"])
-        return {**done, "registered_model": cfg.pretrain.register_as, "reused": True}
-    retrying = (task_run.run_count or 1) > 1
-    result = pretrain(ws, cfg, resume=resume or retrying, progress=False)
-    summary = pretrain_summary(result, cfg.pretrain)
-    write_json(ws.metrics_dir / "pretrain.json", summary)
-    return {**summary, "reused": False}
+    retrying = (task_run.run_count or 1) > 1  # a retry resumes from the checkpoint of the failed try
+    summary, reused = pretrain_or_reuse(ws, cfg, resume=resume or retrying, force=force, progress=False)
+    if reused:
+        get_run_logger().info("pretraining is up to date: MLflow run %s", summary["run_id"])
+    return {**summary, "reused": reused}
 
 
 @flow(name="histcode-pretrain")

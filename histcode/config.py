@@ -207,6 +207,7 @@ class PretrainConfig(_Section):
     shuffle_bn: bool = True  # MoCo/AdCo: keys on a shuffled batch (across processes; split batch norm on one device)
     bn_splits: Pixels = 8  # sub-batches of batch norm on one device (shuffle_bn); lowered to divide the batch
     bank_init: Literal["train", "keys"] = "train"  # AdCo: the authors' warm-up that trains while it fills the bank, or keys only
+    locality_chunk: Pixels = 1  # >1: shuffle runs of this many neighbouring tiles (stored JPEG tiles decoded once)
     amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 with a grad scaler)
     checkpoint_every: Pixels = 25
     log_every: Pixels = 5
@@ -234,11 +235,16 @@ class FeaturesConfig(_Section):
     index_min_rows: Pixels = 100_000  # build an ANN index once a table holds this many vectors
     optimize_every_rows: Pixels = 100_000  # compact and update indices once this many rows are unindexed ...
     optimize_max_fragments: Pixels = 64  # ... or a table has more fragments than this
-    index_type: Literal["IVF_PQ", "IVF_HNSW_SQ"] = "IVF_HNSW_SQ"
-    index_partitions: Annotated[int, Field(ge=1)] | None = None  # None = about sqrt(rows)
+    index_type: Literal["IVF_PQ", "IVF_HNSW_SQ", "IVF_HNSW_FLAT", "IVF_FLAT"] = "IVF_HNSW_SQ"
+    index_partitions: Annotated[int, Field(ge=1)] | None = None  # None = index_partition_scale * sqrt(rows)
+    index_partition_scale: Annotated[float, Field(gt=0)] = 1.0
+    index_subvector_dims: Pixels = 16  # IVF_PQ: dimensions per one-byte sub-vector code
     nprobes: Pixels = 20  # partitions searched per query
-    refine_factor: Annotated[int, Field(ge=1)] | None = 10  # re-rank k * this candidates exactly (IVF_PQ)
+    refine_factor: Annotated[int, Field(ge=1)] | None = 10  # re-rank k * this candidates on the stored vectors
+    hnsw_ef: Annotated[int, Field(ge=1)] | None = None  # IVF_HNSW_SQ: candidates kept per partition; None = Lance's
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True  # on CUDA: autocast (bf16 where supported, else fp16) and channels-last batches
+    workers: Annotated[int, Field(ge=1)] = 1  # processes the slides are sharded over (Prefect on Dask; 1 = in process)
 
 
 DEFAULT_PANEL = (
@@ -276,6 +282,7 @@ class HeadsConfig(_Section):
     min_epochs: Pixels = 10  # no early stopping before this many epochs
     patience: Pixels = 8  # early stopping on the validation split of the training folds
     lr: Annotated[float, Field(gt=0)] = 2e-4  # Adam, CLAM's default
+    bags_per_step: Pixels = 1  # bags whose mean loss makes one optimiser step (CLAM: 1; more on a GPU)
     weight_decay: Annotated[float, Field(ge=0)] = 1e-5
     # tile features centred on the training bags' mean and scaled (inside the model): by one global sd, which keeps
     # the features' geometry, or per feature (z-scores), or not at all

@@ -40,7 +40,6 @@ def tiling_summary(report: TilingReport) -> dict:
 
 def pretrain_summary(result, cfg) -> dict:
     """``result``: histcode.ssl.pretrain.PretrainResult; ``cfg``: the PretrainConfig it ran with."""
-    rates = [h.img_per_s for h in result.history[1:]] or [h.img_per_s for h in result.history]
     return {
         "run_id": result.run_id,
         "method": result.method,
@@ -48,7 +47,7 @@ def pretrain_summary(result, cfg) -> dict:
         "steps": result.steps,
         "resumed_from_step": result.start_step if result.resumed else None,
         "final_loss": result.final_loss,
-        "img_per_s": round(sum(rates) / len(rates), 2) if rates else None,
+        "img_per_s": result.img_per_s,
         "registered_model": cfg.register_as,
         "version": result.version,
         "model_uri": result.model_uri,
@@ -69,6 +68,7 @@ def embed_summary(report) -> dict:
         "failed": len(report.failed),
         "tiles_embedded": report.tiles_embedded,
         "tiles_per_s": round(report.tiles_per_s, 2),
+        "workers": report.workers,
         "lance_versions": report.versions,
         "failures": {o.slide_id: o.reason for o in report.failed},
     }

@@ -79,6 +79,36 @@ def test_ingest_fans_out_on_a_two_worker_dask_cluster(api_env, tiny_cohort, tile
     assert ids(ws.catalog_path) == ids(reference)
 
 
+def test_materialisation_fans_out_on_a_two_worker_dask_cluster_with_the_rows_of_one(api_env, embedded_workspace,
+                                                                                   copy_workspace) -> None:
+    """The feature view embedded again by the flow, sharded over a 2-worker Dask LocalCluster: exactly the rows
+    the one-process materialisation wrote (tile ids, coordinates, vectors), the ledger written by the flow,
+    the staging folders gone, and a rerun that embeds nothing."""
+    import numpy as np
+
+    from flows.embed import embed_flow
+    from histcode.features.read import slide_features, tile_features
+
+    ws = copy_workspace(embedded_workspace)
+    before = tile_features(ws, fmt="pandas").sort_values("tile_id").reset_index(drop=True)
+    slides_before = slide_features(ws, fmt="pandas").sort_values("slide_id").reset_index(drop=True)
+    shutil.rmtree(ws.root / "data" / "lancedb")  # the vectors and the ledger gone: every slide is embedded again
+    with Catalog.of(ws).transaction() as con:
+        con.execute("DELETE FROM materializations")
+    summary = embed_flow(workspace=str(ws.root), workers=2)
+    assert summary["workers"] == 2 and summary["failed"] == 0 and summary["tiles_embedded"] == len(before)
+    after = tile_features(ws, fmt="pandas").sort_values("tile_id").reset_index(drop=True)
+    assert after.drop(columns="vector").equals(before.drop(columns="vector"))
+    assert np.array_equal(np.stack(after.vector), np.stack(before.vector))
+    slides_after = slide_features(ws, fmt="pandas").sort_values("slide_id").reset_index(drop=True)
+    assert np.array_equal(np.stack(slides_after.vector), np.stack(slides_before.vector))
+    ledger = Catalog.of(ws).query("SELECT slide_id, status, rows FROM materializations ORDER BY slide_id")
+    assert len(ledger) == len(slides_before) and {r["status"] for r in ledger} == {"ok"}
+    assert not list((ws.outputs_dir / "staging").glob("*/*"))
+    again = embed_flow(workspace=str(ws.root), workers=2)
+    assert again["slides_embedded"] == 0 and again["slides_skipped"] == len(slides_before)
+
+
 def _git(args: list[str], cwd) -> str:
     import subprocess
 
@@ -87,13 +117,16 @@ def _git(args: list[str], cwd) -> str:
     return done.stdout
 
 
-def test_dvc_repro_reproduces_the_pipeline_and_runs_an_experiment(tmp_path) -> None:
-    """`dvc repro` of dvc.yaml in a temporary git copy of the repository, on the tiny configuration, then an
-    unchanged `dvc repro` (nothing to do) and `dvc exp run -S pretrain.method=moco`."""
+def test_dvc_repro_after_the_demo_does_no_work_then_runs_an_experiment(tmp_path) -> None:
+    """`histcode demo` in a temporary git copy of the repository, on the tiny configuration, then `dvc repro` of
+    dvc.yaml: every stage runs its command, and none trains, embeds or registers anything (one notion of done);
+    an unchanged `dvc repro` has nothing to do; `dvc exp run -S pretrain.method=moco` trains a second encoder."""
     import os
     import subprocess
     import sys
     from pathlib import Path
+
+    from mlflow import MlflowClient
 
     repo = Path(__file__).resolve().parent.parent
     copy = tmp_path / "repo"
@@ -118,9 +151,25 @@ def test_dvc_repro_reproduces_the_pipeline_and_runs_an_experiment(tmp_path) -> N
         assert done.returncode == 0, f"dvc {' '.join(args)}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         return done.stdout
 
+    demo = subprocess.run([sys.executable, "-m", "histcode", "--workspace", str(copy), "demo", "--workers", "1"],
+                          cwd=copy, env=env, capture_output=True, text=True, timeout=900)
+    assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+    client = MlflowClient(tracking_uri=ws.mlflow_uri, registry_uri=ws.mlflow_uri)
+
+    def recorded() -> tuple[dict, list]:
+        runs = {e.name: sorted(r.info.run_id for r in client.search_runs([e.experiment_id]))
+                for e in client.search_experiments()}
+        versions = sorted((m.name, m.version) for m in client.search_model_versions())
+        return runs, versions
+
+    before = recorded()
+    demo_heads = json.loads((copy / "metrics" / "heads.json").read_text())
     run("repro")
+    assert recorded() == before, "dvc repro after the demo trained or registered something"
+    assert json.loads((copy / "metrics" / "embed.json").read_text())["slides_embedded"] == 0
     heads = json.loads((copy / "metrics" / "heads.json").read_text())
-    assert set(heads["best"]) == {"tumor", "subtype", "de"} and (copy / "dvc.lock").is_file()
+    assert heads["runs"] == demo_heads["runs"] and (copy / "dvc.lock").is_file()
+    assert set(heads["best"]) == {"tumor", "subtype", "de"}
     assert "heads" in run("metrics", "show") and list((copy / "metrics" / "plots" / "roc").glob("*.csv"))
     assert "up to date" in run("repro").lower() or "didn't change" in run("status").lower()
     _git(["add", "-A"], copy)

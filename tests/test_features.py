@@ -169,6 +169,57 @@ def test_ann_index_recall(tmp_path) -> None:
     assert np.mean(recall) >= 0.9, np.mean(recall)
 
 
+def test_a_selective_filter_is_searched_exactly_and_a_broad_one_through_the_index(tmp_path) -> None:
+    """Filtered search: an IVF index probed for a few slides misses their neighbours, so a filter leaving fewer
+    than index_min_rows rows is answered by a flat scan of them (exact); a broad one uses the index."""
+    from histcode.features.search import TileSearcher
+
+    rng = np.random.default_rng(1)
+    n, dim = 20000, 32
+    data = rng.normal(size=(n, dim)).astype(np.float32)  # isotropic: the index alone recalls few neighbours
+    spec = TableSpec("fv-filter", TILE_KIND, dim, "synthetic")
+    table = open_table(connect(tmp_path / "lance"), spec)
+    slides = [f"s{i // 100}" for i in range(n)]
+    table.add(to_batch(spec, {"tile_id": [f"t{i}" for i in range(n)], "slide_id": slides, "patient_id": slides,
+                              "x": [0] * n, "y": [0] * n, "size": [256] * n, "vector": data}))
+    cfg = FeaturesConfig(index_min_rows=1000, nprobes=1, refine_factor=1)
+    maintain_tables({TILE_KIND: table}, cfg, changed=True)
+    searcher = TileSearcher(table, cfg)
+    where = "slide_id IN ('s3', 's4', 's5')"
+    assert searcher.selective(where) and not searcher.selective("slide_id != 's3'") and not searcher.selective(None)
+    assert "use_index" not in searcher.query(data[0], 10, "slide_id != 's3'") and searcher.kind == "IvfHnswSq"
+    allowed = np.flatnonzero(np.isin(np.array(slides), ["s3", "s4", "s5"]))
+    for q in (0, 7, 450):
+        exact, _ = _cosine_topk(data[allowed].astype(np.float64), data[q], 10)
+        got = searcher.nearest(data[q], 10, where).column("tile_id").to_pylist()
+        assert got == [f"t{allowed[i]}" for i in exact]
+
+
+def test_slide_batches_and_shards_keep_slides_whole(tiled_workspace) -> None:
+    """Batches never span two slides (so a slide's vectors do not depend on its neighbours in the run), and
+    shards are runs of whole slides covering every tile once, balanced by tile count."""
+    from histcode.features.embed import SlideBatches, shards
+    from histcode.ssl.dataset import dataset_from_catalog
+
+    dataset = dataset_from_catalog(Catalog.of(tiled_workspace), spec_id_of(tiled_workspace.config().tiling), 32)
+    slide_of = dataset.tiles[:, 0]
+    batches = list(SlideBatches(slide_of, 5))
+    assert len(batches) == len(SlideBatches(slide_of, 5))
+    assert [i for b in batches for i in b] == list(range(len(dataset)))
+    assert all(len(set(slide_of[b])) == 1 and len(b) <= 5 for b in batches)
+    for workers in (1, 2, 3, 50):
+        parts = shards(dataset, workers)
+        assert 1 <= len(parts) <= min(workers, len(dataset.slides))
+        assert [t for p in parts for t in p.tile_ids] == dataset.tile_ids
+        assert [s.slide_id for p in parts for s in p.slides] == [s.slide_id for s in dataset.slides]
+        for p in parts:  # each shard's tiles index its own slide list
+            assert [p.slides[i].slide_id for i in p.tiles[:, 0]] == [dataset.slides[i].slide_id
+                                                                   for i in dataset.tiles[np.isin(dataset.tile_ids, p.tile_ids), 0]]
+    two = shards(dataset, 2)
+    if len(two) == 2:
+        assert abs(len(two[0]) - len(two[1])) <= max(np.bincount(slide_of))
+
+
 def test_read_formats_and_training_set(embedded_workspace) -> None:
     ws = embedded_workspace
     vectors, meta = tile_features(ws, fmt="torch")

@@ -154,6 +154,25 @@ def test_registry_round_trip(headed_workspace) -> None:
     assert out.shape == (len(best.genes), 4)
 
 
+@pytest.mark.parametrize("task", ["tumor", "subtype", "de"])
+@pytest.mark.parametrize("aggregator", ["attention", "mean"])
+def test_registered_heads_score_every_tile_in_one_pass_as_bags_of_one(headed_workspace, task: str,
+                                                                     aggregator: str) -> None:
+    """The exported head's per-tile output is, for each tile, what the head says of a bag of that tile alone
+    (class probabilities; DE: each gene's log2FC), for all tiles at once."""
+    from histcode.apps.heatmaps import slide_bag
+
+    head = load_head(Tracker(headed_workspace), task, aggregator)
+    sid = Catalog(headed_workspace.catalog_path).query("SELECT slide_id FROM slide_labels ORDER BY 1 LIMIT 1")[0]["slide_id"]
+    features = slide_bag(headed_workspace, head, sid).features
+    batched = head.tile_scores(features)
+    alone = np.stack([head(features[i:i + 1])[0] for i in range(len(features))])
+    if task == "de":
+        alone = alone[:, :, 0]
+    assert batched.shape == alone.shape == (len(features), len(head.genes) if task == "de" else len(head.classes))
+    np.testing.assert_allclose(batched, alone, rtol=1e-4, atol=1e-5)
+
+
 def test_heatmap_with_mask_auc_and_sql_scores(headed_workspace, copy_workspace) -> None:
     from histcode.apps.heatmaps import render_heatmaps
     from histcode.store.sql import run_sql
@@ -275,6 +294,24 @@ def test_early_stopping_waits_for_min_epochs() -> None:
     cfg = HeadsConfig(epochs=30, min_epochs=12, patience=1, lr=1e-2, k_sample=2)
     head = fit_head(TASKS["tumor"], "attention", pairs[:8], pairs[8:], task.shape, cfg, 0)
     assert head.epochs >= 12
+
+
+def test_several_bags_per_step_make_one_optimiser_step_each(monkeypatch) -> None:
+    """bags_per_step B: an epoch of n bags makes ceil(n / B) optimiser steps, on the mean loss of its bags."""
+    from histcode.heads.fit import fit_head
+    from histcode.heads.tasks import TASKS
+
+    task, bags = _synthetic_task(n_patients=6)
+    pairs = [(bags[s].features, int(y)) for s, y in zip(task.slide_ids, task.y)]
+    steps = []
+    original = torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: (steps.append(1), original(self, *a, **k))[1])
+    for per_step in (1, 3):
+        steps.clear()
+        cfg = HeadsConfig(epochs=4, min_epochs=4, patience=10, lr=1e-2, k_sample=2, bags_per_step=per_step,
+                          balanced_sampling=False)
+        head = fit_head(TASKS["tumor"], "attention", pairs[:8], pairs[8:], task.shape, cfg, 0)
+        assert len(steps) == head.epochs * -(-8 // per_step)
 
 
 def test_tumour_auc_is_reported_per_tumour_fraction_bin() -> None:

@@ -148,6 +148,32 @@ def test_empty_file_fails_the_gate(tiled_workspace) -> None:
         require_passed_gate(Catalog.of(ws))
 
 
+def test_unchanged_labels_are_kept_with_their_verdict_and_a_change_redoes_them(tiled_workspace) -> None:
+    """Ingest and gate on unchanged inputs do no work (the label set row, its frames and its verdict stay as
+    they are), so the demo, the flow and `dvc repro` after one another agree; --force, a changed matrix or
+    changed gate settings do the work again."""
+    ws = tiled_workspace
+    _write(ws, _good_matrix(ws))
+    first, gate = _run(ws)
+    assert gate.passed and not first.reused
+    row = lambda: Catalog.of(ws).query("SELECT label_version, created_at, gate_at, gate_status FROM label_sets")  # noqa: E731
+    before = row()
+    frames = {f.name: f.stat().st_mtime_ns for f in first.frames_dir.glob("*.parquet")}
+    again, regate = _run(ws)
+    assert again.reused and again.label_version == first.label_version and regate.passed
+    assert (again.n_samples, again.n_genes, again.de_counts, again.excluded_genes) == \
+        (first.n_samples, first.n_genes, first.de_counts, first.excluded_genes)
+    assert row() == before and {f.name: f.stat().st_mtime_ns for f in again.frames_dir.glob("*.parquet")} == frames
+    assert regate.docs == gate.docs and regate.excluded_genes == gate.excluded_genes
+    assert gate_labels(ws, ws.config(), force=True).passed and row()[0]["gate_at"] > before[0]["gate_at"]
+    forced = ingest_labels(ws, ws.config(), force=True)
+    assert not forced.reused and row()[0]["gate_status"] == "pending"
+    assert gate_labels(ws, ws.config()).passed
+    _write(ws, _good_matrix(ws), min_class_size=50)  # other settings: another label set, judged anew
+    changed, verdict = _run(ws)
+    assert not changed.reused and changed.label_version != first.label_version and not verdict.passed
+
+
 def test_no_labels_or_no_gate_means_nothing_trains(tiled_workspace) -> None:
     ws = tiled_workspace
     with pytest.raises(LabelGateError, match="no labels"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -41,6 +42,20 @@ def test_epoch_sampler_is_global_resumable_and_sharded() -> None:
         assert shards[0][2 * step:2 * step + 2] == batch[0::2] and shards[1][2 * step:2 * step + 2] == batch[1::2]
     with pytest.raises(Exception, match="fewer than one batch"):
         EpochSampler(3, 4, 0, 0, 1)
+
+
+def test_locality_aware_order_shuffles_runs_of_neighbours_and_still_resumes() -> None:
+    """locality_chunk c: every epoch is still a permutation of all tiles, made of runs of c consecutive tiles
+    (neighbours in read order) in a shuffled order; a resumed sampler continues it exactly."""
+    sampler = EpochSampler(103, 10, seed=2, start_step=0, num_steps=10, chunk=4)
+    order = sampler.permutation(0)
+    assert sorted(order.tolist()) == list(range(103))
+    assert order[0] % 4 == 0 and all(order[i] == order[i - 1] + 1 for i in range(1, 103) if order[i] % 4)
+    starts = [int(v) for v in order if v % 4 == 0]
+    assert len(starts) == 26 and starts != sorted(starts)  # whole runs, in a shuffled order
+    full = list(EpochSampler(103, 10, 2, 0, 12, chunk=4))
+    assert list(EpochSampler(103, 10, 2, 7, 5, chunk=4)) == full[70:]
+    assert sampler.permutation(1).tolist() != order.tolist()
 
 
 def test_dataset_reads_the_same_tiles_in_forked_workers(tiled_catalog) -> None:
@@ -185,6 +200,14 @@ def test_pretrain_cli_tracks_probes_and_registers(tiled_workspace) -> None:
     from histcode.ssl.stain_norm import parse
 
     assert parse(version.tags["stain_norm"]).method == "macenko"
+    # the same configuration on the same tiles again: reused, nothing trained or registered, the same report
+    first = json.loads((ws / "metrics" / "pretrain.json").read_text())
+    (ws / "metrics" / "pretrain.json").unlink()  # as `dvc repro` removes a stage's outputs before running it
+    again, _ = _histcode(ws, "pretrain").communicate(timeout=300)
+    assert "up to date, reused" in again, again
+    assert len(client.search_runs([client.get_experiment_by_name("pretrain").experiment_id])) == 1
+    assert [v.version for v in client.search_model_versions("name = 'histcode-encoder'")] == [version.version]
+    assert json.loads((ws / "metrics" / "pretrain.json").read_text()) == first
 
 
 def test_exclude_test_folds_leaves_those_patients_out_of_pretraining(headed_workspace, tiled_workspace) -> None:

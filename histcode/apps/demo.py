@@ -16,7 +16,6 @@ from histcode.reports import (
     gate_summary,
     ingest_summary,
     labels_summary,
-    pretrain_summary,
     tiling_summary,
     write_heads_report,
     write_json,
@@ -67,16 +66,9 @@ def run_demo(ws: Workspace, cfg: HistcodeConfig, workers: int = 2) -> DemoOutcom
     write_json(ws.metrics_dir / "label_gate.json", outcome.gate)
     if not outcome.gate["passed"]:
         return outcome
-    from histcode.ssl.pretrain import completed, pretrain
+    from histcode.apps.pretraining import pretrain_or_reuse
 
-    done = completed(ws, cfg)
-    if done is not None:
-        log.info("pretraining is up to date: MLflow run %s", done["run_id"])
-        outcome.pretrain, outcome.pretrain_reused = done, True
-    else:
-        result = pretrain(ws, cfg)
-        outcome.pretrain = pretrain_summary(result, cfg.pretrain)
-        write_json(ws.metrics_dir / "pretrain.json", outcome.pretrain)
+    outcome.pretrain, outcome.pretrain_reused = pretrain_or_reuse(ws, cfg)
     from histcode.features.embed import materialize
 
     encoder = f"{cfg.pretrain.register_as}/{outcome.pretrain['version']}"

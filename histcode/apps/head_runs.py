@@ -23,6 +23,7 @@ import pandas as pd
 from histcode.features.registry import FeatureView
 from histcode.heads.cv import CVResult, fit_on, validation
 from histcode.heads.data import Bag
+from histcode.heads.models import WithTileScores
 from histcode.heads.names import MODEL_NAMES
 from histcode.heads.tasks import TaskData
 from histcode.runtime import failpoint
@@ -177,7 +178,7 @@ def register_final(tracker: Tracker, data: TaskData, bags: dict[str, Bag], aggre
     with tracker.closing(tracker.reopen_run(run_id)):
         head, _, val_idx = fit_on(data, bags, np.arange(len(data.slide_ids)), aggregator, hcfg, hcfg.seed)
         val = validation(data, bags, head, val_idx)
-        _, version = tracker.log_torch_model(run_id, head.model, "head", (view.dim,), None, name,
+        _, version = tracker.log_torch_model(run_id, WithTileScores(head.model), "head", (view.dim,), None, name,
                                              version_tags={**tags, **val})
         failpoint("heads.registered")
     return Registered(version, val["val_score"], val["val_loss"])

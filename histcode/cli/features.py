@@ -17,12 +17,14 @@ def pretrain(
     init: Annotated[Optional[str], typer.Option(help="random | imagenet (ImageNet only if the weights are on disk).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Train this many steps (overrides pretrain.epochs).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run of this configuration.")] = False,
+    force: Annotated[bool, typer.Option(help="Train again even if this configuration already finished on exactly these tiles.")] = False,
     report: Annotated[Optional[Path], typer.Option(help="Write a JSON summary here (default: metrics/pretrain.json).")] = None,
 ) -> None:
-    """Contrastive pretraining on the catalog's tiles, tracked in MLflow; registers the encoder."""
+    """Contrastive pretraining on the catalog's tiles, tracked in MLflow; registers the encoder. A configuration
+    that already finished on exactly the current tiles is reused (nothing trained or registered) unless --force."""
+    from histcode.apps.pretraining import pretrain_or_reuse
     from histcode.ssl.dataset import NoTilesError
     from histcode.ssl.encoders import EncoderError
-    from histcode.ssl.pretrain import pretrain as run_pretrain
     from histcode.ssl.train import TrainingDiverged
     from histcode.store.catalog import CatalogError
     from histcode.tracking import telemetry_off
@@ -40,24 +42,24 @@ def pretrain(
         except ValidationError as exc:
             fail(str(exc))
     try:
-        result = run_pretrain(ws, cfg, resume=resume)
+        summary, reused = pretrain_or_reuse(ws, cfg, resume=resume, force=force, report=report)
     except (NoTilesError, EncoderError, TrainingDiverged, ValueError, FileNotFoundError, CatalogError) as exc:
         fail(str(exc))
-    console = terminal()
-    if result.run_id is None:
+    if not summary:
         return  # a torchrun process other than rank 0
-    from histcode.reports import pretrain_summary
-    from histcode.store.files import write_json
     from histcode.views import probe_lines
 
-    write_json(report or ws.metrics_dir / "pretrain.json", pretrain_summary(result, cfg.pretrain))
-    state = f"resumed at step {result.start_step}" if result.resumed else "new run"
-    loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
-    console.print(f"pretrain {result.method}: {result.steps} steps ({state}), final loss {loss}")
-    console.print(f"MLflow run {result.run_id}; registered {cfg.pretrain.register_as} version {result.version} "
-                  f"(models:/{cfg.pretrain.register_as}@{result.method})")
-    if result.probe:
-        console.print(probe_lines(result.probe))
+    console = terminal()
+    if reused:
+        state = "up to date, reused (--force trains again)"
+    else:
+        state = f"resumed at step {summary['resumed_from_step']}" if summary["resumed_from_step"] is not None else "new run"
+    loss = f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "n/a"
+    console.print(f"pretrain {summary['method']}: {summary['steps']} steps ({state}), final loss {loss}")
+    console.print(f"MLflow run {summary['run_id']}; registered {cfg.pretrain.register_as} version {summary['version']} "
+                  f"(models:/{cfg.pretrain.register_as}@{summary['method']})")
+    if summary["probe"]:
+        console.print(probe_lines(summary["probe"]))
 
 
 def embed(

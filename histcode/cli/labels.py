@@ -15,8 +15,10 @@ def labels_ingest(
     file: Annotated[Optional[Path], typer.Argument(help="Genes x samples matrix (TSV, CSV, parquet); default labels.expression.")] = None,
     sample_sheet: Annotated[Optional[Path], typer.Option(help="CSV sample_id, patient_id[, slide_id, sample_type].")] = None,
     report: Annotated[Optional[Path], typer.Option(help="Write a JSON summary here (default: metrics/labels.json).")] = None,
+    force: Annotated[bool, typer.Option(help="Ingest again even if the current label set has exactly these inputs.")] = False,
 ) -> None:
-    """Read an expression matrix, map samples to slides, compute DE labels and slide labels, plan the folds."""
+    """Read an expression matrix, map samples to slides, compute DE labels and slide labels, plan the folds.
+    A current label set of exactly these inputs is kept (gate verdict included) unless --force."""
     from histcode.labels.expression import ExpressionFileError
     from histcode.labels.run import ingest_labels
     from histcode.reports import labels_summary
@@ -26,12 +28,14 @@ def labels_ingest(
     ws = workspace_of(ctx)
     cfg = config_of(ws)
     try:
-        result = ingest_labels(ws, cfg, file, sample_sheet)
+        result = ingest_labels(ws, cfg, file, sample_sheet, force=force)
     except (ExpressionFileError, CatalogError) as exc:
         fail(str(exc))
     summary = labels_summary(result)
     write_json(report or ws.metrics_dir / "labels.json", summary)
     console = terminal()
+    if result.reused:
+        console.print(f"label set {result.label_version} is up to date (nothing written; --force ingests again)")
     console.print(f"label set {result.label_version}: {result.n_samples} samples, {result.n_genes} genes, "
                   f"{result.n_patients} patients; DE classes {result.de_counts}; references {result.references}")
     for gene, reason in result.excluded_genes.items():
@@ -44,8 +48,10 @@ def labels_ingest(
 def labels_gate(
     ctx: typer.Context,
     report: Annotated[Optional[Path], typer.Option(help="Write a JSON summary here (default: metrics/label_gate.json).")] = None,
+    force: Annotated[bool, typer.Option(help="Validate again even if this label set already has a verdict with these settings.")] = False,
 ) -> None:
-    """Validate the current label set with Great Expectations; exits 1 (and nothing may train) if it fails."""
+    """Validate the current label set with Great Expectations; exits 1 (and nothing may train) if it fails. A
+    label set already judged with the same gate settings keeps its verdict unless --force."""
     from histcode.labels.run import LabelGateError, gate_labels
     from histcode.reports import gate_summary
     from histcode.store.files import write_json
@@ -53,7 +59,7 @@ def labels_gate(
     ws = workspace_of(ctx)
     cfg = config_of(ws)
     try:
-        result = gate_labels(ws, cfg)
+        result = gate_labels(ws, cfg, force=force)
     except (LabelGateError, FileNotFoundError) as exc:
         fail(str(exc))
     write_json(report or ws.metrics_dir / "label_gate.json", gate_summary(result))

@@ -1,26 +1,40 @@
 """Materialise a feature view: embed every tile of every finished slide with a registered encoder, write
 tile and slide vectors to LanceDB, record each slide in the catalog's ledger.
 
-Slides are embedded in slide order by a DataLoader (reader processes hide slide reads behind the model where
-cores allow) and written ``commit_every_slides`` at a time, one Lance commit per table per batch of slides,
-never per tile. The Lance commit comes first and the ledger row second: a process killed in between leaves
-rows that the rerun rewrites in place (upserts on the id), so a kill at any point followed by a rerun ends with
-exactly one row per tile. A slide whose tiles cannot be read is marked failed with the reason; the others go on.
+Tiles are embedded in batches that never span two slides (``SlideBatches``), so a slide's vectors do not depend
+on which other slides share its run, its shard or its worker: one process or a fan-out over workers gives the
+same rows. Reader processes (spawned: Lance is not fork-safe) hide slide reads behind the model where cores
+allow; on CUDA, batches come through pinned memory with non-blocking copies, in channels-last layout under
+autocast (``features.amp``, bf16 where the device supports it, else fp16), and leave the device as fp32.
+
+In one process (``materialize``), finished slides are written ``commit_every_slides`` at a time, one Lance
+commit per table per batch of slides, never per tile. Fanned out (``plan_view`` -> ``shards`` ->
+``embed_shard`` on each worker -> ``commit_shards`` in the coordinator), each worker stages its slides'
+vectors as Arrow IPC files in a folder of its own and touches neither Lance nor the catalog; the coordinator
+commits the staged slides through the same writer and alone writes the ledger. The Lance commit comes first
+and the ledger row second: a process killed in between leaves rows that the rerun rewrites in place (upserts on
+the id), so a kill at any point followed by a rerun ends with exactly one row per tile. A slide whose tiles
+cannot be read is marked failed with the reason; the others go on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import shutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from histcode.config import HistcodeConfig
+from histcode.config import FeaturesConfig, HistcodeConfig
 from histcode.features.registry import (
     FeatureView,
     describe_view,
@@ -62,6 +76,7 @@ class EmbedReport:
     tiles_embedded: int = 0
     versions: dict[str, int] = field(default_factory=dict)  # Lance table versions after this run
     maintenance: list[str] = field(default_factory=list)  # compaction / index / tag notes
+    workers: int = 1  # processes the slides were embedded in
 
     @property
     def failed(self) -> list[EmbedOutcome]:
@@ -73,6 +88,37 @@ class EmbedReport:
     @property
     def tiles_per_s(self) -> float:
         return self.tiles_embedded / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class SlideVectors:
+    """One slide's embedded tiles, in the dataset's tile order, or the error that stopped them."""
+
+    slide_id: str
+    tile_ids: list[str]
+    x: np.ndarray
+    y: np.ndarray
+    size: int
+    vectors: np.ndarray | None  # (tiles, dim) float32; None when ``error``
+    error: str | None = None
+
+
+class SlideBatches(Sampler[list[int]]):
+    """Batches of at most ``batch_size`` tiles of one slide each, slide after slide in dataset order (the
+    dataset's tiles are grouped by slide)."""
+
+    def __init__(self, slide_of: np.ndarray, batch_size: int) -> None:
+        self.bounds = np.flatnonzero(np.diff(slide_of, prepend=-1, append=-1))  # slide starts, then the end
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for start, stop in zip(self.bounds[:-1], self.bounds[1:]):
+            for first in range(int(start), int(stop), self.batch_size):
+                yield list(range(first, min(first + self.batch_size, int(stop))))
+
+    def __len__(self) -> int:
+        sizes = np.diff(self.bounds)
+        return int(np.sum(-(-sizes // self.batch_size)))
 
 
 class _ReadOrReport(Dataset):
@@ -97,8 +143,31 @@ def _attributes(slide: dict, columns: tuple[str, ...]) -> dict[str, str | None]:
     return {c: (attrs.get(c) or None) for c in columns}
 
 
-def materialize(ws: Workspace, cfg: HistcodeConfig, encoder: str | None = None, slide_ids: list[str] | None = None,
-                tag: str | None = None, progress: bool = True) -> EmbedReport:
+@dataclass
+class ViewPlan:
+    """What a materialisation will do: the view (registered), its slides (catalog rows) and those to embed."""
+
+    ws: Workspace
+    cfg: HistcodeConfig
+    view: FeatureView
+    slides: dict[str, dict]
+    todo: list[str]
+    report: EmbedReport
+
+    def dataset(self, slide_ids: list[str] | None = None) -> TileDataset:
+        """The tiles of ``slide_ids`` (default: every slide to do), grouped by slide, read at the view's size."""
+        return dataset_from_catalog(Catalog.of(self.ws), self.view.spec_id, self.view.image_px,
+                                    slide_ids=self.todo if slide_ids is None else slide_ids)
+
+    def tables(self) -> dict:
+        db = connect(self.ws.lancedb_uri)
+        return {kind: open_table(db, self.view.table(kind)) for kind in (TILE_KIND, SLIDE_KIND)}
+
+
+def plan_view(ws: Workspace, cfg: HistcodeConfig, encoder: str | None = None,
+              slide_ids: list[str] | None = None) -> ViewPlan:
+    """Register the view of ``encoder`` (default features.encoder) and find the slides it lacks: tiled under the
+    current spec, not yet materialised with their current content."""
     fcfg = cfg.features
     catalog, tracker = Catalog.of(ws), Tracker(ws)
     spec_id = spec_id_of(cfg.tiling)
@@ -114,115 +183,246 @@ def materialize(ws: Workspace, cfg: HistcodeConfig, encoder: str | None = None, 
     done = done_slides(catalog, view.view_id)
     todo = [sid for sid, s in slides.items() if done.get(sid) != s["content_hash"]]
     report.outcomes += [EmbedOutcome(sid, "skipped") for sid in slides if sid not in todo]
-    db = connect(ws.lancedb_uri)
-    tables = {kind: open_table(db, view.table(kind)) for kind in (TILE_KIND, SLIDE_KIND)}
     log.info("view %s (%s, spec %s): %d slides to embed, %d done", view.view_id, view.encoder_uri, spec_id,
              len(todo), len(slides) - len(todo))
-    if todo:
-        _embed(tracker, view, cfg, catalog, slides, todo, tables, report, progress)
-    status = "ok" if not report.failed else "partial"
-    set_view_status(catalog, view.view_id, status)
-    report.maintenance = maintain_tables(tables, fcfg, changed=bool(todo), tag=tag)
+    return ViewPlan(ws, cfg, view, slides, todo, report)
+
+
+def finish_view(plan: ViewPlan, tables: dict, changed: bool, tag: str | None) -> EmbedReport:
+    report = plan.report
+    set_view_status(Catalog.of(plan.ws), plan.view.view_id, "ok" if not report.failed else "partial")
+    report.maintenance = maintain_tables(tables, plan.cfg.features, changed=changed, tag=tag)
     report.versions = {kind: t.version for kind, t in tables.items()}
     report.outcomes.sort(key=lambda o: o.slide_id)
     return report
 
 
-def _embed(tracker: Tracker, view: FeatureView, cfg: HistcodeConfig, catalog: Catalog, slides: dict[str, dict],
-           todo: list[str], tables: dict, report: EmbedReport, progress: bool) -> None:
-    fcfg = cfg.features
+def materialize(ws: Workspace, cfg: HistcodeConfig, encoder: str | None = None, slide_ids: list[str] | None = None,
+                tag: str | None = None, progress: bool = True) -> EmbedReport:
+    """Embed, in this process, every slide the view lacks; write and record them as they finish."""
+    plan = plan_view(ws, cfg, encoder, slide_ids)
+    tables = plan.tables()
+    if plan.todo:
+        writer = ViewWriter(plan, tables)
+        clock: dict[str, float] = {}  # throughput counts reading, embedding and writing, not loading the model
+        try:
+            for slide in embed_slides(Tracker(ws), plan.view, cfg.features, plan.dataset(), progress,
+                                      on_start=lambda: clock.setdefault("start", time.perf_counter())):
+                writer.add(slide)
+            writer.flush()
+        finally:
+            plan.report.seconds = time.perf_counter() - clock.get("start", time.perf_counter())
+    return finish_view(plan, tables, changed=bool(plan.todo), tag=tag)
+
+
+def embed_slides(tracker: Tracker, view: FeatureView, fcfg: FeaturesConfig, dataset: TileDataset,
+                 progress: bool = True, on_start: Callable[[], None] | None = None) -> Iterator[SlideVectors]:
+    """Each slide of ``dataset`` embedded with the view's encoder (stain-normalised as the encoder was
+    trained), yielded as soon as its last batch is done. ``on_start`` is called once the model is loaded."""
     device = resolve_device(fcfg.device)
     model = tracker.load_model(view.encoder_uri).to(device)  # an exported graph: already in inference mode
-    dataset = dataset_from_catalog(catalog, view.spec_id, view.image_px, slide_ids=todo)
     tags = resolve_encoder(tracker, view.encoder_uri)[2]  # the encoder's version tags say how it reads tiles
     normalise_dataset(dataset, parse_stain_norm(tags.get("stain_norm")))
-    order = [s.slide_id for s in dataset.slides]
-    counts = np.bincount(dataset.tiles[:, 0], minlength=len(order))
-    vectors: dict[int, list[tuple[int, np.ndarray]]] = {}
-    errors: dict[int, str] = {}
-    pending: list[int] = []
-    started = utcnow()
+    slide_of = dataset.tiles[:, 0]
     workers = resolve_workers(fcfg.num_workers, device)
-    # this process holds Lance handles, and Lance is not fork-safe: reader processes are spawned
-    loader = DataLoader(_ReadOrReport(dataset), batch_size=fcfg.batch_size, shuffle=False, num_workers=workers,
-                        multiprocessing_context="spawn" if workers else None, persistent_workers=False)
+    cuda = device.type == "cuda"
+    # Lance handles may be open in this process, and Lance is not fork-safe: reader processes are spawned
+    batches = SlideBatches(slide_of, fcfg.batch_size)
+    loader = DataLoader(_ReadOrReport(dataset), batch_sampler=batches,
+                        num_workers=workers, multiprocessing_context="spawn" if workers else None,
+                        persistent_workers=False, pin_memory=cuda)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) \
+        if cuda and fcfg.amp else None
     bar = tqdm(total=len(dataset), desc=f"embed {view.view_id}", unit="tile", disable=not progress)
-    start = time.perf_counter()  # throughput counts reading, embedding and writing, not loading the model
+    if on_start:
+        on_start()
+    current, parts, error = -1, [], None
+    rows_of = {int(slide_of[a]): (int(a), int(b)) for a, b in zip(batches.bounds[:-1], batches.bounds[1:])}
+
+    def finished() -> SlideVectors:
+        rows = np.arange(*rows_of[current])
+        source = dataset.slides[current]
+        vectors = None if error else np.concatenate(parts).astype(np.float32, copy=False)
+        return SlideVectors(source.slide_id, [dataset.tile_ids[i] for i in rows], dataset.tiles[rows, 1],
+                            dataset.tiles[rows, 2], source.size, vectors, error)
+
     try:
-        for index, pixels, error in loader:
-            with torch.inference_mode():
-                out = model(pixels.to(device).float() / 255.0).float().cpu().numpy()
-            for i, vec, err in zip(index.tolist(), out, error):
-                slide = int(dataset.tiles[i, 0])
-                if err:
-                    errors.setdefault(slide, err)
-                vectors.setdefault(slide, []).append((i, vec))
-                if len(vectors[slide]) == counts[slide]:
-                    pending.append(slide)
-            if len(pending) >= fcfg.commit_every_slides:
-                _flush(view, dataset, slides, order, pending, vectors, errors, tables, catalog, report, started)
+        for index, pixels, errors in loader:
+            slide = int(slide_of[int(index[0])])
+            if slide != current:
+                if current >= 0:
+                    yield finished()
+                current, parts, error = slide, [], None
+            error = error or next((e for e in errors if e), None)
+            x = pixels.to(device, non_blocking=cuda)
+            if cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode(), (amp or contextlib.nullcontext()):
+                out = model(x.float() / 255.0)
+            parts.append(out.float().cpu().numpy())
             bar.update(len(index))
-        _flush(view, dataset, slides, order, pending, vectors, errors, tables, catalog, report, started)
+        if current >= 0:
+            yield finished()
     finally:
-        report.seconds = time.perf_counter() - start
         bar.close()
         dataset.close()
 
 
-def _flush(view: FeatureView, dataset: TileDataset, slides: dict[str, dict], order: list[str], pending: list[int],
-           vectors: dict, errors: dict, tables: dict, catalog: Catalog, report: EmbedReport, started) -> None:
-    """Write the finished slides: tiles and slide vectors (one commit per table), then their ledger rows."""
-    if not pending:
-        return
-    good = [s for s in pending if s not in errors]
-    ledger = []
-    for s in pending:
-        if s in errors:
-            sid = order[s]
-            log.warning("%s: not embedded: %s", sid, errors[s])
-            report.outcomes.append(EmbedOutcome(sid, "failed", reason=errors[s]))
-            ledger.append({"slide_id": sid, "content_hash": slides[sid]["content_hash"], "rows": 0, "status": "failed",
-                           "error": errors[s], "started_at": started})
-    if good:
-        tile_cols: dict[str, list] = {k: [] for k in ("tile_id", "slide_id", "patient_id", "x", "y", "size", "vector")}
-        slide_cols: dict[str, list] = {k: [] for k in ("slide_id", "patient_id", "n_tiles", "vector")}
+class ViewWriter:
+    """Writes finished slides into the view's tables ``commit_every_slides`` at a time (one commit per table),
+    then their ledger rows; a failed slide gets its ledger row with the reason and no vectors."""
+
+    def __init__(self, plan: ViewPlan, tables: dict) -> None:
+        self.plan, self.tables = plan, tables
+        self.pending: list[SlideVectors] = []
+        self.started = utcnow()
+
+    def add(self, slide: SlideVectors) -> None:
+        self.pending.append(slide)
+        if len(self.pending) >= self.plan.cfg.features.commit_every_slides:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        plan, view, report = self.plan, self.plan.view, self.plan.report
+        ledger = []
+        good = [s for s in self.pending if s.error is None]
+        for s in self.pending:
+            if s.error is not None:
+                log.warning("%s: not embedded: %s", s.slide_id, s.error)
+                report.outcomes.append(EmbedOutcome(s.slide_id, "failed", reason=s.error))
+                ledger.append({"slide_id": s.slide_id, "content_hash": plan.slides[s.slide_id]["content_hash"],
+                               "rows": 0, "status": "failed", "error": s.error, "started_at": self.started})
+        if good:
+            tile_version = self._write(good)
+            failpoint("embed.committed")  # vectors written, ledger not yet: a rerun rewrites them in place
+            for s in good:
+                n = len(s.tile_ids)
+                report.outcomes.append(EmbedOutcome(s.slide_id, "embedded", n))
+                report.tiles_embedded += n
+                ledger.append({"slide_id": s.slide_id, "content_hash": plan.slides[s.slide_id]["content_hash"],
+                               "rows": n, "status": "ok", "lance_version": tile_version, "started_at": self.started})
+        record_materializations(Catalog.of(plan.ws), view.view_id, ledger)
+        self.pending = []
+
+    def _write(self, good: list[SlideVectors]) -> int:
+        view = self.plan.view
+        tile_cols: dict[str, list] = {k: [] for k in ("tile_id", "slide_id", "patient_id", "x", "y", "size")}
+        slide_cols: dict[str, list] = {k: [] for k in ("slide_id", "patient_id", "n_tiles")}
         attrs = {c: [] for c in view.attribute_columns}
         tile_attrs = {c: [] for c in view.attribute_columns}
         for s in good:
-            sid = order[s]
-            rows = sorted(vectors[s], key=lambda r: r[0])
-            idx = [r[0] for r in rows]
-            vecs = np.stack([r[1] for r in rows])
-            meta = slides[sid]
+            meta = self.plan.slides[s.slide_id]
             a = _attributes(meta, view.attribute_columns)
-            tile_cols["tile_id"] += [dataset.tile_ids[i] for i in idx]
-            tile_cols["slide_id"] += [sid] * len(idx)
-            tile_cols["patient_id"] += [meta["patient_id"]] * len(idx)
-            tile_cols["x"] += dataset.tiles[idx, 1].tolist()
-            tile_cols["y"] += dataset.tiles[idx, 2].tolist()
-            tile_cols["size"] += [dataset.slides[s].size] * len(idx)
-            tile_cols["vector"].append(vecs)
+            n = len(s.tile_ids)
+            tile_cols["tile_id"] += s.tile_ids
+            tile_cols["slide_id"] += [s.slide_id] * n
+            tile_cols["patient_id"] += [meta["patient_id"]] * n
+            tile_cols["x"] += s.x.tolist()
+            tile_cols["y"] += s.y.tolist()
+            tile_cols["size"] += [s.size] * n
             for c in view.attribute_columns:
-                tile_attrs[c] += [a[c]] * len(idx)
+                tile_attrs[c] += [a[c]] * n
                 attrs[c].append(a[c])
-            slide_cols["slide_id"].append(sid)
+            slide_cols["slide_id"].append(s.slide_id)
             slide_cols["patient_id"].append(meta["patient_id"])
-            slide_cols["n_tiles"].append(len(idx))
-            slide_cols["vector"].append(vecs.mean(axis=0))
-        tile_cols["vector"] = np.concatenate(tile_cols["vector"])
-        slide_cols["vector"] = np.stack(slide_cols["vector"])
-        sids = [order[s] for s in good]
-        tile_version = upsert_slides(tables[TILE_KIND], view.table(TILE_KIND), to_batch(view.table(TILE_KIND), {**tile_cols, **tile_attrs}), sids)
-        upsert_slides(tables[SLIDE_KIND], view.table(SLIDE_KIND), to_batch(view.table(SLIDE_KIND), {**slide_cols, **attrs}), sids)
-        failpoint("embed.committed")  # vectors written, ledger not yet: a rerun rewrites them in place
-        for s in good:
-            sid = order[s]
-            n = len(vectors[s])
-            report.outcomes.append(EmbedOutcome(sid, "embedded", n))
-            report.tiles_embedded += n
-            ledger.append({"slide_id": sid, "content_hash": slides[sid]["content_hash"], "rows": n, "status": "ok",
-                           "lance_version": tile_version, "started_at": started})
-    record_materializations(catalog, view.view_id, ledger)
-    for s in pending:
-        vectors.pop(s, None)
-    pending.clear()
+            slide_cols["n_tiles"].append(n)
+        tile_cols["vector"] = np.concatenate([s.vectors for s in good])
+        slide_cols["vector"] = np.stack([s.vectors.mean(axis=0) for s in good])
+        sids = [s.slide_id for s in good]
+        tiles, slides = view.table(TILE_KIND), view.table(SLIDE_KIND)
+        version = upsert_slides(self.tables[TILE_KIND], tiles, to_batch(tiles, {**tile_cols, **tile_attrs}), sids)
+        upsert_slides(self.tables[SLIDE_KIND], slides, to_batch(slides, {**slide_cols, **attrs}), sids)
+        return version
+
+
+# -- fan-out over workers ---------------------------------------------------------------------------------
+@dataclass
+class StagedShard:
+    """What one worker embedded: its slides' vectors staged under ``folder`` (Arrow IPC, one file per slide)."""
+
+    folder: str
+    slide_ids: list[str]
+    tiles: int
+    seconds: float
+
+
+def shards(dataset: TileDataset, workers: int) -> list[TileDataset]:
+    """``dataset`` cut into at most ``workers`` datasets of consecutive whole slides with about equal tile
+    counts (a worker estimates its own slides' stains: an estimate depends on its slide alone)."""
+    slide_of = dataset.tiles[:, 0]
+    counts = np.bincount(slide_of, minlength=len(dataset.slides))
+    cut = np.searchsorted(np.cumsum(counts), np.arange(1, workers) * counts.sum() / workers, side="left") + 1
+    groups = [g for g in np.split(np.arange(len(dataset.slides)), np.unique(np.clip(cut, 1, len(counts)))) if len(g)]
+    out = []
+    for group in groups:
+        rows = np.flatnonzero(np.isin(slide_of, group))
+        tiles = dataset.tiles[rows].copy()
+        tiles[:, 0] -= group[0]  # slide indices into this shard's own slide list
+        out.append(TileDataset([dataset.slides[i] for i in group], tiles, dataset.tile_px, dataset.open_readers,
+                               [dataset.tile_ids[i] for i in rows]))
+    return out
+
+
+def _staged_table(slide: SlideVectors) -> pa.Table:
+    n = len(slide.tile_ids)
+    vectors = slide.vectors if slide.vectors is not None else np.zeros((0, 0), dtype=np.float32)
+    dim = vectors.shape[1] if vectors.size else 0
+    values = pa.array(vectors.reshape(-1), pa.float32())
+    column = pa.FixedSizeListArray.from_arrays(values, dim) if slide.error is None else pa.nulls(n, pa.null())
+    meta = {"slide_id": slide.slide_id, "size": str(slide.size), "error": slide.error or ""}
+    return pa.table({"tile_id": slide.tile_ids, "x": slide.x, "y": slide.y, "vector": column}).replace_schema_metadata(meta)
+
+
+def _read_staged(path: Path) -> SlideVectors:
+    with pa.memory_map(str(path)) as source:
+        table = pa.ipc.open_file(source).read_all()
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    error = meta["error"] or None
+    vectors = None
+    if error is None:
+        column = table.column("vector").combine_chunks()
+        vectors = column.values.to_numpy(zero_copy_only=False).reshape(len(table), -1).astype(np.float32)
+    return SlideVectors(meta["slide_id"], table.column("tile_id").to_pylist(), table.column("x").to_numpy(),
+                        table.column("y").to_numpy(), int(meta["size"]), vectors, error)
+
+
+def embed_shard(ws: Workspace, cfg: HistcodeConfig, view: FeatureView, dataset: TileDataset, folder: Path,
+                progress: bool = False) -> StagedShard:
+    """A worker's part: embed ``dataset``'s slides and stage each under ``folder`` (written to a temporary name,
+    then renamed, so a staged file is always whole). Touches neither the view's tables nor the catalog."""
+    folder.mkdir(parents=True, exist_ok=True)
+    start, tiles, ids = time.perf_counter(), 0, []
+    for slide in embed_slides(Tracker(ws), view, cfg.features, dataset, progress):
+        table = _staged_table(slide)
+        tmp = folder / f".{slide.slide_id}.arrow.tmp"
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as out:
+            out.write_table(table)
+        tmp.replace(folder / f"{slide.slide_id}.arrow")
+        tiles += len(slide.tile_ids)
+        ids.append(slide.slide_id)
+    return StagedShard(str(folder), ids, tiles, time.perf_counter() - start)
+
+
+def commit_shards(plan: ViewPlan, staged: list[StagedShard], tag: str | None = None,
+                  seconds: float | None = None) -> EmbedReport:
+    """The coordinator's part: write every staged slide through ``ViewWriter`` (in slide order, so the commits
+    are those of one process), record the ledger, keep the tables, remove the staging folders. Slides of the
+    plan that no shard staged (a lost worker) are failed with that reason and done by the next run."""
+    tables = plan.tables()
+    writer = ViewWriter(plan, tables)
+    files = {p.stem: p for shard in staged for p in Path(shard.folder).glob("*.arrow")}
+    for sid in sorted(plan.todo):
+        if sid in files:
+            writer.add(_read_staged(files[sid]))
+        else:
+            writer.add(SlideVectors(sid, [], np.zeros(0, np.int64), np.zeros(0, np.int64), 0, None,
+                                    "no worker staged this slide (its shard failed: see the flow's logs)"))
+    writer.flush()
+    plan.report.workers = max(1, len(staged))
+    plan.report.seconds = seconds if seconds is not None else max((s.seconds for s in staged), default=0.0)
+    report = finish_view(plan, tables, changed=bool(plan.todo), tag=tag)
+    for shard in staged:
+        shutil.rmtree(shard.folder, ignore_errors=True)
+    return report

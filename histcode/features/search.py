@@ -29,8 +29,9 @@ from histcode.features.retrieval import (
     cosine_distances,
     ranked,
     replace_vectors,
+    vector_matrix,
 )
-from histcode.features.upkeep import has_vector_index
+from histcode.features.upkeep import vector_index_type
 from histcode.store.vectors import SLIDE_KIND, TILE_KIND, quote_literal
 from histcode.tracking import Tracker
 from histcode.workspace import Workspace
@@ -119,21 +120,86 @@ def _ranked_table(hits: pa.Table, distance: np.ndarray) -> pa.Table:
     return hits.add_column(0, "rank", pa.array(np.arange(1, hits.num_rows + 1, dtype=np.int32)))
 
 
-def nearest(table, vector: np.ndarray, k: int, where: str | None, cfg: FeaturesConfig) -> pa.Table:
-    """The k rows of a Lance table nearest to ``vector`` by cosine distance, ranked, without the vectors."""
-    query = table.search(np.asarray(vector, dtype=np.float32), vector_column_name="vector").distance_type("cosine").limit(k)
-    if where:
-        query = query.where(where, prefilter=True)
-    if has_vector_index(table):
-        query = query.nprobes(cfg.nprobes)
+class TileSearcher:
+    """Nearest-neighbour search over one Lance table, holding its dataset handle and index type (opened once:
+    reopening a dataset and listing its indices cost more than a query at 1M rows, measured in
+    benchmarks/search.py), so a long-lived process such as a viewer answers queries at the index's own speed.
+
+    Cosine distance on the raw vectors. With an ANN index, ``nprobes`` partitions are searched (and ``hnsw_ef``
+    candidates kept per partition by IVF_HNSW_SQ), then ``refine_factor`` x k re-ranked on the stored vectors.
+    A filter (``where``, applied before the search) that leaves fewer than ``index_min_rows`` rows is answered
+    exactly over those rows instead: an index probed for a few slides misses neighbours that a flat scan of
+    them finds at once.
+
+    Hits carry every column but the vector and ``size``: a tile's side in level-0 pixels is one value per
+    slide, and Lance reads a column that holds one value throughout (every 20x cohort's ``size``) ~6 ms slower
+    per query than any other (measured at 1M rows: 6.6 ms for ``size`` against 0.6 ms for ``x``); ``with_sizes``
+    adds it, once per slide, where it is wanted."""
+
+    def __init__(self, table, cfg: FeaturesConfig) -> None:
+        self.dataset = table.to_lance()
+        self.kind = vector_index_type(table)
+        self.cfg = cfg
+        self.columns = [f.name for f in self.dataset.schema if f.name not in ("vector", "size")] + ["_distance"]
+        self._sizes: dict[str, int] = {}
+
+    def selective(self, where: str | None) -> bool:
+        """Whether ``where`` leaves so few rows (fewer than ``index_min_rows``) that they are searched exactly."""
+        return bool(where) and self.dataset.count_rows(filter=where) < self.cfg.index_min_rows
+
+    def query(self, vector: np.ndarray, k: int, where: str | None) -> dict:
+        """Lance's nearest-neighbour query: through the index if there is one, else a flat scan."""
+        cfg = self.cfg
+        query: dict = {"column": "vector", "q": np.asarray(vector, dtype=np.float32), "k": k, "metric": "cosine"}
+        if self.kind is None:
+            query["use_index"] = False
+            return query
+        query["nprobes"] = cfg.nprobes
         if cfg.refine_factor:
-            query = query.refine_factor(cfg.refine_factor)
-    try:
-        hits = query.to_arrow()
-    except Exception as exc:  # lance reports filter errors as several exception types
-        raise SearchError(f"search failed (check the filter {where!r}): {exc}") from exc
-    hits = hits.drop_columns([c for c in ("vector",) if c in hits.column_names])
-    hits = hits.rename_columns(["distance" if c == "_distance" else c for c in hits.column_names])
-    hits = hits.sort_by("distance")
-    ranks = pa.array(np.arange(1, hits.num_rows + 1, dtype=np.int32))
-    return hits.add_column(0, "rank", ranks)
+            query["refine_factor"] = cfg.refine_factor
+        if self.kind.startswith("IvfHnsw") and cfg.hnsw_ef:
+            query["ef"] = max(cfg.hnsw_ef, k * (cfg.refine_factor or 1))  # HNSW needs ef >= the candidates asked
+        return query
+
+    def nearest(self, vector: np.ndarray, k: int, where: str | None = None) -> pa.Table:
+        """The k rows nearest to ``vector``, ranked (``rank``, ``distance``), without the vectors and sizes."""
+        try:
+            if self.selective(where):
+                hits = self._exact(vector, k, where)
+            else:
+                hits = self.dataset.to_table(columns=self.columns, filter=where, prefilter=bool(where),
+                                             nearest=self.query(vector, k, where))
+        except Exception as exc:  # lance reports filter errors as several exception types
+            raise SearchError(f"search failed (check the filter {where!r}): {exc}") from exc
+        hits = hits.rename_columns(["distance" if c == "_distance" else c for c in hits.column_names])
+        hits = hits.sort_by("distance")
+        ranks = pa.array(np.arange(1, hits.num_rows + 1, dtype=np.int32))
+        return hits.add_column(0, "rank", ranks)
+
+    def _exact(self, vector: np.ndarray, k: int, where: str) -> pa.Table:
+        """Exact search over the rows ``where`` selects, read through the scalar indices (a flat Lance scan with
+        a filter reads every vector of the table: 3 s at 1M x 512)."""
+        rows = self.dataset.to_table(columns=self.columns[:-1] + ["vector"], filter=where)
+        if rows.num_rows == 0:
+            return rows.drop_columns(["vector"]).append_column("_distance", pa.array([], pa.float32()))
+        distance = cosine_distances(vector, vector_matrix(rows))[0]
+        top = ranked(distance, k)
+        return rows.take(pa.array(top)).drop_columns(["vector"]).append_column(
+            "_distance", pa.array(distance[top], pa.float32()))
+
+    def with_sizes(self, hits: pa.Table) -> pa.Table:
+        """``hits`` with their ``size`` column (read once per slide through the slide_id index, then kept)."""
+        missing = sorted(set(hits.column("slide_id").to_pylist()) - set(self._sizes))
+        for sid in missing:
+            row = self.dataset.to_table(columns=["size"], filter=f"slide_id = {quote_literal(sid)}", limit=1)
+            self._sizes[sid] = int(row.column("size")[0].as_py())
+        sizes = pa.array([self._sizes[s] for s in hits.column("slide_id").to_pylist()], pa.int32())
+        at = hits.column_names.index("y") + 1 if "y" in hits.column_names else hits.num_columns
+        return hits.add_column(at, "size", sizes)
+
+
+def nearest(table, vector: np.ndarray, k: int, where: str | None, cfg: FeaturesConfig) -> pa.Table:
+    """One query: the k rows of a Lance table nearest to ``vector`` by cosine distance, with their sizes (see
+    ``TileSearcher``)."""
+    searcher = TileSearcher(table, cfg)
+    return searcher.with_sizes(searcher.nearest(vector, k, where))

@@ -23,17 +23,33 @@ log = logging.getLogger(__name__)
 
 
 def index_config(cfg: FeaturesConfig, rows: int, dim: int):
-    from lancedb.index import IvfHnswSq, IvfPq
+    """The ANN index of ``cfg``: IVF with HNSW graphs per partition on 8-bit scalar-quantised (IVF_HNSW_SQ, 1 B per
+    dimension) or full vectors (IVF_HNSW_FLAT, 4 B), product-quantised codes (IVF_PQ), or exact scans of the
+    probed partitions (IVF_FLAT)."""
+    from lancedb.index import IvfFlat, IvfHnswFlat, IvfHnswSq, IvfPq
 
-    partitions = cfg.index_partitions or max(1, min(4096, int(math.sqrt(rows))))
+    partitions = cfg.index_partitions or max(1, min(4096, round(cfg.index_partition_scale * math.sqrt(rows))))
     if cfg.index_type == "IVF_PQ":
-        sub = next(d for d in (dim // 16, dim // 8, dim // 4, dim // 2, 1) if d >= 1 and dim % d == 0)
+        width = cfg.index_subvector_dims  # dimensions per PQ sub-vector: one byte codes each
+        sub = next(d for d in (dim // width, dim // (2 * width), dim // (4 * width), 1) if d >= 1 and dim % d == 0)
         return IvfPq(distance_type="cosine", num_partitions=partitions, num_sub_vectors=sub)
+    if cfg.index_type == "IVF_HNSW_FLAT":
+        return IvfHnswFlat(distance_type="cosine", num_partitions=partitions)
+    if cfg.index_type == "IVF_FLAT":
+        return IvfFlat(distance_type="cosine", num_partitions=partitions)
     return IvfHnswSq(distance_type="cosine", num_partitions=partitions)
 
 
+def vector_index_type(table) -> str | None:
+    """The type of the table's vector index (``IvfHnswSq``, ``IvfPq``, ...), or None without one."""
+    for ix in table.list_indices():
+        if "vector" in list(getattr(ix, "columns", [])):
+            return str(ix.index_type)
+    return None
+
+
 def has_vector_index(table) -> bool:
-    return any("vector" in list(getattr(ix, "columns", [])) for ix in table.list_indices())
+    return vector_index_type(table) is not None
 
 
 def unindexed_rows(table) -> int:

@@ -30,14 +30,23 @@ class LoadedHead:
     model: object
     classified_genes: tuple[str, ...] = ()  # DE: genes with large enough classes (the gate's exclusions left out)
 
-    def __call__(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _run(self, features: np.ndarray) -> tuple:
         with torch.no_grad():
-            out, att = self.model(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)))
-        return out.numpy(), att.numpy()
+            return self.model(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)))
+
+    def __call__(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = self._run(features)
+        return out[0].numpy(), out[1].numpy()
 
     def tile_scores(self, features: np.ndarray) -> np.ndarray:
-        """DE heads: each tile's predicted log2FC per gene, from the tile alone (a bag of one): (n, genes)."""
-        return np.stack([self(features[i:i + 1])[0][:, 0] for i in range(len(features))])
+        """Each tile scored alone (as a bag of one), all tiles in one pass: class probabilities (n, classes), or
+        for DE heads each tile's predicted log2FC per gene (n, genes). Heads registered before the per-tile
+        output existed (their export returns two tensors) are run once per tile."""
+        out = self._run(features)
+        if len(out) > 2:
+            return out[2].numpy()
+        single = [self(features[i:i + 1])[0] for i in range(len(features))]
+        return np.stack([o[:, 0] if self.task == "de" else o for o in single])
 
 
 def load_head(tracker: Tracker, task: str, alias: str = "best") -> LoadedHead:

@@ -73,6 +73,12 @@ class MeanPoolLinear(nn.Module):
         probs = torch.softmax(self.de_weight @ z + self.de_bias, dim=-1)  # NaN rows stay NaN
         return torch.cat([fc[:, None], probs], dim=1), attention
 
+    def tile_scores(self, bag: torch.Tensor) -> torch.Tensor:
+        """Each tile alone (the mean of a bag of one): class probabilities, or per gene the log2FC (n, genes)."""
+        z = (bag - self.mean) / self.scale
+        out = z @ self.weight.T + self.bias
+        return out if self.de else torch.softmax(out, dim=-1)
+
 
 class Standardised(nn.Module):
     """A torch head whose inputs are standardised first: (bag - mean) / scale, then the head; its ``loss`` and
@@ -156,8 +162,10 @@ def fit_head(kind, aggregator: str, train: list[tuple[np.ndarray, object]], val:
     best, best_state, stale, epoch = float("inf"), copy.deepcopy(model.state_dict()), 0, 0
     for epoch in range(1, cfg.epochs + 1):
         model.train()
-        for i in epoch_order(rng, len(train), classes, cfg.balanced_sampling):
-            loss = kind.loss(model, *train[i])
+        order = epoch_order(rng, len(train), classes, cfg.balanced_sampling)
+        for start in range(0, len(order), cfg.bags_per_step):  # bags differ in length: their losses are averaged
+            step = order[start:start + cfg.bags_per_step]
+            loss = sum(kind.loss(model, *train[i]) for i in step) / len(step)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -8,7 +8,11 @@
 - ``MaxInstance``: every tile classified, the slide scored by its most confident tile (max pooling).
 - ``MultiTaskDE``: the same attention backbone predicting, for every panel gene, log2FC (regression) and
   up/down/unchanged (classification) from one slide vector.
-Every forward takes one bag (n_tiles, in_dim) and returns (outputs, attention over the n tiles).
+Every forward takes one bag (n_tiles, in_dim) and returns (outputs, attention over the n tiles); every
+``tile_scores`` takes the same bag and returns each tile's outputs as if it were a bag of one, for all tiles in
+one batched pass (n_tiles, outputs): class probabilities, or per gene the predicted log2FC. ``WithTileScores``
+is the module that is exported and registered: its forward returns both, so a loaded head scores every tile of
+a slide in one call.
 """
 
 from __future__ import annotations
@@ -78,6 +82,10 @@ class CLAMSingleBranch(_AttentionBackbone):
                 total = total + F.cross_entropy(classifier(h[top]), torch.zeros(k_out, dtype=torch.long, device=h.device))
         return total / len(self.instance_classifiers) if self.subtyping else total
 
+    def tile_scores(self, bag: torch.Tensor) -> torch.Tensor:
+        """Each tile's class probabilities from its own features (a bag of one attends to its only tile)."""
+        return torch.softmax(self.classifier(self.fc(bag)), dim=-1)
+
     def loss(self, bag: torch.Tensor, label: int) -> torch.Tensor:
         h, a, v = self.pool(bag)
         bag_loss = F.cross_entropy(self.classifier(v)[None], torch.tensor([label], device=bag.device))
@@ -97,6 +105,9 @@ class MaxInstance(nn.Module):
         best = torch.argmax(margin)
         attention = torch.zeros_like(margin).scatter(0, best[None], 1.0)
         return torch.softmax(logits[best], dim=-1), attention
+
+    def tile_scores(self, bag: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.net(bag), dim=-1)
 
     def loss(self, bag: torch.Tensor, label: int) -> torch.Tensor:
         probs, _ = self(bag)
@@ -136,3 +147,15 @@ class MultiTaskDE(_AttentionBackbone):
         used = classes >= 0
         cls = F.nll_loss(torch.log(out[used, 1:].clamp_min(1e-8)), classes[used]) if used.any() else out.sum() * 0
         return reg + cls
+
+
+class WithTileScores(nn.Module):
+    """The exported form of a head: bag -> (outputs, attention, per-tile scores)."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out, attention = self.head(bag)
+        return out, attention, self.head.tile_scores(bag)

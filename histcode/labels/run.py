@@ -47,6 +47,7 @@ class LabelSet:
     excluded_genes: dict[str, str] = field(default_factory=dict)
     problems: dict[str, str] = field(default_factory=dict)
     cohorts: list[str] = field(default_factory=list)  # the training cohorts whose slides were labelled
+    reused: bool = False  # the current label set already had exactly these inputs: nothing was written
 
 
 def frames_dir(ws: Workspace) -> Path:
@@ -103,13 +104,23 @@ def write_frames(frames: dict[str, pd.DataFrame], target: Path) -> None:
 
 
 def ingest_labels(ws: Workspace, cfg: HistcodeConfig, expression: Path | None = None,
-                  sample_sheet: Path | None = None) -> LabelSet:
+                  sample_sheet: Path | None = None, force: bool = False) -> LabelSet:
+    """Label the training cohorts' tiled slides from the expression matrix and make that the current label set
+    (gate pending). Unless ``force``, a current label set of exactly these inputs (file contents, sample sheet,
+    labels config, slides) whose frames are on disk is kept as it is, gate status included, and returned
+    (``reused``): every door (the demo, the flow, `dvc repro`) then does no work on unchanged labels."""
     lcfg = cfg.labels
     path = expression or ws.path(lcfg.expression)
     sheet_path = sample_sheet or (ws.path(lcfg.sample_sheet) if lcfg.sample_sheet else None)
     catalog = Catalog.of(ws)
     cohorts = catalog.training_cohorts(cfg.cohorts.train)
     slides = catalog.tiled_slides(spec_id_of(cfg.tiling), cohorts)
+    if not force and path.is_file():
+        current = current_label_set(catalog)
+        version = _label_version(path, sheet_path, lcfg, slides)
+        if current is not None and current["label_version"] == version and (frames_dir(ws) / "genes.parquet").is_file():
+            log.info("label set %s is up to date (gate %s)", version, current["gate_status"])
+            return _stored_label_set(catalog, current, frames_dir(ws), cohorts)
     long = read_matrix(path)
     sheet = read_sample_sheet(sheet_path) if sheet_path else None
     samples = map_samples(sorted(long.sample_id.unique()), slides, sheet)
@@ -152,6 +163,21 @@ def ingest_labels(ws: Workspace, cfg: HistcodeConfig, expression: Path | None = 
     return result
 
 
+def _stored_label_set(catalog: Catalog, current: dict, frames: Path, cohorts: list[str]) -> LabelSet:
+    """The current label set as ingest described it, from the catalog's label tables."""
+    de = pd.DataFrame(catalog.query("SELECT sample_id, de_class, reference FROM de_labels"))
+    genes = catalog.query("SELECT gene, reason FROM gene_gate WHERE NOT included ORDER BY gene")
+    problems = catalog.query("SELECT sample_id, problem FROM expression_samples WHERE problem IS NOT NULL")
+    return LabelSet(
+        label_version=current["label_version"], frames_dir=frames, n_samples=int(current["n_samples"]),
+        n_genes=int(current["n_genes"]), n_patients=int(current["n_patients"]),
+        de_counts={k: int(v) for k, v in de.de_class.value_counts().items()} if len(de) else {},
+        references={k: int(v) for k, v in de.drop_duplicates("sample_id").reference.value_counts().items()} if len(de) else {},
+        excluded_genes={r["gene"]: r["reason"] for r in genes},
+        problems={r["sample_id"]: r["problem"] for r in problems}, cohorts=cohorts, reused=True,
+    )
+
+
 def _label_version(path: Path, sheet_path: Path | None, lcfg, slides: list[dict]) -> str:
     return "ls-" + stable_hash({"file": _sha256(path), "sheet": _sha256(sheet_path), "cfg": lcfg.model_dump(mode="json"),
                                 "slides": sorted(s["slide_id"] + s["content_hash"] for s in slides)}, 12)
@@ -174,24 +200,42 @@ def passed_label_set(ws: Workspace, cfg: HistcodeConfig, expression: Path | None
     return current if current["label_version"] == version else None
 
 
-def gate_labels(ws: Workspace, cfg: HistcodeConfig):
-    """Run the gate on the current label set's frames and record the outcome on it."""
-    from histcode.labels.gate import run_gate
+def gate_labels(ws: Workspace, cfg: HistcodeConfig, force: bool = False):
+    """Run the gate on the current label set's frames and record the outcome on it. A label set the gate has
+    already judged with these gate settings (its frames are rewritten, and its status reset to pending, only by
+    an ingest that changed them) keeps its verdict unless ``force``."""
+    from histcode.labels.gate import GateFailure, GateResult, run_gate
 
     catalog = Catalog.of(ws)
     current = current_label_set(catalog)
     if current is None:
         raise LabelGateError("no label set yet: run `histcode labels ingest` first")
+    settings = _gate_settings(cfg)
+    if not force and current["gate_status"] in (PASSED, FAILED) and current.get("gate_settings") == settings:
+        log.info("label set %s: gate already %s with these settings", current["label_version"], current["gate_status"])
+        failures = [GateFailure(f["frame"], f["expectation"], f["column"], f["count"], f["rows"], f.get("description", ""))
+                    for f in json.loads(current["gate_failures"] or "[]")]
+        excluded = catalog.query("SELECT gene, reason FROM gene_gate WHERE NOT included ORDER BY gene")
+        return GateResult(current["gate_status"] == PASSED, failures, {r["gene"]: r["reason"] for r in excluded},
+                          Path(catalog.real_path(current["data_docs"])) if current["data_docs"] else None)
     result = run_gate(frames_dir(ws), gx_project(ws), cfg.labels)
     failures = [{"frame": f.frame, "expectation": f.expectation, "column": f.column, "count": f.count,
-                 "rows": f.rows[:50], "message": f.message} for f in result.failures]
+                 "rows": f.rows[:50], "description": f.description, "message": f.message} for f in result.failures]
     with catalog.transaction() as con:
         con.execute(
-            "UPDATE label_sets SET gate_status = ?, gate_at = ?, gate_failures = ?, data_docs = ? WHERE label_version = ?",
+            "UPDATE label_sets SET gate_status = ?, gate_at = ?, gate_failures = ?, data_docs = ?, gate_settings = ? "
+            "WHERE label_version = ?",
             [PASSED if result.passed else FAILED, utcnow(), json.dumps(failures), catalog.stored_path(result.docs),
-             current["label_version"]],
+             settings, current["label_version"]],
         )
     return result
+
+
+def _gate_settings(cfg: HistcodeConfig) -> str:
+    """The labels settings the gate's expectations read (a change re-runs the gate on the same frames)."""
+    lcfg = cfg.labels
+    return stable_hash({"min_class_size": lcfg.min_class_size, "max_expression": lcfg.max_expression,
+                        "folds": lcfg.folds}, 12)
 
 
 def current_label_set(catalog: Catalog) -> dict | None:

@@ -6,7 +6,9 @@ resolution; augmentation happens later, on the device, on whole batches.
 
 Order: ``EpochSampler`` draws a permutation of all tiles per epoch from (seed, epoch) -- one global shuffle
 across slides, not batches of one slide as in the paper's code -- and can start at any batch, so a resumed
-run sees exactly the batches the interrupted one would have seen. Under torchrun each process takes a
+run sees exactly the batches the interrupted one would have seen. With ``pretrain.locality_chunk`` > 1 it
+shuffles runs of that many neighbouring tiles instead (locality-aware: a 256 px tile can span four stored
+JPEG tiles, and a reader that reads neighbours one after another decodes each stored tile once). Under torchrun each process takes a
 strided share of every global batch.
 """
 
@@ -124,7 +126,7 @@ class EpochSampler(Sampler[int]):
     processes, each yields its strided share of every global batch."""
 
     def __init__(self, n: int, batch_size: int, seed: int, start_step: int, num_steps: int, rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, chunk: int = 1) -> None:
         if batch_size % world_size:
             raise ValueError(f"batch size {batch_size} is not divisible by {world_size} processes")
         self.steps_per_epoch = n // batch_size
@@ -133,9 +135,16 @@ class EpochSampler(Sampler[int]):
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.start_step, self.num_steps = start_step, num_steps
         self.rank, self.world_size = rank, world_size
+        self.chunk = max(1, chunk)
 
     def permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        """The epoch's order: a permutation of all tiles, or (``chunk`` > 1) of runs of ``chunk`` consecutive
+        tiles (neighbours in a slide's tile rows, which share stored JPEG tiles), each run kept in read order."""
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.chunk == 1:
+            return rng.permutation(self.n)
+        starts = rng.permutation(np.arange(0, self.n, self.chunk))
+        return np.concatenate([np.arange(s, min(s + self.chunk, self.n)) for s in starts])
 
     def __iter__(self) -> Iterator[int]:
         cached_epoch, perm = -1, None

@@ -60,6 +60,12 @@ class PretrainResult:
     def final_loss(self) -> float | None:
         return self.history[-1].loss if self.history else None
 
+    @property
+    def img_per_s(self) -> float | None:
+        """Mean throughput, the first (warm-up) step left out."""
+        rates = [h.img_per_s for h in self.history[1:]] or [h.img_per_s for h in self.history]
+        return round(sum(rates) / len(rates), 2) if rates else None
+
 
 @dataclass
 class PretrainingData:
@@ -222,7 +228,7 @@ def _finish(result: PretrainResult, tracker: Tracker, encoder: Encoder, pcfg: Pr
     write_json(result.checkpoint.parent / DONE, {
         "run_id": run_id, "method": result.method, "steps": result.steps, "version": result.version,
         "model_uri": result.model_uri, "final_loss": result.final_loss, "probe": result.probe,
-        "data_version": version,
+        "img_per_s": result.img_per_s, "data_version": version,
     })
 
 

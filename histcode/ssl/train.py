@@ -1,4 +1,5 @@
-"""The contrastive training loop: SGD with warm-up and cosine decay, AMP on CUDA, checkpoints, exact resume.
+"""The contrastive training loop: SGD with warm-up and cosine decay, AMP and channels-last on CUDA (the loss
+read back only at logged or checkpointed steps there), checkpoints, exact resume.
 
 Randomness of step s (its augmentations) is drawn after ``torch.manual_seed(f(seed, s))`` and its batch comes
 from ``EpochSampler``, so step s is a pure function of (seed, s, state before s): a run resumed from a
@@ -83,6 +84,7 @@ class Trainer:
         if cfg.amp and device.type == "cuda":
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.channels_last = device.type == "cuda" and cfg.amp  # convolutions in NHWC under autocast
         self.step = 0
         self.extra: dict = {}  # caller's metadata kept in every checkpoint (e.g. the MLflow run id)
 
@@ -118,11 +120,13 @@ class Trainer:
     # -- data ----------------------------------------------------------------------------------------------
     def loader(self, start: int, num: int, seed: int | None = None) -> DataLoader:
         sampler = EpochSampler(len(self.dataset), self.cfg.batch_size, self.cfg.seed if seed is None else seed,
-                               start, num, self.rank, self.world_size)
+                               start, num, self.rank, self.world_size, self.cfg.locality_chunk)
         workers = resolve_workers(self.cfg.num_workers, self.device)
+        # spawned readers open their own slide handles; fork is unsafe once Lance or CUDA threads exist here
         return DataLoader(self.dataset, batch_size=self.cfg.batch_size // self.world_size, sampler=sampler,
                           num_workers=workers, pin_memory=self.device.type == "cuda", drop_last=False,
-                          prefetch_factor=4 if workers else None, persistent_workers=False)
+                          prefetch_factor=4 if workers else None, persistent_workers=False,
+                          multiprocessing_context="spawn" if workers else None)
 
     def init_bank(self) -> None:
         """AdCo: fill the bank before the first step. ``bank_init: train`` is the authors' ``init_memory``: for
@@ -176,6 +180,8 @@ class Trainer:
             torch.manual_seed(step_seed(self.cfg.seed, self.step))
             x = batch.to(self.device, non_blocking=True)
             v1, v2 = self.augment(x)
+            if self.channels_last:
+                v1, v2 = (v.contiguous(memory_format=torch.channels_last) for v in (v1, v2))
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 loss = self.model(v1, v2)
             self.optimizer.zero_grad(set_to_none=True)
@@ -186,11 +192,16 @@ class Trainer:
             self.scheduler.step()
             self.method.after_step()
             self.step += 1
+            window_imgs += global_batch
+            logging_now = self.step % self.cfg.log_every == 0 or self.step == self.steps
+            saving_now = self.rank == 0 and (self.step % self.cfg.checkpoint_every == 0 or self.step == self.steps)
+            if not (logging_now or saving_now or self.device.type == "cpu"):
+                bar.update()
+                continue  # on a GPU the loss is read (a host sync) only when it is logged or checkpointed
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise TrainingDiverged(f"loss is {value} at step {self.step}; lower pretrain.lr or check the data")
-            window_imgs += global_batch
-            if self.step % self.cfg.log_every == 0 or self.step == self.steps:
+            if logging_now:
                 elapsed = time.perf_counter() - window_start
                 entry = StepLog(self.step, value, lr, window_imgs / max(elapsed, 1e-9))
                 history.append(entry)
@@ -198,7 +209,7 @@ class Trainer:
                     on_log(entry)
                 window_start, window_imgs = time.perf_counter(), 0
                 bar.set_postfix(loss=f"{value:.3f}", img_s=f"{entry.img_per_s:.0f}", refresh=False)
-            if self.rank == 0 and (self.step % self.cfg.checkpoint_every == 0 or self.step == self.steps):
+            if saving_now:
                 self.save()
                 failpoint("pretrain.checkpoint")
             bar.update()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 TABLES: dict[str, str] = {
     "meta": """
@@ -142,7 +142,8 @@ TABLES: dict[str, str] = {
             gate_status VARCHAR,
             gate_at TIMESTAMP,
             gate_failures JSON,
-            data_docs VARCHAR
+            data_docs VARCHAR,
+            gate_settings VARCHAR
         )""",
     "expression": """
         CREATE TABLE IF NOT EXISTS expression (sample_id VARCHAR, gene VARCHAR, value DOUBLE)""",
@@ -183,6 +184,8 @@ MIGRATIONS: dict[int, list[str]] = {
         TABLES["cohorts"],
         "INSERT INTO cohorts SELECT DISTINCT cohort, 'training', now() FROM slides "
         "WHERE cohort NOT IN (SELECT cohort FROM cohorts)"],
+    # the gate settings a verdict was reached with (a verdict without them is judged again once)
+    6: ["ALTER TABLE label_sets ADD COLUMN IF NOT EXISTS gate_settings VARCHAR"],
 }
 
 # Tables whose rows derive from a slide's pixels: cleared when the slide's content changes.
