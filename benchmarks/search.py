@@ -108,17 +108,26 @@ def parse_grid(entries: list[str]) -> list[tuple[str, float, int]]:
 
 
 def write_params(path: Path, best: dict) -> None:
-    """Set the chosen keys in the ``features`` section of a params.yaml, keeping its comments."""
-    text = path.read_text()
+    """Set the chosen keys in the ``features`` section of a params.yaml, keeping its comments where they were."""
+    lines = path.read_text().splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.startswith("features:")), None)
+    if start is None:
+        raise SystemExit(f"{path}: no features section")
     for key, value in best.items():
         rendered = "null" if value is None else str(value)
-        pattern = re.compile(rf"^(  {key}:[ ]*)(\S+)", re.MULTILINE)
-        section = text.index("\nfeatures:")
-        m = pattern.search(text, section)
-        if m is None:
+        for i in range(start + 1, len(lines)):
+            if lines[i].strip() and not lines[i].startswith(" "):
+                raise SystemExit(f"{path}: no features.{key} to write")
+            m = re.match(rf"^(  {key}:[ ]*)(\S+)([ ]*)(#.*)?$", lines[i].rstrip("\n"))
+            if m:
+                body = f"{m[1]}{rendered}"
+                comment = m[4] or ""
+                width = len(m[1]) + len(m[2]) + len(m[3])
+                lines[i] = (body.ljust(width) if comment else body) + comment + "\n"
+                break
+        else:
             raise SystemExit(f"{path}: no features.{key} to write")
-        text = text[:m.start(2)] + rendered + text[m.end(2):]
-    path.write_text(text)
+    path.write_text("".join(lines))
 
 
 def make_vectors(args, rng: np.random.Generator) -> tuple[np.ndarray, str]:

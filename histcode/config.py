@@ -237,11 +237,12 @@ class FeaturesConfig(_Section):
     optimize_max_fragments: Pixels = 64  # ... or a table has more fragments than this
     index_type: Literal["IVF_PQ", "IVF_HNSW_SQ", "IVF_HNSW_FLAT", "IVF_FLAT"] = "IVF_HNSW_SQ"
     index_partitions: Annotated[int, Field(ge=1)] | None = None  # None = index_partition_scale * sqrt(rows)
-    index_partition_scale: Annotated[float, Field(gt=0)] = 1.0
+    # chosen by benchmarks/search.py at 1M real-statistics vectors (the default encoder's; see the README)
+    index_partition_scale: Annotated[float, Field(gt=0)] = 0.064
     index_subvector_dims: Pixels = 16  # IVF_PQ: dimensions per one-byte sub-vector code
-    nprobes: Pixels = 20  # partitions searched per query
-    refine_factor: Annotated[int, Field(ge=1)] | None = 10  # re-rank k * this candidates on the stored vectors
-    hnsw_ef: Annotated[int, Field(ge=1)] | None = None  # IVF_HNSW_SQ: candidates kept per partition; None = Lance's
+    nprobes: Pixels = 8  # partitions searched per query
+    refine_factor: Annotated[int, Field(ge=1)] | None = 2  # re-rank k * this candidates on the stored vectors
+    hnsw_ef: Annotated[int, Field(ge=1)] | None = 100  # IVF_HNSW_*: candidates kept per partition; None = Lance's
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # on CUDA: autocast (bf16 where supported, else fp16) and channels-last batches
     workers: Annotated[int, Field(ge=1)] = 1  # processes the slides are sharded over (Prefect on Dask; 1 = in process)
