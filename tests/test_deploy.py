@@ -168,7 +168,8 @@ def test_dvc_repro_after_the_demo_does_no_work_then_runs_an_experiment(tmp_path)
     assert recorded() == before, "dvc repro after the demo trained or registered something"
     assert json.loads((copy / "metrics" / "embed.json").read_text())["slides_embedded"] == 0
     heads = json.loads((copy / "metrics" / "heads.json").read_text())
-    assert heads["runs"] == demo_heads["runs"] and (copy / "dvc.lock").is_file()
+    run_ids = lambda h: {k: v["run_id"] for k, v in h["runs"].items()}  # noqa: E731 -- the same runs, read back
+    assert run_ids(heads) == run_ids(demo_heads) and (copy / "dvc.lock").is_file()
     assert set(heads["best"]) == {"tumor", "subtype", "de"}
     assert "heads" in run("metrics", "show") and list((copy / "metrics" / "plots" / "roc").glob("*.csv"))
     assert "up to date" in run("repro").lower() or "didn't change" in run("status").lower()
