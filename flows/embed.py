@@ -22,7 +22,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from histcode.features.embed import StagedShard, commit_shards, embed_shard, materialize, plan_view, shards
+from histcode.features.embed import materialize, plan_view
+from histcode.features.shards import StagedShard, commit_shards, embed_shard, shards
 from histcode.reports import embed_summary
 from histcode.store.files import write_json
 from histcode.tracking import telemetry_off

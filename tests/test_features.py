@@ -198,7 +198,8 @@ def test_a_selective_filter_is_searched_exactly_and_a_broad_one_through_the_inde
 def test_slide_batches_and_shards_keep_slides_whole(tiled_workspace) -> None:
     """Batches never span two slides (so a slide's vectors do not depend on its neighbours in the run), and
     shards are runs of whole slides covering every tile once, balanced by tile count."""
-    from histcode.features.embed import SlideBatches, shards
+    from histcode.features.embed import SlideBatches
+    from histcode.features.shards import shards
     from histcode.ssl.dataset import dataset_from_catalog
 
     dataset = dataset_from_catalog(Catalog.of(tiled_workspace), spec_id_of(tiled_workspace.config().tiling), 32)
