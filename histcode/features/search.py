@@ -126,7 +126,7 @@ class TileSearcher:
     benchmarks/search.py), so a long-lived process such as a viewer answers queries at the index's own speed.
 
     Cosine distance on the raw vectors. With an ANN index, ``nprobes`` partitions are searched (and ``hnsw_ef``
-    candidates kept per partition by IVF_HNSW_SQ), then ``refine_factor`` x k re-ranked on the stored vectors.
+    candidates kept per partition by the IVF_HNSW indices), then ``refine_factor`` x k re-ranked on the stored vectors.
     A filter (``where``, applied before the search) that leaves fewer than ``index_min_rows`` rows is answered
     exactly over those rows instead: an index probed for a few slides misses neighbours that a flat scan of
     them finds at once.

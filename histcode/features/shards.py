@@ -20,6 +20,7 @@ from histcode.ssl.dataset import TileDataset
 from histcode.tracking import Tracker
 from histcode.workspace import Workspace
 
+
 @dataclass
 class StagedShard:
     """What one worker embedded: its slides' vectors staged under ``folder`` (Arrow IPC, one file per slide)."""
