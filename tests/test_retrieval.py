@@ -294,7 +294,7 @@ def test_attention_pooling_weighs_tiles_by_the_tumour_head(headed_workspace, cop
     assert set(pooled) == set(bags)
     for sid, bag in list(bags.items())[:4]:
         with torch.no_grad():
-            _, a = model(torch.from_numpy(bag.features))
+            _, a, _ = model(torch.from_numpy(bag.features))  # (outputs, attention, tile scores)
         assert abs(float(a.sum()) - 1) < 1e-4
         expected = (a.numpy()[:, None].astype(np.float64) * bag.features).sum(axis=0)
         assert np.allclose(pooled[sid], expected, atol=1e-5)

@@ -188,7 +188,10 @@ class TileSearcher:
             "_distance", pa.array(distance[top], pa.float32()))
 
     def with_sizes(self, hits: pa.Table) -> pa.Table:
-        """``hits`` with their ``size`` column (read once per slide through the slide_id index, then kept)."""
+        """``hits`` with their ``size`` column (read once per slide through the slide_id index, then kept); a
+        table without sizes (slide vectors) is returned as it is."""
+        if "size" not in self.dataset.schema.names:
+            return hits
         missing = sorted(set(hits.column("slide_id").to_pylist()) - set(self._sizes))
         for sid in missing:
             row = self.dataset.to_table(columns=["size"], filter=f"slide_id = {quote_literal(sid)}", limit=1)
@@ -199,7 +202,7 @@ class TileSearcher:
 
 
 def nearest(table, vector: np.ndarray, k: int, where: str | None, cfg: FeaturesConfig) -> pa.Table:
-    """One query: the k rows of a Lance table nearest to ``vector`` by cosine distance, with their sizes (see
-    ``TileSearcher``)."""
+    """One query: the k rows of a Lance table nearest to ``vector`` by cosine distance, with their sizes where the
+    table has them (see ``TileSearcher``)."""
     searcher = TileSearcher(table, cfg)
     return searcher.with_sizes(searcher.nearest(vector, k, where))

@@ -185,7 +185,8 @@ MIGRATIONS: dict[int, list[str]] = {
         "INSERT INTO cohorts SELECT DISTINCT cohort, 'training', now() FROM slides "
         "WHERE cohort NOT IN (SELECT cohort FROM cohorts)"],
     # the gate settings a verdict was reached with (a verdict without them is judged again once)
-    6: ["ALTER TABLE label_sets ADD COLUMN IF NOT EXISTS gate_settings VARCHAR"],
+    # (a catalog from before label sets gets the table, then the column is already there)
+    6: [TABLES["label_sets"], "ALTER TABLE label_sets ADD COLUMN IF NOT EXISTS gate_settings VARCHAR"],
 }
 
 # Tables whose rows derive from a slide's pixels: cleared when the slide's content changes.
