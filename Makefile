@@ -12,7 +12,12 @@ export DVC_NO_ANALYTICS := 1
 
 .PHONY: setup demo test test-all bench serve mlflow-ui clean-demo
 
+# The browser tests drive the distribution's Chromium (Playwright's own browser download is not used); it is
+# installed when missing (scripts/install_chromium.sh: apt-get as root or through sudo).
+CHROMIUM ?= /usr/bin/chromium
+
 $(STAMP): pyproject.toml constraints.txt
+	scripts/install_chromium.sh $(CHROMIUM)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,timm]"

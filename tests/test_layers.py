@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     {"ssl"},  # contrastive pretraining
     {"features", "labels"},  # the feature store; expression labels and their gate
     {"heads"},  # models, fitting, CV, metrics, loading a registered head
-    {"apps", "demo", "views", "reports"},  # applications composing the layers; presentation
+    {"apps", "demo", "views", "reports", "viewer"},  # applications composing the layers; presentation; the web viewer
     {"cli", "__main__"},  # entry points
 ]
 # Layers whose packages may use each other (applications compose, the foundation is one piece).

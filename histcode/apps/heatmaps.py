@@ -116,9 +116,9 @@ def render_heatmaps(ws: Workspace, slide_id: str, out_dir: Path, genes: list[str
     out, attention = tumor(bag.features)
     result = HeatmapResult(slide_id, views=views)
     p_tumor = float(out[list(tumor.classes).index("tumor")]) if "tumor" in tumor.classes else float("nan")
-    result.pictures.append(heatmap_png(slide, bag.xy, bag.size, attention,
-                                       f"{slide_id}: tumour-head attention (p_tumor {p_tumor:.2f})", "attention",
-                                       pictures[0]))
+    result.pictures.append(heatmap_png(slide, bag.xy, bag.size, attention, f"attention (p_tumor {p_tumor:.2f})",
+                                       "attention", pictures[0], kind="sequential",
+                                       head=f"{tumor.task}-head v{tumor.version}"))
     rows = [{"slide_id": slide_id, "tile_id": t, "x": int(x), "y": int(y), "size": bag.size, "score_name": "attention",
              "score": float(a)} for t, (x, y), a in zip(bag.tile_ids, bag.xy, attention)]
     truth = tile_tumour_labels(slide, bag)
@@ -134,8 +134,8 @@ def render_heatmaps(ws: Workspace, slide_id: str, out_dir: Path, genes: list[str
         for gene, picture in zip(chosen, pictures[1:]):
             g = list(de.genes).index(gene)
             result.pictures.append(heatmap_png(slide, de_bag.xy, de_bag.size, per_tile[:, g],
-                                               f"{slide_id}: predicted log2FC of {gene} per tile", f"{gene} log2FC",
-                                               picture, cmap="coolwarm"))
+                                               f"predicted log2FC of {gene} per tile", f"{gene} log2FC",
+                                               picture, kind="diverging", head=f"{de.task}-head v{de.version}"))
             de_rows += [{"slide_id": slide_id, "tile_id": t, "x": int(x), "y": int(y), "size": de_bag.size,
                          "score_name": f"log2fc:{gene}", "score": float(v)}
                         for t, (x, y), v in zip(de_bag.tile_ids, de_bag.xy, per_tile[:, g])]

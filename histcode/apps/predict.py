@@ -48,7 +48,9 @@ class Prediction:
     views: dict[str, str] = field(default_factory=dict)  # "task@alias v<version>" -> the view id it was applied in
 
 
-def _heads(tracker: Tracker) -> dict[str, LoadedHead]:
+def registered_heads(tracker: Tracker) -> dict[str, LoadedHead]:
+    """The heads predictions use: tumour@best, subtype@best and DE@best where registered, and the tumour head
+    whose attention is drawn (@attention, else @best)."""
     tumor = load_head(tracker, "tumor", "best")
     heads = {"tumor": tumor, "subtype": optional_head(tracker, "subtype"), "de": optional_head(tracker, "de"),
              "attention": optional_head(tracker, "tumor", "attention") or tumor}
@@ -61,7 +63,7 @@ def predict_slides(ws: Workspace, cfg: HistcodeConfig, sources: list[SlideSource
     reads; a slide id that is already registered in another cohort with the same pixels is predicted where it
     is (its ``cohort`` column says so), and refused if it names other pixels."""
     catalog, tracker = Catalog.of(ws), Tracker(ws)
-    heads = _heads(tracker)
+    heads = registered_heads(tracker)
     views = {f"{h.task}@{'attention' if key == 'attention' else 'best'} v{h.version}": h.view_id for key, h in heads.items()}
     for name, view_id in views.items():
         log.info("%s is applied in view %s", name, view_id)
@@ -96,7 +98,7 @@ def predict_slides(ws: Workspace, cfg: HistcodeConfig, sources: list[SlideSource
     for sid, row in healthy.items():
         try:
             bags = {view_id: slide_bag(ws, head, sid) for view_id, head in by_view.items()}
-            scored, slide_tiles = _score_slide(bags, heads)
+            scored, slide_tiles = score_slide(bags, heads)
             if ood is not None:
                 scored.update(ood.assess(bags[heads["tumor"].view_id].features))
         except Exception as exc:  # noqa: BLE001 -- one slide's failure must not lose the others' predictions
@@ -140,7 +142,7 @@ def _ood_reference(ws: Workspace, catalog: Catalog, cfg: HistcodeConfig, tumor: 
         return None
 
 
-def _score_slide(bags: dict[str, Bag], heads: dict[str, LoadedHead]) -> tuple[dict, list[dict]]:
+def score_slide(bags: dict[str, Bag], heads: dict[str, LoadedHead]) -> tuple[dict, list[dict]]:
     """One slide's row (p_tumor, subtype probabilities, DE calls) and its tiles' attention; each head reads the
     slide's bag in its own view."""
     tumor = heads["tumor"]

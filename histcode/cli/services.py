@@ -1,5 +1,5 @@
 """`histcode` commands that run local servers over a workspace: the Prefect server with its deployments and a
-worker (`serve`), and the MLflow UI (`mlflow-ui`). Both honour ``--workspace`` / ``$HISTCODE_HOME`` and stop
+worker (`serve`), the MLflow UI (`mlflow-ui`) and the slide viewer (`view`). All honour ``--workspace`` / ``$HISTCODE_HOME`` and stop
 everything they started on Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
@@ -83,7 +83,34 @@ def mlflow_ui(
                _env(ws))
 
 
+def view(
+    ctx: typer.Context,
+    port: Annotated[int, typer.Option(help="Port of the viewer.")] = 8765,
+    host: Annotated[str, typer.Option(help="Interface to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+) -> None:
+    """The slide viewer in the browser: the cohort with the heads' predictions, each slide in deep zoom with its
+    attention, gene scores, ground truth and tile grid as overlays, and similar tiles and slides a click away.
+    Read-only over the workspace."""
+    import uvicorn
+
+    from histcode.tracking import telemetry_off
+    from histcode.viewer import create_app
+
+    telemetry_off()
+    ws = workspace_of(ctx)
+    if not ws.catalog_path.exists():
+        fail(f"no catalog in {ws.root}: run `histcode demo` or `histcode ingest` first")
+    console = terminal()
+    console.print(f"HistCode viewer over {ws.root} on http://{host}:{port}/", soft_wrap=True)
+    if host in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"bound to {host}: reachable from this machine only (--host 0.0.0.0 to share it on the network)")
+    else:
+        console.print(f"bound to {host}: anyone who can reach this machine on port {port} can see the slides")
+    uvicorn.run(create_app(ws), host=host, port=port, log_level="warning")
+
+
 COMMANDS = (
     ("serve", serve),
     ("mlflow-ui", mlflow_ui),
+    ("view", view),
 )

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import GroupKFold
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 
 def colour_shortcut_auc(mean_rgb: np.ndarray, tumour: np.ndarray, groups: np.ndarray) -> float:
     """Cross-validated AUC of tumour vs benign from ``mean_rgb`` (n, 3); ``groups`` (e.g. patients) never
     straddle a training and a test fold."""
+    from sklearn.linear_model import LogisticRegression  # here: the demo's rerun never needs sklearn (1 s to import)
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import GroupKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     x, y, groups = np.asarray(mean_rgb, dtype=float), np.asarray(tumour, dtype=bool), np.asarray(groups)
     if x.ndim != 2 or x.shape[1] != 3 or len(x) != len(y) or len(y) != len(groups):
         raise ValueError(f"need mean_rgb (n, 3) with n labels and groups; got {x.shape}, {y.shape}, {groups.shape}")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -27,8 +28,16 @@ class LoadedHead:
     encoder_uri: str
     classes: tuple[str, ...]
     genes: tuple[str, ...]
-    model: object
+    load: Callable[[], object]  # the registered module, loaded on first use (a rerun that finds its work done
+    # reads the registry's tags only: loading an exported model costs ~3 s)
     classified_genes: tuple[str, ...] = ()  # DE: genes with large enough classes (the gate's exclusions left out)
+    _model: object = field(default=None, init=False, repr=False)
+
+    @property
+    def model(self) -> object:
+        if self._model is None:
+            self._model = self.load()
+        return self._model
 
     def _run(self, features: np.ndarray) -> tuple:
         with torch.no_grad():
@@ -56,10 +65,10 @@ def load_head(tracker: Tracker, task: str, alias: str = "best") -> LoadedHead:
     except Exception as exc:  # noqa: BLE001 -- MLflow's own exception types
         raise HeadNotFound(f"no {name}@{alias} in the registry: run `histcode heads` first") from exc
     tags = mv.tags
-    model = tracker.load_model(f"models:/{name}/{mv.version}")
+    uri = f"models:/{name}/{mv.version}"
     split = lambda key: tuple(t for t in tags.get(key, "").split(",") if t)  # noqa: E731
     return LoadedHead(task, str(mv.version), tags.get("aggregator", ""), tags["view_id"], tags["encoder_uri"],
-                      split("classes"), split("genes"), model, split("classified_genes"))
+                      split("classes"), split("genes"), lambda: tracker.load_model(uri), split("classified_genes"))
 
 
 def optional_head(tracker: Tracker, task: str, alias: str = "best") -> LoadedHead | None:

@@ -1,0 +1,226 @@
+"""The viewer's ASGI app (Starlette): a cohort page, a slide page with a deep-zoom viewer and overlays, and the
+JSON and image endpoints behind them. Read-only over the workspace.
+
+Every endpoint names a slide by catalog id (a query parameter, so any id, slashes and quotes included, travels
+intact); an id the catalog does not have, a layer or a Deep Zoom address outside the slide, is a 404. No part of
+a request becomes a file path: slide files come from the catalog, overlay pictures are drawn in memory, and the
+static folders are served by Starlette's ``StaticFiles`` (which refuses paths outside them).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from pathlib import Path
+
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from histcode.viewer.cohort import SearchError, UnknownItem, ViewerData
+from histcode.viewer.deepzoom import DeepZoomTiles, TileNotFound
+from histcode.viewer.overlays import grid_png, layer_legend, layer_png, placement, tissue_png
+from histcode.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).parent
+MAX_K = 50
+CACHE = {"Cache-Control": "max-age=3600"}
+
+
+def datadocs_dir(ws: Workspace) -> Path | None:
+    """The label gate's Data Docs site, where one was built."""
+    from histcode.labels.run import gx_project
+
+    site = gx_project(ws) / "gx" / "uncommitted" / "data_docs" / "local_site"
+    return site if (site / "index.html").is_file() else None
+
+
+def _int(request: Request, name: str, default: int | None = None) -> int:
+    raw = request.query_params.get(name)
+    if raw is None and default is not None:
+        return default
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        raise HTTPException(400, f"{name} must be an integer, got {raw!r}") from None
+
+
+def _float(request: Request, name: str) -> float:
+    raw = request.query_params.get(name)
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise HTTPException(400, f"{name} must be a number, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise HTTPException(400, f"{name} must be finite")
+    return value
+
+
+def _clean(value):
+    """JSON-safe: NaN and infinities become null, numpy scalars plain numbers."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, str | bytes):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is not None and not isinstance(value, str | int | float | bool):
+        return str(value)
+    return value
+
+
+def create_app(ws: Workspace, warm: bool = True) -> Starlette:
+    """The viewer over ``ws``. ``warm``: apply the heads to the cohort in a background thread at start-up, so the
+    cohort page's predictions are ready when it is first opened."""
+    data = ViewerData(ws)
+    tiles = DeepZoomTiles()
+    templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
+    docs = datadocs_dir(ws)
+
+    def page(name: str, **context) -> HTMLResponse:
+        return HTMLResponse(templates.get_template(name).render(datadocs=docs is not None, **context))
+
+    def view_of(request: Request):
+        return data.view(request.query_params.get("view") or None)
+
+    def slide_of(request: Request) -> dict:
+        return data.slide(request.query_params.get("id"))
+
+    # -- pages ------------------------------------------------------------------------------------------------
+    def cohort_page(request: Request) -> HTMLResponse:
+        view = view_of(request)
+        return page("cohort.html", view=view, views=data.views(), workspace=str(ws.root))
+
+    def slide_page(request: Request) -> HTMLResponse:
+        slide = slide_of(request)
+        view = view_of(request)
+        return page("slide.html", slide=slide, view=view, views=data.views())
+
+    # -- data -------------------------------------------------------------------------------------------------
+    def api_slides(request: Request) -> JSONResponse:
+        view = view_of(request)
+        heads = {k: {"version": h.version, "view_id": h.view_id, "aggregator": h.aggregator}
+                 for k, h in data.heads().items()}
+        return JSONResponse(_clean({"view": view.view_id, "heads": heads, "slides": data.cohort_rows(view)}))
+
+    def api_slide(request: Request) -> JSONResponse:
+        slide, view = slide_of(request), view_of(request)
+        sid = slide["slide_id"]
+        pyramid = tiles.pyramid(slide["path"])
+        width, height = pyramid.width, pyramid.height
+        overlays = []
+        try:
+            grid = data.grid(sid, view)
+            overlays.append({"name": "grid", "label": "tile grid", "placement": placement(grid, width, height)})
+        except UnknownItem:
+            grid = None
+        if data.tissue_mask(sid, view) is not None:
+            overlays.append({"name": "tissue", "label": "tissue mask",
+                             "placement": {"x": 0, "y": 0, "width": 1, "height": height / width}})
+        for layer in data.layers(sid).values():
+            overlays.append({"name": layer.name, "label": layer.label, "source": layer.source,
+                             "placement": placement(layer.grid, width, height), "legend": layer_legend(layer)})
+        return JSONResponse(_clean({
+            "slide_id": sid, "patient_id": slide["patient_id"], "cohort": slide["cohort"], "mpp": slide["mpp_x"],
+            "view": view.view_id, "tile_source": pyramid.as_tile_source(), "overlays": overlays,
+            "n_tiles": len(grid.tile_ids) if grid else 0, "tile_size": grid.size if grid else None,
+            "predictions": data.predictions().get(sid, {}), "mask_auc": data.mask_auc(sid),
+            "labels": data.labels().get(sid, {})}))
+
+    def api_dz(request: Request) -> Response:
+        slide = slide_of(request)
+        try:
+            jpeg = tiles.tile(slide["path"], _int(request, "level"), _int(request, "col"), _int(request, "row"))
+        except TileNotFound as exc:
+            raise HTTPException(404, str(exc)) from None
+        return Response(jpeg, media_type="image/jpeg", headers=CACHE)
+
+    def api_thumbnail(request: Request) -> Response:
+        return Response(tiles.thumbnail_jpeg(slide_of(request)["path"]), media_type="image/jpeg", headers=CACHE)
+
+    def api_overlay(request: Request) -> Response:
+        slide, view = slide_of(request), view_of(request)
+        name = request.query_params.get("layer", "")
+        if name == "grid":
+            png = grid_png(data.grid(slide["slide_id"], view))
+        elif name == "tissue":
+            mask = data.tissue_mask(slide["slide_id"], view)
+            if mask is None:
+                raise UnknownItem(f"slide {slide['slide_id']!r} has no tissue mask")
+            png = tissue_png(mask)
+        else:
+            png = layer_png(data.layer(slide["slide_id"], name))
+        return Response(png, media_type="image/png")
+
+    def api_tile_at(request: Request) -> JSONResponse:
+        slide, view = slide_of(request), view_of(request)
+        grid = data.grid(slide["slide_id"], view)
+        i = grid.index_at(_float(request, "x"), _float(request, "y"))
+        if i is None:
+            raise UnknownItem("no tile there")
+        x, y = (int(v) for v in grid.xy[i])
+        return JSONResponse({"tile_id": grid.tile_ids[i], "slide_id": slide["slide_id"], "x": x, "y": y, "size": grid.size})
+
+    def api_neighbours(request: Request) -> JSONResponse:
+        view = view_of(request)
+        k = min(max(_int(request, "k", 8), 1), MAX_K)
+        where = request.query_params.get("where") or None
+        try:
+            hits = data.neighbours(view, request.query_params.get("tile", ""), k, where)
+        except SearchError as exc:
+            raise HTTPException(400, str(exc)) from None
+        return JSONResponse(_clean({"view": view.view_id, "where": where, "hits": hits}))
+
+    def api_tile_image(request: Request) -> Response:
+        view = view_of(request)
+        tile = data.tile(view, request.query_params.get("tile", ""))
+        slide = data.slide(tile["slide_id"])
+        jpeg = tiles.region_jpeg(slide["path"], int(tile["x"]), int(tile["y"]), int(tile["size"]))
+        return Response(jpeg, media_type="image/jpeg", headers=CACHE)
+
+    def api_similar(request: Request) -> JSONResponse:
+        slide, view = slide_of(request), view_of(request)
+        k = min(max(_int(request, "k", 5), 1), MAX_K)
+        try:
+            hits = data.similar_slides(view, slide["slide_id"], k, request.query_params.get("where") or None)
+        except SearchError as exc:
+            raise HTTPException(400, str(exc)) from None
+        return JSONResponse(_clean({"view": view.view_id, "hits": hits}))
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return JSONResponse({"error": str(exc)}, status_code=404)
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+
+    routes = [
+        Route("/", cohort_page), Route("/slide", slide_page),
+        Route("/api/slides", api_slides), Route("/api/slide", api_slide), Route("/api/dz", api_dz),
+        Route("/api/thumbnail", api_thumbnail), Route("/api/overlay", api_overlay), Route("/api/tile-at", api_tile_at),
+        Route("/api/neighbours", api_neighbours), Route("/api/tile-image", api_tile_image),
+        Route("/api/similar", api_similar),
+        Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+    ]
+    if docs is not None:
+        routes.append(Mount("/datadocs", StaticFiles(directory=docs, html=True), name="datadocs"))
+    app = Starlette(routes=routes, exception_handlers={UnknownItem: not_found, HTTPException: http_error})
+    app.state.data, app.state.tiles = data, tiles
+    if warm:
+        threading.Thread(target=_warm, args=(data,), name="viewer-warm", daemon=True).start()
+    return app
+
+
+def _warm(data: ViewerData) -> None:
+    try:
+        data.predictions()
+    except Exception as exc:  # noqa: BLE001 -- the pages say what is missing; the log says why
+        log.warning("could not apply the heads to the cohort: %s", exc)
