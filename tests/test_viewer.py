@@ -19,22 +19,19 @@ import pytest
 from PIL import Image
 
 from histcode.viewer.cohort import grid_of
+from tests.browser import chromium, keep_local
 
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run", "--disable-quic"]
+pytestmark = pytest.mark.browser
 
 
 @pytest.fixture
-def browser_page():  # TEMPORARY: replaced by tests/browser.py
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
-        page = b.new_page(viewport={"width": 1400, "height": 850})
+def browser_page():
+    """A page of the distribution's headless Chromium that cannot reach beyond this machine."""
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1400, "height": 850})
+        left = keep_local(page)
         yield page
-        b.close()
-
-pytestmark = pytest.mark.browser
+        assert not left, f"the viewer asked for something outside the machine: {left}"
 
 
 @pytest.fixture(scope="module")

@@ -79,8 +79,8 @@ def _clean(value):
 
 
 def create_app(ws: Workspace, warm: bool = True) -> Starlette:
-    """The viewer over ``ws``. ``warm``: apply the heads to the cohort in a background thread at start-up, so the
-    cohort page's predictions are ready when it is first opened."""
+    """The viewer over ``ws``. ``warm``: apply the heads to the cohort in a background thread at start-up (the
+    predictions, then each slide's attention and gene scores), so pages find them ready."""
     data = ViewerData(ws)
     tiles = DeepZoomTiles()
     templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
@@ -221,6 +221,8 @@ def create_app(ws: Workspace, warm: bool = True) -> Starlette:
 
 def _warm(data: ViewerData) -> None:
     try:
-        data.predictions()
+        predicted = data.predictions()
+        for slide_id in predicted:
+            data.layers(slide_id)
     except Exception as exc:  # noqa: BLE001 -- the pages say what is missing; the log says why
         log.warning("could not apply the heads to the cohort: %s", exc)

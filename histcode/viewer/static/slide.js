@@ -41,14 +41,23 @@
 
   // -- predictions ------------------------------------------------------------------------------------------
   const pred = document.getElementById("predictions");
-  const rows = Object.entries(info.predictions).map(([k, v]) => [k.replace(/^de_/, "").replace(/^p_/, "p "), v]);
-  rows.unshift(["tiles", `${info.n_tiles} of ${info.tile_size} px (level 0), ${hc.fmt(info.mpp)} µm/px`]);
-  if (info.labels.tumor !== undefined) rows.push(["label", `${info.labels.tumor ? "tumour" : "benign"} ${info.labels.subtype || ""}`]);
+  const entries = Object.entries(info.predictions);
+  const rows = entries.filter(([k]) => !k.startsWith("de_")).map(([k, v]) => [k.replace(/^p_/, "p ").replace("p luad", "p LUAD").replace("p lusc", "p LUSC"), v]);
+  rows.unshift(["tiles", `${info.n_tiles} × ${info.tile_size} px (level 0), ${hc.fmt(info.mpp)} µm/px`]);
+  if (info.labels.tumor !== undefined && info.labels.tumor !== null)
+    rows.push(["label", `${info.labels.tumor ? "tumour" : "benign"} ${info.labels.subtype || ""}`]);
   if (info.mask_auc !== null) rows.push(["attention vs mask AUC", info.mask_auc]);
   pred.classList.remove("muted");
   pred.replaceChildren(hc.el("table", {class: "kv"}, ...rows.map(([k, v]) =>
     hc.el("tr", {}, hc.el("th", {text: k}), hc.el("td", {text: hc.fmt(v)})))));
-  if (!Object.keys(info.predictions).length) pred.append(hc.el("p", {class: "muted", text: "no registered heads"}));
+  const calls = entries.filter(([k]) => k.startsWith("de_"));
+  if (calls.length) {
+    const arrow = {up: " ↑", down: " ↓", unchanged: " ="};
+    pred.append(hc.el("div", {class: "small muted", text: "driver genes (DE head; ↑ up, ↓ down, = unchanged, grey: not called)"}),
+      hc.el("div", {class: "chips"}, ...calls.map(([k, v]) => hc.el("span", {class: "chip call-" + v, title: `${k.slice(3)}: ${v}`,
+        text: k.slice(3) + (arrow[v] || "")}))));
+  }
+  if (!entries.length) pred.append(hc.el("p", {class: "muted", text: "no registered heads"}));
 
   // -- score layers -----------------------------------------------------------------------------------------
   const layerSelect = document.getElementById("layer");
