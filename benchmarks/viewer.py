@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import socket
 import sys
-import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -27,22 +25,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-
-def _serve(ws):
-    import uvicorn
-
-    from histcode.viewer import create_app
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = create_app(ws)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    return server, port, app
 
 
 def _tile_times(port: int, addresses: list[str]) -> tuple[np.ndarray, list[int]]:
@@ -76,7 +58,16 @@ def main() -> None:
 
     telemetry_off()
     ws = Workspace.resolve(args.workspace)
-    server, port, app = _serve(ws)
+    from histcode.viewer import create_app
+    from histcode.viewer.serving import background_server
+
+    app = create_app(ws)
+    with background_server(app) as base:
+        report(app, base, args)
+
+
+def report(app, base: str, args) -> None:
+    port = int(base.rsplit(":", 1)[1])
     data, tiles = app.state.data, app.state.tiles
     slides = [s for s in data.slides().values() if s["status"] == "ok"][: args.slides]
     addresses = []
@@ -102,7 +93,6 @@ def main() -> None:
 
     from tests.browser import launch_chromium  # the tests' Chromium and its flags
 
-    base = f"http://127.0.0.1:{port}"
     for slide_id in data.predictions():  # what the app's warm-up thread does at start-up
         data.layers(slide_id)
     with sync_playwright() as p:
@@ -127,7 +117,6 @@ def main() -> None:
           f"(max {max(firsts):.2f}); repeat visits median {np.median(repeats):.2f} s (max {max(repeats):.2f})")
     print(f"goals: warm tile <= 50 ms: p50 {np.median(warm):.1f} ms {'met' if np.median(warm) <= 50 else 'NOT met'}; "
           f"slide page <= 2 s: first visits max {max(firsts):.2f} s {'met' if max(firsts) <= 2 else 'NOT met'}")
-    server.should_exit = True
 
 
 if __name__ == "__main__":

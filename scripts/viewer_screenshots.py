@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import socket
 import sys
-import threading
-import time
 import urllib.parse
 from pathlib import Path
 
@@ -29,36 +26,34 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    import uvicorn
-    from playwright.sync_api import sync_playwright
-
-    from tests.browser import launch_chromium  # the tests' Chromium and its flags
-
     from histcode.tracking import telemetry_off
     from histcode.viewer import create_app
+    from histcode.viewer.serving import background_server
     from histcode.workspace import Workspace
 
     telemetry_off()
     app = create_app(Workspace.resolve(args.workspace), warm=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    base = f"http://127.0.0.1:{port}"
+
+    with background_server(app) as base:
+        shoot(app, base, args.out)
+
+
+def shoot(app, base: str, out: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    from tests.browser import launch_chromium  # the tests' Chromium and its flags
+
     data = app.state.data
     predictions = data.predictions()
     slide = max(predictions, key=lambda sid: (data.mask_auc(sid) or 0) + predictions[sid].get("p_tumor", 0))
-    args.out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser = launch_chromium(p)
         page = browser.new_page(viewport={"width": 1360, "height": 820})
         page.goto(base + "/")
         page.wait_for_function("window.HISTCODE && window.HISTCODE.ready")
         page.wait_for_function("[...document.querySelectorAll('img.thumb')].slice(0, 12).every(i => i.complete)")
-        page.screenshot(path=str(args.out / "cohort.png"))
+        page.screenshot(path=str(out / "cohort.png"))
         page.goto(base + "/slide?" + urllib.parse.urlencode({"id": slide}))
         page.wait_for_function("window.HISTCODE && window.HISTCODE.ready")
         page.fill("#where", f"slide_id != '{slide}'")
@@ -72,10 +67,9 @@ def main() -> None:
         page.wait_for_function("window.HISTCODE.neighbours > 0")
         page.wait_for_function("[...document.querySelectorAll('aside img')].every(i => i.complete)")
         page.wait_for_load_state("networkidle")
-        page.screenshot(path=str(args.out / "slide.jpg"), type="jpeg", quality=85)
+        page.screenshot(path=str(out / "slide.jpg"), type="jpeg", quality=85)
         browser.close()
-    server.should_exit = True
-    log.info("wrote %s and %s (slide %s)", args.out / "cohort.png", args.out / "slide.jpg", slide)
+    log.info("wrote %s and %s (slide %s)", out / "cohort.png", out / "slide.jpg", slide)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
-import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -36,24 +33,11 @@ def browser_page():
 
 @pytest.fixture(scope="module")
 def viewer_url(headed_workspace):
-    import uvicorn
-
     from histcode.viewer import create_app
+    from histcode.viewer.serving import background_server
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = create_app(headed_workspace)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "the viewer did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with background_server(create_app(headed_workspace)) as url:
+        yield url
 
 
 def _get(url: str) -> tuple[int, bytes]:
@@ -244,3 +228,11 @@ def _any_tile(viewer_url, sid) -> str:
             if status == 200:
                 return json.loads(body)["tile_id"]
     raise AssertionError("no tile found")
+
+
+def test_the_label_gates_data_docs_are_served_offline_and_linked(viewer_url) -> None:
+    status, page = _get(f"{viewer_url}/")
+    assert status == 200 and b'href="/datadocs/index.html"' in page
+    status, docs = _get(f"{viewer_url}/datadocs/index.html")
+    assert status == 200 and b"static/vendor/" in docs and b"https://code.jquery.com" not in docs
+    assert _get(f"{viewer_url}/datadocs/../../catalog.duckdb")[0] == 404

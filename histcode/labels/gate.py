@@ -10,7 +10,7 @@ Frames (written by ``histcode labels ingest`` to ``data/labels/frames``):
   folds        the planned cross-validation puts every patient in exactly one fold.
 Every frame carries ``row_key``, a readable name of the row, so a failure names its offending rows.
 The Great Expectations project lives in ``data/labels/gx`` and its Data Docs in
-``data/labels/gx/uncommitted/data_docs/local_site/index.html``.
+``data/labels/gx/uncommitted/data_docs/local_site/index.html``, made to read offline (``datadocs.make_offline``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from histcode.config import LabelsConfig
+from histcode.labels.datadocs import make_offline
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,8 @@ def run_gate(frames_dir: Path, project: Path, cfg: LabelsConfig) -> GateResult:
     genes = pd.read_parquet(frames_dir / "genes.parquet")
     result.excluded_genes = dict(zip(genes.loc[~genes.included, "gene"], genes.loc[~genes.included, "reason"]))
     index = project / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
+    if index.is_file():
+        make_offline(index.parent)  # local copies of the pages' CDN scripts and styles: the docs read offline
     result.docs = index if index.is_file() else None
     log.info("%s", result.summary())
     return result

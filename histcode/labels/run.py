@@ -204,6 +204,7 @@ def gate_labels(ws: Workspace, cfg: HistcodeConfig, force: bool = False):
     """Run the gate on the current label set's frames and record the outcome on it. A label set the gate has
     already judged with these gate settings (its frames are rewritten, and its status reset to pending, only by
     an ingest that changed them) keeps its verdict unless ``force``."""
+    from histcode.labels.datadocs import make_offline
     from histcode.labels.gate import GateFailure, GateResult, run_gate
 
     catalog = Catalog.of(ws)
@@ -216,8 +217,10 @@ def gate_labels(ws: Workspace, cfg: HistcodeConfig, force: bool = False):
         failures = [GateFailure(f["frame"], f["expectation"], f["column"], f["count"], f["rows"], f.get("description", ""))
                     for f in json.loads(current["gate_failures"] or "[]")]
         excluded = catalog.query("SELECT gene, reason FROM gene_gate WHERE NOT included ORDER BY gene")
-        return GateResult(current["gate_status"] == PASSED, failures, {r["gene"]: r["reason"] for r in excluded},
-                          Path(catalog.real_path(current["data_docs"])) if current["data_docs"] else None)
+        docs = Path(catalog.real_path(current["data_docs"])) if current["data_docs"] else None
+        if docs is not None and docs.is_file():
+            make_offline(docs.parent)  # a site built before its pages were made offline (nothing to do otherwise)
+        return GateResult(current["gate_status"] == PASSED, failures, {r["gene"]: r["reason"] for r in excluded}, docs)
     result = run_gate(frames_dir(ws), gx_project(ws), cfg.labels)
     failures = [{"frame": f.frame, "expectation": f.expectation, "column": f.column, "count": f.count,
                  "rows": f.rows[:50], "description": f.description, "message": f.message} for f in result.failures]
