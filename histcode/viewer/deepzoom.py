@@ -82,58 +82,41 @@ class DeepZoomTiles:
         width, height = dz.level_dimensions[-1]
         return Pyramid(int(width), int(height), TILE_SIZE, OVERLAP, dz.level_count)
 
-    def tile(self, path: str, level: int, col: int, row: int) -> bytes:
-        """JPEG bytes of one Deep Zoom tile; ``TileNotFound`` for a level or address outside the pyramid."""
-        key = (path, level, col, row)
+    def _cached(self, key: tuple, render) -> bytes:
+        """The JPEG bytes under ``key``, rendered (``render() -> PIL image``) and kept on first request."""
         with self._lock:
             cached = self._tiles.get_fresh(key)
         if cached is not None:
             return cached
+        buf = io.BytesIO()
+        render().convert("RGB").save(buf, "JPEG", quality=self.quality)
+        data = buf.getvalue()
+        with self._lock:
+            self._tiles.put(key, data)
+        return data
+
+    def tile(self, path: str, level: int, col: int, row: int) -> bytes:
+        """JPEG bytes of one Deep Zoom tile; ``TileNotFound`` for a level or address outside the pyramid."""
         dz = self._generator(path)
         if not 0 <= level < dz.level_count:
             raise TileNotFound(f"level {level} is outside 0..{dz.level_count - 1}")
         cols, rows = dz.level_tiles[level]
         if not (0 <= col < cols and 0 <= row < rows):
             raise TileNotFound(f"tile ({col}, {row}) is outside level {level}'s {cols} x {rows} tiles")
-        image = dz.get_tile(level, (col, row))  # OpenSlide reads are thread-safe
-        buf = io.BytesIO()
-        image.convert("RGB").save(buf, "JPEG", quality=self.quality)
-        data = buf.getvalue()
-        with self._lock:
-            self._tiles.put(key, data)
-        return data
+        return self._cached((path, level, col, row), lambda: dz.get_tile(level, (col, row)))  # reads are thread-safe
 
     def region_jpeg(self, path: str, x: int, y: int, size: int, out_px: int = 128) -> bytes:
         """A square level-0 region (a tile of the grid) as a small JPEG, read at the level nearest ``out_px``."""
-        key = ("region", path, x, y, size, out_px)
-        with self._lock:
-            cached = self._tiles.get_fresh(key)
-        if cached is not None:
-            return cached
-        slide = self._slide(path)
-        level = slide.get_best_level_for_downsample(max(1.0, size / out_px))
-        ds = slide.level_downsamples[level]
-        side = max(1, int(round(size / ds)))
-        image = slide.read_region((int(x), int(y)), level, (side, side)).convert("RGB").resize((out_px, out_px))
-        buf = io.BytesIO()
-        image.save(buf, "JPEG", quality=self.quality)
-        data = buf.getvalue()
-        with self._lock:
-            self._tiles.put(key, data)
-        return data
+        def render():
+            slide = self._slide(path)
+            level = slide.get_best_level_for_downsample(max(1.0, size / out_px))
+            side = max(1, int(round(size / slide.level_downsamples[level])))
+            return slide.read_region((int(x), int(y)), level, (side, side)).convert("RGB").resize((out_px, out_px))
+
+        return self._cached(("region", path, x, y, size, out_px), render)
 
     def thumbnail_jpeg(self, path: str, side: int = 160) -> bytes:
-        key = ("thumb", path, side)
-        with self._lock:
-            cached = self._tiles.get_fresh(key)
-        if cached is not None:
-            return cached
-        buf = io.BytesIO()
-        self._slide(path).get_thumbnail((side, side)).convert("RGB").save(buf, "JPEG", quality=self.quality)
-        data = buf.getvalue()
-        with self._lock:
-            self._tiles.put(key, data)
-        return data
+        return self._cached(("thumb", path, side), lambda: self._slide(path).get_thumbnail((side, side)))
 
     def _slide(self, path: str) -> openslide.AbstractSlide:
         self._generator(path)
