@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from histcode.viewer.cohort import grid_of
+from histcode.wsi.grid import grid_of
 from tests.browser import chromium, keep_local
 
 pytestmark = pytest.mark.browser

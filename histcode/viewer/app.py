@@ -24,7 +24,13 @@ from starlette.staticfiles import StaticFiles
 
 from histcode.viewer.cohort import SearchError, UnknownItem, ViewerData
 from histcode.viewer.deepzoom import DeepZoomTiles, TileNotFound
-from histcode.viewer.overlays import grid_png, layer_legend, layer_png, placement, tissue_png
+from histcode.viewer.overlays import (
+    grid_png,
+    layer_legend,
+    layer_png,
+    placement,
+    tissue_png,
+)
 from histcode.workspace import Workspace
 
 log = logging.getLogger(__name__)

@@ -28,6 +28,7 @@ from histcode.store.catalog import Catalog
 from histcode.store.vectors import SLIDE_KIND, TILE_KIND, quote_literal
 from histcode.tracking import Tracker
 from histcode.workspace import Workspace
+from histcode.wsi.grid import Grid, grid_of
 
 log = logging.getLogger(__name__)
 
@@ -36,39 +37,6 @@ SLIDES_TTL_S = 15.0  # the catalog's slides are read again after this long (anot
 
 class UnknownItem(LookupError):
     """A slide, view, tile or layer the workspace does not have."""
-
-
-@dataclass(frozen=True)
-class Grid:
-    """A slide's tile grid: level-0 corners of its tiles, one side, and the cell of each tile."""
-
-    tile_ids: list[str]
-    xy: np.ndarray  # (n, 2) level-0 corners
-    size: int
-    origin: tuple[int, int]
-    shape: tuple[int, int]  # (rows, cols) of cells covering every tile
-
-    @property
-    def cells(self) -> np.ndarray:
-        """(n, 2) (row, col) of each tile."""
-        ox, oy = self.origin
-        return np.stack([(self.xy[:, 1] - oy) // self.size, (self.xy[:, 0] - ox) // self.size], axis=1).astype(int)
-
-    def index_at(self, x: float, y: float) -> int | None:
-        inside = ((self.xy[:, 0] <= x) & (x < self.xy[:, 0] + self.size) &
-                  (self.xy[:, 1] <= y) & (y < self.xy[:, 1] + self.size))
-        hit = np.flatnonzero(inside)
-        return int(hit[0]) if hit.size else None
-
-
-def grid_of(tile_ids: list[str], xy: np.ndarray, size: int) -> Grid:
-    xy = np.asarray(xy, dtype=np.int64).reshape(-1, 2)
-    if not len(xy):
-        return Grid([], xy, int(size), (0, 0), (0, 0))
-    origin = (int(xy[:, 0].min() % size), int(xy[:, 1].min() % size))
-    rows = int((xy[:, 1].max() - origin[1]) // size) + 1
-    cols = int((xy[:, 0].max() - origin[0]) // size) + 1
-    return Grid(list(tile_ids), xy, int(size), origin, (rows, cols))
 
 
 @dataclass(frozen=True)
@@ -289,4 +257,4 @@ class ViewerData:
         return hits.to_pylist()
 
 
-__all__ = ["Grid", "Layer", "SearchError", "UnknownItem", "ViewerData", "grid_of"]
+__all__ = ["Layer", "SearchError", "UnknownItem", "ViewerData"]

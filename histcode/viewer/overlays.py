@@ -12,8 +12,9 @@ import io
 import numpy as np
 from PIL import Image
 
-from histcode.viewer.cohort import Grid, Layer
+from histcode.viewer.cohort import Layer
 from histcode.viz.colours import colour_stops, css_gradient, score_limits, tile_rgba
+from histcode.wsi.grid import Grid
 
 GRID_CELL_PX = 8  # pixels per cell of the tile-grid picture (a 1 px outline each)
 TRUTH_RGBA = (230, 30, 60, 140)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from histcode.viz.colours import Kind, colour_stops, score_limits, tile_rgba
+from histcode.wsi.grid import grid_of
 from histcode.wsi.reader import OpenSlideReader, render_at_mpp
 
 SIDE = 1200  # the thumbnail's long side, pixels
@@ -34,12 +35,12 @@ def tile_overlay(shape: tuple[int, int], downsample: tuple[float, float], xy: np
     xy = np.asarray(xy, dtype=float).reshape(-1, 2)
     if not len(xy):
         return out
-    origin = xy.min(axis=0)
-    cells = np.rint((xy - origin) / size).astype(int)  # (col, row) of each tile on the grid
-    index = np.full((cells[:, 1].max() + 1, cells[:, 0].max() + 1), -1)
-    index[cells[:, 1], cells[:, 0]] = np.arange(len(xy))
-    cols = np.floor(((np.arange(w) + 0.5) * downsample[0] - origin[0]) / size).astype(int)
-    rows = np.floor(((np.arange(h) + 0.5) * downsample[1] - origin[1]) / size).astype(int)
+    grid = grid_of([], xy, size)
+    index = np.full(grid.shape, -1)
+    index[grid.cells[:, 0], grid.cells[:, 1]] = np.arange(len(xy))
+    ox, oy = grid.origin
+    cols = np.floor(((np.arange(w) + 0.5) * downsample[0] - ox) / size).astype(int)
+    rows = np.floor(((np.arange(h) + 0.5) * downsample[1] - oy) / size).astype(int)
     col_ok = (cols >= 0) & (cols < index.shape[1])
     row_ok = (rows >= 0) & (rows < index.shape[0])
     which = np.full((h, w), -1)

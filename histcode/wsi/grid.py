@@ -8,6 +8,8 @@ Only whole tiles inside the slide are placed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 
@@ -73,3 +75,37 @@ def tissue_fractions(mask: np.ndarray, downsample: float | tuple[float, float], 
         _integral_at(table, x1, y1) - _integral_at(table, x0, y1) - _integral_at(table, x1, y0) + _integral_at(table, x0, y0)
     )
     return np.clip(area / ((size / dx) * (size / dy)), 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A slide's accepted tiles on their regular grid: level-0 corners, one side, the (row, col) cell of each
+    tile (used to paint tiles at tile resolution: the static heatmaps, the viewer's overlays)."""
+
+    tile_ids: list[str]
+    xy: np.ndarray  # (n, 2) level-0 corners
+    size: int
+    origin: tuple[int, int]
+    shape: tuple[int, int]  # (rows, cols) of cells covering every tile
+
+    @property
+    def cells(self) -> np.ndarray:
+        """(n, 2) (row, col) of each tile."""
+        ox, oy = self.origin
+        return np.stack([(self.xy[:, 1] - oy) // self.size, (self.xy[:, 0] - ox) // self.size], axis=1).astype(int)
+
+    def index_at(self, x: float, y: float) -> int | None:
+        inside = ((self.xy[:, 0] <= x) & (x < self.xy[:, 0] + self.size) &
+                  (self.xy[:, 1] <= y) & (y < self.xy[:, 1] + self.size))
+        hit = np.flatnonzero(inside)
+        return int(hit[0]) if hit.size else None
+
+
+def grid_of(tile_ids: list[str], xy: np.ndarray, size: int) -> Grid:
+    xy = np.asarray(xy, dtype=np.int64).reshape(-1, 2)
+    if not len(xy):
+        return Grid([], xy, int(size), (0, 0), (0, 0))
+    origin = (int(xy[:, 0].min() % size), int(xy[:, 1].min() % size))
+    rows = int((xy[:, 1].max() - origin[1]) // size) + 1
+    cols = int((xy[:, 0].max() - origin[0]) // size) + 1
+    return Grid(list(tile_ids), xy, int(size), origin, (rows, cols))
