@@ -277,7 +277,8 @@ class HeadsConfig(_Section):
     """Slide-level heads trained by patient-level cross-validation on a feature view."""
 
     tasks: tuple[Literal["tumor", "subtype", "de"], ...] = ("tumor", "subtype", "de")
-    aggregators: tuple[Literal["attention", "mean", "max"], ...] = ("attention", "mean", "max")
+    # guided: subtype and DE read from slide vectors pooled by the tumour head's attention (histcode.heads.guided)
+    aggregators: tuple[Literal["attention", "mean", "max", "guided"], ...] = ("attention", "mean", "max", "guided")
     de_mode: Literal["multitask", "per_gene"] = "multitask"  # per_gene: the paper's one regression per gene
     epochs: Pixels = 40
     min_epochs: Pixels = 10  # no early stopping before this many epochs

@@ -22,6 +22,7 @@ import pandas as pd
 
 from histcode.features.registry import FeatureView
 from histcode.heads.cv import CVResult, fit_on, validation
+from histcode.heads.fit import GUIDED
 from histcode.heads.data import Bag
 from histcode.heads.models import WithTileScores
 from histcode.heads.names import MODEL_NAMES
@@ -159,11 +160,12 @@ def _number(tags: dict, key: str) -> float:
 
 
 def register_final(tracker: Tracker, data: TaskData, bags: dict[str, Bag], aggregator: str, hcfg, view: FeatureView,
-                   labels: dict, tag: str, run_id: str, score: float) -> Registered:
+                   labels: dict, tag: str, run_id: str, score: float, guides=None) -> Registered:
     """The final model of (task, aggregator) for the run ``run_id``: the version the run already registered
     (a run a crash left unended gets its version's tags and is ended), else fitted on every labelled slide
     (early stopping on an inner patient split, whose validation score is tagged on the version), logged to the
-    run and registered. Sets no alias (``promote`` does). The run ends FINISHED."""
+    run and registered. Sets no alias (``promote`` does). The run ends FINISHED. ``guides``: fold -> tumour guide
+    (``histcode.heads.guided``), needed by ``guided`` only."""
     name = MODEL_NAMES[data.name]
     tags = _version_tags(data, aggregator, view, labels, tag, score)
     version = registered_version(tracker, data.name, run_id)
@@ -176,7 +178,8 @@ def register_final(tracker: Tracker, data: TaskData, bags: dict[str, Bag], aggre
         known = tracker.client.get_model_version(name, version).tags
         return Registered(version, _number(known, "val_score"), _number(known, "val_loss"))
     with tracker.closing(tracker.reopen_run(run_id)):
-        head, _, val_idx = fit_on(data, bags, np.arange(len(data.slide_ids)), aggregator, hcfg, hcfg.seed)
+        guide = guides(None) if aggregator == GUIDED else None
+        head, _, val_idx = fit_on(data, bags, np.arange(len(data.slide_ids)), aggregator, hcfg, hcfg.seed, guide)
         val = validation(data, bags, head, val_idx)
         _, version = tracker.log_torch_model(run_id, WithTileScores(head.model), "head", (view.dim,), None, name,
                                              version_tags={**tags, **val})

@@ -25,6 +25,7 @@ from histcode.features.upkeep import tag_version
 from histcode.heads import CODE_VERSION
 from histcode.heads.cv import CVResult, cross_validate
 from histcode.heads.data import load_bags
+from histcode.heads.guided import TumourGuides
 from histcode.heads.masks import attention_mask_auc
 from histcode.heads.select import BEST, choose, chosen_counts, select_per_fold
 from histcode.heads.tasks import TASKS, task_data
@@ -174,21 +175,22 @@ def train_heads(ws: Workspace, cfg: HistcodeConfig, tasks: tuple[str, ...] | Non
     masks = {s["slide_id"]: s for s in catalog.slides(status="ok")}
     params = {"heads": hcfg.model_dump(mode="json"), "encoder": encoder_tags.get("encoder")}  # logged on every run
     context = (tracker, view, labels, tag, params, docs, cohorts, strict)
+    guides = _LazyGuides(catalog, bags, hcfg)  # tumour heads per outer fold, fitted only if ``guided`` runs
     for task in tasks:
         data = task_data(catalog, task, bags)
         results, registered = {}, {}
         for aggregator in aggregators:
             if aggregator not in TASKS[task].aggregators:
-                continue  # e.g. max-instance MIL has no fold-change form
+                continue  # e.g. max-instance MIL has no fold-change form, the tumour task no tumour guide
             fingerprint = _fingerprint(view, state, label_version, cfg, (task,), (aggregator,))
-            result, run_id, mask_auc, reused = _cv_run(context, fingerprint, force, data, aggregator,
-                                                       lambda a=aggregator: cross_validate(data, bags, a, hcfg, strict),
-                                                       bags, masks)
+            result, run_id, mask_auc, reused = _cv_run(
+                context, fingerprint, force, data, aggregator,
+                lambda a=aggregator: cross_validate(data, bags, a, hcfg, strict, guides), bags, masks)
             _record(report, result, run_id, mask_auc, reused)
             results[aggregator] = result
             if hcfg.register_models:
                 registered[aggregator] = register_final(tracker, data, bags, aggregator, hcfg, view, labels, tag,
-                                                        run_id, result.score)
+                                                        run_id, result.score, guides)
                 report.versions[f"{task}/{aggregator}"] = registered[aggregator].version
             elif reused and tracker.client.get_run(run_id).info.status != "FINISHED":
                 tracker.end_run(run_id)  # its cross-validation was complete: adopted as it is
@@ -206,6 +208,18 @@ def train_heads(ws: Workspace, cfg: HistcodeConfig, tasks: tuple[str, ...] | Non
             report.promotions[task] = _set_aliases(tracker, task, registered, results, report.best[task], best.score,
                                                    label_version, ablation, hcfg.promote)
     return report
+
+
+class _LazyGuides:
+    """``TumourGuides`` over the tumour task's labelled slides, built on first use."""
+
+    def __init__(self, catalog: Catalog, bags: dict, cfg) -> None:
+        self.catalog, self.bags, self.cfg, self._guides = catalog, bags, cfg, None
+
+    def __call__(self, fold: int | None):
+        if self._guides is None:
+            self._guides = TumourGuides(task_data(self.catalog, "tumor", self.bags), self.bags, self.cfg)
+        return self._guides(fold)
 
 
 def _cv_run(context, fingerprint: str, force: bool, data, aggregator: str, compute, bags, masks):

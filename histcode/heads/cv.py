@@ -10,15 +10,28 @@ patient-level bootstrap intervals.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
+from torch import nn
 
 from histcode.config import HeadsConfig
 from histcode.heads.data import Bag, inner_split
-from histcode.heads.fit import FittedHead, fit_head
+from histcode.heads.fit import GUIDED, FittedHead, fit_head
 from histcode.heads.tasks import TaskData
+
+
+class Guide(Protocol):
+    """A fitted head whose attention pools the bags of another task, with the patients it was fitted on."""
+
+    model: nn.Module
+    patients: Collection[str]
+
+
+Guides = Callable[[int | None], Guide]
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +56,10 @@ class CVResult:
 
 
 def fit_on(task: TaskData, bags: dict[str, Bag], idx: np.ndarray, aggregator: str, cfg: HeadsConfig,
-           seed: int) -> tuple[FittedHead, np.ndarray, np.ndarray]:
+           seed: int, guide: Guide | None = None) -> tuple[FittedHead, np.ndarray, np.ndarray]:
     """Fit on the slides ``idx`` with an inner validation split; returns (head, train idx, val idx). The split
-    depends only on the slides, their strata and the seed, so every aggregator of a fold sees the same one."""
+    depends only on the slides, their strata and the seed, so every aggregator of a fold sees the same one.
+    ``guide``: the guide fitted on the same training patients (the ``guided`` aggregator's pooling)."""
     kind = task.kind
     strata = kind.strata(task, idx)
     if kind.needs_every_class and len(np.unique(strata)) < 2:
@@ -60,7 +74,12 @@ def fit_on(task: TaskData, bags: dict[str, Bag], idx: np.ndarray, aggregator: st
     train_idx, val_idx = idx[tr], idx[va]
     feats = [bags[task.slide_ids[i]].features for i in range(len(task.slide_ids))]
     pairs = lambda ids: list(zip([feats[i] for i in ids], kind.targets(task, ids)))  # noqa: E731
-    head = fit_head(kind, aggregator, pairs(train_idx), pairs(val_idx), task.shape, cfg, seed)
+    if guide is not None:  # the guide must not have seen a patient this fit holds out (a test fold)
+        held = set(guide.patients) & (set(task.patients) - set(task.patients[idx]))
+        if held:
+            raise RuntimeError(f"{task.name}: the guide was fitted on patients {sorted(held)[:5]} this fit must not see")
+    head = fit_head(kind, aggregator, pairs(train_idx), pairs(val_idx), task.shape, cfg, seed,
+                    guide.model if guide is not None else None)
     return head, train_idx, val_idx
 
 
@@ -76,9 +95,10 @@ def validation(task: TaskData, bags: dict[str, Bag], head: FittedHead, val_idx: 
 
 
 def cross_validate(task: TaskData, bags: dict[str, Bag], aggregator: str, cfg: HeadsConfig,
-                   strict_folds: frozenset[int] = frozenset()) -> CVResult:
+                   strict_folds: frozenset[int] = frozenset(), guides: Guides | None = None) -> CVResult:
     """``strict_folds``: folds whose patients the encoder was not pretrained on (pretrain.exclude_test_folds);
-    their pooled test metrics are kept apart in ``result.strict``."""
+    their pooled test metrics are kept apart in ``result.strict``. ``guides``: outer fold (None: every slide) ->
+    the guide fitted on that fold's training patients (``histcode.heads.guided``), for ``guided``."""
     kind = task.kind
     tested = kind.tested(task)
     result = CVResult(tested, aggregator)
@@ -90,7 +110,8 @@ def cross_validate(task: TaskData, bags: dict[str, Bag], aggregator: str, cfg: H
         if len(test_idx) == 0 or len(rest) == 0:
             continue
         fold_task = kind.for_fold(task, k)
-        head, train_idx, val_idx = fit_on(fold_task, bags, rest, aggregator, cfg, cfg.seed + k)
+        guide = guides(k) if guides is not None and aggregator == GUIDED else None
+        head, train_idx, val_idx = fit_on(fold_task, bags, rest, aggregator, cfg, cfg.seed + k, guide)
         shared = set(task.patients[test_idx]) & set(task.patients[np.concatenate([train_idx, val_idx])])
         if shared:
             raise RuntimeError(f"fold {k}: patients {sorted(shared)} are in both the test fold and training")

@@ -1,8 +1,9 @@
 """Fitting one head on training bags with early stopping on validation bags, and predicting with it.
 
 Aggregators: ``attention`` (CLAM_SB; the multi-task DE head for the DE task), ``max`` (max-instance MIL; class
-tasks only) and ``mean`` (mean-pooled slide vectors into scikit-learn: logistic regression for classes, ridge
-regression for log2FC). Torch heads train one bag at a time with Adam on ``heads.device`` (CUDA when present
+tasks only), ``mean`` (mean-pooled slide vectors into scikit-learn: logistic regression for classes, ridge
+regression for log2FC) and ``guided`` (the same linear models over slide vectors pooled by a tumour head's
+attention, for the tasks read from the tumour: subtype and DE; ``histcode.heads.guided``). Torch heads train one bag at a time with Adam on ``heads.device`` (CUDA when present
 under ``auto``; each bag is moved there once, not per epoch); the state with the lowest validation loss is kept,
 training stops ``patience`` epochs after it (never before ``min_epochs``), and the fitted model comes back on the
 CPU for export and prediction. As CLAM trains at scale: tile features standardised with the training bags' tile
@@ -26,6 +27,8 @@ from histcode.heads.models import MultiTaskDE
 from histcode.runtime import resolve_device
 
 log = logging.getLogger(__name__)
+
+GUIDED = "guided"  # a linear model over bags pooled by the tumour head's attention (``GuidedLinear``)
 
 
 class PerGeneDE(nn.Module):
@@ -64,9 +67,13 @@ class MeanPoolLinear(nn.Module):
             self.register_buffer("de_weight", f(de_weight))  # (genes, 3, dim)
             self.register_buffer("de_bias", f(de_bias))  # (genes, 3); -inf for absent classes, NaN: no model
 
+    def pool(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slide vector, each tile's weight in it): the mean of the tiles."""
+        return bag.mean(dim=0), torch.full((bag.shape[0],), 1.0 / bag.shape[0], dtype=bag.dtype)
+
     def forward(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = (bag.mean(dim=0) - self.mean) / self.scale
-        attention = torch.full((bag.shape[0],), 1.0 / bag.shape[0], dtype=bag.dtype)
+        vector, attention = self.pool(bag)
+        z = (vector - self.mean) / self.scale
         if not self.de:
             return torch.softmax(z @ self.weight.T + self.bias, dim=-1), attention
         fc = z @ self.weight.T + self.bias
@@ -78,6 +85,36 @@ class MeanPoolLinear(nn.Module):
         z = (bag - self.mean) / self.scale
         out = z @ self.weight.T + self.bias
         return out if self.de else torch.softmax(out, dim=-1)
+
+
+class GuidedLinear(MeanPoolLinear):
+    """A linear model over slide vectors pooled by another head's attention (the tumour head's: ``guided``):
+    the vector is sum_i a_i h_i over the raw tile vectors, a_i the guide's attention, so a tumour's subtype or
+    expression is read from the tiles the tumour head finds, not diluted by the benign tissue around them. The
+    guide is frozen and travels inside the module; the attention it returns is the guide's."""
+
+    def __init__(self, guide: nn.Module, *linear, **de) -> None:
+        super().__init__(*linear, **de)
+        self.guide = guide.eval().requires_grad_(False)
+
+    def pool(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return guided_pool(self.guide, bag)
+
+
+def guided_pool(guide: nn.Module, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_i a_i h_i, a): the bag pooled by the attention ``a`` of ``guide`` (a head: bag -> (outputs, a))."""
+    attention = guide(bag)[1]
+    return attention @ bag, attention
+
+
+def pool_bags(bags: list[np.ndarray], guide: nn.Module | None = None) -> np.ndarray:
+    """Slide vectors (n, dim): each bag's mean, or its ``guide``-attention-weighted sum of tiles."""
+    if guide is None:
+        return np.stack([bag.mean(axis=0) for bag in bags])
+    guide.eval()
+    with torch.no_grad():
+        pooled = [guided_pool(guide, torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32)))[0] for b in bags]
+    return np.stack([v.numpy() for v in pooled])
 
 
 class Standardised(nn.Module):
@@ -141,12 +178,16 @@ class FittedHead:
 
 
 def fit_head(kind, aggregator: str, train: list[tuple[np.ndarray, object]], val: list[tuple[np.ndarray, object]],
-             shape: dict[str, int], cfg: HeadsConfig, seed: int) -> FittedHead:
+             shape: dict[str, int], cfg: HeadsConfig, seed: int, guide: nn.Module | None = None) -> FittedHead:
     """``kind``: the task kind (``histcode.heads.tasks``), which builds the model, scores a bag against its
     target and fits the mean-pool head; ``train`` / ``val``: (bag features, target) pairs; ``shape``: the task's
-    output sizes (classes, genes)."""
+    output sizes (classes, genes); ``guide``: the head whose attention pools the bags of ``guided``."""
     if aggregator == "mean":
         return FittedHead("mean", kind.fit_mean(train, seed).eval())
+    if aggregator == GUIDED:
+        if guide is None:
+            raise ValueError("the guided aggregator needs a guide: a tumour head fitted on the same training patients")
+        return FittedHead(GUIDED, kind.fit_mean(train, seed, guide).eval())
     torch.manual_seed(seed)
     device = resolve_device(cfg.device)
     in_dim = train[0][0].shape[1]
@@ -186,11 +227,11 @@ def fit_head(kind, aggregator: str, train: list[tuple[np.ndarray, object]], val:
     return FittedHead(aggregator, model, epoch, best)
 
 
-def _standardised_means(train: list[tuple[np.ndarray, object]]):
-    """Mean-pooled bags, standardised: (z, the fitted scaler's mean, its scale with zeros replaced by 1)."""
+def _standardised_means(train: list[tuple[np.ndarray, object]], guide: nn.Module | None = None):
+    """Pooled bags (``pool_bags``), standardised: (z, the fitted scaler's mean, its scale with zeros replaced by 1)."""
     from sklearn.preprocessing import StandardScaler
 
-    x = np.stack([bag.mean(axis=0) for bag, _ in train])
+    x = pool_bags([bag for bag, _ in train], guide)
     scaler = StandardScaler().fit(x)
     return scaler.transform(x), scaler.mean_, np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
 
@@ -207,23 +248,27 @@ def _logits(clf, n_classes: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
     return w, b
 
 
-def fit_mean_classes(train: list[tuple[np.ndarray, object]], seed: int) -> MeanPoolLinear:
-    """Logistic regression on standardised mean-pooled bags; targets are class ids."""
+def _linear(guide: nn.Module | None, *params, **de) -> MeanPoolLinear:
+    return MeanPoolLinear(*params, **de) if guide is None else GuidedLinear(guide, *params, **de)
+
+
+def fit_mean_classes(train: list[tuple[np.ndarray, object]], seed: int, guide: nn.Module | None = None) -> MeanPoolLinear:
+    """Logistic regression on standardised pooled bags (mean, or ``guide``'s attention); targets are class ids."""
     from sklearn.linear_model import LogisticRegression
 
-    z, mean, scale = _standardised_means(train)
+    z, mean, scale = _standardised_means(train, guide)
     y = np.array([int(t) for _, t in train])
     clf = LogisticRegression(max_iter=2000, random_state=seed).fit(z, y)
     w, b = _logits(clf, int(y.max()) + 1, z.shape[1])
-    return MeanPoolLinear(mean, scale, w, b)
+    return _linear(guide, mean, scale, w, b)
 
 
-def fit_mean_de(train: list[tuple[np.ndarray, object]], seed: int) -> MeanPoolLinear:
-    """Ridge regression of log2FC and a logistic regression per classified gene; targets are (log2FC, class
-    ids) per gene."""
+def fit_mean_de(train: list[tuple[np.ndarray, object]], seed: int, guide: nn.Module | None = None) -> MeanPoolLinear:
+    """Ridge regression of log2FC and a logistic regression per classified gene on standardised pooled bags (mean,
+    or ``guide``'s attention); targets are (log2FC, class ids) per gene."""
     from sklearn.linear_model import LogisticRegression, Ridge
 
-    z, mean, scale = _standardised_means(train)
+    z, mean, scale = _standardised_means(train, guide)
     fc = np.stack([t[0] for _, t in train])
     cls = np.stack([t[1] for _, t in train])
     ridge = Ridge(alpha=10.0).fit(z, np.nan_to_num(fc))
@@ -234,4 +279,4 @@ def fit_mean_de(train: list[tuple[np.ndarray, object]], seed: int) -> MeanPoolLi
         if known.sum() and len(np.unique(cls[known, g])) > 1:
             clf = LogisticRegression(max_iter=2000, random_state=seed).fit(z[known], cls[known, g])
             de_w[g], de_b[g] = _logits(clf, 3, z.shape[1])
-    return MeanPoolLinear(mean, scale, ridge.coef_, ridge.intercept_, de_w, de_b)
+    return _linear(guide, mean, scale, ridge.coef_, ridge.intercept_, de_weight=de_w, de_bias=de_b)

@@ -1,9 +1,9 @@
 """Task kinds: what a head learns from a slide and how it is scored, as objects instead of name checks.
 
 - ``ClassTask`` (tumour vs normal, LUAD vs LUSC): class ids as targets, stratified inner splits, CLAM_SB /
-  max-instance / mean-pool logistic heads, AUC / accuracy / balanced accuracy / F1 with bootstrap intervals.
+  max-instance / mean-pool logistic heads (for LUAD vs LUSC also the tumour-guided logistic head), AUC / accuracy / balanced accuracy / F1 with bootstrap intervals.
 - ``DETask`` (differential expression of the driver panel): per gene (log2FC, up/unchanged/down id) as
-  targets, the multi-task (or per-gene) attention head or mean-pool ridge + logistic heads, per-gene AUC,
+  targets, the multi-task (or per-gene) attention head or mean-pool / tumour-guided ridge + logistic heads, per-gene AUC,
   Pearson and Spearman; control genes (``labels.control_genes``: no morphological signal expected) are scored
   apart from the rest and take no part in choosing a model.
 
@@ -27,7 +27,7 @@ from torch import nn
 from histcode.config import HeadsConfig, LabelsConfig
 from histcode.heads import metrics
 from histcode.heads.data import Bag
-from histcode.heads.fit import PerGeneDE, fit_mean_classes, fit_mean_de
+from histcode.heads.fit import GUIDED, PerGeneDE, fit_mean_classes, fit_mean_de
 from histcode.heads.strata import fraction_strata, tumour_fractions
 from histcode.heads.models import CLAMSingleBranch, MaxInstance, MultiTaskDE
 from histcode.labels.barcodes import NORMAL
@@ -103,7 +103,8 @@ class TaskKind:
         """The model's training loss on one bag (a tensor on the model's device) and its target."""
         raise NotImplementedError
 
-    def fit_mean(self, train: list[tuple[np.ndarray, object]], seed: int) -> nn.Module:
+    def fit_mean(self, train: list[tuple[np.ndarray, object]], seed: int, guide: nn.Module | None = None) -> nn.Module:
+        """The linear head over pooled bags: mean-pooled, or pooled by ``guide``'s attention (``guided``)."""
         raise NotImplementedError
 
     def score(self, data: TaskData, idx: np.ndarray, outputs: list) -> dict[str, float]:
@@ -175,8 +176,8 @@ class ClassTask(TaskKind):
     def loss(self, model: nn.Module, bag: torch.Tensor, target) -> torch.Tensor:
         return model.loss(bag, int(target))
 
-    def fit_mean(self, train: list[tuple[np.ndarray, object]], seed: int) -> nn.Module:
-        return fit_mean_classes(train, seed)
+    def fit_mean(self, train: list[tuple[np.ndarray, object]], seed: int, guide: nn.Module | None = None) -> nn.Module:
+        return fit_mean_classes(train, seed, guide)
 
     def score(self, data: TaskData, idx: np.ndarray, outputs: list) -> dict[str, float]:
         if len(idx) == 0:
@@ -213,6 +214,7 @@ class SubtypeTask(ClassTask):
     """The subtype (LUAD vs LUSC), on tumour slides whose subtype is known."""
 
     subtyping = True
+    aggregators = ("attention", "mean", "max", GUIDED)  # guided: pooled by the tumour head's attention
 
     def labelled(self, labels: pd.DataFrame) -> tuple[pd.DataFrame, tuple[str, ...], np.ndarray]:
         frame = labels[(labels.tumor == True) & labels.subtype.notna()]  # noqa: E712 -- nullable column
@@ -224,7 +226,7 @@ class DETask(TaskKind):
     """Differential expression of every panel gene against the matched (or cohort) normal, on tumour slides."""
 
     name = "de"
-    aggregators = ("attention", "mean")  # max-instance MIL has no fold-change form
+    aggregators = ("attention", "mean", GUIDED)  # max-instance MIL has no fold-change form
 
     def load(self, catalog: Catalog, bags: dict[str, Bag]) -> TaskData:
         _, folds = _labels_and_folds(catalog, bags)
@@ -299,8 +301,8 @@ class DETask(TaskKind):
         fc, cls = target
         return model.loss(bag, torch.tensor(fc, device=bag.device), torch.tensor(cls, device=bag.device).long())
 
-    def fit_mean(self, train: list[tuple[np.ndarray, object]], seed: int) -> nn.Module:
-        return fit_mean_de(train, seed)
+    def fit_mean(self, train: list[tuple[np.ndarray, object]], seed: int, guide: nn.Module | None = None) -> nn.Module:
+        return fit_mean_de(train, seed, guide)
 
     def gene_rows(self, data: TaskData, idx: np.ndarray, outputs: list) -> list[dict]:
         out = np.stack([outputs[i] for i in idx])  # (n, genes, 4)
