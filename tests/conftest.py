@@ -142,7 +142,7 @@ def copy_workspace(tmp_path):
     return _copy
 
 
-TINY_HEADS = {"epochs": 30, "patience": 8, "bootstrap": 50, "aggregators": ["attention", "mean"], "k_sample": 2}
+TINY_HEADS = {"epochs": 30, "patience": 8, "bootstrap": 50, "aggregators": ["attention", "mean", "guided"], "k_sample": 2}
 
 
 # The heads need more patients than the tiny cohort has for cross-validation to mean anything: 10 patients,

@@ -128,8 +128,15 @@ def test_demo_command_end_to_end(tmp_path) -> None:
     retrieval = json.loads((ws / "metrics" / "retrieval.json").read_text())
     assert set(retrieval["poolings"]) == {"mean", "attention"}
     assert set(heads["best"]) == {"tumor", "subtype", "de"} and (ws / "metrics" / "plots" / "roc").is_dir()
-    again = invoke(ws, "demo", "--workers", "1")
-    assert again.exit_code == 0
+    before = _tree(ws)
+    again = invoke(ws, "demo", "--workers", "1")  # the workspace is as the complete run left it: the stamp says so
+    assert again.exit_code == 0 and "Up to date" in again.stdout and "Demo pipeline done" in again.stdout
+    assert "encoder: adco (2 steps" in again.stdout  # the complete run's own summary
+    assert _tree(ws) == before  # nothing opened for writing, nothing touched
+    heatmap = next((ws / "outputs" / "heatmaps").rglob("*.png"))
+    os.utime(heatmap, ns=(heatmap.stat().st_atime_ns, heatmap.stat().st_mtime_ns + 1))  # any file of the state
+    again = invoke(ws, "demo", "--workers", "1", "--recheck")  # every stage asked, each finds its work done
+    assert again.exit_code == 0 and "Up to date" not in again.stdout
     rerun = json.loads((ws / "metrics" / "tiling.json").read_text())
     assert rerun["tiled_now"] == 0 and rerun["skipped"] == tiling["slides"] and rerun["tiles"] == tiling["tiles"]
     assert "encoder: adco (up to date, reused)" in again.stdout
@@ -141,6 +148,14 @@ def test_demo_command_end_to_end(tmp_path) -> None:
     client = MlflowClient(tracking_uri=Workspace(ws).mlflow_uri)
     assert len(client.search_runs([client.get_experiment_by_name("retrieval").experiment_id])) == 2
     assert runs_left_running(Workspace(ws)) == []
+    assert "Up to date" in invoke(ws, "demo", "--workers", "1").stdout  # the rechecking run stamped its state
+    heatmap.write_bytes(heatmap.read_bytes() + b"\0")  # a changed output: every stage is asked again
+    assert "Up to date" not in invoke(ws, "demo", "--workers", "1").stdout
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["heads"]["epochs"] = 6  # a changed parameter: the stamp no longer holds (the heads retrain)
+    (ws / "params.yaml").write_text(yaml.safe_dump(params))
+    changed = invoke(ws, "demo", "--workers", "1")
+    assert changed.exit_code == 0 and "Up to date" not in changed.stdout and "heads (pooled CV) (up to date" not in changed.stdout
     _copied_workspace_is_self_contained(ws, tmp_path / "copy")
 
 

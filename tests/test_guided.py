@@ -89,6 +89,14 @@ def test_guides_never_see_the_test_fold_and_fit_on_refuses_one_that_did() -> Non
         fit_on(subtype, bags, rest, GUIDED, CFG, 0)
     with pytest.raises(ValueError, match="tumour head"):
         TumourGuides(subtype, bags, CFG)
+    only_tumours = np.flatnonzero(tumour.y == 1)
+    with pytest.raises(ValueError, match="tumour only"):  # a cohort without normal slides has nothing to guide by
+        TumourGuides(_subset(tumour, only_tumours), bags, CFG)
+
+
+def _subset(task: TaskData, idx: np.ndarray) -> TaskData:
+    return TaskData(task.name, [task.slide_ids[i] for i in idx], task.patients[idx], task.folds[idx], task.y[idx],
+                    task.classes)
 
 
 def test_guided_reads_the_subtype_of_small_foci_that_mean_pooling_misses() -> None:

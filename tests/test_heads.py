@@ -118,6 +118,7 @@ def test_tumour_auc_on_the_demo_cohort_is_far_above_chance(headed_workspace) -> 
     runs = summary["runs"]
     assert runs["tumor/mean"]["auc"] >= 0.9 and runs["tumor/attention"]["auc"] >= 0.75
     assert set(summary["best"]) == {"tumor", "subtype", "de"} and "mean_gene_auc" in runs["de/attention"]
+    assert "tumor/guided" not in runs and runs["subtype/guided"]["version"] and "mean_gene_auc" in runs["de/guided"]
     from mlflow import MlflowClient
 
     uri = headed_workspace.mlflow_uri
@@ -154,8 +155,8 @@ def test_registry_round_trip(headed_workspace) -> None:
     assert out.shape == (len(best.genes), 4)
 
 
-@pytest.mark.parametrize("task", ["tumor", "subtype", "de"])
-@pytest.mark.parametrize("aggregator", ["attention", "mean"])
+@pytest.mark.parametrize(("task", "aggregator"), [(t, a) for t in ("tumor", "subtype", "de") for a in ("attention", "mean")]
+                         + [("subtype", "guided"), ("de", "guided")])
 def test_registered_heads_score_every_tile_in_one_pass_as_bags_of_one(headed_workspace, task: str,
                                                                      aggregator: str) -> None:
     """The exported head's per-tile output is, for each tile, what the head says of a bag of that tile alone

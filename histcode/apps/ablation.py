@@ -36,7 +36,7 @@ def _encoder_version(ws: Workspace, cfg: HistcodeConfig, method: str) -> str:
 
 
 def run_ablation(ws: Workspace, cfg: HistcodeConfig, methods: tuple[str, ...] = METHODS,
-                 aggregators: tuple[str, ...] = ("mean", "attention"), tasks: tuple[str, ...] | None = None) -> list[HeadsReport]:
+                 aggregators: tuple[str, ...] = ("mean", "attention", "guided"), tasks: tuple[str, ...] | None = None) -> list[HeadsReport]:
     reports = []
     for method in methods:
         version = _encoder_version(ws, cfg, method)

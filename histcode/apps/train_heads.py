@@ -25,6 +25,7 @@ from histcode.features.upkeep import tag_version
 from histcode.heads import CODE_VERSION
 from histcode.heads.cv import CVResult, cross_validate
 from histcode.heads.data import load_bags
+from histcode.heads.fit import GUIDED
 from histcode.heads.guided import TumourGuides
 from histcode.heads.masks import attention_mask_auc
 from histcode.heads.select import BEST, choose, chosen_counts, select_per_fold
@@ -182,6 +183,8 @@ def train_heads(ws: Workspace, cfg: HistcodeConfig, tasks: tuple[str, ...] | Non
         for aggregator in aggregators:
             if aggregator not in TASKS[task].aggregators:
                 continue  # e.g. max-instance MIL has no fold-change form, the tumour task no tumour guide
+            if aggregator == GUIDED and not guides.available(task):
+                continue
             fingerprint = _fingerprint(view, state, label_version, cfg, (task,), (aggregator,))
             result, run_id, mask_auc, reused = _cv_run(
                 context, fingerprint, force, data, aggregator,
@@ -220,6 +223,16 @@ class _LazyGuides:
         if self._guides is None:
             self._guides = TumourGuides(task_data(self.catalog, "tumor", self.bags), self.bags, self.cfg)
         return self._guides(fold)
+
+    def available(self, task: str) -> bool:
+        """Whether a tumour head can guide (the final one is fitted here); if not, ``task``'s guided head is
+        skipped with the reason (e.g. a cohort without normal slides has no tumour task)."""
+        try:
+            self(None)
+        except ValueError as exc:
+            log.warning("%s/%s skipped: no tumour head to guide it (%s)", task, GUIDED, exc)
+            return False
+        return True
 
 
 def _cv_run(context, fingerprint: str, force: bool, data, aggregator: str, compute, bags, masks):

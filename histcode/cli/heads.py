@@ -13,7 +13,7 @@ from histcode.cli.common import config_of, fail, slide_sources, terminal, worksp
 def heads(
     ctx: typer.Context,
     task: Annotated[Optional[list[str]], typer.Option("--task", help="tumor | subtype | de (repeatable; default heads.tasks).")] = None,
-    aggregator: Annotated[Optional[list[str]], typer.Option("--aggregator", help="attention | mean | max (repeatable).")] = None,
+    aggregator: Annotated[Optional[list[str]], typer.Option("--aggregator", help="attention | mean | max | guided (repeatable).")] = None,
     view: Annotated[Optional[str], typer.Option(help="Feature view id (default: heads.view, else features.encoder's view).")] = None,
     report: Annotated[Optional[Path], typer.Option(help="Write a JSON summary here (default: metrics/heads.json).")] = None,
     plots: Annotated[Optional[Path], typer.Option(help="Folder for ROC and per-gene CSVs (default: metrics/plots).")] = None,
@@ -124,7 +124,7 @@ def predict(
 def ablation(
     ctx: typer.Context,
     method: Annotated[Optional[list[str]], typer.Option("--method", help="random | simclr | moco | adco (repeatable).")] = None,
-    aggregator: Annotated[Optional[list[str]], typer.Option("--aggregator", help="mean | attention | max (repeatable).")] = None,
+    aggregator: Annotated[Optional[list[str]], typer.Option("--aggregator", help="mean | attention | max | guided (repeatable; default mean, attention, guided).")] = None,
     task: Annotated[Optional[list[str]], typer.Option("--task", help="tumor | subtype | de (repeatable).")] = None,
 ) -> None:
     """The paper's ablation grid, encoder x aggregator, as comparable MLflow runs (experiment 'heads')."""
@@ -138,7 +138,7 @@ def ablation(
     ws = workspace_of(ctx)
     cfg = config_of(ws)
     try:
-        reports = run_ablation(ws, cfg, tuple(method or METHODS), tuple(aggregator or ("mean", "attention")),
+        reports = run_ablation(ws, cfg, tuple(method or METHODS), tuple(aggregator or ("mean", "attention", "guided")),
                                tuple(task) if task else None)
     except LabelGateError as exc:
         fail(str(exc))

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from histcode.apps.done_stamp import fingerprint, read_stamp, write_stamp
 from histcode.cli.common import config_of, fail, print_frame, slide_sources, terminal, workspace_of
 
 
@@ -118,23 +119,47 @@ def slides(
 def demo(
     ctx: typer.Context,
     workers: Annotated[int, typer.Option(help="Processes for writing the demo slides.")] = 2,
+    recheck: Annotated[bool, typer.Option("--recheck", help="Ask every stage whether it is done, even when the "
+                                          "workspace is exactly as a complete demo run left it.")] = False,
 ) -> None:
-    """Run the whole pipeline on the demo cohort with the workspace's params.yaml."""
+    """Run the whole pipeline on the demo cohort with the workspace's params.yaml. A workspace exactly as a
+    complete run left it (same params, code and stores) is reported up to date without opening anything."""
+    ws = workspace_of(ctx)
+    cfg = config_of(ws)
+    console = terminal()
+    stamped = _demo_fingerprint(ws, cfg)
+    stamp = None if recheck else read_stamp(ws.root, stamped)
+    if stamp is not None:
+        console.print(f"[bold]Up to date[/]: params, code, slides and stores are as the complete demo run of "
+                      f"{stamp['finished']} left them; nothing to do (`histcode demo --recheck` asks every stage). "
+                      "Its summary:", soft_wrap=True)
+        console.print(stamp["summary"], soft_wrap=True)
+        return
     from histcode.apps.demo import run_demo
     from histcode.tracking import telemetry_off
     from histcode.views import ingest_table, next_steps, tiling_table
 
     telemetry_off()
-    ws = workspace_of(ctx)
-    cfg = config_of(ws)
     outcome = run_demo(ws, cfg, workers=workers)
-    console = terminal()
     if outcome.ingest.failed:
         console.print(ingest_table(outcome.ingest))
     console.print(tiling_table(outcome.tiling))
-    console.print(next_steps(ws, outcome), soft_wrap=True)
+    summary = next_steps(ws, outcome)
+    console.print(summary, soft_wrap=True)
     if outcome.failed:
         raise typer.Exit(1)
+    write_stamp(ws.root, _demo_fingerprint(ws, cfg), summary)  # after the run's last write
+
+
+def _demo_fingerprint(ws, cfg) -> str:
+    """``histcode.apps.done_stamp.fingerprint`` of the workspace with its config and the demo's source tiles."""
+    from histcode.workspace import bundled_source_dir
+
+    try:
+        source = ws.path(cfg.demo.source_dir) if cfg.demo.source_dir else bundled_source_dir()
+    except FileNotFoundError:
+        source = None  # the demo itself says what is missing
+    return fingerprint(ws.root, cfg.model_dump(mode="json"), source)
 
 
 COMMANDS = (

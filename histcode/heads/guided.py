@@ -45,6 +45,10 @@ class TumourGuides:
     def __init__(self, tumour: TaskData, bags: dict[str, Bag], cfg: HeadsConfig) -> None:
         if tumour.name != "tumor":
             raise ValueError(f"a guide is a tumour head; got the {tumour.name!r} task")
+        present = sorted({tumour.classes[int(c)] for c in tumour.y})
+        if len(present) < 2:
+            raise ValueError(f"a tumour head needs tumour and normal slides; the labelled slides are "
+                             f"{', '.join(present) or 'none'} only")
         self.tumour, self.bags, self.cfg = tumour, bags, cfg
         self._fitted: dict[int | None, FittedGuide] = {}
 

@@ -1,0 +1,110 @@
+"""One cheap answer to "would the demo do any work?", checked before anything heavy is imported.
+
+Every stage of the demo skips what is done, but asking each stage means importing torch, MLflow, LanceDB and
+kornia and opening every store (about 9 s of a 4-minute demo on the 2-core machine). A complete demo run
+therefore leaves a stamp (``outputs/.demo-done.json``) holding a fingerprint of everything its work depends on:
+
+- the effective configuration (the workspace's params.yaml over the defaults, every section);
+- the code: the content of every module of the ``histcode`` package, and the versions of the libraries that
+  shape results (torch, torchvision, kornia, scikit-learn, lancedb, duckdb, mlflow, openslide);
+- the workspace's state: the path, size and modification time of every file under ``data/`` (the demo cohort,
+  the catalog, the vector store), ``mlruns/``, ``metrics/`` and ``outputs/`` (server logs and the stamp itself
+  left out), and of the demo's source tiles.
+
+A rerun whose fingerprint equals the stamp's has nothing to do (the stores are exactly as the complete run left
+them, so every stage would skip) and says so with the stored summary; any other run goes through the stages, and
+a complete one writes the stamp anew. A command that writes to the workspace (``histcode pretrain``, ``heads``,
+a Prefect run, ``dvc repro``) changes a file's size or time, so the next demo checks every stage again. Nothing
+here imports more than the standard library.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from importlib import metadata
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+STAMP = ".demo-done.json"
+STATE_DIRS = ("data", "mlruns", "metrics", "outputs")  # under the workspace root
+SKIPPED = ("outputs/logs",)  # written by servers while nothing about the results changes
+LIBRARIES = ("torch", "torchvision", "kornia", "scikit-learn", "lancedb", "pylance", "duckdb", "mlflow",
+             "openslide-python", "numpy")
+PACKAGE = Path(__file__).resolve().parents[1]  # the histcode package
+
+
+def _walk(root: Path, skip: tuple[Path, ...]) -> list[tuple[str, int, int]]:
+    """(path, size, mtime_ns) of every file under ``root`` (sorted, symlinks followed as files), ``skip`` left out."""
+    out = []
+    for folder, dirs, files in os.walk(root):
+        here = Path(folder)
+        dirs[:] = sorted(d for d in dirs if here / d not in skip)
+        for name in sorted(files):
+            path = here / name
+            if path in skip:
+                continue
+            try:
+                st = path.stat()
+            except FileNotFoundError:  # removed while walking (a temporary file)
+                continue
+            out.append((str(path), st.st_size, st.st_mtime_ns))
+    return out
+
+
+def _code_digest() -> str:
+    h = hashlib.sha1()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        h.update(str(path.relative_to(PACKAGE)).encode())
+        h.update(path.read_bytes())
+    for name in LIBRARIES:
+        try:
+            h.update(f"{name}={metadata.version(name)}".encode())
+        except metadata.PackageNotFoundError:
+            h.update(f"{name}=absent".encode())
+    return h.hexdigest()
+
+
+def fingerprint(root: Path, config: dict, source_dir: Path | None) -> str:
+    """The fingerprint of a workspace's demo inputs and state (see the module's docstring)."""
+    root = root.resolve()
+    skip = tuple(root / s for s in SKIPPED) + (root / "outputs" / STAMP,)
+    h = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode())
+    h.update(_code_digest().encode())
+    for folder in STATE_DIRS:
+        for row in _walk(root / folder, skip):
+            h.update(repr(row).encode())
+    if source_dir is not None and not source_dir.resolve().is_relative_to(root):
+        for row in _walk(source_dir.resolve(), ()):
+            h.update(repr(row).encode())
+    return h.hexdigest()
+
+
+def stamp_path(root: Path) -> Path:
+    return root / "outputs" / STAMP
+
+
+def read_stamp(root: Path, current: str) -> dict | None:
+    """The stamp when its fingerprint is ``current`` (nothing to do), else None."""
+    path = stamp_path(root)
+    try:
+        stamp = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return stamp if stamp.get("fingerprint") == current else None
+
+
+def write_stamp(root: Path, current: str, summary: str) -> Path:
+    """Record a complete run: its fingerprint (taken after its last write) and the summary it printed."""
+    path = stamp_path(root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"fingerprint": current, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                               "summary": summary}, indent=1))
+    os.replace(tmp, path)  # never a half-written stamp
+    log.debug("demo stamp %s written", path)
+    return path
