@@ -193,6 +193,12 @@ def test_a_selective_filter_is_searched_exactly_and_a_broad_one_through_the_inde
         exact, _ = _cosine_topk(data[allowed].astype(np.float64), data[q], 10)
         got = searcher.nearest(data[q], 10, where).column("tile_id").to_pylist()
         assert got == [f"t{allowed[i]}" for i in exact]
+    own = allowed[3]  # a query tile inside the filter is left out of its own hits, which stay k and ranked
+    others = allowed[allowed != own]
+    exact, _ = _cosine_topk(data[others].astype(np.float64), data[own], 10)
+    hits = searcher.nearest(data[own], 10, where, exclude=f"t{own}")
+    assert hits.column("tile_id").to_pylist() == [f"t{others[i]}" for i in exact]
+    assert hits.column("rank").to_pylist() == list(range(1, 11))
 
 
 def test_slide_batches_and_shards_keep_slides_whole(tiled_workspace) -> None:

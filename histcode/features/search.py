@@ -81,13 +81,8 @@ def search(ws: Workspace, view: FeatureView, cfg: FeaturesConfig, *, slide_id: s
     table = view_table(ws, view, kind, as_of)
     if slide_id is not None:
         return nearest_slides(table, slide_id, k, where, centring, view, slide_vectors)
-    filters = [f"({where})"] if where else []
-    if tile_id is not None:
-        vector = _vector_of(table, "tile_id", tile_id, view)
-        filters.append(f"tile_id != {quote_literal(tile_id)}")
-    else:
-        vector = embed_image(ws, view, Path(image))
-    return nearest(table, vector, k, " AND ".join(filters) or None, cfg)
+    vector = _vector_of(table, "tile_id", tile_id, view) if tile_id is not None else embed_image(ws, view, Path(image))
+    return nearest(table, vector, k, where, cfg, exclude=tile_id)
 
 
 def nearest_slides(table, slide_id: str, k: int, where: str | None, centring: Centring,
@@ -161,18 +156,25 @@ class TileSearcher:
             query["ef"] = max(cfg.hnsw_ef, k * (cfg.refine_factor or 1))  # HNSW needs ef >= the candidates asked
         return query
 
-    def nearest(self, vector: np.ndarray, k: int, where: str | None = None) -> pa.Table:
-        """The k rows nearest to ``vector``, ranked (``rank``, ``distance``), without the vectors and sizes."""
+    def nearest(self, vector: np.ndarray, k: int, where: str | None = None, exclude: str | None = None) -> pa.Table:
+        """The k rows nearest to ``vector``, ranked (``rank``, ``distance``), without the vectors and sizes;
+        ``exclude``: a tile id left out of the hits (the query tile itself). It is left out by asking for k + 1
+        and dropping it, not by a ``tile_id !=`` filter, which Lance evaluates on every row before the search
+        (measured in benchmarks/search.py)."""
+        ask = k + 1 if exclude is not None else k
         try:
             if self.selective(where):
-                hits = self._exact(vector, k, where)
+                hits = self._exact(vector, ask, where)
             else:
                 hits = self.dataset.to_table(columns=self.columns, filter=where, prefilter=bool(where),
-                                             nearest=self.query(vector, k, where))
+                                             nearest=self.query(vector, ask, where))
         except Exception as exc:  # lance reports filter errors as several exception types
             raise SearchError(f"search failed (check the filter {where!r}): {exc}") from exc
         hits = hits.rename_columns(["distance" if c == "_distance" else c for c in hits.column_names])
         hits = hits.sort_by("distance")
+        if exclude is not None:
+            keep = np.flatnonzero(np.asarray(hits.column("tile_id").to_pylist(), dtype=object) != exclude)[:k]
+            hits = hits.take(pa.array(keep, pa.int64()))
         ranks = pa.array(np.arange(1, hits.num_rows + 1, dtype=np.int32))
         return hits.add_column(0, "rank", ranks)
 
@@ -201,8 +203,9 @@ class TileSearcher:
         return hits.add_column(at, "size", sizes)
 
 
-def nearest(table, vector: np.ndarray, k: int, where: str | None, cfg: FeaturesConfig) -> pa.Table:
-    """One query: the k rows of a Lance table nearest to ``vector`` by cosine distance, with their sizes where the
-    table has them (see ``TileSearcher``)."""
+def nearest(table, vector: np.ndarray, k: int, where: str | None, cfg: FeaturesConfig,
+            exclude: str | None = None) -> pa.Table:
+    """One query: the k rows of a Lance table nearest to ``vector`` by cosine distance (``exclude``: a tile id
+    left out), with their sizes where the table has them (see ``TileSearcher``)."""
     searcher = TileSearcher(table, cfg)
-    return searcher.with_sizes(searcher.nearest(vector, k, where))
+    return searcher.with_sizes(searcher.nearest(vector, k, where, exclude))

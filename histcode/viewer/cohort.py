@@ -241,9 +241,7 @@ class ViewerData:
         selects; ``SearchError`` for a bad filter."""
         tile = self.tile(view, tile_id)
         searcher = self._searcher(view)
-        filters = [f"({where})"] if where else []
-        filters.append(f"tile_id != {quote_literal(tile_id)}")
-        hits = searcher.with_sizes(searcher.nearest(tile["vector"], k, " AND ".join(filters)))
+        hits = searcher.with_sizes(searcher.nearest(tile["vector"], k, where, exclude=tile_id))
         keep = [c for c in ("rank", "tile_id", "slide_id", "patient_id", "x", "y", "size", "distance") if c in hits.column_names]
         return hits.select(keep).to_pylist()
 
