@@ -3,8 +3,9 @@
 Aggregators: ``attention`` (CLAM_SB; the multi-task DE head for the DE task), ``max`` (max-instance MIL; class
 tasks only), ``mean`` (mean-pooled slide vectors into scikit-learn: logistic regression for classes, ridge
 regression for log2FC) and ``guided`` (the same linear models over slide vectors pooled by a tumour head's
-attention, for the tasks read from the tumour: subtype and DE; ``histcode.heads.guided``). Torch heads train one bag at a time with Adam on ``heads.device`` (CUDA when present
-under ``auto``; each bag is moved there once, not per epoch); the state with the lowest validation loss is kept,
+attention, for the tasks read from the tumour: subtype and DE; ``histcode.heads.guided``). Torch heads train one
+bag at a time with Adam on ``heads.device`` (CUDA when present under ``auto``; each bag is moved there once, not
+per epoch); the state with the lowest validation loss is kept,
 training stops ``patience`` epochs after it (never before ``min_epochs``), and the fitted model comes back on the
 CPU for export and prediction. As CLAM trains at scale: tile features standardised with the training bags' tile
 mean and one sd, or per feature (``standardise``; the statistics are buffers of the exported model, so prediction applies the same),
