@@ -90,7 +90,7 @@ def test_guides_never_see_the_test_fold_and_fit_on_refuses_one_that_did() -> Non
     with pytest.raises(ValueError, match="tumour head"):
         TumourGuides(subtype, bags, CFG)
     only_tumours = np.flatnonzero(tumour.y == 1)
-    with pytest.raises(ValueError, match="tumour only"):  # a cohort without normal slides has nothing to guide by
+    with pytest.raises(ValueError, match="tumour and normal slides"):  # a cohort without normal slides has nothing to guide by
         TumourGuides(_subset(tumour, only_tumours), bags, CFG)
 
 

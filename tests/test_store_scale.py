@@ -103,7 +103,8 @@ def test_bags_are_read_a_few_slides_at_a_time_and_match_the_whole_view(embedded_
     for sid, g in whole.groupby("slide_id"):
         g = g.sort_values(["y", "x"])
         bag = bags[sid]
-        assert bag.tile_ids == g.tile_id.tolist() and bag.patient_id == g.patient_id.iloc[0]
+        assert list(bag.tile_ids) == g.tile_id.tolist() and bag.patient_id == g.patient_id.iloc[0]
+        assert bag.tile_ids == g.tile_id.tolist() and bag.tile_ids[-1] == g.tile_id.iloc[-1]  # a sequence of str
         np.testing.assert_array_equal(bag.features, np.stack(g.vector.to_numpy()).astype(np.float32))
         np.testing.assert_array_equal(bag.xy, g[["x", "y"]].to_numpy())
         assert bag.size == int(g["size"].iloc[0]) and isinstance(bag.features, np.ndarray)

@@ -1,18 +1,21 @@
 """Bags of tile embeddings per slide, and inner validation splits of a training fold.
 
 Bags are built slide by slide: the view's tile table is read a few whole slides at a time (through its
-``slide_id`` index) and the vectors are appended to one float32 file that the bags then memory-map, so building
-the training set holds one chunk of vectors in memory whatever the cohort's size; the operating system pages
-the vectors in as training touches them. The file is unlinked as soon as it is mapped (nothing is left behind).
+``slide_id`` index) and the vectors, tile corners and tile ids are appended to files that the bags then
+memory-map, so building the training set holds one chunk in memory whatever the cohort's size; the operating
+system pages the data in as training touches it. The files are unlinked as soon as they are mapped (nothing is
+left behind).
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
 from histcode.features.read import slide_chunks, view_table
 from histcode.features.registry import FeatureView
@@ -22,48 +25,88 @@ from histcode.workspace import Workspace
 CHUNK_ROWS = 20_000  # tiles read per chunk while building bags (40 MB of vectors at 512-d)
 
 
+class TileIds(Sequence[str]):
+    """A bag's tile ids, read on access from bytes and offsets kept in memory-mapped files (so the training set of
+    a cohort holds no Python string per tile); compares equal to a list or tuple of the same ids."""
+
+    def __init__(self, data: np.ndarray, offsets: np.ndarray) -> None:
+        self._data, self._offsets = data, offsets  # offsets: len + 1 positions into data
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"tile {i} of a bag of {n}")
+        i %= n
+        return self._data[self._offsets[i]:self._offsets[i + 1]].tobytes().decode()
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and not isinstance(other, str) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"TileIds({len(self)} tiles)"
+
+
 @dataclass
 class Bag:
     slide_id: str
     patient_id: str
     features: np.ndarray  # (n_tiles, dim) float32
-    tile_ids: list[str]
+    tile_ids: Sequence[str]
     xy: np.ndarray  # (n_tiles, 2) level-0 corners
     size: int
 
 
 def load_bags(ws: Workspace, view: FeatureView, as_of: int | str | None = None,
               slide_ids: list[str] | None = None, chunk_rows: int = CHUNK_ROWS) -> dict[str, Bag]:
-    """The bags of ``slide_ids`` (default: every slide of the view), one per slide, tiles in (y, x) order; their
-    features are views of one copy-on-write memory map (writes stay in memory, never reach the file)."""
+    """The bags of ``slide_ids`` (default: every slide of the view), one per slide, tiles in (y, x) order. Their
+    features, corners and tile ids are views of memory maps of files written chunk by chunk and unlinked at once
+    (features copy-on-write: writes stay in memory, never reach the file), so what the training set holds in
+    memory does not grow with the cohort; the operating system pages the data in as it is touched."""
     table = view_table(ws, view, TILE_KIND, as_of)
     ws.data_dir.mkdir(parents=True, exist_ok=True)
-    fd, path = tempfile.mkstemp(prefix="bags-", suffix=".f32", dir=ws.data_dir)
-    spans: list[tuple[str, str, int, int, list[str], np.ndarray, int]] = []
-    total = 0
+    files = {name: tempfile.mkstemp(prefix=f"bags-{name}-", suffix=".bin", dir=ws.data_dir)
+             for name in ("vectors", "xy", "ids", "offsets")}
+    spans: list[tuple[str, str, int, int, int]] = []  # slide, patient, first and end tile, size
+    total = id_bytes = 0
     try:
-        with os.fdopen(fd, "wb") as out:
+        out = {name: os.fdopen(fd, "wb") for name, (fd, _) in files.items()}
+        with out["vectors"], out["xy"], out["ids"], out["offsets"]:
             for chunk in slide_chunks(table, slide_ids, chunk_rows):
                 vectors = chunk.column("vector").combine_chunks()
-                flat = vectors.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-                flat.tofile(out)  # no extra copy
+                vectors.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).tofile(out["vectors"])
+                xy = np.stack([chunk.column("x").to_numpy(), chunk.column("y").to_numpy()], axis=1)
+                xy.astype(np.int64).tofile(out["xy"])
+                ids = chunk.column("tile_id").combine_chunks().cast(pa.large_binary())
+                offsets = np.frombuffer(ids.buffers()[1], dtype=np.int64)[ids.offset:ids.offset + len(ids) + 1]
+                if offsets[-1] > offsets[0]:
+                    out["ids"].write(memoryview(ids.buffers()[2])[offsets[0]:offsets[-1]])
+                (offsets[:-1] - offsets[0] + id_bytes).tofile(out["offsets"])
+                id_bytes += int(offsets[-1] - offsets[0])
                 sids = chunk.column("slide_id").to_numpy(zero_copy_only=False)
                 starts = np.flatnonzero(np.r_[True, sids[1:] != sids[:-1]])
                 ends = np.r_[starts[1:], len(sids)]
-                meta = chunk.select(["tile_id", "patient_id", "x", "y", "size"])
+                patients, sizes = chunk.column("patient_id"), chunk.column("size")
                 for a, b in zip(starts.tolist(), ends.tolist()):
-                    part = meta.slice(a, b - a)
-                    xy = np.stack([part.column("x").to_numpy(), part.column("y").to_numpy()], axis=1)
-                    spans.append((str(sids[a]), part.column("patient_id")[0].as_py(), total + a, total + b,
-                                  part.column("tile_id").to_pylist(), xy, int(part.column("size")[0].as_py())))
+                    spans.append((str(sids[a]), patients[a].as_py(), total + a, total + b, int(sizes[a].as_py())))
                 total += len(sids)
+            np.array([id_bytes], dtype=np.int64).tofile(out["offsets"])
         if not total:
             return {}
-        features = np.memmap(path, dtype=np.float32, mode="c", shape=(total, view.dim))
+        features = np.memmap(files["vectors"][1], dtype=np.float32, mode="c", shape=(total, view.dim))
+        corners = np.memmap(files["xy"][1], dtype=np.int64, mode="r", shape=(total, 2))
+        offsets = np.memmap(files["offsets"][1], dtype=np.int64, mode="r", shape=(total + 1,))
+        data = np.memmap(files["ids"][1], dtype=np.uint8, mode="r") if id_bytes else np.zeros(0, np.uint8)
     finally:
-        os.unlink(path)  # the mapping keeps the data; nothing is left on disk once the bags are dropped
-    return {sid: Bag(sid, patient, features[a:b].view(np.ndarray), tile_ids, xy, size)
-            for sid, patient, a, b, tile_ids, xy, size in spans}
+        for _, path in files.values():
+            os.unlink(path)  # the mappings keep the data; nothing is left on disk once the bags are dropped
+    return {sid: Bag(sid, patient, features[a:b].view(np.ndarray), TileIds(data, offsets[a:b + 1]),
+                     corners[a:b].view(np.ndarray), size)
+            for sid, patient, a, b, size in spans}
 
 
 def inner_split(patients: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
