@@ -12,7 +12,9 @@ workspace. The table grows by upserts of whole slides; at each size in ``--sizes
     ``when_not_matched_by_source_delete`` scans the table), unless ``--no-legacy``;
   - per-slide read ms (``tile_features(slide_ids=[one])``, median over 5 slides);
   - peak RSS of building the heads' training set (``load_bags``, in a fresh spawned process, above what the
-    process held after its imports, sampled every 5 ms) against reading the whole view into pandas (the previous ``load_bags``);
+    process held after its imports, sampled every 5 ms; malloc arenas capped as the CLI caps them,
+    ``histcode.runtime.limit_malloc_arenas``, and again with glibc's default arenas) against reading the whole
+    view into pandas (the previous ``load_bags``);
   - the catalog's ``tiles`` table at that many rows: file size and query times.
 Then the ratios last : first. Several GB of disk at 2M x 512; removed at the end.
 """
@@ -65,13 +67,16 @@ def _rss_mb() -> float:
         return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def _peak_rss(root: str, dim: int, mode: str, queue) -> None:
+def _peak_rss(root: str, dim: int, mode: str, queue, arenas: bool = True) -> None:
     import threading
 
     from histcode.features.read import tile_features
     from histcode.heads.data import load_bags
+    from histcode.runtime import limit_malloc_arenas
     from histcode.workspace import Workspace
 
+    if arenas:
+        limit_malloc_arenas()  # as the histcode CLI and the flows do at start
     ws = Workspace(Path(root))
     base = _rss_mb()  # after the imports
     peak = [base]
@@ -96,10 +101,10 @@ def _peak_rss(root: str, dim: int, mode: str, queue) -> None:
     queue.put((max(peak[0], _rss_mb()) - base, seconds, n))
 
 
-def peak_rss(root: Path, dim: int, mode: str) -> tuple[float, float, int]:
+def peak_rss(root: Path, dim: int, mode: str, arenas: bool = True) -> tuple[float, float, int]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_peak_rss, args=(str(root), dim, mode, queue))
+    proc = ctx.Process(target=_peak_rss, args=(str(root), dim, mode, queue, arenas))
     proc.start()
     out = queue.get()
     proc.join()
@@ -209,24 +214,26 @@ def main() -> None:
         picks = rng.integers(0, next_slide, 5)
         reads = [median_time(lambda s=s: tile_features(ws, view, slide_ids=[f"BENCH-{s:07d}"]), 1) for s in picks]
         bags_rss, bags_s, n_bags = peak_rss(root, args.dim, "bags")
+        glibc_rss, _, _ = peak_rss(root, args.dim, "bags", arenas=False)
         whole_rss, whole_s, _ = peak_rss(root, args.dim, "pandas")
         cat_mb, cat_one, cat_group = catalog_figures(root, rows_now, per)
         row = {"rows": rows_now, "new_s": float(np.median(times_new)), "replace_s": float(np.median(times_replace)),
                "legacy_s": legacy, "read_ms": float(np.median(reads)) * 1000, "bags_rss": bags_rss, "bags_s": bags_s,
-               "whole_rss": whole_rss, "whole_s": whole_s, "cat_mb": cat_mb, "cat_one": cat_one,
+               "whole_rss": whole_rss, "whole_s": whole_s, "glibc_rss": glibc_rss, "cat_mb": cat_mb, "cat_one": cat_one,
                "cat_group": cat_group, "unindexed": unindexed_rows(table), "grow_s": grow_s}
         assert n_bags == rows_now, (n_bags, rows_now)
         results.append(row)
         print(f"{rows_now:>9,} rows (grown in {grow_s:6.1f} s): commit new {row['new_s']:.3f} s, replace "
               f"{row['replace_s']:.3f} s, legacy {legacy:.3f} s; slide read {row['read_ms']:.1f} ms; training set "
-              f"peak RSS {bags_rss:.0f} MB ({bags_s:.1f} s) vs whole view in pandas {whole_rss:.0f} MB "
+              f"peak RSS {bags_rss:.0f} MB ({bags_s:.1f} s; {glibc_rss:.0f} MB with glibc's default arenas) vs whole view in pandas {whole_rss:.0f} MB "
               f"({whole_s:.1f} s); catalog {cat_mb:.0f} MB, one slide {cat_one:.1f} ms, per-slide counts "
               f"{cat_group:.1f} ms; {row['unindexed']:,} rows unindexed", flush=True)
     first, last = results[0], results[-1]
     print(f"\nratios {last['rows']:,} : {first['rows']:,} rows (goal for commits <= 1.5)")
     for key, name in [("new_s", "commit of new slides"), ("replace_s", "commit replacing slides"),
                       ("legacy_s", "legacy commit"), ("read_ms", "per-slide read"),
-                      ("bags_rss", "training-set peak RSS"), ("whole_rss", "whole view in pandas, peak RSS"),
+                      ("bags_rss", "training-set peak RSS"), ("glibc_rss", "the same, glibc's default arenas"),
+                      ("whole_rss", "whole view in pandas, peak RSS"),
                       ("cat_one", "catalog, one slide's tiles"), ("cat_group", "catalog, tiles per slide")]:
         if first[key] == first[key]:  # not NaN
             print(f"  {name:34s} {last[key] / first[key]:6.2f} : 1   ({first[key]:.3f} -> {last[key]:.3f})")

@@ -21,4 +21,7 @@ def run_flow_from_argv(flow, argv: list[str] | None = None):
         else:
             convert = int if "int" in kind else float if "float" in kind else str
             parser.add_argument(flag, dest=name, type=convert, default=param.default)
+    from histcode.runtime import limit_malloc_arenas
+
+    limit_malloc_arenas()  # as the CLI does, before any store is read
     return flow(**vars(parser.parse_args(argv)))

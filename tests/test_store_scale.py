@@ -3,6 +3,8 @@ slide's rows through them, maintenance scheduled by size, and training bags buil
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -111,3 +113,19 @@ def test_bags_are_read_a_few_slides_at_a_time_and_match_the_whole_view(embedded_
     assert not list(ws.data_dir.glob("bags-*"))  # the mapped file is unlinked at once
     some = sorted(slides)[:2]
     assert set(load_bags(ws, view, slide_ids=some)) == set(some)
+
+
+def test_malloc_arenas_are_capped_unless_the_user_set_them() -> None:
+    """The CLI caps glibc's malloc arenas before any store is read (Lance's reader threads otherwise grow the
+    process by fragmentation); a MALLOC_ARENA_MAX in the environment is left to glibc."""
+    import subprocess
+    import sys
+
+    code = "from histcode.runtime import limit_malloc_arenas; print(limit_malloc_arenas())"
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    capped = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert capped.stdout.strip() == "True"  # glibc, as on every machine this project runs on
+    user = subprocess.run([sys.executable, "-c", code], env={**env, "MALLOC_ARENA_MAX": "4"}, capture_output=True,
+                          text=True, check=True)
+    assert user.stdout.strip() == "False"
+

@@ -42,6 +42,9 @@ def _terminate(signum, frame) -> None:  # noqa: ANN001 -- signal handler signatu
 def main() -> None:
     import signal
 
+    from histcode.runtime import limit_malloc_arenas
+
+    limit_malloc_arenas()  # before any store is read: see its docstring
     signal.signal(signal.SIGTERM, _terminate)  # `kill PID`, a scheduler's cancel: end cleanly, not mid-write
     try:
         app()
