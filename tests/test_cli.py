@@ -133,6 +133,8 @@ def test_demo_command_end_to_end(tmp_path) -> None:
     assert again.exit_code == 0 and "Up to date" in again.stdout and "Demo pipeline done" in again.stdout
     assert "encoder: adco (2 steps" in again.stdout  # the complete run's own summary
     assert _tree(ws) == before  # nothing opened for writing, nothing touched
+    recheck = invoke(ws, "demo", "--workers", "1", "--recheck")  # the same untouched workspace, every stage asked
+    assert recheck.exit_code == 0 and "Up to date" not in recheck.stdout and "(up to date, reused)" in recheck.stdout
     heatmap = next((ws / "outputs" / "heatmaps").rglob("*.png"))
     os.utime(heatmap, ns=(heatmap.stat().st_atime_ns, heatmap.stat().st_mtime_ns + 1))  # any file of the state
     again = invoke(ws, "demo", "--workers", "1", "--recheck")  # every stage asked, each finds its work done

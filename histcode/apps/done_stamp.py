@@ -9,7 +9,10 @@ therefore leaves a stamp (``outputs/.demo-done.json``) holding a fingerprint of 
   shape results (torch, torchvision, kornia, scikit-learn, lancedb, duckdb, mlflow, openslide);
 - the workspace's state: the path, size and modification time of every file under ``data/`` (the demo cohort,
   the catalog, the vector store), ``mlruns/``, ``metrics/`` and ``outputs/`` (server logs and the stamp itself
-  left out), and of the demo's source tiles.
+  left out; symlinked folders followed), and of every input the config names wherever it lies (the demo cohort's
+  folder, its source tiles, the expression matrix, the probe's tiles);
+- where the stores are. A workspace whose vectors or runs live elsewhere (``HISTCODE_LANCEDB_URI``,
+  ``HISTCODE_MLFLOW_URI``) is never stamped: their state cannot be seen from here, so every run asks the stages.
 
 A rerun whose fingerprint equals the stamp's has nothing to do (the stores are exactly as the complete run left
 them, so every stage would skip) and says so with the stored summary; any other run goes through the stages, and
@@ -25,6 +28,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
 
@@ -39,10 +43,19 @@ PACKAGE = Path(__file__).resolve().parents[1]  # the histcode package
 
 
 def _walk(root: Path, skip: tuple[Path, ...]) -> list[tuple[str, int, int]]:
-    """(path, size, mtime_ns) of every file under ``root`` (sorted, symlinks followed as files), ``skip`` left out."""
-    out = []
-    for folder, dirs, files in os.walk(root):
+    """(path, size, mtime_ns) of every file under ``root`` (or of ``root`` itself, a file), sorted, ``skip`` left
+    out; symlinked folders are followed, each real folder once."""
+    if root.is_file():
+        st = root.stat()
+        return [(str(root), st.st_size, st.st_mtime_ns)]
+    out, seen = [], set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
         here = Path(folder)
+        real = os.path.realpath(here)
+        if real in seen:  # a link back into a folder already walked
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = sorted(d for d in dirs if here / d not in skip)
         for name in sorted(files):
             path = here / name
@@ -50,7 +63,7 @@ def _walk(root: Path, skip: tuple[Path, ...]) -> list[tuple[str, int, int]]:
                 continue
             try:
                 st = path.stat()
-            except FileNotFoundError:  # removed while walking (a temporary file)
+            except FileNotFoundError:  # removed while walking (a temporary file), or a dangling link
                 continue
             out.append((str(path), st.st_size, st.st_mtime_ns))
     return out
@@ -69,18 +82,23 @@ def _code_digest() -> str:
     return h.hexdigest()
 
 
-def fingerprint(root: Path, config: dict, source_dir: Path | None) -> str:
-    """The fingerprint of a workspace's demo inputs and state (see the module's docstring)."""
+def fingerprint(root: Path, config: dict, inputs: Iterable[Path], stores: dict[str, str]) -> str:
+    """The fingerprint of a workspace's demo inputs and state (see the module's docstring). ``inputs``: the
+    files and folders the config names (the demo cohort, its source tiles, the expression matrix, the probe's
+    tiles), walked unless they lie inside the state folders; ``stores``: where the vectors and runs live."""
     root = root.resolve()
+    state = tuple(root / folder for folder in STATE_DIRS)
     skip = tuple(root / s for s in SKIPPED) + (root / "outputs" / STAMP,)
-    h = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode())
+    h = hashlib.sha1(json.dumps({"config": config, "stores": stores}, sort_keys=True, default=str).encode())
     h.update(_code_digest().encode())
-    for folder in STATE_DIRS:
-        for row in _walk(root / folder, skip):
+    for folder in state:
+        for row in _walk(folder, skip):
             h.update(repr(row).encode())
-    if source_dir is not None and not source_dir.resolve().is_relative_to(root):
-        for row in _walk(source_dir.resolve(), ()):
-            h.update(repr(row).encode())
+    for path in sorted({Path(os.path.abspath(p)) for p in inputs}):
+        h.update(str(path).encode())
+        if path.exists() and not any(path.is_relative_to(folder) for folder in state):
+            for row in _walk(path, ()):
+                h.update(repr(row).encode())
     return h.hexdigest()
 
 

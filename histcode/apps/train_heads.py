@@ -219,16 +219,19 @@ class _LazyGuides:
     def __init__(self, catalog: Catalog, bags: dict, cfg) -> None:
         self.catalog, self.bags, self.cfg, self._guides = catalog, bags, cfg, None
 
-    def __call__(self, fold: int | None):
+    def _built(self) -> TumourGuides:
         if self._guides is None:
             self._guides = TumourGuides(task_data(self.catalog, "tumor", self.bags), self.bags, self.cfg)
-        return self._guides(fold)
+        return self._guides
+
+    def __call__(self, fold: int | None):
+        return self._built()(fold)
 
     def available(self, task: str) -> bool:
-        """Whether a tumour head can guide (the final one is fitted here); if not, ``task``'s guided head is
-        skipped with the reason (e.g. a cohort without normal slides has no tumour task)."""
+        """Whether a tumour head can guide (the tumour task has tumour and normal slides; nothing is fitted
+        here); if not, ``task``'s guided head is skipped with the reason."""
         try:
-            self(None)
+            self._built()
         except ValueError as exc:
             log.warning("%s/%s skipped: no tumour head to guide it (%s)", task, GUIDED, exc)
             return False

@@ -127,8 +127,8 @@ def demo(
     ws = workspace_of(ctx)
     cfg = config_of(ws)
     console = terminal()
-    stamped = _demo_fingerprint(ws, cfg)
-    stamp = None if recheck else read_stamp(ws.root, stamped)
+    local = ws.mlflow_is_local and ws.lancedb_uri == str(ws.lancedb_dir)  # remote stores: their state is unseen
+    stamp = None if recheck or not local else read_stamp(ws.root, _demo_fingerprint(ws, cfg))
     if stamp is not None:
         console.print(f"[bold]Up to date[/]: params, code, slides and stores are as the complete demo run of "
                       f"{stamp['finished']} left them; nothing to do (`histcode demo --recheck` asks every stage). "
@@ -148,18 +148,23 @@ def demo(
     console.print(summary, soft_wrap=True)
     if outcome.failed:
         raise typer.Exit(1)
-    write_stamp(ws.root, _demo_fingerprint(ws, cfg), summary)  # after the run's last write
+    if local:
+        write_stamp(ws.root, _demo_fingerprint(ws, cfg), summary)  # after the run's last write
 
 
 def _demo_fingerprint(ws, cfg) -> str:
-    """``histcode.apps.done_stamp.fingerprint`` of the workspace with its config and the demo's source tiles."""
+    """``histcode.apps.done_stamp.fingerprint`` of the workspace with its config, the inputs the config names and
+    where its stores are."""
     from histcode.workspace import bundled_source_dir
 
-    try:
-        source = ws.path(cfg.demo.source_dir) if cfg.demo.source_dir else bundled_source_dir()
-    except FileNotFoundError:
-        source = None  # the demo itself says what is missing
-    return fingerprint(ws.root, cfg.model_dump(mode="json"), source)
+    inputs = [ws.path(cfg.demo.out_dir), ws.path(cfg.labels.expression)]
+    for source in (cfg.demo.source_dir, cfg.pretrain.probe.source_dir):
+        try:
+            inputs.append(ws.path(source) if source else bundled_source_dir())
+        except FileNotFoundError:
+            pass  # no bundled tiles: the demo itself says what is missing
+    return fingerprint(ws.root, cfg.model_dump(mode="json"), inputs,
+                       {"mlflow": ws.mlflow_uri, "lancedb": ws.lancedb_uri})
 
 
 COMMANDS = (

@@ -69,12 +69,14 @@ def load_bags(ws: Workspace, view: FeatureView, as_of: int | str | None = None,
     memory does not grow with the cohort; the operating system pages the data in as it is touched."""
     table = view_table(ws, view, TILE_KIND, as_of)
     ws.data_dir.mkdir(parents=True, exist_ok=True)
-    files = {name: tempfile.mkstemp(prefix=f"bags-{name}-", suffix=".bin", dir=ws.data_dir)
-             for name in ("vectors", "xy", "ids", "offsets")}
+    files: dict[str, tuple[int, str]] = {}
     spans: list[tuple[str, str, int, int, int]] = []  # slide, patient, first and end tile, size
     total = id_bytes = 0
     try:
-        out = {name: os.fdopen(fd, "wb") for name, (fd, _) in files.items()}
+        out = {}
+        for name in ("vectors", "xy", "ids", "offsets"):
+            files[name] = tempfile.mkstemp(prefix=f"bags-{name}-", suffix=".bin", dir=ws.data_dir)
+            out[name] = os.fdopen(files[name][0], "wb")
         with out["vectors"], out["xy"], out["ids"], out["offsets"]:
             for chunk in slide_chunks(table, slide_ids, chunk_rows):
                 vectors = chunk.column("vector").combine_chunks()
@@ -102,7 +104,9 @@ def load_bags(ws: Workspace, view: FeatureView, as_of: int | str | None = None,
         offsets = np.memmap(files["offsets"][1], dtype=np.int64, mode="r", shape=(total + 1,))
         data = np.memmap(files["ids"][1], dtype=np.uint8, mode="r") if id_bytes else np.zeros(0, np.uint8)
     finally:
-        for _, path in files.values():
+        for name, (_, path) in files.items():
+            if name in out and not out[name].closed:  # an error before the writes were closed
+                out[name].close()
             os.unlink(path)  # the mappings keep the data; nothing is left on disk once the bags are dropped
     return {sid: Bag(sid, patient, features[a:b].view(np.ndarray), TileIds(data, offsets[a:b + 1]),
                      corners[a:b].view(np.ndarray), size)

@@ -12,6 +12,11 @@ patients (the tumour task's own folds, planned per patient at labelling, so a pa
 are in one fold), with its own inner split for early stopping, exactly as the tumour task's cross-validation
 fits fold k; the final guided head is guided by a tumour head fitted on every slide. ``fit_on`` refuses a guide
 fitted on a patient it must not see.
+
+One asymmetry, stated: the fold-k guide is fitted on every patient outside fold k, so it has seen (by their
+tumour labels) the patients the subtype and DE fits hold out as their inner validation split. That split's
+scores, which choose among aggregators per fold, are therefore somewhat optimistic for ``guided``; the outer
+test folds, which every reported score (``best`` included) is pooled from, are untouched.
 """
 
 from __future__ import annotations
