@@ -59,9 +59,9 @@ def limit_malloc_arenas(arenas: int | None = None) -> bool:
     unless ``MALLOC_ARENA_MAX`` is set (the user's word wins). Lance reads on a pool of threads, each of which
     gets an arena of its own under glibc's default (8 per core) and keeps what it freed there, so a process
     that reads a large table chunk by chunk grows by the pool's fragmentation rather than by what it holds
-    (measured by benchmarks/store.py: reading a 1M-tile view 20k tiles at a time peaked at 801 MB and kept
-    growing, 602 MB and flat from the sixth chunk on with 2 arenas). Entry points call this once at start (the
-    CLI, the flows' command lines); returns whether the cap was set (False off glibc)."""
+    (benchmarks/store.py measures ``load_bags`` both ways: with glibc's default arenas its peak RSS grew 350 ->
+    733 MB from 30k to 2M tiles, capped it stayed at 495-498 MB from 120k on). Entry points call this once at
+    start (the CLI, the flows' command lines); returns whether the cap was set (False off glibc)."""
     import ctypes
     import ctypes.util
 
@@ -72,4 +72,3 @@ def limit_malloc_arenas(arenas: int | None = None) -> bool:
         return bool(libc.mallopt(M_ARENA_MAX, max(2, arenas or os.cpu_count() or 2)))
     except (OSError, AttributeError):  # not glibc (macOS, musl): its allocator, its defaults
         return False
-

@@ -18,6 +18,7 @@ from histcode.workspace import Workspace
 log = logging.getLogger(__name__)
 
 METHODS = ("random", "simclr", "moco", "adco")
+AGGREGATORS = ("mean", "attention", "guided")  # the grid's default aggregators
 
 
 def _encoder_version(ws: Workspace, cfg: HistcodeConfig, method: str) -> str:
@@ -36,7 +37,7 @@ def _encoder_version(ws: Workspace, cfg: HistcodeConfig, method: str) -> str:
 
 
 def run_ablation(ws: Workspace, cfg: HistcodeConfig, methods: tuple[str, ...] = METHODS,
-                 aggregators: tuple[str, ...] = ("mean", "attention", "guided"), tasks: tuple[str, ...] | None = None) -> list[HeadsReport]:
+                 aggregators: tuple[str, ...] = AGGREGATORS, tasks: tuple[str, ...] | None = None) -> list[HeadsReport]:
     reports = []
     for method in methods:
         version = _encoder_version(ws, cfg, method)

@@ -176,14 +176,15 @@ def train_heads(ws: Workspace, cfg: HistcodeConfig, tasks: tuple[str, ...] | Non
     masks = {s["slide_id"]: s for s in catalog.slides(status="ok")}
     params = {"heads": hcfg.model_dump(mode="json"), "encoder": encoder_tags.get("encoder")}  # logged on every run
     context = (tracker, view, labels, tag, params, docs, cohorts, strict)
-    guides = _LazyGuides(catalog, bags, hcfg)  # tumour heads per outer fold, fitted only if ``guided`` runs
+    guides, no_guide = _tumour_guides(catalog, bags, hcfg) if GUIDED in aggregators else (None, None)
     for task in tasks:
         data = task_data(catalog, task, bags)
         results, registered = {}, {}
         for aggregator in aggregators:
             if aggregator not in TASKS[task].aggregators:
                 continue  # e.g. max-instance MIL has no fold-change form, the tumour task no tumour guide
-            if aggregator == GUIDED and not guides.available(task):
+            if aggregator == GUIDED and guides is None:
+                log.warning("%s/%s skipped: no tumour head to guide it (%s)", task, GUIDED, no_guide)
                 continue
             fingerprint = _fingerprint(view, state, label_version, cfg, (task,), (aggregator,))
             result, run_id, mask_auc, reused = _cv_run(
@@ -213,29 +214,13 @@ def train_heads(ws: Workspace, cfg: HistcodeConfig, tasks: tuple[str, ...] | Non
     return report
 
 
-class _LazyGuides:
-    """``TumourGuides`` over the tumour task's labelled slides, built on first use."""
-
-    def __init__(self, catalog: Catalog, bags: dict, cfg) -> None:
-        self.catalog, self.bags, self.cfg, self._guides = catalog, bags, cfg, None
-
-    def _built(self) -> TumourGuides:
-        if self._guides is None:
-            self._guides = TumourGuides(task_data(self.catalog, "tumor", self.bags), self.bags, self.cfg)
-        return self._guides
-
-    def __call__(self, fold: int | None):
-        return self._built()(fold)
-
-    def available(self, task: str) -> bool:
-        """Whether a tumour head can guide (the tumour task has tumour and normal slides; nothing is fitted
-        here); if not, ``task``'s guided head is skipped with the reason."""
-        try:
-            self._built()
-        except ValueError as exc:
-            log.warning("%s/%s skipped: no tumour head to guide it (%s)", task, GUIDED, exc)
-            return False
-        return True
+def _tumour_guides(catalog: Catalog, bags: dict, cfg) -> tuple[TumourGuides | None, ValueError | None]:
+    """The tumour heads that guide ``guided`` (each fitted on first use), or None and why there can be none
+    (e.g. a cohort without normal slides)."""
+    try:
+        return TumourGuides(task_data(catalog, "tumor", bags), bags, cfg), None
+    except ValueError as exc:
+        return None, exc
 
 
 def _cv_run(context, fingerprint: str, force: bool, data, aggregator: str, compute, bags, masks):

@@ -128,7 +128,7 @@ def ablation(
     task: Annotated[Optional[list[str]], typer.Option("--task", help="tumor | subtype | de (repeatable).")] = None,
 ) -> None:
     """The paper's ablation grid, encoder x aggregator, as comparable MLflow runs (experiment 'heads')."""
-    from histcode.apps.ablation import METHODS, run_ablation
+    from histcode.apps.ablation import AGGREGATORS, METHODS, run_ablation
     from histcode.labels.run import LabelGateError
     from histcode.store.files import write_json
     from histcode.tracking import telemetry_off
@@ -138,7 +138,7 @@ def ablation(
     ws = workspace_of(ctx)
     cfg = config_of(ws)
     try:
-        reports = run_ablation(ws, cfg, tuple(method or METHODS), tuple(aggregator or ("mean", "attention", "guided")),
+        reports = run_ablation(ws, cfg, tuple(method or METHODS), tuple(aggregator or AGGREGATORS),
                                tuple(task) if task else None)
     except LabelGateError as exc:
         fail(str(exc))

@@ -1,10 +1,11 @@
 """Task kinds: what a head learns from a slide and how it is scored, as objects instead of name checks.
 
 - ``ClassTask`` (tumour vs normal, LUAD vs LUSC): class ids as targets, stratified inner splits, CLAM_SB /
-  max-instance / mean-pool logistic heads (for LUAD vs LUSC also the tumour-guided logistic head), AUC / accuracy / balanced accuracy / F1 with bootstrap intervals.
+  max-instance / mean-pool logistic heads (for LUAD vs LUSC also the tumour-guided logistic head), AUC /
+  accuracy / balanced accuracy / F1 with bootstrap intervals.
 - ``DETask`` (differential expression of the driver panel): per gene (log2FC, up/unchanged/down id) as
-  targets, the multi-task (or per-gene) attention head or mean-pool / tumour-guided ridge + logistic heads, per-gene AUC,
-  Pearson and Spearman; control genes (``labels.control_genes``: no morphological signal expected) are scored
+  targets, the multi-task (or per-gene) attention head or mean-pool / tumour-guided ridge + logistic heads,
+  per-gene AUC, Pearson and Spearman; control genes (``labels.control_genes``: no morphological signal expected) are scored
   apart from the rest and take no part in choosing a model.
 
 Each kind also selects its labelled slides from the catalog (``load``). ``TaskData`` is the loaded task:
