@@ -77,6 +77,8 @@ class IngestConfig(_Section):
     probe_reads: bool = True  # decode the corners of level 0 and the smallest level to catch truncated files
     cohort: str = "default"  # cohort of slides ingested without --cohort or a manifest cohort column
     extensions: tuple[str, ...] = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif")
+    # `histcode ingest --gdc`: FFPE diagnostic slides (DX), frozen sections (TS/BS/MS) or all
+    gdc_slide_type: Literal["dx", "frozen", "all"] = "dx"
 
 
 class CohortsConfig(_Section):
@@ -260,6 +262,11 @@ class LabelsConfig(_Section):
     expression: str = "data/demo/expression.tsv"  # genes x samples; .tsv, .csv or .parquet
     sample_sheet: str | None = None  # CSV: sample_id, patient_id[, slide_id, sample_type]; else TCGA barcode rules
     unit: Literal["TPM", "FPKM", "counts"] = "TPM"  # counts are scaled to counts per million before fold changes
+    # GDC downloads (`histcode labels ingest --gdc`): the STAR counts column read (its unit sets `unit`: tpm_* TPM,
+    # fpkm_* FPKM, the count columns counts) and whether genes are named by symbol or by Ensembl id without version
+    gdc_unit: Literal["unstranded", "stranded_first", "stranded_second", "tpm_unstranded", "fpkm_unstranded",
+                      "fpkm_uq_unstranded"] = "tpm_unstranded"
+    gdc_genes: Literal["symbol", "ensembl"] = "symbol"
     pseudo_count: Annotated[float, Field(gt=0)] = 1.0
     up_log2fc: Annotated[float, Field(gt=0)] = 1.0  # log2FC >= this: up
     down_log2fc: Annotated[float, Field(lt=0)] = -1.0  # log2FC <= this: down

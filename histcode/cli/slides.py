@@ -38,9 +38,14 @@ def ingest(
     mpp: Annotated[Optional[float], typer.Option(help="Microns per pixel for slides whose files carry no usable scale.")] = None,
     cohort: Annotated[Optional[str], typer.Option(help="Training cohort to register the slides in (default: ingest.cohort).")] = None,
     report: Annotated[Optional[Path], typer.Option(help="Write a JSON summary here (default: metrics/ingest.json).")] = None,
+    gdc: Annotated[Optional[Path], typer.Option(help="A GDC download folder (gdc-client's DIR/<file UUID>/<barcode>.<uuid>.svs): slide ids are the slide barcodes.")] = None,
+    gdc_sheet: Annotated[Optional[Path], typer.Option(help="With --gdc: the GDC sample sheet or gdc_manifest.txt of the slides (default: every slide below DIR).")] = None,
+    slide_type: Annotated[Optional[str], typer.Option(help="With --gdc: dx (FFPE diagnostic), frozen (TS/BS/MS sections) or all (default ingest.gdc_slide_type).")] = None,
 ) -> None:
     """Register slides in a cohort of the catalog. Exits 1 if any slide failed (the others are registered)."""
+    from histcode.ingest.gdc import gdc_slide_sources
     from histcode.ingest.run import ingest_sources
+    from histcode.ingest.sources import ManifestError
     from histcode.reports import ingest_summary
     from histcode.store.files import write_json
     from histcode.store.catalog import Catalog, CatalogError
@@ -48,7 +53,17 @@ def ingest(
 
     ws = workspace_of(ctx)
     cfg = config_of(ws)
-    sources = slide_sources(paths, manifest, mpp, cfg.ingest.extensions)
+    if gdc is not None:
+        if paths or manifest:
+            fail("--gdc takes the slides of a GDC download: give no slide paths or --manifest with it")
+        try:
+            sources = gdc_slide_sources(gdc, gdc_sheet, slide_type or cfg.ingest.gdc_slide_type, cfg.ingest.extensions, mpp)
+        except ManifestError as exc:
+            fail(str(exc))
+    elif gdc_sheet or slide_type:
+        fail("--gdc-sheet and --slide-type go with --gdc DIR")
+    else:
+        sources = slide_sources(paths, manifest, mpp, cfg.ingest.extensions)
     try:
         result = ingest_sources(sources, Catalog.of(ws), cfg.ingest, cohort=cohort)
     except CatalogError as exc:
