@@ -16,10 +16,16 @@ def labels_ingest(
     sample_sheet: Annotated[Optional[Path], typer.Option(help="CSV sample_id, patient_id[, slide_id, sample_type].")] = None,
     report: Annotated[Optional[Path], typer.Option(help="Write a JSON summary here (default: metrics/labels.json).")] = None,
     force: Annotated[bool, typer.Option(help="Ingest again even if the current label set has exactly these inputs.")] = False,
+    gdc: Annotated[Optional[tuple[Path, Path]], typer.Option(metavar="SAMPLE_SHEET DIR", help="A GDC download instead of a matrix: the cart's sample sheet and the folder gdc-client wrote (STAR gene counts).")] = None,
+    gdc_unit: Annotated[Optional[str], typer.Option(help="With --gdc: the STAR counts column (default labels.gdc_unit, tpm_unstranded).")] = None,
+    gdc_genes: Annotated[Optional[str], typer.Option(help="With --gdc: name genes by 'symbol' or 'ensembl' id without version (default labels.gdc_genes).")] = None,
+    clinical: Annotated[Optional[Path], typer.Option(help="With --gdc: GDC's clinical TSV; the subtype of each patient from its project_id (TCGA-LUAD -> LUAD).")] = None,
+    subtype_column: Annotated[Optional[str], typer.Option(help="With --clinical: take the subtype from this column instead of project_id.")] = None,
 ) -> None:
-    """Read an expression matrix, map samples to slides, compute DE labels and slide labels, plan the folds.
-    A current label set of exactly these inputs is kept (gate verdict included) unless --force."""
+    """Read an expression matrix (or a GDC download), map samples to slides, compute DE labels and slide labels,
+    plan the folds. A current label set of exactly these inputs is kept (gate verdict included) unless --force."""
     from histcode.labels.expression import ExpressionFileError
+    from histcode.labels.gdc import GdcDownload
     from histcode.labels.run import ingest_labels
     from histcode.reports import labels_summary
     from histcode.store.files import write_json
@@ -27,8 +33,16 @@ def labels_ingest(
 
     ws = workspace_of(ctx)
     cfg = config_of(ws)
+    download = None
+    if gdc is not None:
+        if file is not None or sample_sheet is not None:
+            fail("--gdc reads the expression and samples from the download: give no matrix or --sample-sheet with it")
+        download = GdcDownload(gdc[0], gdc[1], clinical, gdc_unit or cfg.labels.gdc_unit,
+                               gdc_genes or cfg.labels.gdc_genes, subtype_column)
+    elif clinical or subtype_column or gdc_unit or gdc_genes:
+        fail("--clinical, --subtype-column, --gdc-unit and --gdc-genes go with --gdc SAMPLE_SHEET DIR")
     try:
-        result = ingest_labels(ws, cfg, file, sample_sheet, force=force)
+        result = ingest_labels(ws, cfg, file, sample_sheet, force=force, gdc=download)
     except (ExpressionFileError, CatalogError) as exc:
         fail(str(exc))
     summary = labels_summary(result)

@@ -9,12 +9,16 @@ its head to learn from is excluded from classification with the reason; the rest
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 
 from histcode.config import LabelsConfig
 from histcode.labels.barcodes import NORMAL, TUMOUR
 from histcode.labels.expression import slide_kind
+
+log = logging.getLogger(__name__)
 
 UP, DOWN, UNCHANGED = "up", "down", "unchanged"
 MATCHED, COHORT = "matched_normal", "cohort_normal_mean"
@@ -114,18 +118,25 @@ def gene_inclusion(labels: pd.DataFrame, cfg: LabelsConfig, present: set[str]) -
     return pd.DataFrame(rows)
 
 
-def slide_labels(slides: list[dict]) -> pd.DataFrame:
-    """Tumour diagnosis (from the sample type of the slide barcode or the manifest) and subtype where known."""
+def slide_labels(slides: list[dict], subtypes: dict[str, str] | None = None) -> pd.DataFrame:
+    """Tumour diagnosis (from the sample type of the slide barcode or the manifest) and subtype where known: the
+    patient's in ``subtypes`` (e.g. a GDC clinical TSV's), else the slide attribute ``subtype``."""
     import json
 
-    rows = []
+    rows, disagree = [], 0
     for s in slides:
         attrs = json.loads(s["attributes"]) if s.get("attributes") else {}
         kind = slide_kind(s)
         subtype = (attrs.get("subtype") or None) if kind == TUMOUR else None
+        if kind == TUMOUR and subtypes and s["patient_id"] in subtypes:
+            disagree += subtype is not None and subtype != subtypes[s["patient_id"]]
+            subtype = subtypes[s["patient_id"]]
         rows.append({"slide_id": s["slide_id"], "patient_id": s["patient_id"],
                      "tumor": None if kind is None else kind == TUMOUR, "subtype": subtype,
                      "source": "manifest" if "sample_type" in attrs else "barcode"})
+    if disagree:
+        log.warning("%d tumour slides have a subtype attribute other than their patient's given subtype; the "
+                    "patient's is used", disagree)
     return pd.DataFrame(rows, columns=["slide_id", "patient_id", "tumor", "subtype", "source"])
 
 

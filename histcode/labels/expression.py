@@ -47,6 +47,12 @@ def read_matrix(path: Path) -> pd.DataFrame:
         raise ExpressionFileError(f"{path}: not a readable table: {exc}") from exc
     if wide.shape[1] < 2:
         raise ExpressionFileError(f"{path}: needs a gene column and at least one sample column, has {list(wide.columns)}")
+    return long_from_wide(wide)
+
+
+def long_from_wide(wide: pd.DataFrame) -> pd.DataFrame:
+    """``read_matrix``'s long format from a genes x samples table whose first column holds the gene ids."""
+    columns = ["sample_id", "gene", "value", "raw", "value_type"]
     gene_col = wide.columns[0]
     long = wide.melt(id_vars=[gene_col], var_name="sample_id", value_name="raw").rename(columns={gene_col: "gene"})
     long["gene"] = long["gene"].astype(str)
@@ -111,9 +117,10 @@ def map_samples(sample_ids: list[str], slides: list[dict], sheet: pd.DataFrame |
                "mapped_by": None, "problem": None}
         if sample in sheet_rows:
             entry = sheet_rows[sample]
-            row.update(patient_id=entry["patient_id"], mapped_by="sample_sheet")
-            kind = str(entry.get("sample_type", "")).strip().lower()
             code = parse_barcode(sample)
+            row.update(patient_id=entry["patient_id"], mapped_by="sample_sheet",
+                       type_code=entry.get("type_code") or (code.type_code if code else None))
+            kind = str(entry.get("sample_type", "")).strip().lower()
             row["kind"] = TUMOUR if kind in (TUMOUR, "tumour") else NORMAL if kind == NORMAL else (code.kind if code else UNKNOWN)
             row["slide_id"] = entry.get("slide_id") or None
         else:

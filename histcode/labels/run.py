@@ -21,6 +21,7 @@ import pandas as pd
 from histcode.config import HistcodeConfig, stable_hash
 from histcode.labels.de import class_counts, de_labels, gene_inclusion, plan_folds, slide_labels
 from histcode.labels.expression import map_samples, read_matrix, read_sample_sheet
+from histcode.labels.gdc import GdcDownload, label_unit, read_gdc_expression
 from histcode.store.catalog import Catalog
 from histcode.store.records import utcnow
 from histcode.tiling.spec import spec_id_of
@@ -59,7 +60,7 @@ def gx_project(ws: Workspace) -> Path:
 
 
 def _sha256(path: Path | None) -> str | None:
-    if path is None:
+    if path is None or not path.is_file():
         return None
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -104,34 +105,46 @@ def write_frames(frames: dict[str, pd.DataFrame], target: Path) -> None:
 
 
 def ingest_labels(ws: Workspace, cfg: HistcodeConfig, expression: Path | None = None,
-                  sample_sheet: Path | None = None, force: bool = False) -> LabelSet:
-    """Label the training cohorts' tiled slides from the expression matrix and make that the current label set
+                  sample_sheet: Path | None = None, force: bool = False, gdc: GdcDownload | None = None) -> LabelSet:
+    """Label the training cohorts' tiled slides from the expression matrix (or the GDC download ``gdc``, read
+    into the same long table and sample sheet, with its clinical subtypes) and make that the current label set
     (gate pending). Unless ``force``, a current label set of exactly these inputs (file contents, sample sheet,
     labels config, slides) whose frames are on disk is kept as it is, gate status included, and returned
-    (``reused``): every door (the demo, the flow, `dvc repro`) then does no work on unchanged labels."""
+    (``reused``): every door (the demo, the flow, `dvc repro`) then does no work on unchanged labels. A GDC
+    download that cannot be read raises ExpressionFileError before anything is written."""
     lcfg = cfg.labels
-    path = expression or ws.path(lcfg.expression)
-    sheet_path = sample_sheet or (ws.path(lcfg.sample_sheet) if lcfg.sample_sheet else None)
+    if gdc is not None:
+        lcfg = lcfg.model_copy(update={"unit": label_unit(gdc.unit), "gdc_unit": gdc.unit, "gdc_genes": gdc.genes})
+        path, sheet_path = gdc.sheet, None
+        inputs = {"gdc": gdc.digest()}  # checks the sheet and that its files are there
+    else:
+        path = expression or ws.path(lcfg.expression)
+        sheet_path = sample_sheet or (ws.path(lcfg.sample_sheet) if lcfg.sample_sheet else None)
+        inputs = {"file": _sha256(path), "sheet": _sha256(sheet_path)}
     catalog = Catalog.of(ws)
     cohorts = catalog.training_cohorts(cfg.cohorts.train)
     slides = catalog.tiled_slides(spec_id_of(cfg.tiling), cohorts)
+    version = _label_version(inputs, lcfg, slides)
     if not force and path.is_file():
         current = current_label_set(catalog)
-        version = _label_version(path, sheet_path, lcfg, slides)
         if current is not None and current["label_version"] == version and (frames_dir(ws) / "genes.parquet").is_file():
             log.info("label set %s is up to date (gate %s)", version, current["gate_status"])
             return _stored_label_set(catalog, current, frames_dir(ws), cohorts)
-    long = read_matrix(path)
-    sheet = read_sample_sheet(sheet_path) if sheet_path else None
+    subtypes = None
+    if gdc is not None:
+        download = read_gdc_expression(gdc)
+        long, sheet, subtypes = download.long, download.sheet, download.subtypes
+    else:
+        long = read_matrix(path)
+        sheet = read_sample_sheet(sheet_path) if sheet_path else None
     samples = map_samples(sorted(long.sample_id.unique()), slides, sheet)
     de = de_labels(long, samples, lcfg)
     genes = gene_inclusion(de, lcfg, present=set(long.gene))
-    labels = slide_labels(slides)
+    labels = slide_labels(slides, subtypes)
     folds = plan_folds(labels, lcfg.folds, lcfg.seed)
     frames = build_frames(long, samples, de, genes, class_counts(labels), folds)
     write_frames(frames, frames_dir(ws))
 
-    version = _label_version(path, sheet_path, lcfg, slides)
     with catalog.transaction() as con:
         catalog.replace_table(con, "expression", long[["sample_id", "gene", "value"]])
         catalog.replace_table(con, "expression_samples", samples)
@@ -178,8 +191,9 @@ def _stored_label_set(catalog: Catalog, current: dict, frames: Path, cohorts: li
     )
 
 
-def _label_version(path: Path, sheet_path: Path | None, lcfg, slides: list[dict]) -> str:
-    return "ls-" + stable_hash({"file": _sha256(path), "sheet": _sha256(sheet_path), "cfg": lcfg.model_dump(mode="json"),
+def _label_version(inputs: dict, lcfg, slides: list[dict]) -> str:
+    """The label set's id: its inputs' digests (``file`` and ``sheet``, or ``gdc``), the labels config, the slides."""
+    return "ls-" + stable_hash({**inputs, "cfg": lcfg.model_dump(mode="json"),
                                 "slides": sorted(s["slide_id"] + s["content_hash"] for s in slides)}, 12)
 
 
@@ -196,7 +210,7 @@ def passed_label_set(ws: Workspace, cfg: HistcodeConfig, expression: Path | None
     current = current_label_set(catalog)
     if current is None or current["gate_status"] != PASSED:
         return None
-    version = _label_version(path, sheet_path, lcfg, catalog.training_slides(spec_id_of(cfg.tiling), cfg.cohorts.train))
+    version = _label_version({"file": _sha256(path), "sheet": _sha256(sheet_path)}, lcfg, catalog.training_slides(spec_id_of(cfg.tiling), cfg.cohorts.train))
     return current if current["label_version"] == version else None
 
 
