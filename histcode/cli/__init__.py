@@ -1,7 +1,7 @@
 """The `histcode` command (also `python -m histcode` and `python -m histcode.cli`).
 
-Commands live in one module per group (slides, features, heads, services; the subcommand groups labels and
-cohorts), each listing its commands in
+Commands live in one module per group (slides, features, heads, services; the subcommand groups labels,
+cohorts and encoders), each listing its commands in
 ``COMMANDS``; this module builds the app from those lists explicitly, so nothing registers itself on import and
 no command module imports this one. Heavy libraries are imported inside the commands, so `histcode --help`
 answers at once. Each DVC stage is one command.
@@ -13,7 +13,7 @@ import sys
 
 import typer
 
-from histcode.cli import cohorts, common, features, heads, labels, services, slides
+from histcode.cli import cohorts, common, encoders, features, heads, labels, services, slides
 
 HELP = "HistCode: whole-slide images -> tiles -> contrastive embeddings -> heads, as a feature store."
 
@@ -24,7 +24,7 @@ def build_app() -> typer.Typer:
     for module in (slides, features, heads, services):
         for name, command in module.COMMANDS:
             app.command(name)(command)
-    for name, module in (("labels", labels), ("cohorts", cohorts)):
+    for name, module in (("labels", labels), ("cohorts", cohorts), ("encoders", encoders)):
         group = typer.Typer(no_args_is_help=True, help=module.HELP)
         for command_name, command in module.COMMANDS:
             group.command(command_name)(command)

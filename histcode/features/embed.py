@@ -152,9 +152,11 @@ class ViewPlan:
     report: EmbedReport
 
     def dataset(self, slide_ids: list[str] | None = None) -> TileDataset:
-        """The tiles of ``slide_ids`` (default: every slide to do), grouped by slide, read at the view's size."""
+        """The tiles of ``slide_ids`` (default: every slide to do), grouped by slide, read at the view's size
+        (and, for a foundation encoder, the view's microns per pixel: see ``FeatureView.tile_field``)."""
+        field = self.view.tile_field(self.cfg.tiling.tile_px, self.cfg.tiling.target_mpp)
         return dataset_from_catalog(Catalog.of(self.ws), self.view.spec_id, self.view.image_px,
-                                    slide_ids=self.todo if slide_ids is None else slide_ids)
+                                    slide_ids=self.todo if slide_ids is None else slide_ids, field=field)
 
     def tables(self) -> dict:
         db = connect(self.ws.lancedb_uri)

@@ -38,10 +38,16 @@ class FeatureView:
     spec_id: str
     image_px: int
     attribute_columns: tuple[str, ...] = field(default=())
+    mpp: float | None = None  # microns per pixel the encoder was trained at (foundation encoders); None: the spec's
 
     @property
     def encoder_uri(self) -> str:
         return f"models:/{self.model_name}/{self.model_version}"
+
+    def tile_field(self, tile_px: int, target_mpp: float) -> float:
+        """How much of a spec tile (``tile_px`` at ``target_mpp``) the encoder's input covers: 1 for encoders
+        trained here; for a foundation encoder, its input side in microns over the tile's."""
+        return 1.0 if self.mpp is None else (self.image_px * self.mpp) / (tile_px * target_mpp)
 
     def table(self, kind: str) -> TableSpec:
         return TableSpec(self.view_id, kind, self.dim, self.encoder_uri, self.attribute_columns)
@@ -81,8 +87,9 @@ def describe_view(tracker: Tracker, ref: str, spec_id: str, attribute_columns: t
         dim, image_px = int(tags["dim"]), int(tags["image_px"])
     except KeyError as exc:
         raise ViewError(f"{name} version {version} lacks the dim/image_px tags histcode registers encoders with") from exc
+    mpp = float(tags["mpp"]) if tags.get("mpp") else None
     return FeatureView(view_id_of(name, version, spec_id, image_px), name, version, tags.get("method"), dim, spec_id,
-                       image_px, tuple(attribute_columns))
+                       image_px, tuple(attribute_columns), mpp)
 
 
 def register_view(catalog: Catalog, view: FeatureView) -> None:
@@ -177,3 +184,27 @@ def record_materializations(catalog: Catalog, view_id: str, rows: list[dict]) ->
                 [view_id, r["slide_id"], r["content_hash"], r["rows"], r["status"], r.get("error"),
                  r.get("lance_version"), r.get("started_at", now), now],
             )
+
+
+def load_encoder(workspace, ref: str):
+    """A registered encoder, ours or a foundation one, as an ``nn.Module`` in eval mode that can be fine-tuned
+    (``.train()``); ``workspace``: a Workspace or its folder; ``ref``: ``name@alias``, ``name/3`` or ``name``.
+    (``embed`` runs the exported program instead, which is faster but cannot train.)"""
+    import tempfile
+    from pathlib import Path
+
+    from histcode.ssl.modules import MODULE_ARTIFACT, load_module
+    from histcode.workspace import Workspace
+
+    ws = workspace if isinstance(workspace, Workspace) else Workspace(Path(workspace))
+    tracker = Tracker(ws)
+    name, version, tags = resolve_encoder(tracker, ref)
+    run_id = tags.get("run_id") or tracker.client.get_model_version(name, version).run_id
+    with tempfile.TemporaryDirectory(prefix="histcode-encoder-") as tmp:
+        try:
+            folder = tracker.download_artifacts(run_id, MODULE_ARTIFACT, Path(tmp))
+        except Exception as exc:  # noqa: BLE001 -- MLflow raises its own types for a missing artifact
+            raise ViewError(f"{name} version {version} (run {run_id}) has no {MODULE_ARTIFACT} artifact: it was "
+                            "registered before HistCode saved encoders as modules; pretrain or register it again "
+                            f"(its exported program still embeds: models:/{name}/{version})") from exc
+        return load_module(folder)

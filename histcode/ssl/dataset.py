@@ -94,9 +94,12 @@ class TileDataset(Dataset):
         self._readers.clear()
 
 
-def dataset_from_catalog(catalog: Catalog, spec_id: str, tile_px: int, slide_ids: list[str] | None = None) -> TileDataset:
+def dataset_from_catalog(catalog: Catalog, spec_id: str, tile_px: int, slide_ids: list[str] | None = None,
+                         field: float = 1.0) -> TileDataset:
     """Every tile of ``spec_id`` on slides that are registered and healthy (optionally only ``slide_ids``),
-    grouped by slide in slide-id order, read at ``tile_px``."""
+    grouped by slide in slide-id order, read at ``tile_px``. ``field`` != 1 reads, for each tile, the square of
+    ``field`` times its side centred on it (an encoder trained at another scale sees the tissue at its own
+    microns per pixel; the tile grid and tile ids stay the spec's)."""
     slides = {s["slide_id"]: s for s in catalog.slides(status="ok")}
     if slide_ids is not None:
         wanted = set(slide_ids)
@@ -112,11 +115,18 @@ def dataset_from_catalog(catalog: Catalog, spec_id: str, tile_px: int, slide_ids
     sizes = frame.groupby("slide_id", sort=True)["size"].first()  # one tile size per slide and spec
     order = sizes.index.tolist()
     sources = []
-    for sid, size in sizes.items():
+    if field <= 0:
+        raise ValueError(f"field must be positive, got {field}")
+    shift = np.zeros(len(sizes), dtype=np.int64)
+    for i, (sid, size) in enumerate(sizes.items()):
         s = slides[sid]
-        sources.append(SlideSource(sid, s["path"], s["vendor"], s["level_dimensions"], s["level_downsamples"], int(size)))
+        read = max(1, round(int(size) * field))
+        shift[i] = (int(size) - read) // 2
+        sources.append(SlideSource(sid, s["path"], s["vendor"], s["level_dimensions"], s["level_downsamples"], read))
     index = {sid: i for i, sid in enumerate(order)}
-    tiles = np.stack([frame.slide_id.map(index).to_numpy(), frame.x.to_numpy(), frame.y.to_numpy()], axis=1)
+    slide_index = frame.slide_id.map(index).to_numpy()
+    offset = shift[slide_index]
+    tiles = np.stack([slide_index, frame.x.to_numpy() + offset, frame.y.to_numpy() + offset], axis=1)
     return TileDataset(sources, tiles.reshape(-1, 3), tile_px, tile_ids=frame.tile_id.tolist())
 
 

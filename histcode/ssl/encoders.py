@@ -2,7 +2,8 @@
 
 Names: ``resnet18`` (512-d), ``resnet18_l3`` (ResNet-18 truncated after layer3, 256-d), ``resnet50``
 (2048-d), ``resnet50_l3`` (ResNet-50 truncated after layer3, 1024-d, the paper's), and ``timm:<model>`` for
-any timm architecture (optional extra ``histcode[timm]``). Input normalisation is part of the module, so the
+any timm architecture (optional extra ``histcode[timm]``). Published pathology foundation encoders, built from
+local weights, are in ``histcode.ssl.foundation``. Input normalisation is part of the module, so the
 exported model takes plain [0, 1] images. Nothing is downloaded: ``init='imagenet'`` loads torchvision weights
 only if they are already in torch's cache.
 """
@@ -36,9 +37,10 @@ class Normalize(nn.Module):
 class Encoder(nn.Module):
     """images (N, 3, H, W) float in [0, 1] -> features (N, dim)."""
 
-    def __init__(self, backbone: nn.Module, dim: int, name: str) -> None:
+    def __init__(self, backbone: nn.Module, dim: int, name: str, mean: tuple[float, ...] = IMAGENET_MEAN,
+                 std: tuple[float, ...] = IMAGENET_STD) -> None:
         super().__init__()
-        self.normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        self.normalize = Normalize(mean, std)
         self.backbone = backbone
         self.dim = dim
         self.name = name

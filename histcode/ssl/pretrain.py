@@ -27,6 +27,7 @@ from histcode.ssl.augment import TwoViews
 from histcode.ssl.dataset import NoTilesError, dataset_from_catalog
 from histcode.ssl.encoders import Encoder, build_encoder
 from histcode.ssl.methods import build_method
+from histcode.ssl.modules import log_module
 from histcode.ssl.probe import colour_features, embed, linear_probe, load_probe_set, restained
 from histcode.ssl.stain_norm import describe as describe_stain_norm, normalise_dataset
 from histcode.ssl.train import StepLog, Trainer, total_steps
@@ -216,6 +217,7 @@ def _finish(result: PretrainResult, tracker: Tracker, encoder: Encoder, pcfg: Pr
         result.probe = probe_metrics(encoder, pcfg, source, device)
         tracker.log_metrics(run_id, result.probe, result.steps)
     exported = copy.deepcopy(encoder).cpu().float().eval()
+    log_module(tracker, run_id, exported)  # before registering: a version always has its module
     result.model_uri, result.version = tracker.log_torch_model(
         run_id, exported, "encoder", (3, pcfg.image_px, pcfg.image_px), encoder.dim, pcfg.register_as,
         aliases=(pcfg.method,),

@@ -179,6 +179,11 @@ class Tracker:
     def log_artifacts(self, run_id: str, directory: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(run_id, str(directory), artifact_path)
 
+    def download_artifacts(self, run_id: str, artifact_path: str, destination: Path) -> Path:
+        """A run's artifact (file or folder) copied under ``destination``; returns its local path."""
+        destination.mkdir(parents=True, exist_ok=True)
+        return Path(self.client.download_artifacts(run_id, artifact_path, str(destination)))
+
     @contextmanager
     def _store(self) -> Iterator[None]:
         """Point MLflow's process-wide URIs at this workspace for the duration, then put them back."""

@@ -1,0 +1,132 @@
+"""Foundation encoders from local weights as registered encoder versions, and the list of what there is.
+
+``register_foundation`` builds a registry entry's architecture (``histcode.ssl.foundation``), loads the published
+weights strictly from a local file or Hugging Face cache (``histcode.ssl.weights``), checks one forward pass, and
+logs it as one MLflow run in experiment ``encoders``: the entry as params, the module (recipe + weights, so it
+loads back as an ``nn.Module``) and the exported program, registered as a new version of ``histcode-encoder``
+(``pretrain.register_as``) with alias ``<name>`` and the tags ``embed`` needs (``dim``, ``image_px``, ``mpp``).
+From then on ``histcode embed --encoder histcode-encoder@<name>`` makes its feature view, and search, heads and
+the ablation read that view like any other. Registering the same weights again reuses the version.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from histcode.config import HistcodeConfig
+from histcode.ssl.encoders import EncoderError
+from histcode.ssl.foundation import FOUNDATION, build_foundation, foundation_spec
+from histcode.ssl.modules import FOUNDATION_PREFIX, log_module
+from histcode.ssl.weights import load_published, locate_weights, read_state_dict, sha256_of
+from histcode.tracking import Tracker, quote
+from histcode.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "encoders"
+
+
+@dataclass
+class Registered:
+    name: str  # the registry entry
+    model_name: str
+    version: str
+    alias: str
+    weights: Path
+    sha256: str
+    mpp: float
+    reused: bool = False
+
+    @property
+    def ref(self) -> str:
+        return f"{self.model_name}@{self.alias}"
+
+
+def alias_of(name: str) -> str:
+    """A registry name as an MLflow alias (letters, digits, ``_`` and ``-``)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "-", name)
+
+
+def _existing(tracker: Tracker, model_name: str, encoder: str, sha: str, mpp: float) -> str | None:
+    try:
+        versions = tracker.client.search_model_versions(f"name = {quote(model_name)}")
+    except Exception:  # noqa: BLE001 -- no such registered model yet
+        return None
+    for v in versions:
+        tags = v.tags or {}
+        if tags.get("encoder") == encoder and tags.get("weights_sha256") == sha and tags.get("mpp") == str(mpp):
+            return str(v.version)
+    return None
+
+
+def register_foundation(ws: Workspace, cfg: HistcodeConfig, name: str, weights: Path, mpp: float | None = None,
+                        alias: str | None = None, force: bool = False) -> Registered:
+    spec = foundation_spec(name)
+    path = locate_weights(spec, weights)
+    mpp = float(mpp if mpp is not None else spec.mpp)
+    if mpp <= 0:
+        raise EncoderError(f"--mpp must be positive, got {mpp}")
+    alias = alias_of(alias or spec.name)
+    tracker, model_name, encoder_name = Tracker(ws), cfg.pretrain.register_as, FOUNDATION_PREFIX + spec.name
+    log.info("%s: hashing %s", spec.title, path)
+    sha = sha256_of(path)
+    version = None if force else _existing(tracker, model_name, encoder_name, sha, mpp)
+    if version is not None:
+        tracker.client.set_registered_model_alias(model_name, alias, version)
+        log.info("%s is already %s version %s (same weights and mpp); alias %s points at it", spec.title, model_name,
+                 version, alias)
+        return Registered(spec.name, model_name, version, alias, path, sha, mpp, reused=True)
+
+    encoder = build_foundation(spec.name)
+    load_published(spec, encoder, read_state_dict(path), str(path))
+    encoder = encoder.eval()
+    with torch.inference_mode():
+        out = encoder(torch.rand(2, 3, spec.input_px, spec.input_px))
+    if tuple(out.shape) != (2, spec.dim) or not torch.isfinite(out).all():
+        raise EncoderError(f"{spec.title} from {path}: a test forward gave shape {tuple(out.shape)} "
+                           f"(expects (2, {spec.dim})) or non-finite values")
+    described = spec.describe()
+    with tracker.run(EXPERIMENT, f"foundation {spec.name}", tags={"encoder": encoder_name}) as run_id:
+        tracker.log_params(run_id, {**described, "mpp": mpp, "weights_file": str(path), "weights_sha256": sha})
+        log_module(tracker, run_id, encoder)
+        _, version = tracker.log_torch_model(
+            run_id, encoder, "encoder", (3, spec.input_px, spec.input_px), spec.dim, model_name, aliases=(alias,),
+            version_tags={"method": encoder_name, "encoder": encoder_name, "image_px": spec.input_px, "dim": spec.dim,
+                          "mpp": mpp, "run_id": run_id, "licence": spec.licence, "card": spec.card,
+                          "weights_sha256": sha, "weights_file": str(path)},
+        )
+    log.info("registered %s as %s version %s (alias %s)", spec.title, model_name, version, alias)
+    return Registered(spec.name, model_name, str(version), alias, path, sha, mpp)
+
+
+def registered_encoders(ws: Workspace, cfg: HistcodeConfig) -> list[dict]:
+    """Every version of the encoder model in this workspace, trained here or a foundation encoder."""
+    tracker = Tracker(ws)
+    name = cfg.pretrain.register_as
+    try:
+        versions = tracker.client.search_model_versions(f"name = {quote(name)}")
+    except Exception:  # noqa: BLE001 -- nothing registered yet
+        return []
+    aliases: dict[str, list[str]] = {}
+    try:
+        for alias, version in (tracker.client.get_registered_model(name).aliases or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
+    except Exception:  # noqa: BLE001 -- a registered model without aliases
+        pass
+    rows = []
+    for v in sorted(versions, key=lambda v: int(v.version)):
+        tags = v.tags or {}
+        rows.append({"model": name, "version": str(v.version), "aliases": ",".join(sorted(aliases.get(str(v.version), []))),
+                     "encoder": tags.get("encoder", ""), "method": tags.get("method", ""), "dim": tags.get("dim", ""),
+                     "image_px": tags.get("image_px", ""), "mpp": tags.get("mpp", "")})
+    return rows
+
+
+def catalogue() -> list[dict]:
+    """The foundation registry, one row per entry."""
+    return [FOUNDATION[n].describe() for n in FOUNDATION]

@@ -1,0 +1,173 @@
+"""Published encoder weights from this machine: find the file, read it, convert its keys, load it strictly.
+
+Weights come from a local file or a folder: the folder may hold the file itself, be a Hugging Face cache entry
+(``models--org--name`` with ``snapshots/<revision>/<file>``) or the cache root above such entries (``~/.cache/
+huggingface/hub``). Nothing is downloaded; a missing file is an error that names the files looked for, the
+folders searched and where the authors publish them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from histcode.ssl.encoders import Encoder, EncoderError
+from histcode.ssl.foundation import FoundationSpec, timm_module
+
+log = logging.getLogger(__name__)
+
+
+def _snapshots(entry: Path) -> list[Path]:
+    """A Hugging Face cache entry's snapshot folders, the one ``refs/main`` names first."""
+    snaps = sorted((entry / "snapshots").glob("*")) if (entry / "snapshots").is_dir() else []
+    ref = entry / "refs" / "main"
+    if ref.is_file():
+        main = entry / "snapshots" / ref.read_text().strip()
+        snaps = [main] + [s for s in snaps if s != main] if main.is_dir() else snaps
+    return snaps
+
+
+def locate_weights(spec: FoundationSpec, path: Path) -> Path:
+    """The weight file of ``spec`` at ``path`` (a file, a folder holding it, or a Hugging Face cache)."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return path
+    searched = [path]
+    if path.is_dir():
+        if spec.hf_repo:
+            cache_name = "models--" + spec.hf_repo.replace("/", "--")
+            for entry in (path, path / cache_name, path / "hub" / cache_name):
+                searched += _snapshots(entry)
+        for folder in searched:
+            for name in spec.weight_files:
+                if (folder / name).is_file():
+                    return folder / name
+    where = f"huggingface.co/{spec.hf_repo}" if spec.hf_repo else spec.card
+    fetch = (f"`huggingface-cli download {spec.hf_repo} {spec.weight_files[0]} --local-dir DIR` on a machine with "
+             "internet, after accepting the terms on the model card, ") if spec.hf_repo else ""
+    looked = ", ".join(str(s) for s in searched[:4]) + (" ..." if len(searched) > 4 else "")
+    state = "does not exist" if not path.exists() else "holds none of them"
+    raise EncoderError(
+        f"{spec.title} weights not found: {path} {state}. Looked for {' or '.join(spec.weight_files)} in {looked}. "
+        f"Get them from their authors ({where}; {spec.licence}), e.g. {fetch}then pass --weights DIR or the file. "
+        "Nothing is downloaded here.")
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors by name from a safetensors file or a torch checkpoint (loaded with ``weights_only``); a
+    checkpoint that wraps its state dict under ``model``/``state_dict`` is unwrapped, ``module.`` stripped."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 -- torch and safetensors raise many types for a bad file
+        raise EncoderError(f"{path}: not a readable weight file ({type(exc).__name__}: {exc})") from exc
+    for key in ("model", "state_dict", "teacher"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict) and len(state) <= 4:
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise EncoderError(f"{path}: holds no state dict of tensors (found {type(state).__name__})")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+HF_DINOV2 = (
+    (r"^embeddings\.cls_token$", "cls_token"),
+    (r"^embeddings\.position_embeddings$", "pos_embed"),
+    (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    (r"^encoder\.layer\.(\d+)\.norm(\d)\.", r"blocks.\1.norm\2."),
+    (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"blocks.\1.attn.proj."),
+    (r"^encoder\.layer\.(\d+)\.layer_scale(\d)\.lambda1$", r"blocks.\1.ls\2.gamma"),
+    (r"^encoder\.layer\.(\d+)\.mlp\.fc(\d)\.", r"blocks.\1.mlp.fc\2."),
+    (r"^layernorm\.", "norm."),
+)
+QKV = re.compile(r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$")
+
+
+def hf_dinov2_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers ``Dinov2Model`` state dict in timm's ViT names: query, key and value are stacked into one
+    ``qkv`` projection in that order, the mask token (used only in training) is dropped."""
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        key = key.removeprefix("dinov2.")
+        if key == "embeddings.mask_token":
+            continue
+        match = QKV.match(key)
+        if match:
+            qkv.setdefault((match[1], match[3]), {})[match[2]] = value
+            continue
+        for pattern, repl in HF_DINOV2:
+            if re.match(pattern, key):
+                key = re.sub(pattern, repl, key)
+                break
+        out[key] = value
+    for (layer, kind), parts in qkv.items():
+        if set(parts) != {"query", "key", "value"}:
+            raise EncoderError(f"layer {layer}: {kind} of query/key/value incomplete (has {sorted(parts)})")
+        out[f"blocks.{layer}.attn.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]])
+    return out
+
+
+def _fit_pos_embed(state: dict[str, torch.Tensor], key: str, model: nn.Module) -> None:
+    """Resample a ViT's absolute position embedding to the model's patch grid (published at another size)."""
+    if key not in state or state[key].shape == model.pos_embed.shape:
+        return
+    from timm.layers import resample_abs_pos_embed
+
+    prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+    state[key] = resample_abs_pos_embed(state[key], list(model.patch_embed.grid_size), num_prefix_tokens=prefix)
+
+
+def convert(spec: FoundationSpec, state: dict[str, torch.Tensor], encoder: Encoder) -> tuple[nn.Module, dict]:
+    """The module the published state dict loads into, and the state dict in that module's names."""
+    backbone = encoder.backbone
+    if spec.key_layout == "swin-original":
+        from timm.models.swin_transformer import checkpoint_filter_fn
+
+        return backbone, checkpoint_filter_fn(dict(state), backbone)
+    if spec.key_layout == "conch-vision":
+        state = dict(state)
+        _fit_pos_embed(state, "trunk.pos_embed", backbone.trunk)
+        return backbone, state
+    target = timm_module(encoder)
+    state = hf_dinov2_to_timm(state) if spec.key_layout == "hf-dinov2" else dict(state)
+    _fit_pos_embed(state, "pos_embed", target)
+    return target, state
+
+
+def load_published(spec: FoundationSpec, encoder: Encoder, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load a published state dict into a built encoder, strictly: every weight the architecture has must be in
+    the file with its shape, and nothing else (buffers the architecture recomputes aside)."""
+    module, converted = convert(spec, state, encoder)
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(converted))
+    unexpected = sorted(set(converted) - set(expected))
+    wrong = [f"{k} {tuple(converted[k].shape)} (expects {tuple(expected[k].shape)})"
+             for k in expected if k in converted and converted[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        def few(items: list[str]) -> str:
+            return ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+        problems = [f"{len(missing)} missing ({few(missing)})" if missing else "",
+                    f"{len(unexpected)} unexpected ({few(unexpected)})" if unexpected else "",
+                    f"{len(wrong)} of another shape ({few(wrong)})" if wrong else ""]
+        raise EncoderError(f"{source} does not fit {spec.title} ({spec.timm_model}, {spec.key_layout} keys): "
+                           + "; ".join(p for p in problems if p))
+    assign = any(p.is_meta for p in module.parameters())
+    module.load_state_dict(converted, strict=True, assign=assign)
+    log.info("%s: loaded %d tensors from %s", spec.title, len(converted), source)
