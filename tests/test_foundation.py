@@ -263,6 +263,13 @@ def test_a_foundation_encoder_becomes_a_view_that_search_and_heads_use(foundatio
     assert {r.task.name for r in report.results} == {"tumor", "subtype", "de"}
     assert {"tumor/attention", "subtype/guided", "de/mean"} <= set(report.versions)
 
+    from histcode.apps.ablation import AblationError, run_ablation
+
+    (grid,) = run_ablation(ws, ws.config(), methods=("kaiko-vit-s16",), aggregators=("mean",), tasks=("tumor",))
+    assert grid.view.view_id == view.view_id and grid.aliases == "ablation-kaiko-vit-s16"
+    with pytest.raises(AblationError, match="'uni' is neither one of random, simclr, moco, adco nor an alias"):
+        run_ablation(ws, ws.config(), methods=("uni",), aggregators=("mean",), tasks=("tumor",))
+
 
 def test_the_view_reads_tiles_at_the_encoder_s_microns_per_pixel(foundation_workspace) -> None:
     from histcode.features.embed import plan_view

@@ -123,12 +123,12 @@ def predict(
 
 def ablation(
     ctx: typer.Context,
-    method: Annotated[Optional[list[str]], typer.Option("--method", help="random | simclr | moco | adco (repeatable).")] = None,
+    method: Annotated[Optional[list[str]], typer.Option("--method", help="random | simclr | moco | adco, or a registered encoder's alias such as uni (repeatable).")] = None,
     aggregator: Annotated[Optional[list[str]], typer.Option("--aggregator", help="mean | attention | max | guided (repeatable; default mean, attention, guided).")] = None,
     task: Annotated[Optional[list[str]], typer.Option("--task", help="tumor | subtype | de (repeatable).")] = None,
 ) -> None:
     """The paper's ablation grid, encoder x aggregator, as comparable MLflow runs (experiment 'heads')."""
-    from histcode.apps.ablation import AGGREGATORS, METHODS, run_ablation
+    from histcode.apps.ablation import AGGREGATORS, METHODS, AblationError, run_ablation
     from histcode.labels.run import LabelGateError
     from histcode.store.files import write_json
     from histcode.tracking import telemetry_off
@@ -140,7 +140,7 @@ def ablation(
     try:
         reports = run_ablation(ws, cfg, tuple(method or METHODS), tuple(aggregator or AGGREGATORS),
                                tuple(task) if task else None)
-    except LabelGateError as exc:
+    except (LabelGateError, AblationError) as exc:
         fail(str(exc))
     write_json(ws.metrics_dir / "ablation.json", {r.view.method or r.view.view_id: r.summary() for r in reports})
     for r in reports:
