@@ -1,0 +1,88 @@
+"""Foundation encoders on this machine: what registering costs, and tiles/s of each encoder's forward beside
+HistCode's own encoder, same batch, same run.
+
+    python benchmarks/foundation.py [--encoders kaiko-vit-s16 ctranspath uni] [--batch 16] [--batches 3]
+
+Weights are random (the published ones are not shipped): throughput does not depend on them. For each entry it
+prints the strict load of a state dict in the published layout (seconds), the export to a `torch.export` program
+(seconds), and tiles/s of the exported program at the entry's input size, next to `resnet18_l3` at 224 px. Every
+registry entry is also built on the meta device (no memory) and its parameter count printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _throughput(model, px: int, batch: int, batches: int) -> float:
+    import torch
+
+    x = torch.rand(batch, 3, px, px)
+    with torch.inference_mode():
+        model(x)  # warm-up
+        start = time.perf_counter()
+        for _ in range(batches):
+            model(x)
+    return batch * batches / (time.perf_counter() - start)
+
+
+def _export(module, px: int):
+    import torch
+
+    batch = torch.export.Dim("batch", min=1)
+    return torch.export.export(module, (torch.rand(2, 3, px, px),), dynamic_shapes=({0: batch},)).module()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--encoders", nargs="+", default=["kaiko-vit-s16", "ctranspath", "uni"])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batches", type=int, default=3)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    import torch
+
+    from histcode.ssl.encoders import build_encoder
+    from histcode.ssl.foundation import FOUNDATION, build_foundation, foundation_spec, timm_module
+    from histcode.ssl.weights import load_published
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("\nregistry, built on the meta device:")
+    for name in FOUNDATION:
+        start = time.perf_counter()
+        with torch.device("meta"):
+            encoder = build_foundation(name)
+        n = sum(p.numel() for p in encoder.parameters())
+        print(f"  {name:15s} {n / 1e6:7.1f}M parameters, dim {encoder.dim:5d}, built in {time.perf_counter() - start:.2f} s")
+
+    ours = build_encoder("resnet18_l3").eval()
+    reference = _throughput(_export(ours, 224), 224, args.batch, args.batches)
+    print(f"\nresnet18_l3 (HistCode's demo encoder) at 224 px: {reference:.1f} tiles/s")
+    print(f"{'encoder':15s} {'px':>4s} {'load s':>7s} {'export s':>8s} {'tiles/s':>8s} {'vs resnet18_l3':>15s}")
+    for name in args.encoders:
+        spec = foundation_spec(name)
+        published = build_foundation(name)
+
+        state = timm_module(published).state_dict() if spec.key_layout == "timm" else None
+        encoder = build_foundation(name).eval()
+        start = time.perf_counter()
+        if state is not None:
+            load_published(spec, encoder, state, "random weights")
+        load_s = time.perf_counter() - start
+        start = time.perf_counter()
+        program = _export(encoder, spec.input_px)
+        export_s = time.perf_counter() - start
+        rate = _throughput(program, spec.input_px, args.batch, args.batches)
+        loaded = f"{load_s:7.2f}" if state is not None else "      -"
+        print(f"{name:15s} {spec.input_px:4d} {loaded} {export_s:8.1f} {rate:8.1f} {rate / reference:10.3f} : 1")
+
+
+if __name__ == "__main__":
+    main()
