@@ -256,6 +256,16 @@ DEFAULT_PANEL = (
 )
 
 
+class GdcLabelsSource(_Section):
+    """A GDC RNA-seq download as the labels' source (what `histcode labels ingest --gdc` takes on the command
+    line), so `dvc repro`, the flows and the demo ingest it too. Paths relative to the workspace."""
+
+    sheet: str  # the cart's sample sheet (TSV)
+    dir: str  # the folder gdc-client wrote: one folder per file UUID
+    clinical: str | None = None  # GDC's clinical TSV: the subtype of each patient from project_id
+    subtype_column: str | None = None  # take the subtype from this clinical column instead
+
+
 class LabelsConfig(_Section):
     """Expression labels: the matrix, its unit, the driver-gene panel, DE thresholds and the gate's limits."""
 
@@ -267,6 +277,11 @@ class LabelsConfig(_Section):
     gdc_unit: Literal["unstranded", "stranded_first", "stranded_second", "tpm_unstranded", "fpkm_unstranded",
                       "fpkm_uq_unstranded"] = "tpm_unstranded"
     gdc_genes: Literal["symbol", "ensembl"] = "symbol"
+    gdc: GdcLabelsSource | None = None  # set: labels come from this GDC download, not from `expression`
+    # a sample that cannot be used (no tiled slide of its patient and type, not a tissue normal, a second aliquot of
+    # a labelled slide, ...): "fail" keeps it, and the gate fails naming it; "drop" leaves it out of the label set,
+    # listed with its reason in metrics/labels.json (a GDC cart usually holds RNA of patients without slides)
+    unmatched: Literal["fail", "drop"] = "fail"
     pseudo_count: Annotated[float, Field(gt=0)] = 1.0
     up_log2fc: Annotated[float, Field(gt=0)] = 1.0  # log2FC >= this: up
     down_log2fc: Annotated[float, Field(lt=0)] = -1.0  # log2FC <= this: down

@@ -80,6 +80,7 @@ def labels_summary(result) -> dict:
         "label_version": result.label_version, "samples": result.n_samples, "genes": result.n_genes,
         "patients": result.n_patients, "de_classes": result.de_counts, "references": result.references,
         "excluded_genes": result.excluded_genes, "sample_problems": result.problems,
+        "dropped_samples": result.dropped,
     }
 
 

@@ -49,7 +49,7 @@ ANCHORS = {
     "uni": ({"pos_embed": (1, 197, 1024), "blocks.23.ls2.gamma": (1024,), "patch_embed.proj.weight": (1024, 3, 16, 16)}, 303),
     "uni2-h": ({"reg_token": (1, 8, 1536), "pos_embed": (1, 256, 1536), "blocks.23.mlp.fc1.weight": (8192, 1536),
                 "blocks.23.mlp.fc2.weight": (1536, 4096)}, 681),
-    "virchow2": ({"reg_token": (1, 4, 1280), "blocks.31.mlp.fc1.weight": (6832, 1280), "blocks.31.mlp.fc2.weight": (1280, 3416)}, 631),
+    "virchow2": ({"reg_token": (1, 4, 1280), "pos_embed": (1, 261, 1280), "blocks.31.mlp.fc1.weight": (6832, 1280), "blocks.31.mlp.fc2.weight": (1280, 3416)}, 631),
     "h-optimus-0": ({"reg_token": (1, 4, 1536), "pos_embed": (1, 256, 1536), "blocks.39.mlp.fc1.weight": (8192, 1536)}, 1135),
     "prov-gigapath": ({"pos_embed": (1, 197, 1536), "patch_embed.proj.weight": (1536, 3, 16, 16), "blocks.39.ls1.gamma": (1536,)}, 1135),
     "kaiko-vit-s16": ({"pos_embed": (1, 197, 384), "blocks.11.mlp.fc1.weight": (1536, 384)}, 22),
@@ -322,3 +322,101 @@ def test_registered_encoders_load_back_as_trainable_modules(foundation_workspace
     missing = runner.invoke(app, ["--workspace", str(ws.root), "encoders", "register", "uni", "--weights", str(tmp_path / "none")])
     assert missing.exit_code == 2 and "UNI weights not found" in _flat(missing.output)
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_virchow_pooling_is_the_class_token_beside_the_mean_of_the_patch_tokens() -> None:
+    from histcode.ssl.foundation import ClassAndPatchMean
+
+    tokens = torch.randn(2, 1 + 4 + 9, 6)  # class, 4 registers, 9 patches
+    out = ClassAndPatchMean(5)(tokens)
+    assert torch.allclose(out[:, :6], tokens[:, 0]) and torch.allclose(out[:, 6:], tokens[:, 5:].mean(1))
+
+
+def test_conch_pooler_is_coca_s_attentional_pooling() -> None:
+    """Yu et al. 2022 (CoCa): o = W_o concat_h softmax(q_h k_h^T / sqrt(d_h)) v_h with q = W_q LN(query) and
+    [k, v] = W_kv LN(x), written per head with explicit loops."""
+    from histcode.ssl.foundation import AttentionalPooler
+
+    torch.manual_seed(0)
+    pool = AttentionalPooler(d_model=8, context_dim=6, n_head=2, n_queries=1).eval()
+    x = torch.randn(3, 5, 6)
+    with torch.no_grad():
+        got = pool(x)
+        q = pool.to_q(torch.nn.functional.layer_norm(pool.query, (8,), pool.ln_q.weight, pool.ln_q.bias))
+        kv = pool.to_kv(torch.nn.functional.layer_norm(x, (6,), pool.ln_k.weight, pool.ln_k.bias))
+        k, v = kv[..., :8], kv[..., 8:]
+        for b in range(3):
+            heads = []
+            for h in range(2):
+                sl = slice(4 * h, 4 * h + 4)
+                weights = torch.softmax(q[:, sl] @ k[b, :, sl].T / 2.0, dim=-1)
+                heads.append(weights @ v[b, :, sl])
+            assert torch.allclose(got[b], pool.to_out(torch.cat(heads, dim=-1)), atol=1e-5)
+
+
+def test_an_old_format_checkpoint_is_read(tmp_path) -> None:
+    state = {"w": torch.arange(4.0)}
+    torch.save({"model": state}, tmp_path / "old.pth", _use_new_zipfile_serialization=False)
+    assert torch.equal(read_state_dict(tmp_path / "old.pth")["w"], state["w"])
+
+
+def test_a_field_wider_than_the_tile_reads_around_it_edges_included(tiled_workspace) -> None:
+    """CONCH v1.5 (2x) and CTransPath (1.75x) see more than a 0.5 um/px tile: the square around it, white beyond
+    the slide, the tile itself in the middle."""
+    from histcode.ssl.dataset import dataset_from_catalog
+    from histcode.store.catalog import Catalog
+    from histcode.tiling.spec import spec_id_of
+
+    ws = tiled_workspace
+    cfg = ws.config()
+    catalog = Catalog.of(ws)
+    slide = sorted(s["slide_id"] for s in catalog.slides(status="ok"))[0]
+    whole = dataset_from_catalog(catalog, spec_id_of(cfg.tiling), 128, slide_ids=[slide])
+    wide = dataset_from_catalog(catalog, spec_id_of(cfg.tiling), 256, slide_ids=[slide], field=2.0)
+    edge = int(np.argmin(whole.tiles[:, 1] + whole.tiles[:, 2]))  # the tile nearest the slide's corner
+    for i in (edge, len(whole) // 2):
+        centre = wide[i].numpy()[:, 64:192, 64:192].astype(float)
+        assert np.abs(centre - whole[i].numpy().astype(float)).mean() < 3.0
+
+
+def test_a_version_registered_without_its_module_says_so(foundation_workspace) -> None:
+    from histcode.features.registry import ViewError, load_encoder
+    from histcode.tracking import Tracker
+
+    ws = foundation_workspace
+    tracker = Tracker(ws)
+    with tracker.run("encoders", "legacy") as run_id:
+        tracker.log_torch_model(run_id, torch.nn.Linear(3, 2).eval(), "encoder", (3,), 2, "legacy-encoder",
+                                aliases=("old",), version_tags={"dim": 2, "image_px": 1, "run_id": run_id})
+    with pytest.raises(ViewError, match="legacy-encoder version 1 .* has no encoder_module artifact: it was registered before"):
+        load_encoder(ws, "legacy-encoder@old")
+
+
+def test_the_random_baseline_loads_back_as_a_module(embedded_workspace, copy_workspace) -> None:
+    from histcode.features.registry import load_encoder
+    from histcode.ssl.pretrain import register_random_encoder
+
+    ws = copy_workspace(embedded_workspace)
+    register_random_encoder(ws, ws.config())
+    encoder = load_encoder(ws, "histcode-encoder@random")
+    assert encoder.name == ws.config().pretrain.encoder and not encoder.training
+
+
+def test_a_registration_that_fails_half_way_leaves_no_run_and_no_weights(foundation_workspace, monkeypatch) -> None:
+    from histcode.apps.encoders import register_foundation
+    from histcode.tracking import Tracker
+
+    ws = foundation_workspace
+    tracker = Tracker(ws)
+    before = {r.info.run_id for r in tracker.client.search_runs([tracker.experiment_id("encoders")])}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("export failed")
+
+    monkeypatch.setattr(Tracker, "log_torch_model", broken)
+    with pytest.raises(RuntimeError, match="export failed"):
+        register_foundation(ws, ws.config(), "kaiko-vit-s16", ws.root.parent / "hf", force=True)
+    after = {r.info.run_id for r in tracker.client.search_runs([tracker.experiment_id("encoders")])}
+    assert after == before
+    folders = {p.name for p in (tracker.artifact_root / "encoders").iterdir()}
+    assert folders <= before | {"models"}

@@ -27,7 +27,7 @@ from tests.test_labels import GENES, LABELS, _good_matrix
 STAR_HEADER = ("gene_id\tgene_name\tgene_type\tunstranded\tstranded_first\tstranded_second\ttpm_unstranded\t"
                "fpkm_unstranded\tfpkm_uq_unstranded")
 SHEET_HEADER = ("File ID", "File Name", "Data Category", "Data Type", "Project ID", "Case ID", "Sample ID", "Sample Type")
-SAMPLE_TYPE = {"01": "Primary Tumor", "11": "Solid Tissue Normal"}
+SAMPLE_TYPE = {"01": "Primary Tumor", "11": "Solid Tissue Normal", "10": "Blood Derived Normal"}
 runner = CliRunner()
 
 
@@ -235,6 +235,14 @@ def _break(tmp_path: Path, how: str, matrix: pd.DataFrame) -> tuple[GdcDownload,
         rows[0]["Sample ID"] = f"{rows[0]['Sample ID']}, {rows[1]['Sample ID']}"
         write_sheet(sheet, rows)
         return GdcDownload(sheet, root), r"line 2 .*: 'Sample ID' holds 2 ids .* made from several samples"
+    if how == "compressed":
+        import gzip
+
+        first.write_bytes(gzip.compress(first.read_bytes()))
+        return GdcDownload(sheet, root), rf"{first.name}: not a readable STAR gene counts TSV \(a compressed or damaged"
+    if how == "extra_fields":
+        first.write_text(first.read_text() + "ENSG00000012345.1\tX\tprotein_coding\t1\t1\t1\t1\t1\t1\t1\t1\t1\n")
+        return GdcDownload(sheet, root), rf"{first.name}: not a readable STAR gene counts TSV"
     if how == "sheet_columns":
         sheet.write_text("id\tfilename\tmd5\tsize\tstate\n")
         return GdcDownload(sheet, root), r"lacks the columns \['File ID', 'File Name', 'Case ID', 'Sample ID', 'Sample Type or Tissue Type'\]"
@@ -243,7 +251,7 @@ def _break(tmp_path: Path, how: str, matrix: pd.DataFrame) -> tuple[GdcDownload,
 
 @pytest.mark.parametrize("how", ["missing_file", "header", "no_model_line", "mixed_models", "duplicate_sample",
                                  "unknown_sample_type", "control_sample_type", "type_disagrees", "several_samples",
-                                 "sheet_columns"])
+                                 "sheet_columns", "compressed", "extra_fields"])
 def test_each_malformed_download_is_refused_with_nothing_written(tiled_workspace, tmp_path, how) -> None:
     ws = tiled_workspace
     _params(ws)
@@ -386,3 +394,59 @@ def test_gdc_commands_end_to_end(tiled_workspace, tmp_path) -> None:
     assert current_label_set(catalog)["label_version"] == version
     result = invoke(ws, "labels", "ingest", "expr.tsv", "--gdc", rna_sheet, rna_root)
     assert result.exit_code == 2 and "give no matrix" in result.output
+
+
+def test_a_cart_with_samples_that_label_no_slide_fails_the_gate_or_drops_them(tiled_workspace, tmp_path) -> None:
+    """A real cart holds RNA of patients without slides and blood normals: the gate names them (unmatched: fail),
+    or they are left out and listed (unmatched: drop)."""
+    ws = tiled_workspace
+    matrix = _matrix(ws)
+    matrix["TCGA-ZZ-9999-01A"] = matrix.iloc[:, 0]  # a patient with no slide
+    patient = matrix.columns[0][:12]
+    matrix[f"{patient}-10A"] = matrix.iloc[:, 0]  # a blood-derived normal of a patient with slides
+    sheet, root, _ = write_download(tmp_path / "gdc", matrix)
+    _params(ws)
+    kept = ingest_labels(ws, ws.config(), gdc=GdcDownload(sheet, root))
+    assert "TCGA-ZZ-9999 has no registered, tiled slide" in kept.problems["TCGA-ZZ-9999-01A"]
+    assert "normal sample type 10 is not solid tissue normal (11)" in kept.problems[f"{patient}-10A"]
+    assert not gate_labels(ws, ws.config()).passed
+    _params(ws, unmatched="drop")
+    dropped = ingest_labels(ws, ws.config(), gdc=GdcDownload(sheet, root))
+    assert set(dropped.dropped) == {"TCGA-ZZ-9999-01A", f"{patient}-10A"} and not dropped.problems
+    assert dropped.n_samples == len(matrix.columns) - 2
+    assert gate_labels(ws, ws.config()).passed
+
+
+def test_labels_gdc_in_params_is_what_every_door_ingests(tiled_workspace, tmp_path) -> None:
+    """labels.gdc names the download, so `dvc repro`, the flows and `labels ingest` without arguments read it, and
+    passed_label_set recognises the label set it made."""
+    from histcode.labels.run import passed_label_set
+
+    ws = tiled_workspace
+    sheet, root, _ = write_download(ws.root / "gdc", _matrix(ws))
+    _params(ws, gdc={"sheet": str(sheet.relative_to(ws.root)), "dir": "gdc/rna"})
+    made = ingest_labels(ws, ws.config())
+    assert json.loads(current_label_set(Catalog.of(ws))["params"])["gdc_unit"] == "tpm_unstranded"
+    assert gate_labels(ws, ws.config()).passed
+    assert passed_label_set(ws, ws.config())["label_version"] == made.label_version
+    assert ingest_labels(ws, ws.config()).reused
+    rows = read_gdc_sheet(sheet)
+    target = root / rows[0].file_id / rows[0].file_name
+    target.write_text(target.read_text().replace("# gene-model: GENCODE v36", "# gene-model: GENCODE v36 "))
+    assert passed_label_set(ws, ws.config()) is None  # a counts file changed: ingest has work to do
+
+
+def test_a_slide_is_labelled_only_by_an_aliquot_of_its_own_sample_type_and_only_once() -> None:
+    from histcode.labels.expression import map_samples
+
+    def slide(sid: str) -> dict:
+        return {"slide_id": sid, "patient_id": sid[:12], "attributes": None}
+
+    slides = [slide("TCGA-AA-0001-01Z-00-DX1"), slide("TCGA-AA-0001-01Z-00-DX2"), slide("TCGA-AA-0002-06Z-00-DX1")]
+    out = map_samples(["TCGA-AA-0001-01B", "TCGA-AA-0001-01A", "TCGA-AA-0002-01A", "TCGA-AA-0002-06A",
+                       "TCGA-AA-0001-11A"], slides).set_index("sample_id")
+    assert out.loc["TCGA-AA-0001-01A", "slide_id"] == "TCGA-AA-0001-01Z-00-DX1" and out.problem.isna()["TCGA-AA-0001-01A"]
+    assert "already labelled by sample TCGA-AA-0001-01A" in out.loc["TCGA-AA-0001-01B", "problem"]
+    assert "are of another sample type" in out.loc["TCGA-AA-0002-01A", "problem"]  # a primary aliquot, a metastasis slide
+    assert out.loc["TCGA-AA-0002-06A", "slide_id"] == "TCGA-AA-0002-06Z-00-DX1"
+    assert out.problem.isna()["TCGA-AA-0001-11A"]

@@ -64,6 +64,23 @@ def _existing(tracker: Tracker, model_name: str, encoder: str, sha: str, mpp: fl
     return None
 
 
+def _discard_run(tracker: Tracker, run_id: str) -> None:
+    """Delete a run that failed half-way, with its artifacts (a copy of the weights can be gigabytes)."""
+    import shutil
+    from urllib.parse import unquote, urlparse
+
+    uri = tracker.client.get_run(run_id).info.artifact_uri
+    tracker.end_run(run_id, "FAILED")
+    tracker.client.delete_run(run_id)
+    if uri.startswith("file:"):
+        folder = Path(unquote(urlparse(uri).path))
+        shutil.rmtree(folder.parent if folder.name == "artifacts" and folder.parent.name == run_id else folder,
+                      ignore_errors=True)
+
+
+RESERVED_ALIASES = ("random", "simclr", "moco", "adco", "best", "latest")
+
+
 def register_foundation(ws: Workspace, cfg: HistcodeConfig, name: str, weights: Path, mpp: float | None = None,
                         alias: str | None = None, force: bool = False) -> Registered:
     spec = foundation_spec(name)
@@ -72,6 +89,9 @@ def register_foundation(ws: Workspace, cfg: HistcodeConfig, name: str, weights: 
     if mpp <= 0:
         raise EncoderError(f"--mpp must be positive, got {mpp}")
     alias = alias_of(alias or spec.name)
+    if alias in RESERVED_ALIASES:
+        raise EncoderError(f"alias {alias!r} is reserved for the encoders HistCode trains (and MLflow's 'latest'); "
+                           "choose another with --alias")
     tracker, model_name, encoder_name = Tracker(ws), cfg.pretrain.register_as, FOUNDATION_PREFIX + spec.name
     log.info("%s: hashing %s", spec.title, path)
     sha = sha256_of(path)
@@ -91,7 +111,8 @@ def register_foundation(ws: Workspace, cfg: HistcodeConfig, name: str, weights: 
         raise EncoderError(f"{spec.title} from {path}: a test forward gave shape {tuple(out.shape)} "
                            f"(expects (2, {spec.dim})) or non-finite values")
     described = spec.describe()
-    with tracker.run(EXPERIMENT, f"foundation {spec.name}", tags={"encoder": encoder_name}) as run_id:
+    run_id = tracker.start_run(EXPERIMENT, f"foundation {spec.name}", tags={"encoder": encoder_name})
+    try:
         tracker.log_params(run_id, {**described, "mpp": mpp, "weights_file": str(path), "weights_sha256": sha})
         log_module(tracker, run_id, encoder)
         _, version = tracker.log_torch_model(
@@ -100,6 +121,10 @@ def register_foundation(ws: Workspace, cfg: HistcodeConfig, name: str, weights: 
                           "mpp": mpp, "run_id": run_id, "licence": spec.licence, "card": spec.card,
                           "weights_sha256": sha, "weights_file": str(path)},
         )
+    except BaseException:
+        _discard_run(tracker, run_id)  # a half-registered encoder leaves no run and no copy of its weights behind
+        raise
+    tracker.end_run(run_id)
     log.info("registered %s as %s version %s (alias %s)", spec.title, model_name, version, alias)
     return Registered(spec.name, model_name, str(version), alias, path, sha, mpp)
 

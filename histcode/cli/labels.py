@@ -56,6 +56,9 @@ def labels_ingest(
         console.print(f"  [yellow]excluded[/] {gene}: {reason}")
     for sample, problem in result.problems.items():
         console.print(f"  [red]sample[/] {sample}: {problem}")
+    if result.dropped:
+        console.print(f"  [yellow]{len(result.dropped)} samples left out[/] (labels.unmatched = drop; reasons in the "
+                      "report), e.g. " + "; ".join(f"{k}: {v}" for k, v in list(result.dropped.items())[:3]))
     console.print("next: `histcode labels gate`")
 
 

@@ -22,6 +22,7 @@ class ExpressionFileError(ValueError):
 
 
 MISSING = {"", "NA", "NaN", "nan", "N/A", "null", "None"}
+SOLID_TISSUE_NORMAL = "11"  # the only normal sample type whose expression is a reference for tissue
 
 
 def read_matrix(path: Path) -> pd.DataFrame:
@@ -135,15 +136,30 @@ def map_samples(sample_ids: list[str], slides: list[dict], sheet: pd.DataFrame |
             row["problem"] = f"unknown sample: patient {row['patient_id']} has no registered, tiled slide"
         elif row["kind"] not in (TUMOUR, NORMAL):
             row["problem"] = f"sample type {row['type_code']} is neither tumour (01-09) nor normal (10-19)"
+        elif row["kind"] == NORMAL and row["type_code"] not in (None, SOLID_TISSUE_NORMAL):
+            row["problem"] = (f"normal sample type {row['type_code']} is not solid tissue normal "
+                              f"({SOLID_TISSUE_NORMAL}): blood, buccal or bone-marrow expression is no reference for "
+                              "a tissue's fold change")
         elif row["kind"] == TUMOUR and row["slide_id"] is None:
             matches = [s for s in patient_slides if slide_kind(s) == TUMOUR]
             same_code = [s for s in matches if _type_code(s["slide_id"]) in (None, row["type_code"])]
-            chosen = same_code or matches
-            if chosen:
-                row["slide_id"] = sorted(s["slide_id"] for s in chosen)[0]
+            if same_code:
+                row["slide_id"] = sorted(s["slide_id"] for s in same_code)[0]
+            elif matches:
+                others = ", ".join(sorted(s["slide_id"] for s in matches))
+                row["problem"] = (f"tumour sample of type {row['type_code']} of patient {row['patient_id']}: its tiled "
+                                  f"tumour slides ({others}) are of another sample type, and a slide is labelled only "
+                                  "by an aliquot of its own sample type (01 primary, 06 metastasis, ...)")
             else:
                 row["problem"] = f"tumour sample of patient {row['patient_id']} has no tiled tumour slide"
         elif row["slide_id"] is not None and row["slide_id"] not in {s["slide_id"] for s in patient_slides}:
             row["problem"] = f"sample sheet names slide {row['slide_id']}, which is not a tiled slide of {row['patient_id']}"
         rows.append(row)
+    labelled: dict[str, str] = {}
+    for row in sorted(rows, key=lambda r: r["sample_id"]):  # 01A before 01B: the lowest vial labels the slide
+        if row["kind"] == TUMOUR and row["problem"] is None and row["slide_id"] is not None:
+            first = labelled.setdefault(row["slide_id"], row["sample_id"])
+            if first != row["sample_id"]:
+                row["problem"] = (f"slide {row['slide_id']} is already labelled by sample {first}: one expression "
+                                  "sample per slide (the lowest sample id is kept)")
     return pd.DataFrame(rows, columns=["sample_id", "patient_id", "kind", "type_code", "slide_id", "mapped_by", "problem"])

@@ -126,12 +126,16 @@ class GdcExpression:
 def read_star_counts(path: Path, unit: str) -> tuple[str, pd.DataFrame]:
     """(gene model, table of gene_id, gene_name and the unit's cells as written) of one STAR counts file, the
     ``N_*`` summary rows left out. ExpressionFileError when the file is not in GDC's format."""
-    with path.open(encoding="utf-8") as fh:
-        first = fh.readline().rstrip("\r\n")
-    if not first.startswith(GENE_MODEL):
-        raise ExpressionFileError(f"{path}, line 1: expected '{GENE_MODEL} ...' (GDC's STAR augmented gene counts), "
-                                  f"found {first[:80]!r}")
-    table = pd.read_csv(path, sep="\t", skiprows=1, dtype=str, keep_default_na=False)
+    try:
+        with path.open(encoding="utf-8") as fh:
+            first = fh.readline().rstrip("\r\n")
+        if not first.startswith(GENE_MODEL):
+            raise ExpressionFileError(f"{path}, line 1: expected '{GENE_MODEL} ...' (GDC's STAR augmented gene "
+                                      f"counts), found {first[:80]!r}")
+        table = pd.read_csv(path, sep="\t", skiprows=1, dtype=str, keep_default_na=False)
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, OSError) as exc:
+        raise ExpressionFileError(f"{path}: not a readable STAR gene counts TSV (a compressed or damaged file?): "
+                                  f"{exc}") from exc
     if tuple(table.columns) != STAR_COLUMNS:
         raise ExpressionFileError(f"{path}, line 2: the header is {'  '.join(map(str, table.columns))!r}, not the STAR "
                                   f"augmented gene counts header {'  '.join(STAR_COLUMNS)!r}")
@@ -200,7 +204,10 @@ def read_gdc_clinical(path: Path, column: str | None = None) -> dict[str, str]:
     A patient whose rows disagree is an error; a patient with only missing values (``'--``) has no subtype."""
     if not path.is_file():
         raise ExpressionFileError(f"clinical TSV {path}: file not found")
-    frame = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    try:
+        frame = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, OSError) as exc:
+        raise ExpressionFileError(f"clinical TSV {path}: not a readable TSV: {exc}") from exc
     patient = next((c for c in CLINICAL_PATIENT if c in frame.columns), None)
     source = column or next((c for c in CLINICAL_PROJECT if c in frame.columns), None)
     if patient is None or source is None or source not in frame.columns:

@@ -20,7 +20,7 @@ import pandas as pd
 
 from histcode.config import HistcodeConfig, stable_hash
 from histcode.labels.de import class_counts, de_labels, gene_inclusion, plan_folds, slide_labels
-from histcode.labels.expression import map_samples, read_matrix, read_sample_sheet
+from histcode.labels.expression import ExpressionFileError, map_samples, read_matrix, read_sample_sheet
 from histcode.labels.gdc import GdcDownload, label_unit, read_gdc_expression
 from histcode.store.catalog import Catalog
 from histcode.store.records import utcnow
@@ -48,6 +48,7 @@ class LabelSet:
     excluded_genes: dict[str, str] = field(default_factory=dict)
     problems: dict[str, str] = field(default_factory=dict)
     cohorts: list[str] = field(default_factory=list)  # the training cohorts whose slides were labelled
+    dropped: dict[str, str] = field(default_factory=dict)  # labels.unmatched = drop: samples left out, and why
     reused: bool = False  # the current label set already had exactly these inputs: nothing was written
 
 
@@ -112,15 +113,7 @@ def ingest_labels(ws: Workspace, cfg: HistcodeConfig, expression: Path | None = 
     labels config, slides) whose frames are on disk is kept as it is, gate status included, and returned
     (``reused``): every door (the demo, the flow, `dvc repro`) then does no work on unchanged labels. A GDC
     download that cannot be read raises ExpressionFileError before anything is written."""
-    lcfg = cfg.labels
-    if gdc is not None:
-        lcfg = lcfg.model_copy(update={"unit": label_unit(gdc.unit), "gdc_unit": gdc.unit, "gdc_genes": gdc.genes})
-        path, sheet_path = gdc.sheet, None
-        inputs = {"gdc": gdc.digest()}  # checks the sheet and that its files are there
-    else:
-        path = expression or ws.path(lcfg.expression)
-        sheet_path = sample_sheet or (ws.path(lcfg.sample_sheet) if lcfg.sample_sheet else None)
-        inputs = {"file": _sha256(path), "sheet": _sha256(sheet_path)}
+    lcfg, path, sheet_path, gdc, inputs = _source(ws, cfg, expression, sample_sheet, gdc)
     catalog = Catalog.of(ws)
     cohorts = catalog.training_cohorts(cfg.cohorts.train)
     slides = catalog.tiled_slides(spec_id_of(cfg.tiling), cohorts)
@@ -138,6 +131,15 @@ def ingest_labels(ws: Workspace, cfg: HistcodeConfig, expression: Path | None = 
         long = read_matrix(path)
         sheet = read_sample_sheet(sheet_path) if sheet_path else None
     samples = map_samples(sorted(long.sample_id.unique()), slides, sheet)
+    dropped: dict[str, str] = {}
+    if lcfg.unmatched == "drop":
+        bad = samples.problem.notna()
+        dropped = dict(zip(samples.sample_id[bad], samples.problem[bad]))
+        samples = samples[~bad].reset_index(drop=True)
+        long = long[long.sample_id.isin(set(samples.sample_id))].reset_index(drop=True)
+        if dropped:
+            log.warning("labels.unmatched = drop: %d of %d samples left out of the label set (reasons in the report)",
+                        len(dropped), len(dropped) + len(samples))
     de = de_labels(long, samples, lcfg)
     genes = gene_inclusion(de, lcfg, present=set(long.gene))
     labels = slide_labels(slides, subtypes)
@@ -168,7 +170,7 @@ def ingest_labels(ws: Workspace, cfg: HistcodeConfig, expression: Path | None = 
         references={k: int(v) for k, v in de.drop_duplicates("sample_id").reference.value_counts().items()} if len(de) else {},
         excluded_genes=dict(zip(genes.loc[~genes.included, "gene"], genes.loc[~genes.included, "reason"])),
         problems=dict(zip(samples.loc[samples.problem.notna(), "sample_id"], samples.loc[samples.problem.notna(), "problem"])),
-        cohorts=cohorts,
+        cohorts=cohorts, dropped=dropped,
     )
     log.info("label set %s (cohorts %s): %d samples, %d genes, %d patients; DE classes %s; %d genes excluded", version,
              ", ".join(cohorts), result.n_samples, result.n_genes, result.n_patients, result.de_counts,
@@ -191,6 +193,30 @@ def _stored_label_set(catalog: Catalog, current: dict, frames: Path, cohorts: li
     )
 
 
+def configured_gdc(ws: Workspace, cfg: HistcodeConfig) -> GdcDownload | None:
+    """The GDC download ``labels.gdc`` names, if any (paths relative to the workspace)."""
+    source = cfg.labels.gdc
+    if source is None:
+        return None
+    return GdcDownload(ws.path(source.sheet), ws.path(source.dir), ws.path(source.clinical) if source.clinical else None,
+                       cfg.labels.gdc_unit, cfg.labels.gdc_genes, source.subtype_column)
+
+
+def _source(ws: Workspace, cfg: HistcodeConfig, expression: Path | None, sample_sheet: Path | None,
+            gdc: GdcDownload | None):
+    """(labels config as ingested, source path, sample sheet path, GDC download, input digests): a matrix given
+    here, else a GDC download given here, else ``labels.gdc``, else ``labels.expression``."""
+    lcfg = cfg.labels
+    if gdc is None and expression is None and sample_sheet is None:
+        gdc = configured_gdc(ws, cfg)
+    if gdc is not None:
+        lcfg = lcfg.model_copy(update={"unit": label_unit(gdc.unit), "gdc_unit": gdc.unit, "gdc_genes": gdc.genes})
+        return lcfg, gdc.sheet, None, gdc, {"gdc": gdc.digest()}  # the digest checks the sheet and its files
+    path = expression or ws.path(lcfg.expression)
+    sheet_path = sample_sheet or (ws.path(lcfg.sample_sheet) if lcfg.sample_sheet else None)
+    return lcfg, path, sheet_path, None, {"file": _sha256(path), "sheet": _sha256(sheet_path)}
+
+
 def _label_version(inputs: dict, lcfg, slides: list[dict]) -> str:
     """The label set's id: its inputs' digests (``file`` and ``sheet``, or ``gdc``), the labels config, the slides."""
     return "ls-" + stable_hash({**inputs, "cfg": lcfg.model_dump(mode="json"),
@@ -201,16 +227,19 @@ def passed_label_set(ws: Workspace, cfg: HistcodeConfig, expression: Path | None
                      sample_sheet: Path | None = None) -> dict | None:
     """The current label set if ingesting ``expression`` now would give exactly it (same file contents, sample
     sheet, labels config and tiled slides) and it passed the gate; None means ingest and gate have work to do."""
-    lcfg = cfg.labels
-    path = expression or ws.path(lcfg.expression)
-    sheet_path = sample_sheet or (ws.path(lcfg.sample_sheet) if lcfg.sample_sheet else None)
-    if not ws.catalog_path.is_file() or not path.is_file() or (sheet_path is not None and not sheet_path.is_file()):
+    if not ws.catalog_path.is_file():
         return None
     catalog = Catalog.of(ws)
     current = current_label_set(catalog)
     if current is None or current["gate_status"] != PASSED:
         return None
-    version = _label_version({"file": _sha256(path), "sheet": _sha256(sheet_path)}, lcfg, catalog.training_slides(spec_id_of(cfg.tiling), cfg.cohorts.train))
+    try:
+        lcfg, path, sheet_path, _, inputs = _source(ws, cfg, expression, sample_sheet, None)
+    except ExpressionFileError:  # a configured GDC download that is not (or no longer) all there
+        return None
+    if not path.is_file() or (sheet_path is not None and not sheet_path.is_file()):
+        return None
+    version = _label_version(inputs, lcfg, catalog.training_slides(spec_id_of(cfg.tiling), cfg.cohorts.train))
     return current if current["label_version"] == version else None
 
 

@@ -289,6 +289,7 @@ def register_random_encoder(ws: Workspace, cfg: HistcodeConfig) -> str:
         tracker.log_params(run_id, {"method": "random", "encoder": pcfg.encoder, "seed": pcfg.seed,
                                     "image_px": pcfg.image_px})
         encoder = fresh_encoder(pcfg).eval()
+        log_module(tracker, run_id, encoder)
         _, version = tracker.log_torch_model(
             run_id, encoder, "encoder", (3, pcfg.image_px, pcfg.image_px), encoder.dim, pcfg.register_as,
             aliases=("random",), version_tags={"method": "random", "encoder": pcfg.encoder, "image_px": pcfg.image_px,

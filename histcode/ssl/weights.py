@@ -67,7 +67,12 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:  # the pre-1.6 (non-zip) format cannot be memory-mapped: read it whole
+                if "mmap" not in str(exc):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 -- torch and safetensors raise many types for a bad file
         raise EncoderError(f"{path}: not a readable weight file ({type(exc).__name__}: {exc})") from exc
     for key in ("model", "state_dict", "teacher"):
