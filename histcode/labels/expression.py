@@ -142,7 +142,8 @@ def map_samples(sample_ids: list[str], slides: list[dict], sheet: pd.DataFrame |
                               "a tissue's fold change")
         elif row["kind"] == TUMOUR and row["slide_id"] is None:
             matches = [s for s in patient_slides if slide_kind(s) == TUMOUR]
-            same_code = [s for s in matches if _type_code(s["slide_id"]) in (None, row["type_code"])]
+            same_code = [s for s in matches  # a sample of unknown type (a sheet's own ids) may label any tumour slide
+                         if row["type_code"] is None or _type_code(s["slide_id"]) in (None, row["type_code"])]
             if same_code:
                 row["slide_id"] = sorted(s["slide_id"] for s in same_code)[0]
             elif matches:
