@@ -1,12 +1,14 @@
 """Foundation encoders on this machine: what registering costs, and tiles/s of each encoder's forward beside
 HistCode's own encoder, same batch, same run.
 
-    python benchmarks/foundation.py [--encoders kaiko-vit-s16 ctranspath uni] [--batch 16] [--batches 3]
+    python benchmarks/foundation.py [--encoders kaiko-vit-s16 ctranspath uni] [--batch 16] [--batches 3] [--memory uni]
 
 Weights are random (the published ones are not shipped): throughput does not depend on them. For each entry it
 prints the strict load of a state dict in the published layout (seconds), the export to a `torch.export` program
 (seconds), and tiles/s of the exported program at the entry's input size, next to `resnet18_l3` at 224 px. Every
-registry entry is also built on the meta device (no memory) and its parameter count printed.
+registry entry is also built on the meta device (no memory) and its parameter count printed, and the peak memory of
+loading one entry's weights is measured both ways: built with random weights then copied into, and built on the
+meta device with the file's tensors assigned (what `histcode encoders register` does).
 """
 
 from __future__ import annotations
@@ -39,11 +41,25 @@ def _export(module, px: int):
     return torch.export.export(module, (torch.rand(2, 3, px, px),), dynamic_shapes=({0: batch},)).module()
 
 
+def _load_peak_rss(name: str, file: Path, weightless: bool) -> float:
+    """Peak RSS (MB) of a fresh process that builds ``name`` and loads ``file`` into it, as registering does."""
+    import subprocess
+
+    code = ("import resource, torch; from histcode.ssl.foundation import build_foundation, foundation_spec; "
+            "from histcode.ssl.weights import load_published, read_state_dict; "
+            f"e = build_foundation({name!r}, weightless={weightless}); "
+            f"load_published(foundation_spec({name!r}), e, read_state_dict(__import__('pathlib').Path({str(file)!r})), 'f'); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--encoders", nargs="+", default=["kaiko-vit-s16", "ctranspath", "uni"])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--batches", type=int, default=3)
+    parser.add_argument("--memory", default="uni", help="Entry whose load peak RSS is measured ('' to skip).")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -65,6 +81,18 @@ def main() -> None:
     ours = build_encoder("resnet18_l3").eval()
     reference = _throughput(_export(ours, 224), 224, args.batch, args.batches)
     print(f"\nresnet18_l3 (HistCode's demo encoder) at 224 px: {reference:.1f} tiles/s")
+    if args.memory:
+        import tempfile
+
+        spec = foundation_spec(args.memory)
+        with tempfile.TemporaryDirectory() as tmp:
+            file = Path(tmp) / spec.weight_files[0]
+            torch.save(timm_module(build_foundation(args.memory)).state_dict(), file)
+            size = file.stat().st_size / 2**20
+            built = _load_peak_rss(args.memory, file, weightless=False)
+            weightless = _load_peak_rss(args.memory, file, weightless=True)
+        print(f"loading {args.memory} ({size:.0f} MB file): peak RSS built then copied {built:.0f} MB, "
+              f"built without memory and assigned {weightless:.0f} MB ({built / weightless:.2f} : 1)")
     print(f"{'encoder':15s} {'px':>4s} {'load s':>7s} {'export s':>8s} {'tiles/s':>8s} {'vs resnet18_l3':>15s}")
     for name in args.encoders:
         spec = foundation_spec(name)

@@ -102,7 +102,7 @@ def register_foundation(ws: Workspace, cfg: HistcodeConfig, name: str, weights: 
                  version, alias)
         return Registered(spec.name, model_name, version, alias, path, sha, mpp, reused=True)
 
-    encoder = build_foundation(spec.name)
+    encoder = build_foundation(spec.name, weightless=True)  # the file's tensors become the weights: no copy
     load_published(spec, encoder, read_state_dict(path), str(path))
     encoder = encoder.eval()
     with torch.inference_mode():

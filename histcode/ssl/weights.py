@@ -175,4 +175,9 @@ def load_published(spec: FoundationSpec, encoder: Encoder, state: dict[str, torc
                            + "; ".join(p for p in problems if p))
     assign = any(p.is_meta for p in module.parameters())
     module.load_state_dict(converted, strict=True, assign=assign)
+    if assign and not all(t.is_meta for t in converted.values()):
+        left = [n for n, t in [*encoder.named_parameters(), *encoder.named_buffers()] if t.is_meta]
+        if left:
+            raise EncoderError(f"{source}: {spec.title} built without memory still has {len(left)} tensors the file "
+                               f"does not fill ({', '.join(left[:5])}); build it on the CPU instead")
     log.info("%s: loaded %d tensors from %s", spec.title, len(converted), source)
