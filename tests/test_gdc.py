@@ -450,3 +450,29 @@ def test_a_slide_is_labelled_only_by_an_aliquot_of_its_own_sample_type_and_only_
     assert "are of another sample type" in out.loc["TCGA-AA-0002-01A", "problem"]  # a primary aliquot, a metastasis slide
     assert out.loc["TCGA-AA-0002-06A", "slide_id"] == "TCGA-AA-0002-06Z-00-DX1"
     assert out.problem.isna()["TCGA-AA-0001-11A"]
+
+
+def test_every_slide_of_a_sample_gets_its_de_labels_and_counts_once() -> None:
+    """A sample's DX1 and DX2 share its RNA's fold changes; the gene gate counts the sample (patient) once."""
+    from histcode.config import LabelsConfig
+    from histcode.labels.de import fold_changes, gene_inclusion
+    from histcode.labels.expression import map_samples, sample_slides
+
+    def slide(sid: str) -> dict:
+        return {"slide_id": sid, "patient_id": sid[:12], "attributes": None}
+
+    slides = [slide("TCGA-AA-0001-01Z-00-DX1"), slide("TCGA-AA-0001-01Z-00-DX2"), slide("TCGA-AA-0001-06Z-00-DX1"),
+              slide("TCGA-AA-0002-01Z-00-DX1"), slide("TCGA-AA-0001-11Z-00-DX1")]
+    ids = ["TCGA-AA-0001-01A", "TCGA-AA-0001-11A", "TCGA-AA-0002-01A"]
+    samples = map_samples(ids, slides)
+    slides_of = sample_slides(samples, slides)
+    assert slides_of == {"TCGA-AA-0001-01A": ["TCGA-AA-0001-01Z-00-DX1", "TCGA-AA-0001-01Z-00-DX2"],
+                         "TCGA-AA-0002-01A": ["TCGA-AA-0002-01Z-00-DX1"]}  # not the 06 metastasis slide
+    matrix = pd.DataFrame({"TCGA-AA-0001-01A": [7.0], "TCGA-AA-0001-11A": [1.0], "TCGA-AA-0002-01A": [1.0]},
+                          index=["SOX2"])
+    cfg = LabelsConfig(panel=("SOX2",), min_class_size=1)
+    frame = fold_changes(matrix, samples, cfg, slides_of=slides_of).set_index("slide_id")
+    assert frame.loc["TCGA-AA-0001-01Z-00-DX2", "log2fc"] == frame.loc["TCGA-AA-0001-01Z-00-DX1", "log2fc"] == 2.0
+    assert frame.loc["TCGA-AA-0001-01Z-00-DX2", "sample_id"] == "TCGA-AA-0001-01A"
+    gate = gene_inclusion(frame.reset_index(), cfg, present={"SOX2"}).set_index("gene")
+    assert (gate.loc["SOX2", "n_up"], gate.loc["SOX2", "n_unchanged"]) == (1, 1)

@@ -231,7 +231,7 @@ class DETask(TaskKind):
 
     def load(self, catalog: Catalog, bags: dict[str, Bag]) -> TaskData:
         _, folds = _labels_and_folds(catalog, bags)
-        de = pd.DataFrame(catalog.query("SELECT slide_id, patient_id, gene, log2fc, de_class FROM de_labels"))
+        de = pd.DataFrame(catalog.query("SELECT slide_id, patient_id, sample_id, gene, log2fc, de_class FROM de_labels"))
         genes_gate = pd.DataFrame(catalog.query("SELECT gene, included FROM gene_gate"))
         if de.empty:
             raise ValueError("no DE labels: run `histcode labels ingest`")
@@ -244,8 +244,10 @@ class DETask(TaskKind):
         patients = de.drop_duplicates("slide_id").set_index("slide_id").patient_id.reindex(slides).to_numpy()
         lcfg = label_params(catalog)
         patient_fold = {r["patient_id"]: r["fold"] for r in catalog.query("SELECT patient_id, fold FROM cv_folds")}
+        slides_of = {sample: sorted(set(g)) for sample, g in de.groupby("sample_id").slide_id}  # as ingest labelled them
         source = {"lcfg": lcfg, "matrix": panel_matrix(catalog, lcfg), "gate_included": included,
-                  "samples": pd.DataFrame(catalog.query("SELECT * FROM expression_samples")), "patient_fold": patient_fold}
+                  "samples": pd.DataFrame(catalog.query("SELECT * FROM expression_samples")), "patient_fold": patient_fold,
+                  "slides_of": slides_of}
         fc_values = fc.to_numpy(dtype=np.float32)
         return TaskData(self.name, slides, patients, np.array([folds[s] for s in slides]), fc_values,
                         DE_CLASSES, genes, ids, included, _mean_abs(fc_values), np.isin(genes, lcfg.control_genes),
@@ -261,7 +263,7 @@ class DETask(TaskKind):
         lcfg, samples = src["lcfg"], src["samples"]
         normals = samples[samples.kind == NORMAL]
         allowed = {r.sample_id for r in normals.itertuples() if src["patient_fold"].get(r.patient_id, -1) != k}
-        frame = fold_changes(src["matrix"], samples, lcfg, cohort_normals=allowed)
+        frame = fold_changes(src["matrix"], samples, lcfg, cohort_normals=allowed, slides_of=src.get("slides_of"))
         frame = frame[frame.slide_id.isin(data.slide_ids)]
         fc, y_class = _pivot(frame, list(data.genes), data.slide_ids)
         training = frame[frame.slide_id.isin(np.array(data.slide_ids)[data.folds != k])]

@@ -39,9 +39,11 @@ def classify(log2fc: pd.Series, cfg: LabelsConfig) -> pd.Series:
                      index=log2fc.index)
 
 
-def de_labels(long: pd.DataFrame, samples: pd.DataFrame, cfg: LabelsConfig) -> pd.DataFrame:
-    """One row per (tumour sample, panel gene): patient_id, slide_id, sample_id, gene, log2fc, reference, de_class."""
-    return fold_changes(numeric_matrix(long, cfg.unit), samples, cfg)
+def de_labels(long: pd.DataFrame, samples: pd.DataFrame, cfg: LabelsConfig,
+              slides_of: dict[str, list[str]] | None = None) -> pd.DataFrame:
+    """One row per (slide of a tumour sample, panel gene): patient_id, slide_id, sample_id, gene, log2fc,
+    reference, de_class. ``slides_of``: every slide a sample labels (default: its ``slide_id``)."""
+    return fold_changes(numeric_matrix(long, cfg.unit), samples, cfg, slides_of=slides_of)
 
 
 def panel_matrix(catalog, cfg: LabelsConfig) -> pd.DataFrame:
@@ -59,7 +61,7 @@ def panel_matrix(catalog, cfg: LabelsConfig) -> pd.DataFrame:
 
 
 def fold_changes(matrix: pd.DataFrame, samples: pd.DataFrame, cfg: LabelsConfig,
-                 cohort_normals: set[str] | None = None) -> pd.DataFrame:
+                 cohort_normals: set[str] | None = None, slides_of: dict[str, list[str]] | None = None) -> pd.DataFrame:
     """``de_labels`` from a genes x samples matrix. ``cohort_normals``: the normal samples the cohort-normal
     reference may average (default: every usable normal); the heads pass a training fold's normals so that no
     test-fold sample shapes a training label. A patient's own normal is always its reference."""
@@ -82,9 +84,10 @@ def fold_changes(matrix: pd.DataFrame, samples: pd.DataFrame, cfg: LabelsConfig,
             continue  # no normal sample anywhere: no fold change can be computed (the gate reports it)
         with np.errstate(divide="ignore", invalid="ignore"):  # bad values give NaN/inf; the gate reports them
             fc = np.log2((matrix.loc[genes, t.sample_id] + cfg.pseudo_count) / (base + cfg.pseudo_count))
-        for gene in genes:
-            rows.append({"patient_id": t.patient_id, "slide_id": t.slide_id, "sample_id": t.sample_id, "gene": gene,
-                         "log2fc": float(fc[gene]), "reference": reference})
+        for slide in (slides_of or {}).get(t.sample_id, [t.slide_id]):
+            for gene in genes:
+                rows.append({"patient_id": t.patient_id, "slide_id": slide, "sample_id": t.sample_id, "gene": gene,
+                             "log2fc": float(fc[gene]), "reference": reference})
     frame = pd.DataFrame(rows)
     if frame.empty:
         return pd.DataFrame(columns=["patient_id", "slide_id", "sample_id", "gene", "log2fc", "reference", "de_class"])
@@ -97,6 +100,7 @@ def gene_inclusion(labels: pd.DataFrame, cfg: LabelsConfig, present: set[str]) -
     rows = []
     for gene in cfg.panel:
         sub = labels[labels.gene == gene] if not labels.empty else labels
+        sub = sub.drop_duplicates("sample_id")  # a sample's slides share its label: count samples, not slides
         counts = sub.de_class.value_counts() if not sub.empty else pd.Series(dtype=int)
         n = {c: int(counts.get(c, 0)) for c in (UP, DOWN, UNCHANGED)}
         present_classes = {c: k for c, k in n.items() if k > 0}

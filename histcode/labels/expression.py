@@ -164,3 +164,21 @@ def map_samples(sample_ids: list[str], slides: list[dict], sheet: pd.DataFrame |
                 row["problem"] = (f"slide {row['slide_id']} is already labelled by sample {first}: one expression "
                                   "sample per slide (the lowest sample id is kept)")
     return pd.DataFrame(rows, columns=["sample_id", "patient_id", "kind", "type_code", "slide_id", "mapped_by", "problem"])
+
+
+def sample_slides(samples: pd.DataFrame, slides: list[dict]) -> dict[str, list[str]]:
+    """Every tiled slide each usable tumour sample labels: the slide ``map_samples`` chose and the other tumour
+    slides of its patient of the same sample type (a sample's DX1 and DX2), unless another sample labels them. A
+    patient's slides share their RNA's labels, as TCGA expression is per sample, not per slide."""
+    by_patient: dict[str, list[dict]] = {}
+    for s in slides:
+        by_patient.setdefault(s["patient_id"], []).append(s)
+    usable = samples[samples.problem.isna() & (samples.kind == TUMOUR) & samples.slide_id.notna()]
+    claimed = set(usable.slide_id)
+    out: dict[str, list[str]] = {}
+    for r in usable.itertuples():
+        siblings = [s["slide_id"] for s in by_patient.get(r.patient_id, [])
+                    if slide_kind(s) == TUMOUR and s["slide_id"] not in claimed
+                    and (r.type_code is None or _type_code(s["slide_id"]) in (None, r.type_code))]
+        out[r.sample_id] = [r.slide_id, *sorted(siblings)]
+    return out

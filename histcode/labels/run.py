@@ -20,7 +20,8 @@ import pandas as pd
 
 from histcode.config import HistcodeConfig, stable_hash
 from histcode.labels.de import class_counts, de_labels, gene_inclusion, plan_folds, slide_labels
-from histcode.labels.expression import ExpressionFileError, map_samples, read_matrix, read_sample_sheet
+from histcode.labels.expression import (ExpressionFileError, map_samples, read_matrix, read_sample_sheet,
+                                       sample_slides)
 from histcode.labels.gdc import GdcDownload, label_unit, read_gdc_expression
 from histcode.store.catalog import Catalog
 from histcode.store.records import utcnow
@@ -140,7 +141,7 @@ def ingest_labels(ws: Workspace, cfg: HistcodeConfig, expression: Path | None = 
         if dropped:
             log.warning("labels.unmatched = drop: %d of %d samples left out of the label set (reasons in the report)",
                         len(dropped), len(dropped) + len(samples))
-    de = de_labels(long, samples, lcfg)
+    de = de_labels(long, samples, lcfg, sample_slides(samples, slides))
     genes = gene_inclusion(de, lcfg, present=set(long.gene))
     labels = slide_labels(slides, subtypes)
     folds = plan_folds(labels, lcfg.folds, lcfg.seed)
