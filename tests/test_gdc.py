@@ -235,6 +235,9 @@ def _break(tmp_path: Path, how: str, matrix: pd.DataFrame) -> tuple[GdcDownload,
         rows[0]["Sample ID"] = f"{rows[0]['Sample ID']}, {rows[1]['Sample ID']}"
         write_sheet(sheet, rows)
         return GdcDownload(sheet, root), r"line 2 .*: 'Sample ID' holds 2 ids .* made from several samples"
+    if how == "sheet_encoding":  # saved by a spreadsheet in its own code page
+        sheet.write_bytes(sheet.read_text().replace("Primary Tumor", "Primary Tumor \u00e9").encode("cp1252"))
+        return GdcDownload(sheet, root), r"GDC sample sheet .*: not a UTF-8 TSV .* save it again as UTF-8 text"
     if how == "compressed":
         import gzip
 
@@ -251,7 +254,7 @@ def _break(tmp_path: Path, how: str, matrix: pd.DataFrame) -> tuple[GdcDownload,
 
 @pytest.mark.parametrize("how", ["missing_file", "header", "no_model_line", "mixed_models", "duplicate_sample",
                                  "unknown_sample_type", "control_sample_type", "type_disagrees", "several_samples",
-                                 "sheet_columns", "compressed", "extra_fields"])
+                                 "sheet_columns", "compressed", "extra_fields", "sheet_encoding"])
 def test_each_malformed_download_is_refused_with_nothing_written(tiled_workspace, tmp_path, how) -> None:
     ws = tiled_workspace
     _params(ws)

@@ -92,10 +92,14 @@ class SheetRow:
 def _read_tsv(path: Path, what: str) -> tuple[list[str], list[dict[str, str]]]:
     if not path.is_file():
         raise ManifestError(f"{what} {path}: file not found")
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh, delimiter="\t")
-        columns = [c.strip() for c in reader.fieldnames or []]
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh, delimiter="\t")
+            columns = [c.strip() for c in reader.fieldnames or []]
+            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items() if isinstance(v, str) or v is None}
+                    for row in reader]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ManifestError(f"{what} {path}: not a UTF-8 TSV ({exc}); save it again as UTF-8 text, tab-separated") from exc
     return columns, rows
 
 
