@@ -402,21 +402,39 @@ def test_the_random_baseline_loads_back_as_a_module(embedded_workspace, copy_wor
     assert encoder.name == ws.config().pretrain.encoder and not encoder.training
 
 
-def test_a_registration_that_fails_half_way_leaves_no_run_and_no_weights(foundation_workspace, monkeypatch) -> None:
+def test_a_registration_that_fails_half_way_leaves_no_run_no_version_and_no_weights(foundation_workspace,
+                                                                                    monkeypatch) -> None:
+    from mlflow import MlflowClient
+
     from histcode.apps.encoders import register_foundation
     from histcode.tracking import Tracker
 
     ws = foundation_workspace
     tracker = Tracker(ws)
-    before = {r.info.run_id for r in tracker.client.search_runs([tracker.experiment_id("encoders")])}
+    experiment = tracker.experiment_id("encoders")
+    runs = {r.info.run_id for r in tracker.client.search_runs([experiment])}
+    versions = {v.version for v in tracker.client.search_model_versions("name = 'histcode-encoder'")}
+    folders = {p.relative_to(tracker.artifact_root) for p in (tracker.artifact_root / "encoders").rglob("*") if p.is_dir()}
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("export failed")
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("alias failed")  # after the export is logged and the version registered
 
-    monkeypatch.setattr(Tracker, "log_torch_model", broken)
-    with pytest.raises(RuntimeError, match="export failed"):
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", broken)
+    with pytest.raises(RuntimeError, match="alias failed"):
         register_foundation(ws, ws.config(), "kaiko-vit-s16", ws.root.parent / "hf", force=True)
-    after = {r.info.run_id for r in tracker.client.search_runs([tracker.experiment_id("encoders")])}
-    assert after == before
-    folders = {p.name for p in (tracker.artifact_root / "encoders").iterdir()}
-    assert folders <= before | {"models"}
+    monkeypatch.undo()
+    assert {r.info.run_id for r in tracker.client.search_runs([experiment])} == runs
+    assert {v.version for v in tracker.client.search_model_versions("name = 'histcode-encoder'")} == versions
+    after = {p.relative_to(tracker.artifact_root) for p in (tracker.artifact_root / "encoders").rglob("*") if p.is_dir()}
+    assert after == folders  # neither the module nor the exported program's copy of the weights is left
+
+
+def test_half_precision_weights_load_as_float32() -> None:
+    spec = foundation_spec("kaiko-vit-s16")
+    model_name, args = CARDS["kaiko-vit-s16"]
+    state = {k: v.half() for k, v in timm.create_model(model_name, **args).state_dict().items()}
+    encoder = build_foundation("kaiko-vit-s16", weightless=True)
+    load_published(spec, encoder, state, "a half-precision file")
+    assert {p.dtype for p in encoder.parameters()} == {torch.float32}
+    with torch.inference_mode():
+        assert torch.isfinite(encoder.eval()(torch.rand(1, 3, 224, 224))).all()

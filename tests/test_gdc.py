@@ -418,6 +418,8 @@ def test_a_cart_with_samples_that_label_no_slide_fails_the_gate_or_drops_them(ti
     assert set(dropped.dropped) == {"TCGA-ZZ-9999-01A", f"{patient}-10A"} and not dropped.problems
     assert dropped.n_samples == len(matrix.columns) - 2
     assert gate_labels(ws, ws.config()).passed
+    again = ingest_labels(ws, ws.config(), gdc=GdcDownload(sheet, root))
+    assert again.reused and again.dropped == dropped.dropped  # the report of a reused label set still lists them
 
 
 def test_labels_gdc_in_params_is_what_every_door_ingests(tiled_workspace, tmp_path) -> None:
@@ -433,6 +435,8 @@ def test_labels_gdc_in_params_is_what_every_door_ingests(tiled_workspace, tmp_pa
     assert gate_labels(ws, ws.config()).passed
     assert passed_label_set(ws, ws.config())["label_version"] == made.label_version
     assert ingest_labels(ws, ws.config()).reused
+    with pytest.raises(ExpressionFileError, match="a sample sheet .* goes with a matrix, and labels.gdc names a GDC"):
+        ingest_labels(ws, ws.config(), sample_sheet=ws.root / "sheet.csv")
     rows = read_gdc_sheet(sheet)
     target = root / rows[0].file_id / rows[0].file_name
     target.write_text(target.read_text().replace("# gene-model: GENCODE v36", "# gene-model: GENCODE v36 "))
@@ -479,3 +483,16 @@ def test_every_slide_of_a_sample_gets_its_de_labels_and_counts_once() -> None:
     assert frame.loc["TCGA-AA-0001-01Z-00-DX2", "sample_id"] == "TCGA-AA-0001-01A"
     gate = gene_inclusion(frame.reset_index(), cfg, present={"SOX2"}).set_index("gene")
     assert (gate.loc["SOX2", "n_up"], gate.loc["SOX2", "n_unchanged"]) == (1, 1)
+
+
+def test_a_slide_two_samples_could_claim_is_labelled_by_neither() -> None:
+    from histcode.labels.expression import map_samples, sample_slides
+
+    slides = [{"slide_id": f"P1-S{i}", "patient_id": "P1", "attributes": '{"sample_type": "tumor"}'} for i in (1, 2, 3)]
+    sheet = pd.DataFrame({"sample_id": ["rnaA", "rnaB"], "patient_id": ["P1", "P1"], "slide_id": ["P1-S1", "P1-S2"],
+                          "sample_type": ["tumor", "tumor"]})
+    samples = map_samples(["rnaA", "rnaB"], slides, sheet)
+    assert samples.problem.isna().all()
+    assert sample_slides(samples, slides) == {"rnaA": ["P1-S1"], "rnaB": ["P1-S2"]}  # P1-S3 fits both: neither
+    one = map_samples(["rnaA"], slides, sheet.iloc[:1])
+    assert sample_slides(one, slides) == {"rnaA": ["P1-S1", "P1-S2", "P1-S3"]}  # unknown type: every tumour slide

@@ -65,17 +65,33 @@ def _existing(tracker: Tracker, model_name: str, encoder: str, sha: str, mpp: fl
 
 
 def _discard_run(tracker: Tracker, run_id: str) -> None:
-    """Delete a run that failed half-way, with its artifacts (a copy of the weights can be gigabytes)."""
+    """Delete what a registration that failed half-way made: the model versions of its run, its logged model and
+    the run, with their artifacts (each a copy of the weights, gigabytes for the large encoders). Best effort:
+    a cleanup error is logged, never raised over the error that caused it."""
     import shutil
     from urllib.parse import unquote, urlparse
 
-    uri = tracker.client.get_run(run_id).info.artifact_uri
-    tracker.end_run(run_id, "FAILED")
-    tracker.client.delete_run(run_id)
-    if uri.startswith("file:"):
-        folder = Path(unquote(urlparse(uri).path))
-        shutil.rmtree(folder.parent if folder.name == "artifacts" and folder.parent.name == run_id else folder,
-                      ignore_errors=True)
+    client = tracker.client
+
+    def remove(uri: str | None, run_folder: bool = False) -> None:
+        if uri and uri.startswith("file:"):
+            folder = Path(unquote(urlparse(uri).path))
+            if folder.name == "artifacts" and (not run_folder or folder.parent.name == run_id):
+                folder = folder.parent  # the run's (or logged model's) own folder, not only its artifacts
+            shutil.rmtree(folder, ignore_errors=True)
+
+    try:
+        for v in client.search_model_versions(f"run_id = {quote(run_id)}"):
+            client.delete_model_version(v.name, v.version)
+        run = client.get_run(run_id)
+        for model in client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = {quote(run_id)}"):
+            remove(model.artifact_location)
+            client.delete_logged_model(model.model_id)
+        tracker.end_run(run_id, "FAILED")
+        client.delete_run(run_id)
+        remove(run.info.artifact_uri, run_folder=True)
+    except Exception as exc:  # noqa: BLE001 -- cleanup must not hide the failure that called it
+        log.warning("could not clean up the failed registration run %s: %s", run_id, exc)
 
 
 RESERVED_ALIASES = ("random", "simclr", "moco", "adco", "best", "latest")

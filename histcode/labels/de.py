@@ -111,11 +111,11 @@ def gene_inclusion(labels: pd.DataFrame, cfg: LabelsConfig, present: set[str]) -
             reason = "fold changes not computable (missing or non-numeric values)"
         elif len(present_classes) < 2:
             only = next(iter(present_classes), "none")
-            reason = f"a single class ({only}) across all {len(sub)} patients: nothing to learn"
+            reason = f"a single class ({only}) across all {len(sub)} tumour samples: nothing to learn"
         else:
             small = {c: k for c, k in present_classes.items() if k < cfg.min_class_size}
             if small:
-                reason = "; ".join(f"class {c} has {k} patient{'s' if k != 1 else ''} (< {cfg.min_class_size})"
+                reason = "; ".join(f"class {c} has {k} tumour sample{'s' if k != 1 else ''} (< {cfg.min_class_size})"
                                    for c, k in small.items())
         rows.append({"gene": gene, "included": reason is None, "reason": reason, "n_up": n[UP], "n_down": n[DOWN],
                      "n_unchanged": n[UNCHANGED]})

@@ -10,11 +10,14 @@ an error here.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pandas as pd
 
 from histcode.labels.barcodes import NORMAL, TUMOUR, UNKNOWN, parse_barcode
+
+log = logging.getLogger(__name__)
 
 
 class ExpressionFileError(ValueError):
@@ -168,17 +171,26 @@ def map_samples(sample_ids: list[str], slides: list[dict], sheet: pd.DataFrame |
 
 def sample_slides(samples: pd.DataFrame, slides: list[dict]) -> dict[str, list[str]]:
     """Every tiled slide each usable tumour sample labels: the slide ``map_samples`` chose and the other tumour
-    slides of its patient of the same sample type (a sample's DX1 and DX2), unless another sample labels them. A
-    patient's slides share their RNA's labels, as TCGA expression is per sample, not per slide."""
+    slides of its patient of the same sample type (a sample's DX1 and DX2). A slide two samples could claim is
+    left to neither (logged): a slide never gets labels from two samples. TCGA expression is per sample, not per
+    slide, so a sample's slides share its labels."""
     by_patient: dict[str, list[dict]] = {}
     for s in slides:
         by_patient.setdefault(s["patient_id"], []).append(s)
     usable = samples[samples.problem.isna() & (samples.kind == TUMOUR) & samples.slide_id.notna()]
     claimed = set(usable.slide_id)
-    out: dict[str, list[str]] = {}
+    wanted: dict[str, list[str]] = {}
     for r in usable.itertuples():
-        siblings = [s["slide_id"] for s in by_patient.get(r.patient_id, [])
-                    if slide_kind(s) == TUMOUR and s["slide_id"] not in claimed
-                    and (r.type_code is None or _type_code(s["slide_id"]) in (None, r.type_code))]
-        out[r.sample_id] = [r.slide_id, *sorted(siblings)]
+        code = None if pd.isna(r.type_code) else r.type_code
+        for s in by_patient.get(r.patient_id, []):
+            if (slide_kind(s) == TUMOUR and s["slide_id"] not in claimed
+                    and (code is None or _type_code(s["slide_id"]) in (None, code))):
+                wanted.setdefault(s["slide_id"], []).append(r.sample_id)
+    contested = {slide: who for slide, who in wanted.items() if len(who) > 1}
+    for slide, who in sorted(contested.items()):
+        log.warning("slide %s fits samples %s equally: it gets no DE labels", slide, ", ".join(who))
+    out = {r.sample_id: [r.slide_id] for r in usable.itertuples()}
+    for slide, who in sorted(wanted.items()):
+        if slide not in contested:
+            out[who[0]].append(slide)
     return out

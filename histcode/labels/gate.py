@@ -94,6 +94,8 @@ def _suites(cfg: LabelsConfig) -> dict[str, list]:
         "de_labels": [
             E.ExpectTableRowCountToBeBetween(min_value=1, meta=says("no DE labels (no usable tumour/normal pairs)")),
             E.ExpectColumnValuesToNotBeNull(column="slide_id", meta=says("labels without a slide")),
+            E.ExpectCompoundColumnsToBeUnique(column_list=["slide_id", "gene"],
+                                              meta=says("slides labelled twice for one gene (by two samples)")),
         ],
         "class_sizes": [
             E.ExpectColumnValuesToBeBetween(column="n", min_value=cfg.min_class_size,

@@ -84,7 +84,7 @@ def build_frames(long: pd.DataFrame, samples: pd.DataFrame, de: pd.DataFrame, ge
     return {
         "expression": _keyed(long, "sample_id", "gene"),
         "samples": _keyed(samples, "sample_id"),
-        "de_labels": _keyed(de, "sample_id", "gene"),
+        "de_labels": _keyed(de, "slide_id", "sample_id", "gene"),
         "class_sizes": _keyed(sizes, "task", "class"),
         "genes": _keyed(genes, "gene"),
         "folds": _keyed(per_patient, "patient_id"),
@@ -161,7 +161,8 @@ def ingest_labels(ws: Workspace, cfg: HistcodeConfig, expression: Path | None = 
             "INSERT INTO label_sets (label_version, source, source_sha256, sample_sheet, unit, params, n_samples, n_genes, "
             "n_patients, created_at, is_current, gate_status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, true, ?)",
             [version, catalog.stored_path(path), _sha256(path), catalog.stored_path(sheet_path), lcfg.unit,
-             json.dumps({**lcfg.model_dump(mode="json"), "cohorts": cohorts}), long.sample_id.nunique(), long.gene.nunique(),
+             json.dumps({**lcfg.model_dump(mode="json"), "cohorts": cohorts, "dropped": dropped}), long.sample_id.nunique(),
+             long.gene.nunique(),
              int(samples.patient_id.nunique()), utcnow(), PENDING],
         )
     result = LabelSet(
@@ -191,6 +192,7 @@ def _stored_label_set(catalog: Catalog, current: dict, frames: Path, cohorts: li
         references={k: int(v) for k, v in de.drop_duplicates("sample_id").reference.value_counts().items()} if len(de) else {},
         excluded_genes={r["gene"]: r["reason"] for r in genes},
         problems={r["sample_id"]: r["problem"] for r in problems}, cohorts=cohorts, reused=True,
+        dropped=json.loads(current.get("params") or "{}").get("dropped") or {},
     )
 
 
@@ -208,11 +210,16 @@ def _source(ws: Workspace, cfg: HistcodeConfig, expression: Path | None, sample_
     """(labels config as ingested, source path, sample sheet path, GDC download, input digests): a matrix given
     here, else a GDC download given here, else ``labels.gdc``, else ``labels.expression``."""
     lcfg = cfg.labels
-    if gdc is None and expression is None and sample_sheet is None:
-        gdc = configured_gdc(ws, cfg)
+    if gdc is None and expression is None:
+        if sample_sheet is not None and lcfg.gdc is not None:
+            raise ExpressionFileError(f"a sample sheet ({sample_sheet}) goes with a matrix, and labels.gdc names a GDC "
+                                      "download: give the matrix too, or leave the sheet out")
+        gdc = None if sample_sheet is not None else configured_gdc(ws, cfg)
     if gdc is not None:
-        lcfg = lcfg.model_copy(update={"unit": label_unit(gdc.unit), "gdc_unit": gdc.unit, "gdc_genes": gdc.genes})
+        lcfg = lcfg.model_copy(update={"unit": label_unit(gdc.unit), "gdc_unit": gdc.unit, "gdc_genes": gdc.genes,
+                                       "gdc": None})  # the download is in the digest, wherever it was named
         return lcfg, gdc.sheet, None, gdc, {"gdc": gdc.digest()}  # the digest checks the sheet and its files
+    lcfg = lcfg.model_copy(update={"gdc": None})  # a matrix: labels.gdc, if set, was not read
     path = expression or ws.path(lcfg.expression)
     sheet_path = sample_sheet or (ws.path(lcfg.sample_sheet) if lcfg.sample_sheet else None)
     return lcfg, path, sheet_path, None, {"file": _sha256(path), "sheet": _sha256(sheet_path)}

@@ -245,7 +245,7 @@ def build_foundation(name: str, weightless: bool = False) -> Encoder:
     except ImportError as exc:
         raise EncoderError(f"foundation encoder {name} needs timm: pip install 'histcode[timm]'") from exc
     spec = foundation_spec(name)
-    if weightless and spec.pooling != "avgpool":
+    if weightless and spec.key_layout != "swin-original":
         with torch.device("meta"):
             backbone = build_foundation(name).backbone
         return Encoder(backbone, spec.dim, f"foundation:{spec.name}", spec.mean, spec.std)

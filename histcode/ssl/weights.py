@@ -174,6 +174,8 @@ def load_published(spec: FoundationSpec, encoder: Encoder, state: dict[str, torc
         raise EncoderError(f"{source} does not fit {spec.title} ({spec.timm_model}, {spec.key_layout} keys): "
                            + "; ".join(p for p in problems if p))
     assign = any(p.is_meta for p in module.parameters())
+    if assign:  # assigned tensors keep their dtype: a half-precision release becomes float32 like the module
+        converted = {k: v if v.dtype == expected[k].dtype else v.to(expected[k].dtype) for k, v in converted.items()}
     module.load_state_dict(converted, strict=True, assign=assign)
     if assign and not all(t.is_meta for t in converted.values()):
         left = [n for n, t in [*encoder.named_parameters(), *encoder.named_buffers()] if t.is_meta]

@@ -231,10 +231,10 @@ class Tracker:
         version = None
         if registered_name:
             version = str(info.registered_model_version)
+            for key, value in (version_tags or {}).items():  # tags first: an alias never points at a version half-tagged
+                self.client.set_model_version_tag(registered_name, version, key, str(value))
             for alias in aliases:
                 self.client.set_registered_model_alias(registered_name, alias, version)
-            for key, value in (version_tags or {}).items():
-                self.client.set_model_version_tag(registered_name, version, key, str(value))
         return info.model_uri, version
 
     def load_model(self, uri: str):
