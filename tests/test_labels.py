@@ -197,3 +197,34 @@ def test_sample_sheet_maps_non_tcga_samples(tiled_workspace) -> None:
     assert gate.passed, gate.summary()
     mapped = Catalog.of(ws).query("SELECT DISTINCT mapped_by FROM expression_samples")
     assert mapped == [{"mapped_by": "sample_sheet"}]
+
+
+def test_frames_of_a_failed_ingest_are_never_judged_for_the_current_label_set(tiled_workspace, monkeypatch) -> None:
+    """The frames are swapped in before the catalog's transaction; if that transaction fails, the gate refuses
+    frames of another label set instead of recording their verdict on the current one, and the next ingest
+    repairs it."""
+    from histcode.labels.run import current_label_set
+
+    ws = tiled_workspace
+    frame = _good_matrix(ws)
+    _write(ws, frame)
+    first, gate = _run(ws)
+    assert gate.passed
+    _write(ws, frame * 2.0)  # another matrix: another label set
+
+    real = Catalog.replace_table
+
+    def failing(self, con, table, frame):
+        if table == "de_labels":
+            raise RuntimeError("disk full")
+        return real(self, con, table, frame)
+
+    monkeypatch.setattr(Catalog, "replace_table", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        ingest_labels(ws, ws.config())
+    monkeypatch.undo()
+    assert current_label_set(Catalog.of(ws))["label_version"] == first.label_version  # the catalog rolled back
+    with pytest.raises(LabelGateError, match=f"are of label set ls-[0-9a-f]+, not of the current {first.label_version}"):
+        gate_labels(ws, ws.config(), force=True)
+    second, gate = _run(ws)
+    assert second.label_version != first.label_version and not second.reused and gate.passed

@@ -91,19 +91,29 @@ def build_frames(long: pd.DataFrame, samples: pd.DataFrame, de: pd.DataFrame, ge
     }
 
 
-def write_frames(frames: dict[str, pd.DataFrame], target: Path) -> None:
-    """All frames or none: written to a sibling folder, then swapped in."""
+FRAMES_VERSION = "label_version.txt"  # which label set the frames are of: the gate refuses frames of another
+
+
+def write_frames(frames: dict[str, pd.DataFrame], target: Path, label_version: str) -> None:
+    """All frames or none: written to a sibling folder with the label set they are of, then swapped in."""
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name, frame in frames.items():
         frame.to_parquet(tmp / f"{name}.parquet", index=False)
+    (tmp / FRAMES_VERSION).write_text(label_version)
     old = target.with_name(target.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
         os.replace(target, old)
     os.replace(tmp, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def frames_version(target: Path) -> str | None:
+    """The label set the frames in ``target`` are of (None: no frames, or frames of an earlier release)."""
+    marker = target / FRAMES_VERSION
+    return marker.read_text().strip() if marker.is_file() else None
 
 
 def ingest_labels(ws: Workspace, cfg: HistcodeConfig, expression: Path | None = None,
@@ -121,7 +131,7 @@ def ingest_labels(ws: Workspace, cfg: HistcodeConfig, expression: Path | None = 
     version = _label_version(inputs, lcfg, slides)
     if not force and path.is_file():
         current = current_label_set(catalog)
-        if current is not None and current["label_version"] == version and (frames_dir(ws) / "genes.parquet").is_file():
+        if current is not None and current["label_version"] == version and frames_version(frames_dir(ws)) == version:
             log.info("label set %s is up to date (gate %s)", version, current["gate_status"])
             return _stored_label_set(catalog, current, frames_dir(ws), cohorts)
     subtypes = None
@@ -146,7 +156,7 @@ def ingest_labels(ws: Workspace, cfg: HistcodeConfig, expression: Path | None = 
     labels = slide_labels(slides, subtypes)
     folds = plan_folds(labels, lcfg.folds, lcfg.seed)
     frames = build_frames(long, samples, de, genes, class_counts(labels), folds)
-    write_frames(frames, frames_dir(ws))
+    write_frames(frames, frames_dir(ws), version)
 
     with catalog.transaction() as con:
         catalog.replace_table(con, "expression", long[["sample_id", "gene", "value"]])
@@ -272,6 +282,10 @@ def gate_labels(ws: Workspace, cfg: HistcodeConfig, force: bool = False):
         if docs is not None and docs.is_file():
             make_offline(docs.parent)  # a site built before its pages were made offline (nothing to do otherwise)
         return GateResult(current["gate_status"] == PASSED, failures, {r["gene"]: r["reason"] for r in excluded}, docs)
+    found = frames_version(frames_dir(ws))
+    if found != current["label_version"]:  # e.g. an ingest whose catalog commit failed after its frames were written
+        raise LabelGateError(f"the label frames in {frames_dir(ws)} are of label set {found or 'an earlier release'}, not "
+                             f"of the current {current['label_version']}: run `histcode labels ingest` again")
     result = run_gate(frames_dir(ws), gx_project(ws), cfg.labels)
     failures = [{"frame": f.frame, "expectation": f.expectation, "column": f.column, "count": f.count,
                  "rows": f.rows[:50], "description": f.description, "message": f.message} for f in result.failures]
