@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 
 import numpy as np
 import pytest
@@ -321,7 +320,6 @@ def test_registered_encoders_load_back_as_trainable_modules(foundation_workspace
     assert [(r["version"], r["aliases"], r["encoder"]) for r in data["registered"]] == [("1", "kaiko-vit-s16", "foundation:kaiko-vit-s16")]
     missing = runner.invoke(app, ["--workspace", str(ws.root), "encoders", "register", "uni", "--weights", str(tmp_path / "none")])
     assert missing.exit_code == 2 and "UNI weights not found" in _flat(missing.output)
-    shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 def test_virchow_pooling_is_the_class_token_beside_the_mean_of_the_patch_tokens() -> None:

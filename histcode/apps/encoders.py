@@ -22,9 +22,10 @@ from histcode.config import HistcodeConfig
 from histcode.ssl.encoders import EncoderError
 from histcode.ssl.foundation import FOUNDATION, build_foundation, foundation_spec
 from histcode.ssl.modules import FOUNDATION_PREFIX, log_module
-from histcode.ssl.weights import load_published, locate_weights, read_state_dict, sha256_of
+from histcode.ssl.weights import load_published, locate_weights, read_state_dict
 from histcode.tracking import Tracker, quote
 from histcode.workspace import Workspace
+from histcode.wsi.files import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def register_foundation(ws: Workspace, cfg: HistcodeConfig, name: str, weights: 
                            "choose another with --alias")
     tracker, model_name, encoder_name = Tracker(ws), cfg.pretrain.register_as, FOUNDATION_PREFIX + spec.name
     log.info("%s: hashing %s", spec.title, path)
-    sha = sha256_of(path)
+    sha = file_sha256(path, 1 << 24)
     version = None if force else _existing(tracker, model_name, encoder_name, sha, mpp)
     if version is not None:
         tracker.client.set_registered_model_alias(model_name, alias, version)

@@ -43,6 +43,7 @@ import pandas as pd
 from histcode.ingest.gdc import SheetRow, downloaded_path, read_gdc_sheet, subtype_of_project
 from histcode.ingest.sources import ManifestError
 from histcode.labels.expression import ExpressionFileError, long_from_wide
+from histcode.wsi.files import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +106,9 @@ class GdcDownload:
 
     def digest(self) -> str:
         """SHA-256 over the sheet, every counts file it lists, the clinical TSV and the reading options."""
-        h = hashlib.sha256()
-        for path in [self.sheet, *(p for _, p in self.counts_files()), *([self.clinical] if self.clinical else [])]:
-            with path.open("rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-        h.update(repr((self.unit, self.genes, self.subtype_column)).encode())
-        return h.hexdigest()
+        files = [self.sheet, *(p for _, p in self.counts_files()), *([self.clinical] if self.clinical else [])]
+        parts = [file_sha256(path) for path in files] + [repr((self.unit, self.genes, self.subtype_column))]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 @dataclass

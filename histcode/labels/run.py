@@ -8,7 +8,6 @@ the failed expectations and rows, on the label set; heads train only from a labe
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from histcode.store.catalog import Catalog
 from histcode.store.records import utcnow
 from histcode.tiling.spec import spec_id_of
 from histcode.workspace import Workspace
+from histcode.wsi.files import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def gx_project(ws: Workspace) -> Path:
 def _sha256(path: Path | None) -> str | None:
     if path is None or not path.is_file():
         return None
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return file_sha256(path)
 
 
 def _keyed(frame: pd.DataFrame, *columns: str) -> pd.DataFrame:
