@@ -125,12 +125,12 @@ def materialise_stage(ws, cfg, encoder: str, image_px: int, batch: int, workers:
     import torch
 
     from histcode.features.embed import materialize
-    from histcode.ssl.pretrain import register_random_encoder
+    from histcode.ssl.pretrain import register_baseline_encoder
     from histcode.store.catalog import Catalog
     from histcode.tracking import Tracker
 
     pcfg = cfg.pretrain.model_copy(update={"encoder": encoder, "image_px": image_px, "register_as": "gpu-check-encoder"})
-    version = register_random_encoder(ws, cfg.model_copy(update={"pretrain": pcfg}))
+    version = register_baseline_encoder(ws, cfg.model_copy(update={"pretrain": pcfg}), "random")
     fcfg = cfg.features.model_copy(update={"batch_size": batch, "num_workers": workers, "device": device.type})
     run_cfg = cfg.model_copy(update={"features": fcfg})
     with Catalog.of(ws).transaction() as con:

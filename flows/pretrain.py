@@ -59,8 +59,10 @@ def pretrain_flow(
         f"- registered `{summary['registered_model']}` version {summary['version']} (`{summary['model_uri']}`)",
     ]
     if probe:
-        lines.append(f"- linear probe accuracy: trained {probe['probe_accuracy']:.3f}, random init "
-                     f"{probe['probe_random_init_accuracy']:.3f}, colour only {probe['probe_colour_accuracy']:.3f}")
+        lines += ["- linear probe (reporting half, AUC trained : random init : colour):"] + [
+            f"  - {task}: " + " : ".join(f"{probe[f'probe/report/{task}/{n}_auc']:.3f}"
+                                         for n in ("trained", "random_init", "colour"))
+            for task in ("tissue", "tumour", "subtype") if f"probe/report/{task}/trained_auc" in probe]
     create_markdown_artifact("\n".join(lines), key="histcode-pretrain")
     get_run_logger().info("pretrain %s finished: run %s", summary["method"], summary["run_id"])
     return summary

@@ -164,15 +164,24 @@ def pretrain_lines(summary: dict | None, reused: bool) -> str:
 
 
 def probe_lines(probe: dict, indent: str = "") -> str:
-    """The linear probe, tiles as they are and re-stained: trained, random init and colour side by side."""
-    lines = []
-    for suffix, what in (("", "as they are"), ("_restained", "re-stained")):
-        if f"probe{suffix}_accuracy" not in probe:
-            continue
-        cells = [f"{name} {probe[f'{key}{suffix}_accuracy']:.3f} / {probe[f'{key}{suffix}_macro_auc']:.3f}"
-                 for name, key in (("trained", "probe"), ("random init", "probe_random_init"), ("colour", "probe_colour"))]
-        lines.append(f"{indent}linear probe, {int(probe['probe_tiles'])} held-aside tiles {what} "
-                     f"(accuracy / macro AUC): " + ", ".join(cells))
+    """The linear probe's reporting half, per task, tiles as they are and re-stained: AUC of the trained encoder,
+    random init and colour side by side, and the gain over random init with its paired 95% interval."""
+    if "probe/report/tiles" not in probe:
+        return ""
+    lines = [f"{indent}linear probe, reporting half ({int(probe['probe/report/tiles'])} of {int(probe['probe_tiles'])} "
+             "held-aside tiles): AUC trained : random init : colour, trained - random [95% CI]"]
+    for task in ("tissue", "tumour", "subtype"):
+        cells = []
+        for suffix, what in (("", "as they are"), ("/restained", "re-stained")):
+            key = f"probe/report/{task}{suffix}"
+            if f"{key}/trained_auc" not in probe:
+                continue
+            auc = " : ".join(f"{probe[f'{key}/{n}_auc']:.3f}" for n in ("trained", "random_init", "colour"))
+            gain = f"{key}/gain_vs_random_init"
+            cells.append(f"{what} {auc}, {probe[gain]:+.3f} [{probe[gain + '_ci_low']:+.3f}, "
+                         f"{probe[gain + '_ci_high']:+.3f}]")
+        if cells:
+            lines.append(f"{indent}  {task:<8} " + "; ".join(cells))
     return "\n".join(lines)
 
 
@@ -207,6 +216,20 @@ def heads_lines(heads: dict | None, heatmap) -> str:
         parts.append(f"{key} {'AUC' if 'auc' in r else 'gene AUC'} {score:.2f}")
     reused = " (up to date, reused)" if heads.get("reused") else ""
     text = f"  heads (pooled CV){reused}: " + ", ".join(parts) + f"; best: {heads['best']}"
+    strict = [f"{key} {r.get('strict_auc', r.get('strict_mean_gene_auc')):.2f}" for key, r in heads["runs"].items()
+              if "strict_auc" in r or "strict_mean_gene_auc" in r]
+    if strict:
+        text += "\n  strict, on the patients the encoder never saw (pretrain.exclude_test_folds): " + ", ".join(strict)
+    mask = heads["runs"].get("tumor/attention", {})
+    if "attention_mask_auc" in mask:
+        per = []
+        for key, value in mask.items():
+            if key.startswith("attention_mask_auc_tf_"):
+                lo, hi = key.removeprefix("attention_mask_auc_tf_").split("_")
+                per.append(f"{int(lo)}-{int(hi)}% {value:.2f} ({int(mask.get(f'n_mask_tf_{lo}_{hi}', 0))} slides)")
+        text += (f"\n  attention vs tumour mask (out of fold, tumor/attention): {mask['attention_mask_auc']:.2f} "
+                 f"(raw attention {mask.get('attention_mask_auc_raw', float('nan')):.2f}); by tumour fraction "
+                 + ", ".join(per))
     if heatmap is not None:
         auc = f", attention vs tumour mask AUC {heatmap.mask_auc:.2f}" if heatmap.mask_auc is not None else ""
         text += f"\n  heatmap: {heatmap.pictures[0]}{auc}"
@@ -216,8 +239,10 @@ def heads_lines(heads: dict | None, heatmap) -> str:
 def retrieval_lines(retrieval: dict | None) -> str:
     if not retrieval or not retrieval.get("poolings"):
         return "  slide retrieval: not evaluated"
-    parts = [f"{pooling} pooling mMV@5 {m['mmv_at_5']:.2f} (MV@1/3/5 {m['mv_at_1']:.2f}/{m['mv_at_3']:.2f}/"
-             f"{m['mv_at_5']:.2f}, mAP@5 {m['map_at_5']:.2f})" for pooling, m in retrieval["poolings"].items()]
+    said = {"out_of_fold": " (out-of-fold attention)"}
+    parts = [f"{pooling} pooling{said.get(m.get('attention_source'), '')} mMV@5 {m['mmv_at_5']:.2f} (MV@1/3/5 "
+             f"{m['mv_at_1']:.2f}/{m['mv_at_3']:.2f}/{m['mv_at_5']:.2f}, mAP@5 {m['map_at_5']:.2f})"
+             for pooling, m in retrieval["poolings"].items()]
     return "  slide retrieval by tissue (leave one patient out): " + "; ".join(parts)
 
 

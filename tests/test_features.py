@@ -305,11 +305,11 @@ def test_a_slide_whose_content_changes_leaves_every_feature_view_at_once(embedde
                                                                          other_cohort, tmp_path) -> None:
     from histcode.ingest.run import ingest_sources
     from histcode.ingest.sources import SlideSource
-    from histcode.ssl.pretrain import register_random_encoder
+    from histcode.ssl.pretrain import register_baseline_encoder
 
     ws = copy_workspace(embedded_workspace)
     cfg = ws.config()
-    version = register_random_encoder(ws, cfg)  # a second view of the same slides
+    version = register_baseline_encoder(ws, cfg, "random")  # a second view of the same slides
     materialize(ws, cfg, encoder=f"histcode-encoder/{version}", progress=False)
     catalog = Catalog.of(ws)
     views = [r["view_id"] for r in catalog.query("SELECT DISTINCT view_id FROM feature_views")]

@@ -392,10 +392,10 @@ def test_a_version_registered_without_its_module_says_so(foundation_workspace) -
 
 def test_the_random_baseline_loads_back_as_a_module(embedded_workspace, copy_workspace) -> None:
     from histcode.features.registry import load_encoder
-    from histcode.ssl.pretrain import register_random_encoder
+    from histcode.ssl.pretrain import register_baseline_encoder
 
     ws = copy_workspace(embedded_workspace)
-    register_random_encoder(ws, ws.config())
+    register_baseline_encoder(ws, ws.config(), "random")
     encoder = load_encoder(ws, "histcode-encoder@random")
     assert encoder.name == ws.config().pretrain.encoder and not encoder.training
 

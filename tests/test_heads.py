@@ -106,17 +106,19 @@ def test_folds_never_share_patients_and_never_stop_on_the_test_fold(aggregator: 
     assert len(result.fold_slides) == 3
     for fold in result.fold_slides:
         test_p = {patient[s] for s in fold["test"]}
-        assert not test_p & {patient[s] for s in fold["train"] + fold["val"]}  # no patient leaks
-        assert fold["val"] and not set(fold["val"]) & set(fold["test"])  # early stopping never sees the test fold
-        assert set(fold["val"]) <= set(task.slide_ids) - set(fold["test"])
-        assert not {patient[s] for s in fold["val"]} & {patient[s] for s in fold["train"]}
+        held = fold["stop"] + fold["select"]
+        assert not test_p & {patient[s] for s in fold["train"] + held}  # no patient leaks
+        assert fold["select"] and not set(held) & set(fold["test"])  # stopping and choosing never see the test fold
+        assert bool(fold["stop"]) == (aggregator != "mean")  # a linear head fits on the stopping split too
+        assert set(held) <= set(task.slide_ids) - set(fold["test"])
+        assert not {patient[s] for s in held} & {patient[s] for s in fold["train"]}
     assert result.pooled["auc"] > 0.9  # the signal is strong: every aggregator must find it
 
 
 def test_tumour_auc_on_the_demo_cohort_is_far_above_chance(headed_workspace) -> None:
     summary = json.loads((headed_workspace.metrics_dir / "heads.json").read_text())
     runs = summary["runs"]
-    assert runs["tumor/mean"]["auc"] >= 0.9 and runs["tumor/attention"]["auc"] >= 0.75
+    assert runs["tumor/mean"]["auc"] >= 0.85 and runs["tumor/attention"]["auc"] >= 0.75
     assert set(summary["best"]) == {"tumor", "subtype", "de"} and "mean_gene_auc" in runs["de/attention"]
     assert "tumor/guided" not in runs and runs["subtype/guided"]["version"] and "mean_gene_auc" in runs["de/guided"]
     from mlflow import MlflowClient
@@ -128,7 +130,7 @@ def test_tumour_auc_on_the_demo_cohort_is_far_above_chance(headed_workspace) -> 
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 3  # one child run per fold
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"roc.png", "confusion.png", "predictions.csv", "label_gate_data_docs"} <= artifacts
+    assert {"roc.png", "confusion.png", "predictions.csv", "label_gate_data_docs", "attention.npz"} <= artifacts
     version = client.get_model_version("histcode-tumor-head", runs["tumor/attention"]["version"])
     assert version.run_id == parent.info.run_id  # the registered head is the one this parent run trained
     de_artifacts = {a.path for a in client.list_artifacts(runs["de/attention"]["run_id"])}
@@ -222,7 +224,8 @@ def test_predict_on_new_slides_including_40x_and_failures(headed_workspace, copy
     slides = pd.read_csv(fresh.out_dir / "slides.csv")
     assert (slides.magnification == 40).any()  # a 40x slide was predicted at the same physical scale
     tiles = result.tile_scores
-    assert list(tiles.columns) == ["slide_id", "x", "y", "size", "attention"] and set(tiles.slide_id) == set(ok.index)
+    assert list(tiles.columns) == ["slide_id", "x", "y", "size", "attention", "attention_raw"]
+    assert set(tiles.slide_id) == set(ok.index)
     forty = "NEW-" + slides.loc[slides.magnification == 40, "slide_id"].iloc[0]
     assert (tiles[tiles.slide_id == forty]["size"] == 512).all()  # level-0 pixels of a 0.25 um/px slide
     for sid, group in tiles.groupby("slide_id"):
@@ -272,7 +275,8 @@ def test_standardised_heads_see_the_training_tiles_mean_and_sd() -> None:
     with torch.no_grad():
         expected = inner((bag - torch.from_numpy(mean)) / torch.from_numpy(sd))
         got = model(bag)
-    torch.testing.assert_close(got[0], expected[0]) and torch.testing.assert_close(got[1], expected[1])
+    torch.testing.assert_close(got[0], expected[0])
+    torch.testing.assert_close(got[1], expected[1])
 
 
 def test_balanced_sampling_draws_each_class_equally_often() -> None:

@@ -175,11 +175,17 @@ def test_pretrain_cli_tracks_probes_and_registers(tiled_workspace) -> None:
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert run.data.params["method"] == "adco" and run.data.params["data.n_tiles"]
-    assert {"probe_accuracy", "probe_macro_auc", "probe_random_init_accuracy", "probe_colour_accuracy"} <= set(run.data.metrics)
-    # the same tiles re-stained, for all three, side by side
-    assert {"probe_restained_macro_auc", "probe_random_init_restained_macro_auc", "probe_colour_restained_macro_auc",
-            "probe_gain_restained_macro_auc"} <= set(run.data.metrics)
-    assert "re-stained" in out
+    metrics = set(run.data.metrics)
+    for half in ("tune", "report"):  # every task on both halves, trained, random init and colour side by side
+        for task in ("tissue", "tumour", "subtype"):
+            for suffix in ("", "/restained"):
+                assert {f"probe/{half}/{task}{suffix}/{n}_{m}" for n in ("trained", "random_init", "colour")
+                        for m in ("auc", "accuracy")} <= metrics
+    # the reporting half's gains with their paired intervals
+    assert {"probe/report/subtype/restained/gain_vs_random_init_ci_low",
+            "probe/report/tissue/gain_vs_colour_ci_high"} <= metrics
+    assert not any(k.startswith("probe/tune/") and "gain" in k for k in metrics)
+    assert "re-stained" in out and "reporting half" in out
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
     assert max(steps) == 6 and "mlflow.source.git.commit" in run.data.tags and "histcode.data_version" in run.data.tags
     # one copy of the checkpoint: in the run's folder, referenced by the run (relative to the workspace), not
@@ -215,7 +221,12 @@ def test_exclude_test_folds_leaves_those_patients_out_of_pretraining(headed_work
 
     cfg = headed_workspace.config()
     catalog = Catalog.of(headed_workspace)
-    everything = pretraining_data(catalog, cfg)
+    transductive = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"exclude_test_folds": ()})})
+    everything = pretraining_data(catalog, transductive)
+    assert not everything.excluded_slides and everything.excluded_folds == ()
+    # the default, auto: the first half of the label set's folds (3 here: one), none before there is a label set
+    assert cfg.pretrain.exclude_test_folds == "auto" and pretraining_data(catalog, cfg).excluded_folds == (0,)
+    assert pretraining_data(Catalog.of(tiled_workspace), cfg).excluded_folds == ()
     strict = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"exclude_test_folds": (0,)})})
     data = pretraining_data(catalog, strict)
     fold0 = {r["patient_id"] for r in catalog.query("SELECT patient_id FROM cv_folds WHERE fold = 0")}

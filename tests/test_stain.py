@@ -156,3 +156,105 @@ def test_slides_of_different_sites_read_in_the_reference_stain(tiled_workspace):
     # (re-estimated on the normalised pixels, which are clipped to [0, 255]: close, not exact)
     assert np.abs(normalised - reference).mean() < 0.05 < np.abs(raw - reference).mean()
     assert normalised.std(axis=0).sum() < raw.std(axis=0).sum() / 3
+
+
+# --- scanner_shift, against Beer-Lambert written out here (not the module's helpers) ---------------------------
+
+RJ_H = (0.650, 0.704, 0.286)  # Ruifrok & Johnston (2001), haematoxylin and eosin OD vectors
+RJ_E = (0.072, 0.990, 0.105)
+
+
+def _scanner_reference(rgb: np.ndarray, s: float) -> np.ndarray:
+    """Scanner shift from the equations: OD = -ln((I + 1) / 256); OD = c_H h + c_E e + c_r n with h, e the unit
+    Ruifrok-Johnston vectors and n the unit normal of their plane; c_H x (1 + 0.3 s), c_E x (1 - 0.25 s), c_r kept;
+    OD' clipped at 0; I = 256 exp(-OD') - 1 in [0, 255]; I' = 128 + (1 - 0.15 s) (I - 128), rounded, clipped."""
+    h, e = _unit(RJ_H), _unit(RJ_E)
+    n = _unit(np.cross(h, e))
+    basis = np.stack([h, e, n])  # rows: OD = c @ basis
+    od = -np.log((rgb.reshape(-1, 3).astype(np.float64) + 1.0) / 256.0)
+    conc = np.linalg.solve(basis.T, od.T).T  # c with c @ basis = od
+    conc *= [1 + 0.3 * s, 1 - 0.25 * s, 1.0]
+    shifted = np.maximum(conc @ basis, 0.0)
+    intensity = np.clip(256.0 * np.exp(-shifted) - 1.0, 0.0, 255.0)
+    out = 128.0 + (1 - 0.15 * s) * (intensity - 128.0)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8).reshape(rgb.shape)
+
+
+def _unmix_h_e(rgb: np.ndarray) -> np.ndarray:
+    """(c_H, c_E) of pixels by the same equations, for reading what a shift did."""
+    h, e = _unit(RJ_H), _unit(RJ_E)
+    basis = np.stack([h, e, _unit(np.cross(h, e))])
+    od = -np.log((rgb.reshape(-1, 3).astype(np.float64) + 1.0) / 256.0)
+    return np.linalg.solve(basis.T, od.T).T[:, :2]
+
+
+@pytest.mark.parametrize("strength", [0.25, 0.5, 1.0, 2.0, 3.7])
+def test_scanner_shift_follows_beer_lambert(strength):
+    from histcode.wsi.stain import scanner_shift
+
+    tissue, _ = _tissue(H_TRUE, E_TRUE, n=20000, seed=3)
+    rng = np.random.default_rng(4)
+    pixels = np.concatenate([tissue, rng.integers(0, 256, size=(20000, 3)).astype(np.uint8)])
+    image = pixels.reshape(200, 200, 3)
+    got = scanner_shift(image, strength)
+    want = _scanner_reference(image, strength)
+    assert got.shape == image.shape and got.dtype == np.uint8
+    diff = np.abs(got.astype(int) - want.astype(int))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.99, (diff.max(), (diff == 0).mean())
+    assert (got != image).mean() > 0.9  # it did shift
+
+
+def test_scanner_shift_is_the_identity_at_zero():
+    from histcode.wsi.stain import scanner_shift
+
+    image = np.random.default_rng(5).integers(0, 256, size=(64, 48, 3)).astype(np.uint8)
+    same = scanner_shift(image, 0)
+    assert np.array_equal(same, image) and same is not image
+    # and the computing path itself is the identity in the limit (not only the s = 0 shortcut)
+    nearly = scanner_shift(image, 1e-9)
+    assert np.abs(nearly.astype(int) - image.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("strength", [0.5, 1.0, 2.0])
+def test_scanner_shift_turns_glass_into_one_greyish_white(strength):
+    from histcode.wsi.stain import scanner_shift
+
+    grey = round(128 + 127 * (1 - 0.15 * strength))  # 245, 236, 217
+    blank = np.full((32, 32, 3), 255, np.uint8)
+    assert np.all(scanner_shift(blank, strength) == grey)
+    # glass beside tissue: the same white wherever it is, and the brightest, neutral pixel of the image
+    tissue, _ = _tissue(H_TRUE, E_TRUE, n=32 * 32, seed=6)
+    image = tissue.reshape(32, 32, 3).copy()
+    image[::3, ::5] = 255
+    out = scanner_shift(image, strength)
+    assert np.all(out[::3, ::5] == grey)
+    assert out.max() == grey and out.min() >= 0
+
+
+def test_scanner_shift_adds_haematoxylin_to_a_nuclear_pixel():
+    from histcode.wsi.stain import scanner_shift
+
+    h, e = _unit(RJ_H), _unit(RJ_E)
+    nucleus = np.clip(np.round(256 * np.exp(-(1.2 * h + 0.2 * e)) - 1), 0, 255).astype(np.uint8).reshape(1, 1, 3)
+    strengths = np.arange(0, 2.01, 0.25)
+    conc = np.array([_unmix_h_e(scanner_shift(nucleus, s))[0] for s in strengths])
+    assert np.all(np.diff(conc[:, 0]) > 0), conc  # more haematoxylin with every step, despite the flatter contrast
+    assert np.all(np.diff(conc[:, 1]) < 0), conc  # less eosin
+    assert conc[0, 0] == pytest.approx(1.2, abs=0.02)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 4.5, float("nan")])
+def test_scanner_shift_refuses_strengths_outside_its_range(bad):
+    from histcode.wsi.stain import scanner_shift
+
+    with pytest.raises(ValueError, match="strength"):
+        scanner_shift(np.zeros((2, 2, 3), np.uint8), bad)
+
+
+def test_scanner_shift_refuses_non_8_bit_rgb():
+    from histcode.wsi.stain import scanner_shift
+
+    with pytest.raises(ValueError, match="uint8"):
+        scanner_shift(np.zeros((2, 2, 3), np.float32), 1.0)
+    with pytest.raises(ValueError, match="uint8"):
+        scanner_shift(np.zeros((2, 2, 4), np.uint8), 1.0)

@@ -92,9 +92,10 @@ def run_demo(ws: Workspace, cfg: HistcodeConfig, workers: int = 2) -> DemoOutcom
 
 
 def slide_retrieval(ws: Workspace, cfg: HistcodeConfig, view, reuse: bool) -> dict:
-    """Leave-one-patient-out slide retrieval by tissue (normal / LUAD / LUSC), mean and attention pooling, each
-    logged to MLflow (experiment ``retrieval``) and kept in metrics/retrieval.json; reused while the heads and
-    the view are unchanged."""
+    """Leave-one-patient-out slide retrieval by tissue (normal / LUAD / LUSC), mean and attention pooling (each
+    slide pooled by its out-of-fold attention: the final head would be in-sample), each logged to MLflow
+    (experiment ``retrieval``) and kept in metrics/retrieval.json; reused while the heads and the view are
+    unchanged."""
     from histcode.apps.slide_vectors import POOLINGS, PoolingError, slide_vectors
     from histcode.features.retrieval import evaluate_view, log_retrieval
     from histcode.tracking import Tracker
@@ -108,7 +109,7 @@ def slide_retrieval(ws: Workspace, cfg: HistcodeConfig, view, reuse: bool) -> di
     tracker = Tracker(ws)
     for pooling in POOLINGS:
         try:
-            vectors = slide_vectors(ws, view, pooling)
+            vectors = slide_vectors(ws, view, pooling, source="out_of_fold")
         except PoolingError as exc:
             log.info("retrieval with %s pooling skipped: %s", pooling, exc)
             continue
@@ -117,10 +118,12 @@ def slide_retrieval(ws: Workspace, cfg: HistcodeConfig, view, reuse: bool) -> di
         except ValueError as exc:  # e.g. a cohort with labelled slides of one patient only
             log.info("retrieval with %s pooling skipped: %s", pooling, exc)
             continue
-        run_id = log_retrieval(tracker, view, report, {"pooling": pooling, "cohorts": cfg.cohorts.train})
+        source = "out_of_fold" if pooling == "attention" else None
+        run_id = log_retrieval(tracker, view, report, {"pooling": pooling, "cohorts": cfg.cohorts.train,
+                                                       "attention_source": source})
         metrics = report.metrics()
-        out["poolings"][pooling] = {"run_id": run_id, **{k: metrics[k] for k in ("mv_at_1", "mv_at_3", "mv_at_5",
-                                                                                "mmv_at_5", "map_at_5")}}
+        out["poolings"][pooling] = {"run_id": run_id, "attention_source": source, "slides": metrics["slides"],
+                                    **{k: metrics[k] for k in ("mv_at_1", "mv_at_3", "mv_at_5", "mmv_at_5", "map_at_5")}}
     write_json(path, out)
     return out
 

@@ -22,6 +22,7 @@ from histcode.config import HistcodeConfig
 from histcode.ssl.encoders import EncoderError
 from histcode.ssl.foundation import FOUNDATION, build_foundation, foundation_spec
 from histcode.ssl.modules import FOUNDATION_PREFIX, log_module
+from histcode.ssl.stain_norm import NONE, describe as describe_stain_norm
 from histcode.ssl.weights import load_published, locate_weights, read_state_dict
 from histcode.tracking import Tracker, quote
 from histcode.workspace import Workspace
@@ -53,14 +54,15 @@ def alias_of(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "-", name)
 
 
-def _existing(tracker: Tracker, model_name: str, encoder: str, sha: str, mpp: float) -> str | None:
+def _existing(tracker: Tracker, model_name: str, encoder: str, sha: str, mpp: float, reading: str) -> str | None:
     try:
         versions = tracker.client.search_model_versions(f"name = {quote(model_name)}")
     except Exception:  # noqa: BLE001 -- no such registered model yet
         return None
     for v in versions:
         tags = v.tags or {}
-        if tags.get("encoder") == encoder and tags.get("weights_sha256") == sha and tags.get("mpp") == str(mpp):
+        if (tags.get("encoder") == encoder and tags.get("weights_sha256") == sha and tags.get("mpp") == str(mpp)
+                and (tags.get("stain_norm") or NONE) == reading):
             return str(v.version)
     return None
 
@@ -95,11 +97,14 @@ def _discard_run(tracker: Tracker, run_id: str) -> None:
         log.warning("could not clean up the failed registration run %s: %s", run_id, exc)
 
 
-RESERVED_ALIASES = ("random", "simclr", "moco", "adco", "best", "latest")
+RESERVED_ALIASES = ("random", "colour", "simclr", "moco", "adco", "best", "latest")
 
 
 def register_foundation(ws: Workspace, cfg: HistcodeConfig, name: str, weights: Path, mpp: float | None = None,
-                        alias: str | None = None, force: bool = False) -> Registered:
+                        alias: str | None = None, force: bool = False, stain_norm: bool = False) -> Registered:
+    """``stain_norm``: its feature views read slide tiles through ``pretrain.stain_norm`` (as the encoders trained
+    here do, so that an ablation compares encoders alone); by default tiles are read as they are, as the
+    published encoders were trained."""
     spec = foundation_spec(name)
     path = locate_weights(spec, weights)
     mpp = float(mpp if mpp is not None else spec.mpp)
@@ -112,7 +117,8 @@ def register_foundation(ws: Workspace, cfg: HistcodeConfig, name: str, weights: 
     tracker, model_name, encoder_name = Tracker(ws), cfg.pretrain.register_as, FOUNDATION_PREFIX + spec.name
     log.info("%s: hashing %s", spec.title, path)
     sha = file_sha256(path, 1 << 24)
-    version = None if force else _existing(tracker, model_name, encoder_name, sha, mpp)
+    reading = describe_stain_norm(cfg.pretrain.stain_norm) if stain_norm else NONE
+    version = None if force else _existing(tracker, model_name, encoder_name, sha, mpp, reading)
     if version is not None:
         tracker.client.set_registered_model_alias(model_name, alias, version)
         log.info("%s is already %s version %s (same weights and mpp); alias %s points at it", spec.title, model_name,
@@ -136,7 +142,7 @@ def register_foundation(ws: Workspace, cfg: HistcodeConfig, name: str, weights: 
             run_id, encoder, "encoder", (3, spec.input_px, spec.input_px), spec.dim, model_name, aliases=(alias,),
             version_tags={"method": encoder_name, "encoder": encoder_name, "image_px": spec.input_px, "dim": spec.dim,
                           "mpp": mpp, "run_id": run_id, "licence": spec.licence, "card": spec.card,
-                          "weights_sha256": sha, "weights_file": str(path)},
+                          "weights_sha256": sha, "weights_file": str(path), "stain_norm": reading},
         )
     except BaseException:
         _discard_run(tracker, run_id)  # a half-registered encoder leaves no run and no copy of its weights behind

@@ -23,6 +23,7 @@ import pandas as pd
 from histcode.features.registry import FeatureView
 from histcode.heads.cv import CVResult, fit_on, validation
 from histcode.heads.fit import GUIDED
+from histcode.heads.masks import MASK_AUC
 from histcode.heads.data import Bag
 from histcode.heads.models import WithTileScores
 from histcode.heads.names import MODEL_NAMES
@@ -36,12 +37,12 @@ log = logging.getLogger(__name__)
 EXPERIMENT = "heads"
 FINGERPRINT_TAG = "histcode.fingerprint"
 CV_COMPLETE_TAG = "histcode.cv_complete"
-MASK_AUC = "attention_mask_auc"
 STRICT = "strict_"  # metric prefix: pooled over the folds the encoder was not pretrained on
+ATTENTION_FILE = "attention.npz"  # out-of-fold attention of every tested slide
 
 
 def track_cv(tracker: Tracker, result: CVResult, view: FeatureView, labels: dict, tag: str, params: dict,
-             docs: Path, mask_auc: float | None, fingerprint: str, cohorts: list[str],
+             docs: Path, mask: dict[str, float], fingerprint: str, cohorts: list[str],
              strict_folds: frozenset[int]) -> str:
     """The parent run of a cross-validation with its fold runs, metrics and artifacts; returns its id.
     ``params``: logged beside the run's own (the heads settings, the encoder architecture)."""
@@ -64,8 +65,7 @@ def track_cv(tracker: Tracker, result: CVResult, view: FeatureView, labels: dict
                 tracker.log_metrics(child, {k: v for k, v in fold.items() if isinstance(v, (int, float)) and np.isfinite(v)})
         pooled = {k: v for k, v in result.pooled.items() if np.isfinite(v)}
         pooled.update({STRICT + k: v for k, v in result.strict.items() if np.isfinite(v)})
-        if mask_auc is not None and np.isfinite(mask_auc):
-            pooled[MASK_AUC] = mask_auc
+        pooled.update({k: v for k, v in mask.items() if np.isfinite(v)})  # attention vs tumour masks (tumour task)
         tracker.log_metrics(parent, pooled)
         with tempfile.TemporaryDirectory() as tmp:
             _write_tables(result, Path(tmp))
@@ -94,6 +94,12 @@ def _write_tables(result: CVResult, out: Path) -> None:
         ids = sorted(result.outputs)
         np.savez_compressed(out / "outputs.npz", slide_id=np.array(ids, dtype=object).astype(str),
                             outputs=np.stack([result.outputs[s] for s in ids]))
+    if result.attention:  # out-of-fold attention: honest attention pooling for retrieval, mask AUCs of reused runs
+        ids = sorted(result.attention)
+        sizes = np.array([len(result.attention[s]) for s in ids])
+        np.savez_compressed(out / ATTENTION_FILE, slide_id=np.array(ids, dtype=object).astype(str),
+                            offsets=np.concatenate([[0], np.cumsum(sizes)]),
+                            attention=np.concatenate([result.attention[s] for s in ids]).astype(np.float32))
 
 
 def prior_run(tracker: Tracker, fingerprint: str):
@@ -108,10 +114,10 @@ def prior_run(tracker: Tracker, fingerprint: str):
 
 
 def read_back(tracker: Tracker, run, data: TaskData, aggregator: str) -> tuple[CVResult, float | None]:
-    """A completed cross-validation as its run recorded it: (result, attention-vs-mask AUC)."""
+    """A completed cross-validation as its run recorded it: (result, its attention-vs-mask metrics)."""
     metrics = run.data.metrics
     result = CVResult(data.kind.tested(data), aggregator,
-                      pooled={k: v for k, v in metrics.items() if k != MASK_AUC and not k.startswith(STRICT)},
+                      pooled={k: v for k, v in metrics.items() if not _is_mask(k) and not k.startswith(STRICT)},
                       strict={k[len(STRICT):]: v for k, v in metrics.items() if k.startswith(STRICT)})
     with tempfile.TemporaryDirectory() as tmp:
         names = {a.path for a in tracker.client.list_artifacts(run.info.run_id)}
@@ -127,7 +133,31 @@ def read_back(tracker: Tracker, run, data: TaskData, aggregator: str) -> tuple[C
         if "outputs.npz" in names:
             with np.load(local("outputs.npz")) as saved:
                 result.outputs = dict(zip(saved["slide_id"].tolist(), saved["outputs"]))
-    return result, metrics.get(MASK_AUC)
+        if ATTENTION_FILE in names:
+            result.attention = _read_attention(local(ATTENTION_FILE))
+    return result, {k: v for k, v in metrics.items() if _is_mask(k)}
+
+
+def _read_attention(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as saved:
+        offsets, values = saved["offsets"], saved["attention"]
+        return {sid: values[a:b] for sid, a, b in zip(saved["slide_id"].tolist(), offsets[:-1], offsets[1:])}
+
+
+def out_of_fold_attention(tracker: Tracker, run_id: str) -> dict[str, np.ndarray]:
+    """Slide id -> the attention each tested slide got from the fold model that never saw its patient, as the
+    cross-validation run ``run_id`` logged it; {} for a run that logged none (before they were kept)."""
+    names = {a.path for a in tracker.client.list_artifacts(run_id)}
+    if ATTENTION_FILE not in names:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        return {k: v.copy() for k, v in _read_attention(
+            Path(tracker.client.download_artifacts(run_id, ATTENTION_FILE, tmp))).items()}
+
+
+def _is_mask(metric: str) -> bool:
+    """A metric of attention against the tumour masks (``histcode.heads.masks.mask_metrics``)."""
+    return metric.startswith(MASK_AUC) or metric.startswith("n_mask_")
 
 
 def _version_tags(data: TaskData, aggregator: str, view: FeatureView, labels: dict, tag: str, score: float) -> dict:
@@ -179,8 +209,8 @@ def register_final(tracker: Tracker, data: TaskData, bags: dict[str, Bag], aggre
         return Registered(version, _number(known, "val_score"), _number(known, "val_loss"))
     with tracker.closing(tracker.reopen_run(run_id)):
         guide = guides(None) if aggregator == GUIDED else None
-        head, _, val_idx = fit_on(data, bags, np.arange(len(data.slide_ids)), aggregator, hcfg, hcfg.seed, guide)
-        val = validation(data, bags, head, val_idx)
+        inner = fit_on(data, bags, np.arange(len(data.slide_ids)), aggregator, hcfg, hcfg.seed, guide)
+        head, val = inner.head, validation(data, bags, inner.head, inner.select)
         _, version = tracker.log_torch_model(run_id, WithTileScores(head.model), "head", (view.dim,), None, name,
                                              version_tags={**tags, **val})
         failpoint("heads.registered")
@@ -199,7 +229,10 @@ def promote(tracker: Tracker, task: str, alias: str, version: str, score: float,
             score_tag: str, force: bool = False) -> Promotion:
     """Point ``alias`` at ``version`` when it has no version yet, when its version was scored on another label
     set, when ``score`` beats that version's ``score_tag`` (strictly), or when ``force``; otherwise leave it.
-    ``score`` is tagged on ``version`` as ``score_tag`` when the alias moves."""
+    ``score`` is tagged on ``version`` as ``score_tag`` when the alias moves, and ``<alias>_selected_on``
+    says whether that score also chose it (``outer_cv``: it beat the version before on the same outer folds,
+    so as an estimate of the new version it is optimistic, the winner's curse of keeping the maximum of noisy
+    scores; ``none``: the first version, a new label set, or promoted by request)."""
     name = MODEL_NAMES[task]
     client = tracker.client
     try:
@@ -225,6 +258,9 @@ def promote(tracker: Tracker, task: str, alias: str, version: str, score: float,
             return Promotion(alias, str(current.version), False,
                              f"version {current.version} scores {held:.4f} >= {score:.4f}")
     client.set_model_version_tag(name, version, score_tag, str(score))
+    # a version that won on its outer-CV score carries that score as chosen by it: an optimistic estimate
+    selected = "outer_cv" if reason.startswith(score_tag) else "none"
+    client.set_model_version_tag(name, version, f"{alias}_selected_on", selected)
     client.set_registered_model_alias(name, alias, version)
     log.info("%s@%s -> version %s (%s)", name, alias, version, reason)
     return Promotion(alias, str(version), True, reason)

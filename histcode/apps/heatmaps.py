@@ -1,6 +1,8 @@
 """`histcode heatmap SLIDE`: the tumour head's attention and the DE head's gene-specific tile scores over the
 slide, as PNGs, stored per tile in the catalog (table ``tile_scores``), and measured against the ground-truth
-mask where the slide has one."""
+mask where the slide has one. The attention drawn, stored (``attention``) and measured is the map smoothed over
+the tile grid (``heads.attention_smoothing``, ``histcode.heads.smoothing``); the head's own weights are stored
+beside it as ``attention_raw``."""
 
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import pandas as pd
 from histcode.features.registry import load_view
 from histcode.heads.apply import LoadedHead, load_head, optional_head
 from histcode.heads.data import Bag, load_bags
-from histcode.heads.masks import tile_tumour_labels
+from histcode.heads.masks import slide_mask_auc
+from histcode.heads.smoothing import smooth_attention
 from histcode.store.catalog import Catalog
 from histcode.store.records import utcnow
 from histcode.tracking import Tracker
@@ -57,12 +60,14 @@ def store_scores(catalog: Catalog, head: LoadedHead, scores: pd.DataFrame) -> No
 
 
 def _drawing_key(ws: Workspace, slide_id: str, tumor: LoadedHead, de: LoadedHead | None, genes: list[str],
-                 out_dir: Path) -> str:
+                 out_dir: Path, smoothing: float) -> str:
     """A hash naming one drawing: slide, head versions, genes and folder (inside the workspace: relative, so a
     copied workspace finds its drawings). Only hex digits, so it is safe in an MLflow filter."""
     out = out_dir.resolve()
     where = out.relative_to(ws.root).as_posix() if out.is_relative_to(ws.root) else str(out)
     payload = [slide_id, tumor.version, de.version if de else None, list(genes), where]
+    if smoothing:  # drawings of raw attention keep the keys they had before smoothing existed
+        payload.append(smoothing)
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:24]
 
 
@@ -86,10 +91,11 @@ def _already_drawn(catalog: Catalog, tracker: Tracker, slide_id: str, heads: tup
 
 def render_heatmaps(ws: Workspace, slide_id: str, out_dir: Path, genes: list[str] | None = None,
                     alias: str = "attention", heads: tuple[LoadedHead, LoadedHead | None] | None = None,
-                    bags: dict[str, Bag] | None = None, force: bool = False) -> HeatmapResult:
+                    bags: dict[str, Bag] | None = None, force: bool = False,
+                    smoothing: float | None = None) -> HeatmapResult:
     """``heads``: the (tumour, DE) heads when the caller has loaded them already (default: tumour@``alias``
     and DE@best from the registry); ``bags``: the slide's vectors by view id, where already read (each head
-    reads the slide in its own view).
+    reads the slide in its own view); ``smoothing``: of the attention map (default heads.attention_smoothing).
     A slide already drawn by the same head versions and genes into ``out_dir`` is not drawn again unless
     ``force``."""
     catalog, tracker = Catalog.of(ws), Tracker(ws)
@@ -103,7 +109,8 @@ def render_heatmaps(ws: Workspace, slide_id: str, out_dir: Path, genes: list[str
         if unknown:
             raise LookupError(f"genes {unknown} are not in the DE head's panel {list(de.genes)}")
     views = {f"{h.task}-head v{h.version}": h.view_id for h in (tumor, de) if h is not None}
-    key = _drawing_key(ws, slide_id, tumor, de, chosen, out_dir)
+    smoothing = ws.config().heads.attention_smoothing if smoothing is None else smoothing
+    key = _drawing_key(ws, slide_id, tumor, de, chosen, out_dir, smoothing)
     stem = file_stem(slide_id)  # any id (quotes, slashes, any script) names a file inside out_dir
     pictures = [out_dir / f"{stem}.attention.png", *(out_dir / f"{stem}.{file_stem(g)}.png" for g in chosen)]
     done = None if force else _already_drawn(catalog, tracker, slide_id, (tumor, de), key, pictures)
@@ -113,19 +120,17 @@ def render_heatmaps(ws: Workspace, slide_id: str, out_dir: Path, genes: list[str
         return done
     bags = dict(bags or {})
     bag = bags.get(tumor.view_id) or slide_bag(ws, tumor, slide_id)
-    out, attention = tumor(bag.features)
+    out, raw = tumor(bag.features)
+    attention = smooth_attention(raw, bag.xy, bag.size, smoothing)
     result = HeatmapResult(slide_id, views=views)
     p_tumor = float(out[list(tumor.classes).index("tumor")]) if "tumor" in tumor.classes else float("nan")
     result.pictures.append(heatmap_png(slide, bag.xy, bag.size, attention, f"attention (p_tumor {p_tumor:.2f})",
                                        "attention", pictures[0], kind="sequential",
                                        head=f"{tumor.task}-head v{tumor.version}"))
-    rows = [{"slide_id": slide_id, "tile_id": t, "x": int(x), "y": int(y), "size": bag.size, "score_name": "attention",
-             "score": float(a)} for t, (x, y), a in zip(bag.tile_ids, bag.xy, attention)]
-    truth = tile_tumour_labels(slide, bag)
-    if truth is not None and truth.any() and not truth.all():
-        from sklearn.metrics import roc_auc_score
-
-        result.mask_auc = float(roc_auc_score(truth, attention))
+    rows = [{"slide_id": slide_id, "tile_id": t, "x": int(x), "y": int(y), "size": bag.size, "score_name": name,
+             "score": float(a)} for name, values in (("attention", attention), ("attention_raw", raw))
+            for t, (x, y), a in zip(bag.tile_ids, bag.xy, values)]
+    result.mask_auc = slide_mask_auc(slide, bag, raw, smoothing)
     store_scores(catalog, tumor, pd.DataFrame(rows))
     if chosen:
         de_bag = bags.get(de.view_id) or (bag if de.view_id == tumor.view_id else slide_bag(ws, de, slide_id))

@@ -4,7 +4,7 @@ Nothing trains unless the current label set passed the gate. The Lance state the
 (``heads-<label set>``) and recorded on every run, so the exact vectors can be read back later. Each
 (task, aggregator) is one MLflow parent run (``head_runs``); one whose inputs are unchanged is reused, not
 trained again, unless ``force``. Each task also gets a ``best`` run: the choice among aggregators made inside
-every outer fold from its inner validation split (``histcode.heads.select``), scored on the outer test folds;
+every outer fold from its selection split (``histcode.heads.select``), scored on the outer test folds;
 that score is what ``@best`` is compared by, across runs (``head_runs.promote``).
 """
 
@@ -27,7 +27,7 @@ from histcode.heads.cv import CVResult, cross_validate
 from histcode.heads.data import load_bags
 from histcode.heads.fit import GUIDED
 from histcode.heads.guided import TumourGuides
-from histcode.heads.masks import attention_mask_auc
+from histcode.heads.masks import mask_metrics
 from histcode.heads.select import BEST, choose, chosen_counts, select_per_fold
 from histcode.heads.tasks import TASKS, task_data
 from histcode.labels.run import gx_project, require_passed_gate
@@ -50,7 +50,7 @@ class HeadsReport:
     best: dict[str, str] = field(default_factory=dict)  # task -> aggregator the selection chose for the final model
     promotions: dict[str, list[Promotion]] = field(default_factory=dict)  # task -> what happened to each alias
     aliases: str = ""  # "" = production aliases; else the prefix of the ablation's own (ablation-<method>)
-    mask_auc: dict[str, float] = field(default_factory=dict)  # aggregator -> mean attention-vs-mask AUC
+    mask_auc: dict[str, dict] = field(default_factory=dict)  # aggregator -> attention-vs-mask metrics (tumour)
     fingerprint: str = ""  # view state + label set + heads config: equal fingerprints train the same heads
     cohorts: list[str] = field(default_factory=list)  # the training cohorts whose slides the heads read
     reused: list[str] = field(default_factory=list)  # "task/aggregator" keys taken from earlier runs
@@ -68,7 +68,7 @@ class HeadsReport:
                                 **{k: round(v, 4) for k, v in r.pooled.items()},
                                 **{f"strict_{k}": round(v, 4) for k, v in r.strict.items()}}
             if r.task.name == "tumor" and r.aggregator in self.mask_auc:
-                out["runs"][key]["attention_mask_auc"] = round(self.mask_auc[r.aggregator], 4)
+                out["runs"][key].update({k: round(v, 4) for k, v in self.mask_auc[r.aggregator].items()})
         return out
 
     def plot_tables(self) -> dict[str, pd.DataFrame]:
@@ -175,7 +175,7 @@ def train_heads(ws: Workspace, cfg: HistcodeConfig, tasks: tuple[str, ...] | Non
     docs = gx_project(ws) / "gx" / "uncommitted" / "data_docs" / "local_site"
     masks = {s["slide_id"]: s for s in catalog.slides(status="ok")}
     params = {"heads": hcfg.model_dump(mode="json"), "encoder": encoder_tags.get("encoder")}  # logged on every run
-    context = (tracker, view, labels, tag, params, docs, cohorts, strict)
+    context = (tracker, view, labels, tag, params, docs, cohorts, strict, hcfg)
     guides, no_guide = _tumour_guides(catalog, bags, hcfg) if GUIDED in aggregators else (None, None)
     for task in tasks:
         data = task_data(catalog, task, bags)
@@ -187,10 +187,10 @@ def train_heads(ws: Workspace, cfg: HistcodeConfig, tasks: tuple[str, ...] | Non
                 log.warning("%s/%s skipped: no tumour head to guide it (%s)", task, GUIDED, no_guide)
                 continue
             fingerprint = _fingerprint(view, state, label_version, cfg, (task,), (aggregator,))
-            result, run_id, mask_auc, reused = _cv_run(
+            result, run_id, mask, reused = _cv_run(
                 context, fingerprint, force, data, aggregator,
                 lambda a=aggregator: cross_validate(data, bags, a, hcfg, strict, guides), bags, masks)
-            _record(report, result, run_id, mask_auc, reused)
+            _record(report, result, run_id, mask, reused)
             results[aggregator] = result
             if hcfg.register_models:
                 registered[aggregator] = register_final(tracker, data, bags, aggregator, hcfg, view, labels, tag,
@@ -224,24 +224,25 @@ def _tumour_guides(catalog: Catalog, bags: dict, cfg) -> tuple[TumourGuides | No
 
 
 def _cv_run(context, fingerprint: str, force: bool, data, aggregator: str, compute, bags, masks):
-    """(result, run id, attention-vs-mask AUC, reused): an earlier run of this fingerprint read back, or
-    ``compute()`` tracked as a new run."""
-    tracker, view, labels, tag, params, docs, cohorts, strict = context
+    """(result, run id, attention-vs-mask metrics, reused): an earlier run of this fingerprint read back, or
+    ``compute()`` tracked as a new run. The mask metrics score the out-of-fold attention maps of the tumour task."""
+    tracker, view, labels, tag, params, docs, cohorts, strict, hcfg = context
     prior = None if force else prior_run(tracker, fingerprint)
     if prior is not None:
-        result, mask_auc = read_back(tracker, prior, data, aggregator)
+        result, mask = read_back(tracker, prior, data, aggregator)
         log.info("%s/%s: inputs unchanged, reusing MLflow run %s", data.name, aggregator, prior.info.run_id)
-        return result, prior.info.run_id, mask_auc, True
+        return result, prior.info.run_id, mask, True
     result = compute()
-    mask_auc = attention_mask_auc(result, bags, masks) if data.name == "tumor" and result.attention else None
-    run_id = track_cv(tracker, result, view, labels, tag, params, docs, mask_auc, fingerprint, cohorts, strict)
-    return result, run_id, mask_auc, False
+    mask = mask_metrics(result.attention, bags, masks, hcfg.attention_smoothing, hcfg.tumour_fraction_bins) \
+        if data.name == "tumor" and result.attention else {}
+    run_id = track_cv(tracker, result, view, labels, tag, params, docs, mask, fingerprint, cohorts, strict)
+    return result, run_id, mask, False
 
 
-def _record(report: HeadsReport, result: CVResult, run_id: str, mask_auc: float | None, reused: bool) -> None:
+def _record(report: HeadsReport, result: CVResult, run_id: str, mask: dict[str, float], reused: bool) -> None:
     key = f"{result.task.name}/{result.aggregator}"
-    if result.task.name == "tumor" and mask_auc is not None:
-        report.mask_auc[result.aggregator] = mask_auc
+    if result.task.name == "tumor" and mask:
+        report.mask_auc[result.aggregator] = mask
     report.results.append(result)
     report.runs[key] = run_id
     if reused:

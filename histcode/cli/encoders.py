@@ -53,6 +53,7 @@ def encoders_register(
     mpp: Annotated[Optional[float], typer.Option(help="Microns per pixel to read tiles at (default: the entry's).")] = None,
     alias: Annotated[Optional[str], typer.Option(help="Registry alias (default: the entry's name).")] = None,
     force: Annotated[bool, typer.Option(help="Register a new version even if these weights are registered already.")] = False,
+    stain_norm: Annotated[bool, typer.Option("--stain-norm", help="Read slide tiles through pretrain.stain_norm, as the encoders trained here do (for an ablation that compares encoders alone); default: as they are, as the encoder was published.")] = False,
 ) -> None:
     """Load a foundation encoder's published weights from this machine (nothing is downloaded) and register it as
     a version of the encoder model, so `histcode embed --encoder histcode-encoder@NAME` makes its feature view."""
@@ -63,7 +64,8 @@ def encoders_register(
     telemetry_off()
     ws = workspace_of(ctx)
     try:
-        result = register_foundation(ws, config_of(ws), name, weights, mpp=mpp, alias=alias, force=force)
+        result = register_foundation(ws, config_of(ws), name, weights, mpp=mpp, alias=alias, force=force,
+                                     stain_norm=stain_norm)
     except EncoderError as exc:
         fail(str(exc))
     console = terminal()

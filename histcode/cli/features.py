@@ -131,6 +131,7 @@ def search(
     k: Annotated[int | None, typer.Option("--k", help="How many neighbours (default 10; 5 with --evaluate).")] = None,
     centring: Annotated[str | None, typer.Option("--centring", help="Slide search and --evaluate: 'mean' subtracts the view's mean slide vector before cosine (default), 'none' ranks raw vectors.")] = None,
     pooling: Annotated[str | None, typer.Option("--pooling", help="Slide search and --evaluate: 'mean' of the tiles (default) or 'attention' (weighted by the registered tumour head's attention on this view).")] = None,
+    attention_from: Annotated[str | None, typer.Option("--attention-from", help="With --pooling attention: 'final', the registered head's attention (slide search's default), or 'out_of_fold', each slide's attention from the cross-validation fold that never saw its patient (--evaluate's default: scoring with the final head would be in-sample).")] = None,
     where: Annotated[str | None, typer.Option(help="SQL filter on the table's columns, e.g. \"subtype = 'LUSC'\".")] = None,
     as_of: Annotated[str | None, typer.Option("--as-of", help="A table version number or tag.")] = None,
     view: Annotated[str | None, typer.Option(help="Feature view id (default: features.encoder's view under the current tiling).")] = None,
@@ -157,6 +158,8 @@ def search(
         fail(f"--pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
     if pooling is not None and not evaluate and slide is None:
         fail("--pooling applies to slide search (--slide) and --evaluate; tile search ranks tiles")
+    if attention_from is not None and pooling != "attention":
+        fail("--attention-from applies to --pooling attention")
     if evaluate and any(x is not None for x in (slide, tile, image)):
         fail("--evaluate scores every slide of the cohort; it takes no --slide, --tile or --image")
     telemetry_off()
@@ -168,11 +171,12 @@ def search(
         tracker = Tracker(ws)
         fv = resolve_view(Catalog.of(ws), tracker, cfg, view)
         say_view(fv)
-        pooled = (slide_vectors(ws, fv, pooling or "mean", as_of, progress=evaluate)
+        source = attention_from or ("out_of_fold" if evaluate else "final")
+        pooled = (slide_vectors(ws, fv, pooling or "mean", as_of, progress=evaluate, source=source)
                   if (evaluate or slide is not None) else None)
         if evaluate:
             _evaluate_retrieval(ws, cfg, tracker, fv, by, k, centring or "mean", pooling or "mean", pooled, where,
-                                as_of, output, wide)
+                                as_of, output, wide, source if pooling == "attention" else None)
             return
         hits = run_search(ws, fv, cfg.features, slide_id=slide, tile_id=tile, image=image, k=k, where=where, as_of=as_of,
                           centring=centring or "mean", slide_vectors=pooled)
@@ -182,7 +186,7 @@ def search(
 
 
 def _evaluate_retrieval(ws, cfg, tracker, fv, by: str, k: int, centring: str, pooling: str, pooled, where, as_of,
-                        output: str, wide: bool) -> None:
+                        output: str, wide: bool, source: str | None) -> None:
     """`histcode search --evaluate`: the figures as a table (or CSV/JSON), the MLflow run named on stderr."""
     from histcode.features.retrieval import evaluate_view, log_retrieval
     from histcode.views import arrow_table
@@ -190,9 +194,11 @@ def _evaluate_retrieval(ws, cfg, tracker, fv, by: str, k: int, centring: str, po
     report = evaluate_view(ws, fv, by=by, k=k, centring=centring, cohorts=cfg.cohorts.train, as_of=as_of, where=where,
                            vectors=pooled)
     run_id = log_retrieval(tracker, fv, report, {"as_of": as_of, "where": where, "cohorts": cfg.cohorts.train,
-                                                 "pooling": pooling})
+                                                 "pooling": pooling, "attention_source": source})
     table = report.table()
-    title = f"retrieval by {by}: leave-one-patient-out, {pooling} pooling, centring {centring}"
+    said = {"out_of_fold": " (out-of-fold attention of the tumour head's cross-validation)",
+            "final": " (the final tumour head's attention: in-sample for its training slides)"}.get(source or "", "")
+    title = f"retrieval by {by}: leave-one-patient-out, {pooling} pooling{said}, centring {centring}"
     print_frame(table, output, table.num_rows, lambda t, n: arrow_table(t, n, wide, title=title))
     if report.short_queries:
         typer.echo(f"{report.short_queries} query slides had fewer than {k} candidates of other patients", err=True)

@@ -1,8 +1,10 @@
 """Build the demo cohort: slides, ground-truth masks, labels, a TCGA-style expression matrix, a manifest.
 
-Deterministic from ``demo.seed``. Built in a sibling temporary folder and swapped into place, so the output is
-either the previous cohort or the complete new one. A rebuild with the same parameters, the same source tiles
-and the same builder version does nothing.
+Deterministic from ``demo.seed``. The slides are composed of the LC25000 tiles of ``demo.source_split``:
+``train`` for the demo itself, ``val`` for held-aside slides whose tiles no demo slide (and no pretraining)
+ever saw. Built in a sibling temporary folder and swapped into place, so the output is either the previous
+cohort or the complete new one. A rebuild with the same parameters, the same source tiles and the same builder
+version does nothing.
 """
 
 from __future__ import annotations
@@ -50,7 +52,10 @@ class DemoCohort:
 
 def _fingerprint(cfg: DemoConfig, source_dir: Path) -> str:
     labels = (source_dir / "labels.csv").read_bytes()
-    return stable_hash({"builder": BUILDER_VERSION, "cfg": cfg.model_dump(mode="json", exclude={"out_dir", "source_dir", "cohort"}),
+    exclude = {"out_dir", "source_dir", "cohort"}
+    if cfg.source_split == "train":  # the default: cohorts built before the field existed stay up to date
+        exclude.add("source_split")
+    return stable_hash({"builder": BUILDER_VERSION, "cfg": cfg.model_dump(mode="json", exclude=exclude),
                         "labels": stable_hash(labels.decode())})
 
 
@@ -143,7 +148,7 @@ def build_demo_cohort(cfg: DemoConfig, out_dir: Path, source_dir: Path | None = 
             log.info("demo cohort in %s is up to date (fingerprint %s)", out_dir, fingerprint)
             return DemoCohort(out_dir, previous["n_patients"], previous["n_slides"], built=False)
 
-    tiles = load_source_tiles(source_dir)
+    tiles = load_source_tiles(source_dir, cfg.source_split)  # "val": held-aside slides, of tiles no demo slide holds
     measures = measure_sources(tiles, cfg.white_balance)
     plans, pools = plan_cohort(cfg, tiles, measures)
     work = out_dir.with_name(f".{out_dir.name}.building")

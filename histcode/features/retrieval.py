@@ -272,10 +272,15 @@ def evaluate_view(ws: Workspace, view: FeatureView, *, by: str = TISSUE, k: int 
     """Leave-one-patient-out retrieval over the view's slides of the training ``cohorts`` (all training cohorts
     when empty) that have the label ``by``, optionally only those matching ``where`` (a filter on the slide
     table's columns). Centring subtracts the mean of the whole slide table, as slide search does. ``vectors``:
-    slide vectors to use instead of the table's (another pooling), by slide id."""
+    slide vectors to use instead of the table's (another pooling), by slide id; slides without one take no part,
+    in the queries, the candidates or the centre."""
     data = view_table(ws, view, SLIDE_KIND, as_of).to_lance().to_table()
     if data.num_rows == 0:
         raise ValueError(f"view {view.view_id} has no slide vectors: run `histcode embed`")
+    if vectors is not None:  # another pooling: only the slides it pooled take part (e.g. those tested out of fold)
+        data = data.filter(pa.array([s in vectors for s in data.column("slide_id").to_pylist()]))
+        if data.num_rows == 0:
+            raise ValueError(f"none of the pooled slide vectors is a slide of view {view.view_id}")
     vectors = replace_vectors(data, vectors)
     centre = centre_of(vectors, centring)
     frame = data.drop_columns(["vector"]).to_pandas()

@@ -1,4 +1,4 @@
-"""Bags of tile embeddings per slide, and inner validation splits of a training fold.
+"""Bags of tile embeddings per slide, and the inner splits of a training fold (stopping, selection).
 
 Bags are built slide by slide: the view's tile table is read a few whole slides at a time (through its
 ``slide_id`` index) and the vectors, tile corners and tile ids are appended to files that the bags then
@@ -114,8 +114,8 @@ def load_bags(ws: Workspace, view: FeatureView, as_of: int | str | None = None,
 
 
 def inner_split(patients: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Boolean masks (train, validation) over a training fold: whole patients go to validation, stratified by
-    label where every class has enough patients; the test fold is never touched here."""
+    """Boolean masks (rest, held out) over a training fold: whole patients are held out, stratified by label
+    where every class has enough patients; the test fold is never touched here."""
     from sklearn.model_selection import StratifiedGroupKFold
 
     n_splits = max(2, int(round(1 / fraction)))
@@ -130,3 +130,17 @@ def inner_split(patients: np.ndarray, y: np.ndarray, fraction: float, seed: int)
     mask = np.zeros(len(patients), dtype=bool)
     mask[val] = True
     return ~mask, mask
+
+
+def inner_splits(patients: np.ndarray, y: np.ndarray, stop_fraction: float, select_fraction: float,
+                 seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Boolean masks (fit, stop, select) over a training fold, each of whole patients: ``select_fraction`` of the
+    patients are held out to choose among aggregators (no head fits or stops on them), ``stop_fraction`` (of the
+    fold) of the others for early stopping, the rest to fit on."""
+    rest, select = inner_split(patients, y, select_fraction, seed)
+    fit_rest, stop_rest = inner_split(patients[rest], y[rest], min(0.5, stop_fraction / (1 - select_fraction)),
+                                      seed + 1)
+    fit, stop = np.zeros(len(patients), bool), np.zeros(len(patients), bool)
+    fit[np.flatnonzero(rest)[fit_rest]] = True
+    stop[np.flatnonzero(rest)[stop_rest]] = True
+    return fit, stop, select

@@ -13,10 +13,11 @@ are in one fold), with its own inner split for early stopping, exactly as the tu
 fits fold k; the final guided head is guided by a tumour head fitted on every slide. ``fit_on`` refuses a guide
 fitted on a patient it must not see.
 
-One asymmetry, stated: the fold-k guide is fitted on every patient outside fold k, so it has seen (by their
-tumour labels) the patients the subtype and DE fits hold out as their inner validation split. That split's
-scores, which choose among aggregators per fold, are therefore somewhat optimistic for ``guided``; the outer
-test folds, which every reported score (``best`` included) is pooled from, are untouched.
+One asymmetry, stated: the fold-k guide is fitted on the patients outside fold k less its own selection split,
+and the subtype and DE tasks draw their selection splits from their own slides, so the guide may have seen (by
+their tumour labels) some of the patients the subtype and DE fits hold out to choose by. Those scores, which
+choose among aggregators per fold, are therefore somewhat optimistic for ``guided``; the outer test folds, which
+every reported score (``best`` included) is pooled from, are untouched.
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ class TumourGuides:
                 raise ValueError(f"no tumour-labelled slides outside fold {fold} to fit a guide on")
             # the seed of the tumour task's own fit of this fold: the guide is that fold's tumour head
             seed = self.cfg.seed + (0 if fold is None else fold)
-            head, _, _ = fit_on(task, self.bags, idx, GUIDE_AGGREGATOR, self.cfg, seed)
-            self._fitted[fold] = FittedGuide(head.model, frozenset(task.patients[idx].tolist()))
+            inner = fit_on(task, self.bags, idx, GUIDE_AGGREGATOR, self.cfg, seed)
+            self._fitted[fold] = FittedGuide(inner.head.model, frozenset(task.patients[idx].tolist()))
             log.info("guide for %s: tumour head on %d slides of %d patients", "the final heads" if fold is None
                      else f"outer fold {fold}", len(idx), len(self._fitted[fold].patients))
         return self._fitted[fold]

@@ -1,10 +1,14 @@
 """Slide-level heads over bags of tile embeddings.
 
-- ``GatedAttention`` (Ilse et al. 2018): a_i = softmax_i(w^T (tanh(V h_i) * sigmoid(U h_i))).
+- ``GatedAttention`` (Ilse et al. 2018): a_i = softmax_i(w^T (tanh(V h_i) * sigmoid(U h_i))); with several
+  branches (CLAM_MB) w is one row per branch and each branch is a softmax over the tiles of its own.
 - ``CLAMSingleBranch`` (Lu et al. 2021, CLAM_SB as in the paper): fc 1024->512 (here in_dim->512) + ReLU, gated
   attention 512->256->1, slide vector sum_i a_i h_i, a bag classifier, and instance clustering: the top and bottom
   k attended tiles are pseudo-labelled positive/negative for the slide's class and an instance classifier learns
   them; loss = 0.7 * bag loss + 0.3 * instance loss.
+- ``CLAMMultiBranch`` (Lu et al. 2021, CLAM_MB): the same fc, gated attention 512->256->n_classes (one attention
+  branch per class, each a softmax over the tiles), one slide vector per class M = A h (n_classes, 512), class c's
+  logit from its own Linear(512, 1) on row c of M, and instance clustering of class c on class c's branch.
 - ``MaxInstance``: every tile classified, the slide scored by its most confident tile (max pooling).
 - ``MultiTaskDE``: the same attention backbone predicting, for every panel gene, log2FC (regression) and
   up/down/unchanged (classification) from one slide vector.
@@ -25,22 +29,31 @@ N_DE_CLASSES = 3  # down, unchanged, up
 
 
 class GatedAttention(nn.Module):
-    def __init__(self, dim: int, hidden: int, dropout: float = 0.25) -> None:
+    """Gated attention with ``branches`` outputs per tile (1: CLAM_SB's, n_classes: CLAM_MB's). The scoring
+    layer is ``score`` = Linear(hidden, branches) for any number of branches, so single-branch state dicts keep
+    their keys and shapes."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.25, branches: int = 1) -> None:
         super().__init__()
         self.tanh = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Dropout(dropout))
         self.sigmoid = nn.Sequential(nn.Linear(dim, hidden), nn.Sigmoid(), nn.Dropout(dropout))
-        self.score = nn.Linear(hidden, 1)
+        self.score = nn.Linear(hidden, branches)
+
+    def branches(self, h: torch.Tensor) -> torch.Tensor:
+        """h (n, dim) -> attention (branches, n), each branch summing to 1 over the tiles."""
+        return torch.softmax(self.score(self.tanh(h) * self.sigmoid(h)).T, dim=1)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """h (n, dim) -> attention (n,) summing to 1."""
-        return torch.softmax(self.score(self.tanh(h) * self.sigmoid(h)).squeeze(-1), dim=0)
+        """h (n, dim) -> attention (n,) summing to 1: the first (for CLAM_SB the only) branch."""
+        return self.branches(h)[0]
 
 
 class _AttentionBackbone(nn.Module):
-    def __init__(self, in_dim: int, hidden: int = 512, attention_hidden: int = 256, dropout: float = 0.25) -> None:
+    def __init__(self, in_dim: int, hidden: int = 512, attention_hidden: int = 256, dropout: float = 0.25,
+                 branches: int = 1) -> None:
         super().__init__()
         self.fc = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
-        self.attention = GatedAttention(hidden, attention_hidden, dropout)
+        self.attention = GatedAttention(hidden, attention_hidden, dropout, branches)
 
     def pool(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(tile features (n, hidden), attention (n,), slide vector (hidden,))."""
@@ -70,17 +83,9 @@ class CLAMSingleBranch(_AttentionBackbone):
         return torch.softmax(self.classifier(v), dim=-1), a
 
     def instance_loss(self, h: torch.Tensor, a: torch.Tensor, label: int) -> torch.Tensor:
-        total, n = h.sum() * 0, len(a)
-        k_in, k_out = min(self.k_sample, n // 2), min(self.k_sample, n)
-        for c, classifier in enumerate(self.instance_classifiers):
-            if c == label and k_in > 0:
-                top, bottom = torch.topk(a, k_in).indices, torch.topk(-a, k_in).indices
-                targets = torch.cat([torch.ones(k_in), torch.zeros(k_in)]).long().to(h.device)
-                total = total + F.cross_entropy(classifier(torch.cat([h[top], h[bottom]])), targets)
-            elif c != label and self.subtyping:
-                top = torch.topk(a, k_out).indices
-                total = total + F.cross_entropy(classifier(h[top]), torch.zeros(k_out, dtype=torch.long, device=h.device))
-        return total / len(self.instance_classifiers) if self.subtyping else total
+        """h (n, hidden), a (n,) -> CLAM's instance loss, every class's classifier on the one attention."""
+        return clam_instance_loss(self.instance_classifiers, h, a.expand(self.n_classes, -1), label, self.k_sample,
+                                  self.subtyping)
 
     def tile_scores(self, bag: torch.Tensor) -> torch.Tensor:
         """Each tile's class probabilities from its own features (a bag of one attends to its only tile)."""
@@ -90,6 +95,72 @@ class CLAMSingleBranch(_AttentionBackbone):
         h, a, v = self.pool(bag)
         bag_loss = F.cross_entropy(self.classifier(v)[None], torch.tensor([label], device=bag.device))
         return self.bag_weight * bag_loss + (1 - self.bag_weight) * self.instance_loss(h, a, label)
+
+
+def clam_instance_loss(classifiers: nn.ModuleList, h: torch.Tensor, a: torch.Tensor, label: int, k_sample: int,
+                       subtyping: bool) -> torch.Tensor:
+    """CLAM's instance clustering loss (inst_eval / inst_eval_out). h (n, hidden) tile features; a (n_classes, n)
+    the attention each class's instance classifier reads (CLAM_SB: the same row for every class; CLAM_MB: class
+    c's branch). The slide's class ``label`` learns its top-k tiles as positive and its bottom-k as negative, with
+    k at most half the bag so that no tile is labelled both ways; with ``subtyping`` every other class learns its
+    top-k (k at most the bag) as negative and the sum is divided by the number of classifiers. A one-tile bag has
+    no in-class term (zero loss without subtyping)."""
+    total, n = h.sum() * 0, a.shape[1]
+    k_in, k_out = min(k_sample, n // 2), min(k_sample, n)
+    for c, classifier in enumerate(classifiers):
+        if c == label and k_in > 0:
+            top, bottom = torch.topk(a[c], k_in).indices, torch.topk(-a[c], k_in).indices
+            targets = torch.cat([torch.ones(k_in), torch.zeros(k_in)]).long().to(h.device)
+            total = total + F.cross_entropy(classifier(torch.cat([h[top], h[bottom]])), targets)
+        elif c != label and subtyping:
+            top = torch.topk(a[c], k_out).indices
+            total = total + F.cross_entropy(classifier(h[top]), torch.zeros(k_out, dtype=torch.long, device=h.device))
+    return total / len(classifiers) if subtyping else total
+
+
+class CLAMMultiBranch(_AttentionBackbone):
+    """CLAM_MB: one gated-attention branch per class over the shared fc features h (n, hidden); class c pools
+    the bag by its own branch, M[c] = sum_i A[c, i] h_i, and its own Linear(hidden, 1) gives logit c from M[c].
+    Instance clustering as ``CLAMSingleBranch``'s, except that class c's instance classifier reads class c's
+    branch: in-class, its top-k tiles positive and bottom-k negative (k at most half the bag); out-of-class with
+    ``subtyping``, its top-k tiles negative. The attention ``forward`` returns is the predicted class's branch."""
+
+    def __init__(self, in_dim: int, n_classes: int = 2, k_sample: int = 8, bag_weight: float = 0.7,
+                 subtyping: bool = False, **kw) -> None:
+        super().__init__(in_dim, branches=n_classes, **kw)
+        hidden = self.fc[0].out_features
+        self.classifiers = nn.ModuleList([nn.Linear(hidden, 1) for _ in range(n_classes)])
+        self.instance_classifiers = nn.ModuleList([nn.Linear(hidden, 2) for _ in range(n_classes)])
+        self.k_sample, self.bag_weight, self.n_classes, self.subtyping = k_sample, bag_weight, n_classes, subtyping
+
+    def pool(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(tile features h (n, hidden), attention per class A (n_classes, n), slide vector per class A h
+        (n_classes, hidden))."""
+        h = self.fc(bag)
+        a = self.attention.branches(h)
+        return h, a, a @ h
+
+    def logits(self, m: torch.Tensor) -> torch.Tensor:
+        """(..., n_classes, hidden) class vectors -> (..., n_classes) logits, class c's classifier on row c."""
+        return torch.cat([classifier(m[..., c, :]) for c, classifier in enumerate(self.classifiers)], dim=-1)
+
+    def forward(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """bag (n, in_dim) -> (class probabilities (n_classes,), the predicted class's attention branch (n,))."""
+        _, a, m = self.pool(bag)
+        probs = torch.softmax(self.logits(m), dim=-1)
+        return probs, a[torch.argmax(probs)]
+
+    def tile_scores(self, bag: torch.Tensor) -> torch.Tensor:
+        """Each tile's class probabilities as a bag of one (n, n_classes): every branch attends to its only tile,
+        so class c's logit is classifier_c(fc(tile))."""
+        h = self.fc(bag)
+        return torch.softmax(torch.cat([classifier(h) for classifier in self.classifiers], dim=-1), dim=-1)
+
+    def loss(self, bag: torch.Tensor, label: int) -> torch.Tensor:
+        h, a, m = self.pool(bag)
+        bag_loss = F.cross_entropy(self.logits(m)[None], torch.tensor([label], device=bag.device))
+        instance = clam_instance_loss(self.instance_classifiers, h, a, label, self.k_sample, self.subtyping)
+        return self.bag_weight * bag_loss + (1 - self.bag_weight) * instance
 
 
 class MaxInstance(nn.Module):

@@ -1,12 +1,12 @@
 """Choosing among aggregators without reading a test fold.
 
 The choice is a procedure, and it is scored like a model: in each outer fold, every aggregator's model was
-fitted on the training folds with the same inner patient split; the one whose model scores best on that
-split's validation slides (the task's selection score: AUC, or the mean AUC of the signal genes; ties and
-undefined scores broken by the validation loss, then by the order of ``heads.aggregators``) predicts that
-fold's test slides. Those pooled out-of-fold predictions are the procedure's score: the number reported for
+fitted on the training folds with the same inner patient splits; the one whose model scores best on the
+selection split, which no head fitted or stopped early on (the task's selection score: AUC, or the mean AUC of
+the signal genes; ties and undefined scores broken by the loss on that split, then by the order of
+``heads.aggregators``), predicts that fold's test slides. Those pooled out-of-fold predictions are the procedure's score: the number reported for
 ``@best``, free of the optimism of picking the best pooled test score. The final choice applies the same rule
-to the final models' inner validation split (``choose``).
+to the final models' selection split (``choose``).
 """
 
 from __future__ import annotations

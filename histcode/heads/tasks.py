@@ -30,7 +30,7 @@ from histcode.heads import metrics
 from histcode.heads.data import Bag
 from histcode.heads.fit import GUIDED, PerGeneDE, fit_mean_classes, fit_mean_de
 from histcode.heads.strata import fraction_strata, tumour_fractions
-from histcode.heads.models import CLAMSingleBranch, MaxInstance, MultiTaskDE
+from histcode.heads.models import CLAMMultiBranch, CLAMSingleBranch, MaxInstance, MultiTaskDE
 from histcode.labels.barcodes import NORMAL
 from histcode.labels.de import DOWN, UNCHANGED, UP, fold_changes, gene_inclusion, panel_matrix
 from histcode.store.catalog import Catalog
@@ -137,6 +137,7 @@ def _labels_and_folds(catalog: Catalog, bags: dict[str, Bag]) -> tuple[pd.DataFr
 
 
 class ClassTask(TaskKind):
+    aggregators = ("attention", "attention_mb", "mean", "max")
     needs_every_class = True
     subtyping = False  # CLAM's subtyping: every slide is of one of the classes (no "absent" class)
 
@@ -170,6 +171,9 @@ class ClassTask(TaskKind):
         if aggregator == "attention":
             return CLAMSingleBranch(in_dim, shape["classes"], k_sample=cfg.k_sample, bag_weight=cfg.bag_weight,
                                     subtyping=self.subtyping)
+        if aggregator == "attention_mb":
+            return CLAMMultiBranch(in_dim, shape["classes"], k_sample=cfg.k_sample, bag_weight=cfg.bag_weight,
+                                   subtyping=self.subtyping)
         if aggregator == "max":
             return MaxInstance(in_dim, shape["classes"])
         raise ValueError(f"{self.name}: no torch head for aggregator {aggregator!r}")
@@ -215,7 +219,7 @@ class SubtypeTask(ClassTask):
     """The subtype (LUAD vs LUSC), on tumour slides whose subtype is known."""
 
     subtyping = True
-    aggregators = ("attention", "mean", "max", GUIDED)  # guided: pooled by the tumour head's attention
+    aggregators = ("attention", "attention_mb", "mean", "max", GUIDED)  # guided: pooled by the tumour head's attention
 
     def labelled(self, labels: pd.DataFrame) -> tuple[pd.DataFrame, tuple[str, ...], np.ndarray]:
         frame = labels[(labels.tumor == True) & labels.subtype.notna()]  # noqa: E712 -- nullable column

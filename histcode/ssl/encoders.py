@@ -1,8 +1,10 @@
 """Encoder registry: a backbone that maps RGB images in [0, 1] to one feature vector per image.
 
 Names: ``resnet18`` (512-d), ``resnet18_l3`` (ResNet-18 truncated after layer3, 256-d), ``resnet50``
-(2048-d), ``resnet50_l3`` (ResNet-50 truncated after layer3, 1024-d, the paper's), and ``timm:<model>`` for
-any timm architecture (optional extra ``histcode[timm]``). Published pathology foundation encoders, built from
+(2048-d), ``resnet50_l3`` (ResNet-50 truncated after layer3, 1024-d, the paper's), ``timm:<model>`` for
+any timm architecture (optional extra ``histcode[timm]``), and ``colour``: no network, each image's mean and
+standard deviation per RGB channel (6-d), the colour-statistics baseline every comparison reports beside the
+encoders (DESIGN section 8: colour is not class). Published pathology foundation encoders, built from
 local weights, are in ``histcode.ssl.foundation``. Input normalisation is part of the module, so the
 exported model takes plain [0, 1] images. Nothing is downloaded: ``init='imagenet'`` loads torchvision weights
 only if they are already in torch's cache.
@@ -64,8 +66,19 @@ TORCHVISION = {
 }
 
 
+COLOUR = "colour"
+
+
+class ColourStatistics(nn.Module):
+    """(N, 3, H, W) -> (N, 6): per channel, the mean and the standard deviation of the image's pixels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(2)
+        return torch.cat([flat.mean(dim=2), flat.std(dim=2)], dim=1)
+
+
 def available() -> list[str]:
-    return sorted(TORCHVISION) + ["timm:<name>"]
+    return sorted(TORCHVISION) + [COLOUR, "timm:<name>"]
 
 
 def _weights_state(weights_name: str) -> dict:
@@ -94,6 +107,8 @@ def build_encoder(name: str, init: str = "random") -> Encoder:
         raise EncoderError(f"init must be 'random' or 'imagenet', got {init!r}")
     if name.startswith("timm:"):
         return _timm_encoder(name, init)
+    if name == COLOUR:  # nothing to initialise; read in [0, 1] as the images come
+        return Encoder(ColourStatistics(), 6, COLOUR, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     spec = TORCHVISION.get(name)
     if spec is None:
         raise EncoderError(f"unknown encoder {name!r}; available: {', '.join(available())}")

@@ -22,6 +22,7 @@ from histcode.ssl import distributed as dist_util
 from histcode.ssl.distributed import gather_no_grad, gather_with_grad
 from histcode.ssl.encoders import Encoder
 from histcode.ssl.losses import adco_bank_gradient, adco_loss, info_nce, nt_xent
+from histcode.ssl.schedule import for_data
 from histcode.ssl.shuffle_bn import largest_split, shuffled, split_batch_norms, unshuffled
 
 
@@ -77,7 +78,7 @@ class _MomentumMethod(ContrastiveMethod):
         self.key_head = copy.deepcopy(self.head)
         for p in (*self.key_encoder.parameters(), *self.key_head.parameters()):
             p.requires_grad_(False)
-        self.m = cfg.key_momentum
+        self.m = cfg.key_momentum  # the trainer sets it for each step (histcode.ssl.schedule.key_momentum)
         self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @torch.no_grad()
@@ -118,7 +119,9 @@ class _MomentumMethod(ContrastiveMethod):
 
 
 class MoCo(_MomentumMethod):
-    """MoCo v2: negatives from a FIFO queue of past keys."""
+    """MoCo v2: negatives from a FIFO queue of past keys. The queue is filled with keys of the (untrained) key
+    encoder before the first step (``init_queue``, which the trainer calls), not left at random vectors that a
+    short run would spend its first queue_size / batch steps contrasting against."""
 
     name = "moco"
 
@@ -126,9 +129,19 @@ class MoCo(_MomentumMethod):
         super().__init__(encoder, cfg)
         self.register_buffer("queue", F.normalize(torch.randn(cfg.queue_size, cfg.proj_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("queue_ready", torch.zeros((), dtype=torch.bool))
 
     def negatives(self) -> torch.Tensor:
         return self.queue.clone().detach()
+
+    @torch.no_grad()
+    def init_queue(self, keys: torch.Tensor) -> None:
+        """Fill the queue with key embeddings (K, D)."""
+        if keys.shape != self.queue.shape:
+            raise ValueError(f"init_queue: need {tuple(self.queue.shape)} keys, got {tuple(keys.shape)}")
+        self.queue.copy_(F.normalize(keys, dim=1))
+        self.queue_ptr.zero_()
+        self.queue_ready.fill_(True)
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -205,8 +218,9 @@ class AdCo(_MomentumMethod):
 METHODS: dict[str, type[ContrastiveMethod]] = {"simclr": SimCLR, "moco": MoCo, "adco": AdCo}
 
 
-def build_method(encoder: Encoder, cfg: PretrainConfig) -> ContrastiveMethod:
-    try:
-        return METHODS[cfg.method](encoder, cfg)
-    except KeyError:
-        raise ValueError(f"unknown method {cfg.method!r}; available: {sorted(METHODS)}") from None
+def build_method(encoder: Encoder, cfg: PretrainConfig, n_tiles: int | None = None) -> ContrastiveMethod:
+    """The method of ``cfg.method``; with ``n_tiles`` (the training tiles) its queue or bank is bounded by
+    ``pretrain.negatives_fraction`` of them (``histcode.ssl.schedule``)."""
+    if cfg.method not in METHODS:
+        raise ValueError(f"unknown method {cfg.method!r}; available: {sorted(METHODS)}")
+    return METHODS[cfg.method](encoder, for_data(cfg, n_tiles))

@@ -25,10 +25,11 @@ from histcode.store.files import write_json
 from histcode.ssl import distributed as dist_util
 from histcode.ssl.augment import TwoViews
 from histcode.ssl.dataset import NoTilesError, dataset_from_catalog
-from histcode.ssl.encoders import Encoder, build_encoder
+from histcode.ssl.encoders import COLOUR, Encoder, build_encoder
 from histcode.ssl.methods import build_method
 from histcode.ssl.modules import log_module
-from histcode.ssl.probe import colour_features, embed, linear_probe, load_probe_set, restained
+from histcode.ssl.schedule import for_data
+from histcode.ssl.probe import colour_features, embed, load_probe_set, probe_report, restained
 from histcode.ssl.stain_norm import describe as describe_stain_norm, normalise_dataset
 from histcode.ssl.train import StepLog, Trainer, total_steps
 from histcode.store.catalog import Catalog, CatalogError
@@ -80,18 +81,36 @@ class PretrainingData:
     label_version: str | None = None
 
 
+AUTO = "auto"
+
+
+def excluded_folds(setting: tuple[int, ...] | str, known: list[int]) -> tuple[int, ...]:
+    """The folds ``pretrain.exclude_test_folds`` names among a label set's ``known`` folds; ``auto``: the first
+    half of them (rounded down, at least one)."""
+    folds = sorted(f for f in known if f >= 0)
+    if setting == AUTO:
+        return tuple(folds[:max(1, len(folds) // 2)]) if len(folds) > 1 else ()
+    return tuple(sorted(set(setting)))
+
+
 def pretraining_data(catalog: Catalog, cfg: HistcodeConfig) -> PretrainingData:
     cohorts = catalog.training_cohorts(cfg.cohorts.train)
     slides = catalog.tiled_slides(spec_id_of(cfg.tiling), cohorts)
-    folds = tuple(sorted(set(cfg.pretrain.exclude_test_folds)))
-    if not folds:
+    setting = cfg.pretrain.exclude_test_folds
+    if setting != AUTO and not setting:
         return PretrainingData([s["slide_id"] for s in slides], cohorts)
     labels = catalog.query("SELECT label_version FROM label_sets WHERE is_current")
     plan = catalog.query("SELECT patient_id, fold FROM cv_folds")
+    known = sorted({r["fold"] for r in plan})
+    folds = excluded_folds(setting, known) if labels and plan else ()
+    if setting == AUTO and not folds:
+        log.warning("pretraining sees every patient (transductive): there is no label set with folds yet, so "
+                    "pretrain.exclude_test_folds: auto leaves none out; run `histcode labels ingest` first for "
+                    "strict figures on patients the encoder never saw")
+        return PretrainingData([s["slide_id"] for s in slides], cohorts)
     if not labels or not plan:
         raise ValueError("pretrain.exclude_test_folds needs the cross-validation folds of a label set: run "
                          "`histcode labels ingest` before `histcode pretrain`")
-    known = sorted({r["fold"] for r in plan})
     if not set(folds) <= set(known):
         raise ValueError(f"pretrain.exclude_test_folds {list(folds)}: the label set's folds are {known}")
     patients = {r["patient_id"] for r in plan if r["fold"] in folds}
@@ -136,26 +155,16 @@ def fresh_encoder(cfg: PretrainConfig) -> Encoder:
 
 
 def probe_metrics(trained: Encoder, cfg: PretrainConfig, source_dir: Path, device: torch.device) -> dict[str, float]:
-    """The probe of the trained encoder, the same architecture at its initialisation and the colour baseline,
-    on the tiles as they are and re-stained (``*_restained_*``); loose tiles are not stain-normalised (see
+    """The probe (``histcode.ssl.probe``) of the trained encoder, the same architecture at its initialisation
+    and the colour baseline, on the tiles as they are and re-stained; loose tiles are not stain-normalised (see
     ``histcode.ssl.stain_norm``), so the figures measure the encoder's own robustness to stain."""
     probe = load_probe_set(source_dir, cfg.probe.split, cfg.image_px)
-    sets = {"": probe.images, "_restained": restained(probe.images, cfg.probe, cfg.seed)}
-    out: dict[str, float] = {}
-
-    def score(key: str, features) -> None:
-        scores = linear_probe(features, probe.labels, probe.groups, cfg.probe, cfg.seed)
-        out.update({f"{key}_{k}": v for k, v in scores.items()})
-
-    encoders = {"probe": trained, "probe_random_init": fresh_encoder(cfg).to(device)}
-    for suffix, images in sets.items():
-        for prefix, encoder in encoders.items():
-            score(prefix + suffix, embed(encoder, images, device))
-        score("probe_colour" + suffix, colour_features(images))
-        for metric in ("accuracy", "macro_auc"):
-            out[f"probe_gain{suffix}_{metric}"] = out[f"probe{suffix}_{metric}"] - out[f"probe_random_init{suffix}_{metric}"]
-    out["probe_tiles"] = float(len(probe.labels))
-    return out
+    initial = fresh_encoder(cfg).to(device)
+    features = {}
+    for suffix, images in (("", probe.images), ("/restained", restained(probe.images, cfg.probe, cfg.seed))):
+        features[suffix] = {"trained": embed(trained, images, device), "random_init": embed(initial, images, device),
+                            "colour": colour_features(images)}
+    return probe_report(features, probe, cfg.probe, cfg.seed)
 
 
 def pretrain(ws: Workspace, cfg: HistcodeConfig, resume: bool = False, progress: bool = True,
@@ -172,7 +181,7 @@ def pretrain(ws: Workspace, cfg: HistcodeConfig, resume: bool = False, progress:
              ", ".join(data.cohorts), f"; {len(data.excluded_slides)} slides of folds {list(data.excluded_folds)} "
              "left out" if data.excluded_folds else "")
     steps = total_steps(pcfg, len(dataset))
-    method = build_method(fresh_encoder(pcfg), pcfg)
+    method = build_method(fresh_encoder(pcfg), pcfg, n_tiles=len(dataset))
     folder = run_dir(ws, pcfg, spec_id, version)
     trainer = Trainer(method, TwoViews(pcfg.augment, pcfg.image_px), dataset, pcfg, device, steps,
                       folder / "checkpoint.pt", rank, world)
@@ -262,6 +271,7 @@ def completed(ws: Workspace, cfg: HistcodeConfig) -> dict | None:
 def _new_run(tracker: Tracker, ws: Workspace, trainer: Trainer, pcfg: PretrainConfig, data: PretrainingData,
              version: str, spec_id: str, n_tiles: int, steps: int, world: int) -> str:
     """A new run; its checkpoint is referenced (workspace-relative path), not copied into MLflow."""
+    bounded = for_data(pcfg, n_tiles)
     checkpoint = trainer.checkpoint_path
     where = checkpoint.relative_to(ws.root).as_posix() if checkpoint.is_relative_to(ws.root) else str(checkpoint)
     run_id = tracker.start_run(EXPERIMENT, f"{pcfg.method}-{pcfg.encoder}", tags={
@@ -272,7 +282,9 @@ def _new_run(tracker: Tracker, ws: Workspace, trainer: Trainer, pcfg: PretrainCo
         tracker.log_params(run_id, {**pcfg.model_dump(mode="json"), "data": {
             "spec_id": spec_id, "n_tiles": n_tiles, "n_slides": len(data.slide_ids), "total_steps": steps,
             "world_size": world, "data_version": version, "cohorts": data.cohorts,
-            "excluded_slides": len(data.excluded_slides),
+            "excluded_slides": len(data.excluded_slides), "excluded_folds": list(data.excluded_folds),
+        }, "effective": {  # what the settings come to on this data (histcode.ssl.schedule)
+            "lr": pcfg.learning_rate(), "queue_size": bounded.queue_size, "bank_size": bounded.bank_size,
         }})
     except BaseException:
         tracker.end_run(run_id, "FAILED")  # a run whose params cannot be logged ends at once
@@ -280,19 +292,33 @@ def _new_run(tracker: Tracker, ws: Workspace, trainer: Trainer, pcfg: PretrainCo
     return run_id
 
 
-def register_random_encoder(ws: Workspace, cfg: HistcodeConfig) -> str:
-    """Register the encoder exactly as training would start from it (alias ``random``): the ablation's
-    random-initialisation baseline. Returns the registered version."""
+BASELINES = ("random", "colour")  # encoders registered without training: the ablation's reference rows
+
+
+def baseline_tags(cfg: PretrainConfig, method: str) -> dict[str, str]:
+    """What a baseline encoder version is of: its architecture, seed, input size and how it reads tiles (the
+    same stain normalisation as the encoders trained with ``cfg``, so a comparison reads every tile alike)."""
+    if method not in BASELINES:
+        raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, not {method!r}")
+    tags = {"method": method, "encoder": cfg.encoder if method == "random" else COLOUR, "image_px": str(cfg.image_px),
+            "stain_norm": describe_stain_norm(cfg.stain_norm)}
+    return {**tags, "seed": str(cfg.seed)} if method == "random" else tags
+
+
+def register_baseline_encoder(ws: Workspace, cfg: HistcodeConfig, method: str) -> str:
+    """Register a reference encoder under the alias ``method``: ``random``, the encoder exactly as training would
+    start from it, or ``colour``, the per-channel mean and sd of each tile (``histcode.ssl.encoders.COLOUR``).
+    Both carry the ``stain_norm`` tag of ``pretrain.stain_norm``, so their feature views read tiles through the
+    same normalisation as the trained encoders'. Returns the registered version."""
     pcfg = cfg.pretrain
+    tags = baseline_tags(pcfg, method)
     tracker = Tracker(ws)
-    with tracker.run(EXPERIMENT, f"random-{pcfg.encoder}", tags={"histcode.method": "random"}) as run_id:
-        tracker.log_params(run_id, {"method": "random", "encoder": pcfg.encoder, "seed": pcfg.seed,
-                                    "image_px": pcfg.image_px})
-        encoder = fresh_encoder(pcfg).eval()
+    with tracker.run(EXPERIMENT, f"{method}-{tags['encoder']}", tags={"histcode.method": method}) as run_id:
+        tracker.log_params(run_id, {**tags, "stain_norm": pcfg.stain_norm.model_dump(mode="json")})
+        encoder = (fresh_encoder(pcfg) if method == "random" else build_encoder(COLOUR)).eval()
         log_module(tracker, run_id, encoder)
         _, version = tracker.log_torch_model(
             run_id, encoder, "encoder", (3, pcfg.image_px, pcfg.image_px), encoder.dim, pcfg.register_as,
-            aliases=("random",), version_tags={"method": "random", "encoder": pcfg.encoder, "image_px": pcfg.image_px,
-                                               "dim": encoder.dim, "run_id": run_id},
+            aliases=(method,), version_tags={**tags, "dim": encoder.dim, "run_id": run_id},
         )
     return version

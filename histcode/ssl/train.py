@@ -25,7 +25,8 @@ from histcode.ssl.dataset import EpochSampler, TileDataset
 from histcode.runtime import failpoint, resolve_workers, step_seed
 from histcode.ssl.distributed import gather_no_grad
 from histcode.ssl.losses import info_nce
-from histcode.ssl.methods import AdCo, ContrastiveMethod
+from histcode.ssl.methods import AdCo, ContrastiveMethod, MoCo
+from histcode.ssl.schedule import key_momentum
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,8 @@ class Trainer:
         else:
             self.model = self.method
         params = [p for p in self.method.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.SGD(params, lr=cfg.learning_rate(), momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(steps, cfg.warmup_steps))
         self.amp_dtype = None
         if cfg.amp and device.type == "cuda":
@@ -129,18 +131,22 @@ class Trainer:
                           multiprocessing_context="spawn" if workers else None)
 
     def init_bank(self) -> None:
-        """AdCo: fill the bank before the first step. ``bank_init: train`` is the authors' ``init_memory``: for
-        bank_size / batch steps the encoder trains on InfoNCE against the (still random) bank while each
-        step's keys are written into the next rows of the bank, then the key encoder becomes a copy of the
-        trained query encoder. ``keys``: the bank is filled with keys of the untrained encoder."""
+        """Fill the negatives before the first step. AdCo's bank, with ``bank_init: train`` the authors'
+        ``init_memory``: for bank_size / batch steps the encoder trains on InfoNCE against the (still random)
+        bank while each step's keys are written into the next rows of the bank, then the key encoder becomes a
+        copy of the trained query encoder; ``keys``: the bank is filled with keys of the untrained encoder.
+        MoCo's queue is filled with keys of the untrained key encoder."""
         method = self.method
-        if not isinstance(method, AdCo) or bool(method.bank_ready):
+        if isinstance(method, AdCo) and not bool(method.bank_ready):
+            size, train = method.bank.shape[0], self.cfg.bank_init == "train"
+        elif isinstance(method, MoCo) and not bool(method.queue_ready):
+            size, train = method.queue.shape[0], False
+        else:
             return
-        size = method.bank.shape[0]
         steps = math.ceil(size / self.cfg.batch_size)
-        train = self.cfg.bank_init == "train"
         rows = []
         torch.manual_seed(step_seed(self.cfg.seed, -1))
+        method.m = key_momentum(self.cfg, 0, self.steps)
         for batch in self.loader(0, steps, seed=self.cfg.seed + 7919):
             v1, v2 = self.augment(batch.to(self.device))
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
@@ -157,10 +163,13 @@ class Trainer:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
             rows.append(gather_no_grad(keys))
-        bank = torch.cat(rows)
-        while bank.shape[0] < size:  # fewer tiles than bank slots: repeat
-            bank = torch.cat([bank, bank])
-        method.init_bank(bank[:size])
+        filled = torch.cat(rows)
+        while filled.shape[0] < size:  # fewer tiles than slots: repeat
+            filled = torch.cat([filled, filled])
+        if isinstance(method, MoCo):
+            method.init_queue(filled[:size])
+            return
+        method.init_bank(filled[:size])
         if train:
             method.copy_to_keys()
 
@@ -180,6 +189,8 @@ class Trainer:
             torch.manual_seed(step_seed(self.cfg.seed, self.step))
             x = batch.to(self.device, non_blocking=True)
             v1, v2 = self.augment(x)
+            if hasattr(self.method, "momentum_update"):  # MoCo, AdCo: a function of the step, so it resumes exactly
+                self.method.m = key_momentum(self.cfg, self.step, self.steps)
             if self.channels_last:
                 v1, v2 = (v.contiguous(memory_format=torch.channels_last) for v in (v1, v2))
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):

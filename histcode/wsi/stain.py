@@ -18,6 +18,10 @@ estimated once (from a sample of its tiles) and every tile is normalised with on
 
 ``white_balance`` removes a tile batch's white point first (the OD of its brightest pixels, which should be
 zero: empty glass passes white light), so that what is re-stained is the tissue, not the camera's cast.
+
+``scanner_shift`` is the opposite test: one global change of a whole slide, as another scanner shows the same
+glass (more haematoxylin, less eosin, a flatter, greyer image), for measuring what such a shift costs a head
+trained on one scanner's slides (``benchmarks/stain_shift.py``).
 """
 
 from __future__ import annotations
@@ -200,3 +204,47 @@ def apply_od_transform(rgb: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """``rgb`` (uint8, ... x 3) with its OD mapped by ``matrix`` (3x3, row vectors), negative OD clipped."""
     od = rgb_to_od(rgb)
     return od_to_rgb(np.maximum(od @ np.asarray(matrix, dtype=np.float32), 0.0))
+
+
+SCANNER_H_GAIN = 0.3  # haematoxylin concentration x (1 + 0.3 s)
+SCANNER_E_GAIN = -0.25  # eosin concentration x (1 - 0.25 s)
+SCANNER_CONTRAST = -0.15  # RGB contrast about mid-grey x (1 - 0.15 s)
+SCANNER_MAX_STRENGTH = 4.0  # beyond it eosin would turn negative
+_SHIFT_ROWS = 512  # rows per chunk: a 40x demo slide's level 0 is shifted in bounded memory
+
+
+def scanner_shift(rgb: np.ndarray, strength: float) -> np.ndarray:
+    """``rgb`` (uint8, h x w x 3, or any shape ending in 3) as another scanner would show it: one global change
+    of the whole image, of strength ``s`` in [0, 4] (0 returns the input unchanged, as a copy).
+
+    1. Beer-Lambert optical density in this module's convention, ``OD = -ln((I + 1) / 256)`` per channel.
+    2. Unmixed with the Ruifrok-Johnston reference (``REFERENCE``: unit H, unit E and the normal of their plane,
+       rows), ``(c_H, c_E, c_r) = OD @ UNMIX``; haematoxylin scaled by ``1 + 0.3 s``, eosin by ``1 - 0.25 s``,
+       the residual ``c_r`` kept; recomposed ``OD' = (c_H (1 + 0.3 s), c_E (1 - 0.25 s), c_r) @ REFERENCE``,
+       negative OD clipped to 0 (nothing is brighter than glass); ``I = 256 exp(-OD') - 1``.
+    3. Contrast lowered in RGB about mid-grey: ``I' = 128 + (1 - 0.15 s) (I - 128)``, clipped to [0, 255] and
+       rounded to the nearest integer.
+
+    White glass (``I = 255``, ``OD = 0``) is untouched by step 2 and becomes the same greyish white everywhere,
+    ``128 + 127 (1 - 0.15 s)`` in every channel (236 at s = 1, 217 at s = 2), as a scanner with a dimmer,
+    flatter lamp shows it.
+    """
+    rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8 or rgb.ndim < 1 or rgb.shape[-1] != 3:
+        raise ValueError(f"scanner_shift needs uint8 RGB (..., 3), got {rgb.dtype} of shape {rgb.shape}")
+    s = float(strength)
+    if not np.isfinite(s) or not 0.0 <= s <= SCANNER_MAX_STRENGTH:
+        raise ValueError(f"scanner_shift strength must be in [0, {SCANNER_MAX_STRENGTH:g}], got {strength}")
+    if s == 0.0:
+        return rgb.copy()
+    gain = np.diag([1.0 + SCANNER_H_GAIN * s, 1.0 + SCANNER_E_GAIN * s, 1.0])
+    matrix = (UNMIX @ gain @ REFERENCE).astype(np.float32)  # OD row vectors @ matrix = the shifted OD
+    contrast = np.float32(1.0 + SCANNER_CONTRAST * s)
+    flat = rgb.reshape(-1, rgb.shape[-1]) if rgb.ndim < 3 else rgb
+    out = np.empty_like(flat)
+    for start in range(0, flat.shape[0], _SHIFT_ROWS):
+        part = flat[start:start + _SHIFT_ROWS]
+        intensity = np.clip(256.0 * np.exp(-np.maximum(rgb_to_od(part) @ matrix, 0.0)) - 1.0, 0.0, 255.0)
+        shifted = 128.0 + contrast * (intensity - 128.0)
+        out[start:start + _SHIFT_ROWS] = np.clip(np.floor(shifted + 0.5), 0, 255).astype(np.uint8)
+    return out.reshape(rgb.shape)
