@@ -81,6 +81,8 @@ def labels_summary(result) -> dict:
         "patients": result.n_patients, "de_classes": result.de_counts, "references": result.references,
         "excluded_genes": result.excluded_genes, "sample_problems": result.problems,
         "dropped_samples": result.dropped,
+        "folds_by": result.folds_by, "folds_by_reason": result.folds_reason,
+        "control_genes": list(result.control_genes), "control_genes_source": result.control_genes_source,
     }
 
 

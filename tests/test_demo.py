@@ -103,10 +103,15 @@ def test_expression_matrix_follows_composition(tiny_cohort, slides) -> None:
     assert set(genes[(genes.effect_nuclear_density != 0) | (genes.effect_nuclear_area != 0)].gene) == {
         "MKI67", "TOP2A", "EGFR", "CDKN2A", "TP53"}
     from histcode.config import LabelsConfig
+    from histcode.labels.genes import gene_table_path, resolve_control_genes
 
-    # the heads score the demo's signal-free panel genes apart: the default controls are exactly those
+    # the heads score the demo's signal-free panel genes apart: with the default config, label ingest resolves the
+    # controls from the genes.csv beside the matrix, and they are exactly those
     labels = LabelsConfig()
-    assert set(labels.control_genes) == set(genes[~genes.morphological_signal].gene) & set(labels.panel)
+    table = gene_table_path(None, tiny_cohort.out_dir / "expression.tsv")
+    assert table == tiny_cohort.out_dir / "genes.csv"
+    controls = resolve_control_genes(labels, table)
+    assert controls.genes and set(controls.genes) == set(genes[~genes.morphological_signal].gene) & set(labels.panel)
 
 
 def _digest(folder) -> dict[str, str]:

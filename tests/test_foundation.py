@@ -266,7 +266,7 @@ def test_a_foundation_encoder_becomes_a_view_that_search_and_heads_use(foundatio
 
     (grid,) = run_ablation(ws, ws.config(), methods=("kaiko-vit-s16",), aggregators=("mean",), tasks=("tumor",))
     assert grid.view.view_id == view.view_id and grid.aliases == "ablation-kaiko-vit-s16"
-    with pytest.raises(AblationError, match="'uni' is neither one of random, simclr, moco, adco nor an alias"):
+    with pytest.raises(AblationError, match="'uni' is neither one of random, colour, simclr, moco, adco nor an alias"):
         run_ablation(ws, ws.config(), methods=("uni",), aggregators=("mean",), tasks=("tumor",))
 
 

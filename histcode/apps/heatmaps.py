@@ -18,7 +18,7 @@ from histcode.features.registry import load_view
 from histcode.heads.apply import LoadedHead, load_head, optional_head
 from histcode.heads.data import Bag, load_bags
 from histcode.heads.masks import slide_mask_auc
-from histcode.heads.smoothing import smooth_attention
+from histcode.heads.smoothing import Smoothing
 from histcode.store.catalog import Catalog
 from histcode.store.records import utcnow
 from histcode.tracking import Tracker
@@ -60,14 +60,13 @@ def store_scores(catalog: Catalog, head: LoadedHead, scores: pd.DataFrame) -> No
 
 
 def _drawing_key(ws: Workspace, slide_id: str, tumor: LoadedHead, de: LoadedHead | None, genes: list[str],
-                 out_dir: Path, smoothing: float) -> str:
+                 out_dir: Path, smoothing: Smoothing) -> str:
     """A hash naming one drawing: slide, head versions, genes and folder (inside the workspace: relative, so a
     copied workspace finds its drawings). Only hex digits, so it is safe in an MLflow filter."""
     out = out_dir.resolve()
     where = out.relative_to(ws.root).as_posix() if out.is_relative_to(ws.root) else str(out)
     payload = [slide_id, tumor.version, de.version if de else None, list(genes), where]
-    if smoothing:  # drawings of raw attention keep the keys they had before smoothing existed
-        payload.append(smoothing)
+    payload.extend(smoothing.key())  # drawings of raw attention keep the keys they had before smoothing existed
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:24]
 
 
@@ -92,10 +91,10 @@ def _already_drawn(catalog: Catalog, tracker: Tracker, slide_id: str, heads: tup
 def render_heatmaps(ws: Workspace, slide_id: str, out_dir: Path, genes: list[str] | None = None,
                     alias: str = "attention", heads: tuple[LoadedHead, LoadedHead | None] | None = None,
                     bags: dict[str, Bag] | None = None, force: bool = False,
-                    smoothing: float | None = None) -> HeatmapResult:
+                    smoothing: Smoothing | None = None) -> HeatmapResult:
     """``heads``: the (tumour, DE) heads when the caller has loaded them already (default: tumour@``alias``
     and DE@best from the registry); ``bags``: the slide's vectors by view id, where already read (each head
-    reads the slide in its own view); ``smoothing``: of the attention map (default heads.attention_smoothing).
+    reads the slide in its own view); ``smoothing``: of the attention map (default heads.attention_smoothing and its passes).
     A slide already drawn by the same head versions and genes into ``out_dir`` is not drawn again unless
     ``force``."""
     catalog, tracker = Catalog.of(ws), Tracker(ws)
@@ -109,7 +108,7 @@ def render_heatmaps(ws: Workspace, slide_id: str, out_dir: Path, genes: list[str
         if unknown:
             raise LookupError(f"genes {unknown} are not in the DE head's panel {list(de.genes)}")
     views = {f"{h.task}-head v{h.version}": h.view_id for h in (tumor, de) if h is not None}
-    smoothing = ws.config().heads.attention_smoothing if smoothing is None else smoothing
+    smoothing = Smoothing.of(ws.config().heads) if smoothing is None else smoothing
     key = _drawing_key(ws, slide_id, tumor, de, chosen, out_dir, smoothing)
     stem = file_stem(slide_id)  # any id (quotes, slashes, any script) names a file inside out_dir
     pictures = [out_dir / f"{stem}.attention.png", *(out_dir / f"{stem}.{file_stem(g)}.png" for g in chosen)]
@@ -121,7 +120,7 @@ def render_heatmaps(ws: Workspace, slide_id: str, out_dir: Path, genes: list[str
     bags = dict(bags or {})
     bag = bags.get(tumor.view_id) or slide_bag(ws, tumor, slide_id)
     out, raw = tumor(bag.features)
-    attention = smooth_attention(raw, bag.xy, bag.size, smoothing)
+    attention = smoothing.apply(raw, bag.xy, bag.size)
     result = HeatmapResult(slide_id, views=views)
     p_tumor = float(out[list(tumor.classes).index("tumor")]) if "tumor" in tumor.classes else float("nan")
     result.pictures.append(heatmap_png(slide, bag.xy, bag.size, attention, f"attention (p_tumor {p_tumor:.2f})",

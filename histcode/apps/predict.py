@@ -27,7 +27,7 @@ from histcode.features.ood import reference_for_view
 from histcode.features.registry import load_view
 from histcode.heads.apply import LoadedHead, load_head, optional_head
 from histcode.heads.data import Bag
-from histcode.heads.smoothing import smooth_attention
+from histcode.heads.smoothing import Smoothing
 from histcode.apps.heatmaps import render_heatmaps, slide_bag
 from histcode.ingest.run import ingest_sources
 from histcode.ingest.sources import SlideSource
@@ -99,7 +99,7 @@ def predict_slides(ws: Workspace, cfg: HistcodeConfig, sources: list[SlideSource
     for sid, row in healthy.items():
         try:
             bags = {view_id: slide_bag(ws, head, sid) for view_id, head in by_view.items()}
-            scored, slide_tiles = score_slide(bags, heads, cfg.heads.attention_smoothing)
+            scored, slide_tiles = score_slide(bags, heads, Smoothing.of(cfg.heads))
             if ood is not None:
                 scored.update(ood.assess(bags[heads["tumor"].view_id].features))
         except Exception as exc:  # noqa: BLE001 -- one slide's failure must not lose the others' predictions
@@ -115,7 +115,7 @@ def predict_slides(ws: Workspace, cfg: HistcodeConfig, sources: list[SlideSource
         if heatmap_dir is not None:
             try:
                 pictures += render_heatmaps(ws, sid, heatmap_dir, heads=(heads["attention"], heads.get("de")),
-                                            bags=bags, smoothing=cfg.heads.attention_smoothing).pictures
+                                            bags=bags, smoothing=Smoothing.of(cfg.heads)).pictures
             except Exception as exc:  # noqa: BLE001 -- the predictions stand; the picture is what failed
                 log.warning("heatmap of %s failed: %s", sid, exc)
                 row["reason"] = "; ".join(filter(None, [row.get("reason"),
@@ -144,7 +144,8 @@ def _ood_reference(ws: Workspace, catalog: Catalog, cfg: HistcodeConfig, tumor: 
         return None
 
 
-def score_slide(bags: dict[str, Bag], heads: dict[str, LoadedHead], smoothing: float = 0.0) -> tuple[dict, list[dict]]:
+def score_slide(bags: dict[str, Bag], heads: dict[str, LoadedHead],
+                smoothing: Smoothing = Smoothing()) -> tuple[dict, list[dict]]:
     """One slide's row (p_tumor, subtype probabilities, DE calls) and its tiles' attention: the map smoothed
     over the tile grid by ``smoothing`` (``histcode.heads.smoothing``, what heatmaps draw) and the head's raw
     weights; each head reads the slide's bag in its own view."""
@@ -167,7 +168,7 @@ def score_slide(bags: dict[str, Bag], heads: dict[str, LoadedHead], smoothing: f
     attention_head = heads["attention"]
     bag = bags[attention_head.view_id]
     _, raw = attention_head(bag.features)
-    attention = smooth_attention(raw, bag.xy, bag.size, smoothing)
+    attention = smoothing.apply(raw, bag.xy, bag.size)
     tiles = [{"slide_id": bag.slide_id, "x": int(x), "y": int(y), "size": bag.size, "attention": float(a),
               "attention_raw": float(r)} for (x, y), a, r in zip(bag.xy, attention, raw)]
     return row, tiles

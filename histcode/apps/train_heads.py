@@ -28,6 +28,7 @@ from histcode.heads.data import load_bags
 from histcode.heads.fit import GUIDED
 from histcode.heads.guided import TumourGuides
 from histcode.heads.masks import mask_metrics
+from histcode.heads.smoothing import Smoothing
 from histcode.heads.select import BEST, choose, chosen_counts, select_per_fold
 from histcode.heads.tasks import TASKS, task_data
 from histcode.labels.run import gx_project, require_passed_gate
@@ -233,7 +234,7 @@ def _cv_run(context, fingerprint: str, force: bool, data, aggregator: str, compu
         log.info("%s/%s: inputs unchanged, reusing MLflow run %s", data.name, aggregator, prior.info.run_id)
         return result, prior.info.run_id, mask, True
     result = compute()
-    mask = mask_metrics(result.attention, bags, masks, hcfg.attention_smoothing, hcfg.tumour_fraction_bins) \
+    mask = mask_metrics(result.attention, bags, masks, Smoothing.of(hcfg), hcfg.tumour_fraction_bins) \
         if data.name == "tumor" and result.attention else {}
     run_id = track_cv(tracker, result, view, labels, tag, params, docs, mask, fingerprint, cohorts, strict)
     return result, run_id, mask, False

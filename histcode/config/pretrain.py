@@ -56,6 +56,10 @@ class StainNormConfig(_Section):
     sample_tiles: Annotated[int, Field(ge=1)] = 24  # tiles per slide the stain is estimated from (evenly spread)
     beta: Annotated[float, Field(gt=0)] = 0.15  # OD norm a pixel must exceed to count as stained
     alpha: Annotated[float, Field(gt=0, lt=50)] = 1.0  # percentile of the extreme angles (robust extremes)
+    # the slide's glass white point (bright grey pixels of its sampled tiles) taken out of the OD first, so that a
+    # scanner's dimmer lamp or flatter contrast is not read as stain (wsi.stain.estimate_white); encoders
+    # registered before it was an option read without it
+    white_point: bool = True
 
 
 class PretrainConfig(_Section):

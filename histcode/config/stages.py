@@ -71,15 +71,17 @@ class LabelsConfig(_Section):
     panel: tuple[str, ...] = DEFAULT_PANEL
     min_class_size: Annotated[int, Field(ge=1)] = 3  # patients per class, per gene and per slide task
     max_expression: Annotated[float, Field(gt=0)] = 1e9  # values above are implausible for the unit (and inf)
-    # panel genes expected to carry no morphological signal, scored apart and left out of model choice; the default
-    # is the demo's (its expression model gives these none: data/demo/genes.csv); [] where a cohort has no controls
-    control_genes: tuple[str, ...] | None = None  # None: the cohort's gene table says (gene_table); () = none
-    # a CSV with a gene column and a control (true/false) or morphological_signal column; None = genes.csv beside the
-    # expression matrix when there is one (the demo writes it)
+    # panel genes expected to carry no morphological signal, scored apart and left out of model choice; resolved at
+    # label ingest and stored with the label set: this list if given ([] = none), else the gene table's controls in
+    # the panel (the demo's data/demo/genes.csv marks KRAS, STK11, KEAP1, PIK3CA), else none
+    control_genes: tuple[str, ...] | None = None
+    # a CSV (relative to the workspace) with a gene column and a control (true/false) or morphological_signal column
+    # (control = no signal); None = genes.csv beside the expression matrix when there is one (the demo writes it)
     gene_table: str | None = None
-    # patient folds keep each tissue-source site whole (Howard et al. 2021: a site's stain and population leak
-    # otherwise): site | patient | auto (site when the slides carry a site, TCGA's TSS or a manifest column, and
-    # there are at least as many sites as folds; else patient)
+    # what the folds group: site keeps each tissue-source site whole, every patient of a site in one fold (Howard et
+    # al. 2021: a site's stain and population leak otherwise) | patient | auto (site when every labelled slide has a
+    # site, a manifest column or TCGA's TSS, and there are at least as many sites as folds; else patient); the choice
+    # and its reason are kept with the label set
     folds_by: Literal["auto", "patient", "site"] = "auto"
     folds: Annotated[int, Field(ge=2)] = 5  # the cross-validation the heads will use, planned here
     seed: int = 0
@@ -104,7 +106,7 @@ class HeadsConfig(_Section):
     # the features' geometry, or per feature (z-scores), or not at all
     standardise: Literal["global", "feature", "none"] = "global"
     balanced_sampling: bool = True  # each epoch draws bags class-balanced (CLAM's weighted sampler)
-    k_sample: Pixels = 8  # CLAM instance clustering: top and bottom k attended tiles
+    k_sample: Pixels = 16  # CLAM instance clustering: top and bottom k attended tiles (at most half the bag)
     bag_weight: Fraction = 0.7
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2  # patients of each training fold held out for stopping
     # patients of each training fold held out to choose among aggregators: no head is fitted or stopped on them
@@ -114,6 +116,7 @@ class HeadsConfig(_Section):
     # attention maps (heatmaps, tile scores, the viewer, attention vs mask) smoothed over the tile grid: each tile's
     # log-attention mixed with its neighbours' mean by this weight (Castro-Macias et al. 2024's Sm); 0 = raw
     attention_smoothing: Fraction = 0.5
+    attention_smoothing_passes: Annotated[int, Field(ge=1, le=8)] = 2  # 2: each tile reads the tiles 2 cells away too
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     view: str | None = None  # feature view id; None = the default view (features.encoder under the current tiling)

@@ -75,10 +75,10 @@ class InnerFit:
 
 
 def _split_or_none(task: TaskData, idx: np.ndarray, strata: np.ndarray, mask_rest: np.ndarray, what: str) -> bool:
-    """Whether a held-out split can be made and still leave every class to fit on (class tasks)."""
-    if task.kind.needs_every_class and len(np.unique(strata[mask_rest])) < 2:
-        log.warning("%s: too few patients for a %s split that keeps both classes to fit on; none is made",
-                    task.name, what)
+    """Whether a held-out split can be made and still leave slides (of every class, for class tasks) to fit on."""
+    if not mask_rest.any() or (task.kind.needs_every_class and len(np.unique(strata[mask_rest])) < 2):
+        log.warning("%s: too few patients for a %s split that leaves %s to fit on; none is made", task.name, what,
+                    "every class" if task.kind.needs_every_class else "any slide")
         return False
     return True
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from histcode.heads.data import Bag
-from histcode.heads.smoothing import smooth_attention
+from histcode.heads.smoothing import Smoothing
 from histcode.wsi.grid import tissue_fractions
 
 TUMOUR_LABEL = 2
@@ -35,7 +35,7 @@ def tile_tumour_labels(slide: dict, bag: Bag) -> np.ndarray | None:
     return tissue_fractions(labels, ds, np.asarray(bag.xy), bag.size) >= 0.5
 
 
-def slide_mask_auc(slide: dict, bag: Bag, attention: np.ndarray, smoothing: float) -> float | None:
+def slide_mask_auc(slide: dict, bag: Bag, attention: np.ndarray, smoothing: Smoothing) -> float | None:
     """AUC of one slide's attention map (smoothed over the grid by ``smoothing``, ``histcode.heads.smoothing``)
     against its mask's tumour tiles; None without a mask, without both tumour and benign tiles, or for a flat map."""
     from sklearn.metrics import roc_auc_score
@@ -43,13 +43,13 @@ def slide_mask_auc(slide: dict, bag: Bag, attention: np.ndarray, smoothing: floa
     truth = tile_tumour_labels(slide, bag)
     if truth is None or truth.all() or not truth.any():
         return None
-    scores = smooth_attention(attention, bag.xy, bag.size, smoothing)
+    scores = smoothing.apply(attention, bag.xy, bag.size)
     if len(set(np.round(scores, 12))) < 2:
         return None
     return float(roc_auc_score(truth, scores))
 
 
-def mask_metrics(attention: dict[str, np.ndarray], bags: dict[str, Bag], slides: dict[str, dict], smoothing: float,
+def mask_metrics(attention: dict[str, np.ndarray], bags: dict[str, Bag], slides: dict[str, dict], smoothing: Smoothing,
                  bins: tuple[float, ...]) -> dict[str, float]:
     """Means over the slides with a mask of the AUC of attention against it (out of fold, for the CV): the map as
     drawn (``attention_mask_auc``, smoothed by ``smoothing``), the raw attention (``attention_mask_auc_raw``),
@@ -62,7 +62,7 @@ def mask_metrics(attention: dict[str, np.ndarray], bags: dict[str, Bag], slides:
         auc = slide_mask_auc(slides[sid], bags[sid], a, smoothing)
         if auc is None:
             continue
-        drawn[sid], raw[sid] = auc, slide_mask_auc(slides[sid], bags[sid], a, 0.0)
+        drawn[sid], raw[sid] = auc, slide_mask_auc(slides[sid], bags[sid], a, Smoothing())
         attrs = json.loads(slides[sid]["attributes"]) if slides[sid].get("attributes") else {}
         try:
             fraction[sid] = float(attrs.get("tumour_fraction", "nan"))

@@ -254,7 +254,7 @@ class DETask(TaskKind):
                   "slides_of": slides_of}
         fc_values = fc.to_numpy(dtype=np.float32)
         return TaskData(self.name, slides, patients, np.array([folds[s] for s in slides]), fc_values,
-                        DE_CLASSES, genes, ids, included, _mean_abs(fc_values), np.isin(genes, lcfg.control_genes),
+                        DE_CLASSES, genes, ids, included, _mean_abs(fc_values), np.isin(genes, lcfg.control_genes or ()),
                         source=source)
 
     def for_fold(self, data: TaskData, k: int) -> TaskData:

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 SAMPLE = re.compile(r"^(?P<patient>TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})-(?P<type>\d{2})(?P<vial>[A-Z])?", re.IGNORECASE)
+PATIENT = re.compile(r"^TCGA-(?P<site>[A-Z0-9]{2})-[A-Z0-9]{4}(?:-|$)", re.IGNORECASE)  # any barcode's first fields
 
 TUMOUR, NORMAL, CONTROL, UNKNOWN = "tumor", "normal", "control", "unknown"
 
@@ -30,3 +31,10 @@ def parse_barcode(barcode: str) -> Barcode | None:
     code = int(match["type"])
     kind = TUMOUR if 1 <= code <= 9 else NORMAL if 10 <= code <= 19 else CONTROL
     return Barcode(match["patient"].upper(), match["type"], kind)
+
+
+def tissue_source_site(barcode: str) -> str | None:
+    """The tissue-source site (the two characters after ``TCGA-``) of a TCGA patient, sample or slide barcode
+    (``TCGA-05-4244-01Z-00-DX1``: ``05``); None if it is not one."""
+    match = PATIENT.match(barcode.strip())
+    return match["site"].upper() if match else None

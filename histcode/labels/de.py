@@ -4,19 +4,23 @@ Per patient and panel gene: log2 fold change of the tumour sample against the pa
 or, where the patient has none, against the mean of the cohort's normal samples (recorded as such). With a
 pseudo-count pc: log2FC = log2((T + pc) / (N + pc)); counts are first scaled to counts per million. Classes:
 up (log2FC >= up threshold), down (<= down threshold), unchanged. A gene whose DE classes are too small for
-its head to learn from is excluded from classification with the reason; the rest are labelled.
+its head to learn from is excluded from classification with the reason; the rest are labelled. The heads' folds
+are planned here too, by patient or by tissue-source site (``labels.folds_by``, ``plan_folds``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 
 from histcode.config import LabelsConfig
-from histcode.labels.barcodes import NORMAL, TUMOUR
-from histcode.labels.expression import slide_kind
+from histcode.labels.barcodes import NORMAL, TUMOUR, tissue_source_site
+from histcode.labels.expression import ExpressionFileError, slide_kind
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +129,6 @@ def gene_inclusion(labels: pd.DataFrame, cfg: LabelsConfig, present: set[str]) -
 def slide_labels(slides: list[dict], subtypes: dict[str, str] | None = None) -> pd.DataFrame:
     """Tumour diagnosis (from the sample type of the slide barcode or the manifest) and subtype where known: the
     patient's in ``subtypes`` (e.g. a GDC clinical TSV's), else the slide attribute ``subtype``."""
-    import json
-
     rows, disagree = [], 0
     for s in slides:
         attrs = json.loads(s["attributes"]) if s.get("attributes") else {}
@@ -156,16 +158,89 @@ def class_counts(slides: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["task", "class", "n"])
 
 
-def plan_folds(slides: pd.DataFrame, folds: int, seed: int) -> pd.DataFrame:
-    """Patient-level folds for the heads, stratified by each patient's tumour subtype (or tumour status)."""
+class FoldPlanError(ExpressionFileError):
+    """The folds cannot be planned as ``labels.folds_by`` asks; the message names the slides or sites and why.
+    (An ExpressionFileError: `histcode labels ingest` reports it as a refusal of its inputs, not a traceback.)"""
+
+
+@dataclass(frozen=True)
+class FoldChoice:
+    """What the cross-validation folds group by (``patient`` or ``site``) and why."""
+
+    by: Literal["patient", "site"]
+    reason: str
+
+
+def slide_sites(slides: list[dict]) -> dict[str, str | None]:
+    """Each slide's tissue-source site: its ``site`` attribute (a manifest column) where it has one, else the TSS
+    field of its TCGA slide or patient barcode; None when it has neither."""
+    sites: dict[str, str | None] = {}
+    for s in slides:
+        attrs = json.loads(s["attributes"]) if s.get("attributes") else {}
+        given = str(attrs.get("site") or "").strip()
+        sites[s["slide_id"]] = given or tissue_source_site(s["slide_id"]) or tissue_source_site(s["patient_id"])
+    return sites
+
+
+def _named(items: list[str], limit: int = 10) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _site_problem(frame: pd.DataFrame, site: pd.Series, folds: int) -> str | None:
+    """Why the labelled slides of ``frame`` cannot be split by site into ``folds`` folds (None: they can)."""
+    missing = frame.slide_id[site.isna()].astype(str).tolist()
+    if missing:
+        plural = "s" if len(frame) != 1 else ""
+        return (f"{len(missing)} of {len(frame)} labelled slide{plural} have no site (no `site` attribute and no TCGA "
+                f"barcode): {_named(missing)}")
+    per_patient = site.groupby(frame.patient_id).nunique()
+    split = per_patient[per_patient > 1].index.astype(str).tolist()
+    if split:
+        return f"patients with slides of more than one site (a patient must stay in one fold): {_named(split)}"
+    n_sites = site.nunique()
+    if n_sites < folds:
+        return (f"{n_sites} site{'s' if n_sites != 1 else ''} ({_named(sorted(site.unique()))}) for {folds} folds: "
+                "every fold needs a site of its own")
+    return None
+
+
+def choose_folds_by(frame: pd.DataFrame, site: pd.Series, folds: int,
+                    folds_by: Literal["auto", "patient", "site"]) -> FoldChoice:
+    """``labels.folds_by`` resolved for the labelled slides of ``frame`` (``site``: their sites, aligned with it):
+    ``site`` or, for ``auto``, site folds when every slide has a site and there are at least ``folds`` sites, else
+    patient folds. Raises FoldPlanError when ``site`` is asked for and cannot be had."""
+    if folds_by == "patient":
+        return FoldChoice("patient", "labels.folds_by = patient")
+    problem = _site_problem(frame, site, folds)
+    if folds_by == "site":
+        if problem is not None:
+            raise FoldPlanError(f"labels.folds_by = site: {problem}; give the slides a `site` manifest column, lower "
+                                "labels.folds, or set labels.folds_by to patient or auto")
+        return FoldChoice("site", f"labels.folds_by = site: {site.nunique()} sites for {folds} folds")
+    if problem is not None:
+        return FoldChoice("patient", f"labels.folds_by = auto: patient folds, as {problem}")
+    return FoldChoice("site", f"labels.folds_by = auto: site folds, as every labelled slide has a site and there are "
+                              f"{site.nunique()} sites for {folds} folds")
+
+
+def plan_folds(slides: pd.DataFrame, folds: int, seed: int, folds_by: Literal["auto", "patient", "site"] = "patient",
+               sites: dict[str, str | None] | None = None) -> tuple[pd.DataFrame, FoldChoice]:
+    """Folds for the heads, stratified by each slide's tumour subtype (or tumour status), grouped by patient or,
+    as ``folds_by`` resolves (``choose_folds_by``), by tissue-source site (``sites``: each slide's): every slide of
+    a group, and so every patient of a site, in one fold. Fewer patients than folds: no folds (-1; the gate says)."""
     from sklearn.model_selection import StratifiedGroupKFold
 
     frame = slides.dropna(subset=["tumor"]).reset_index(drop=True)
+    site = frame.slide_id.map(sites or {})
+    choice = choose_folds_by(frame, site, folds, folds_by)
+    log.info("cross-validation folds by %s (%s)", choice.by, choice.reason)
+    groups = site if choice.by == "site" else frame.patient_id
     if frame.patient_id.nunique() < folds:
-        return pd.DataFrame({"slide_id": frame.slide_id, "patient_id": frame.patient_id, "fold": -1})
+        return pd.DataFrame({"slide_id": frame.slide_id, "patient_id": frame.patient_id, "fold": -1}), choice
     strata = frame.subtype.fillna(frame.tumor.map({True: "tumor", False: "normal"})).astype(str)
     fold = np.full(len(frame), -1)
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for k, (_, test) in enumerate(splitter.split(frame, strata, frame.patient_id)):
+    for k, (_, test) in enumerate(splitter.split(frame, strata, groups)):
         fold[test] = k
-    return pd.DataFrame({"slide_id": frame.slide_id, "patient_id": frame.patient_id, "fold": fold})
+    return pd.DataFrame({"slide_id": frame.slide_id, "patient_id": frame.patient_id, "fold": fold}), choice

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from histcode.config import HistcodeConfig, stable_hash
-from histcode.labels.de import class_counts, de_labels, gene_inclusion, plan_folds, slide_labels
+from histcode.config import HistcodeConfig, LabelsConfig, stable_hash
+from histcode.labels.de import class_counts, de_labels, gene_inclusion, plan_folds, slide_labels, slide_sites
 from histcode.labels.expression import (ExpressionFileError, map_samples, read_matrix, read_sample_sheet,
                                        sample_slides)
 from histcode.labels.gdc import GdcDownload, label_unit, read_gdc_expression
+from histcode.labels.genes import ControlGenes, gene_table_path, resolve_control_genes
 from histcode.store.catalog import Catalog
 from histcode.store.records import utcnow
 from histcode.tiling.spec import spec_id_of
@@ -50,6 +51,10 @@ class LabelSet:
     problems: dict[str, str] = field(default_factory=dict)
     cohorts: list[str] = field(default_factory=list)  # the training cohorts whose slides were labelled
     dropped: dict[str, str] = field(default_factory=dict)  # labels.unmatched = drop: samples left out, and why
+    folds_by: str | None = None  # what the folds group by, as labels.folds_by resolved: patient | site
+    folds_reason: str | None = None  # why
+    control_genes: tuple[str, ...] = ()  # as resolved (labels.control_genes, else the gene table)
+    control_genes_source: str | None = None  # labels.control_genes, the gene table read, or none
     reused: bool = False  # the current label set already had exactly these inputs: nothing was written
 
 
@@ -123,8 +128,9 @@ def ingest_labels(ws: Workspace, cfg: HistcodeConfig, expression: Path | None = 
     (gate pending). Unless ``force``, a current label set of exactly these inputs (file contents, sample sheet,
     labels config, slides) whose frames are on disk is kept as it is, gate status included, and returned
     (``reused``): every door (the demo, the flow, `dvc repro`) then does no work on unchanged labels. A GDC
-    download that cannot be read raises ExpressionFileError before anything is written."""
-    lcfg, path, sheet_path, gdc, inputs = _source(ws, cfg, expression, sample_sheet, gdc)
+    download or gene table that cannot be read, and folds that cannot be planned as ``labels.folds_by`` asks,
+    raise ExpressionFileError (GeneTableError, FoldPlanError) before anything is written."""
+    lcfg, path, sheet_path, gdc, inputs, controls = _source(ws, cfg, expression, sample_sheet, gdc)
     catalog = Catalog.of(ws)
     cohorts = catalog.training_cohorts(cfg.cohorts.train)
     slides = catalog.tiled_slides(spec_id_of(cfg.tiling), cohorts)
@@ -154,7 +160,7 @@ def ingest_labels(ws: Workspace, cfg: HistcodeConfig, expression: Path | None = 
     de = de_labels(long, samples, lcfg, sample_slides(samples, slides))
     genes = gene_inclusion(de, lcfg, present=set(long.gene))
     labels = slide_labels(slides, subtypes)
-    folds = plan_folds(labels, lcfg.folds, lcfg.seed)
+    folds, choice = plan_folds(labels, lcfg.folds, lcfg.seed, lcfg.folds_by, slide_sites(slides))
     frames = build_frames(long, samples, de, genes, class_counts(labels), folds)
     write_frames(frames, frames_dir(ws), version)
 
@@ -171,7 +177,9 @@ def ingest_labels(ws: Workspace, cfg: HistcodeConfig, expression: Path | None = 
             "INSERT INTO label_sets (label_version, source, source_sha256, sample_sheet, unit, params, n_samples, n_genes, "
             "n_patients, created_at, is_current, gate_status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, true, ?)",
             [version, catalog.stored_path(path), _sha256(path), catalog.stored_path(sheet_path), lcfg.unit,
-             json.dumps({**lcfg.model_dump(mode="json"), "cohorts": cohorts, "dropped": dropped}), long.sample_id.nunique(),
+             json.dumps({**lcfg.model_dump(mode="json"), "cohorts": cohorts, "dropped": dropped,
+                         "folds_by_resolved": choice.by, "folds_by_reason": choice.reason,
+                         "control_genes_source": controls.source}), long.sample_id.nunique(),
              long.gene.nunique(),
              int(samples.patient_id.nunique()), utcnow(), PENDING],
         )
@@ -182,7 +190,8 @@ def ingest_labels(ws: Workspace, cfg: HistcodeConfig, expression: Path | None = 
         references={k: int(v) for k, v in de.drop_duplicates("sample_id").reference.value_counts().items()} if len(de) else {},
         excluded_genes=dict(zip(genes.loc[~genes.included, "gene"], genes.loc[~genes.included, "reason"])),
         problems=dict(zip(samples.loc[samples.problem.notna(), "sample_id"], samples.loc[samples.problem.notna(), "problem"])),
-        cohorts=cohorts, dropped=dropped,
+        cohorts=cohorts, dropped=dropped, folds_by=choice.by, folds_reason=choice.reason,
+        control_genes=tuple(lcfg.control_genes or ()), control_genes_source=controls.source,
     )
     log.info("label set %s (cohorts %s): %d samples, %d genes, %d patients; DE classes %s; %d genes excluded", version,
              ", ".join(cohorts), result.n_samples, result.n_genes, result.n_patients, result.de_counts,
@@ -195,6 +204,7 @@ def _stored_label_set(catalog: Catalog, current: dict, frames: Path, cohorts: li
     de = pd.DataFrame(catalog.query("SELECT sample_id, de_class, reference FROM de_labels"))
     genes = catalog.query("SELECT gene, reason FROM gene_gate WHERE NOT included ORDER BY gene")
     problems = catalog.query("SELECT sample_id, problem FROM expression_samples WHERE problem IS NOT NULL")
+    params = json.loads(current.get("params") or "{}")
     return LabelSet(
         label_version=current["label_version"], frames_dir=frames, n_samples=int(current["n_samples"]),
         n_genes=int(current["n_genes"]), n_patients=int(current["n_patients"]),
@@ -202,7 +212,9 @@ def _stored_label_set(catalog: Catalog, current: dict, frames: Path, cohorts: li
         references={k: int(v) for k, v in de.drop_duplicates("sample_id").reference.value_counts().items()} if len(de) else {},
         excluded_genes={r["gene"]: r["reason"] for r in genes},
         problems={r["sample_id"]: r["problem"] for r in problems}, cohorts=cohorts, reused=True,
-        dropped=json.loads(current.get("params") or "{}").get("dropped") or {},
+        dropped=params.get("dropped") or {}, folds_by=params.get("folds_by_resolved"),
+        folds_reason=params.get("folds_by_reason"), control_genes=tuple(params.get("control_genes") or ()),
+        control_genes_source=params.get("control_genes_source"),
     )
 
 
@@ -217,8 +229,9 @@ def configured_gdc(ws: Workspace, cfg: HistcodeConfig) -> GdcDownload | None:
 
 def _source(ws: Workspace, cfg: HistcodeConfig, expression: Path | None, sample_sheet: Path | None,
             gdc: GdcDownload | None):
-    """(labels config as ingested, source path, sample sheet path, GDC download, input digests): a matrix given
-    here, else a GDC download given here, else ``labels.gdc``, else ``labels.expression``."""
+    """(labels config as ingested, source path, sample sheet path, GDC download, input digests, control genes): a
+    matrix given here, else a GDC download given here, else ``labels.gdc``, else ``labels.expression``. The config
+    as ingested holds the control genes resolved (``_with_controls``)."""
     lcfg = cfg.labels
     if gdc is None and expression is None:
         if sample_sheet is not None and lcfg.gdc is not None:
@@ -228,15 +241,29 @@ def _source(ws: Workspace, cfg: HistcodeConfig, expression: Path | None, sample_
     if gdc is not None:
         lcfg = lcfg.model_copy(update={"unit": label_unit(gdc.unit), "gdc_unit": gdc.unit, "gdc_genes": gdc.genes,
                                        "gdc": None})  # the download is in the digest, wherever it was named
-        return lcfg, gdc.sheet, None, gdc, {"gdc": gdc.digest()}  # the digest checks the sheet and its files
+        lcfg, controls = _with_controls(ws, lcfg, None)  # no matrix file: only labels.gene_table is looked for
+        return lcfg, gdc.sheet, None, gdc, {"gdc": gdc.digest(), "gene_table": controls.digest()}, controls
     lcfg = lcfg.model_copy(update={"gdc": None})  # a matrix: labels.gdc, if set, was not read
     path = expression or ws.path(lcfg.expression)
     sheet_path = sample_sheet or (ws.path(lcfg.sample_sheet) if lcfg.sample_sheet else None)
-    return lcfg, path, sheet_path, None, {"file": _sha256(path), "sheet": _sha256(sheet_path)}
+    lcfg, controls = _with_controls(ws, lcfg, path)
+    inputs = {"file": _sha256(path), "sheet": _sha256(sheet_path), "gene_table": controls.digest()}
+    return lcfg, path, sheet_path, None, inputs, controls
+
+
+def _with_controls(ws: Workspace, lcfg: LabelsConfig, matrix: Path | None) -> tuple[LabelsConfig, ControlGenes]:
+    """(the labels config with its control genes resolved, how they were): ``labels.control_genes`` if set, else
+    the gene table's (``labels.gene_table``, or ``genes.csv`` beside ``matrix``), else none."""
+    table = None
+    if lcfg.control_genes is None:
+        table = gene_table_path(ws.path(lcfg.gene_table) if lcfg.gene_table else None, matrix)
+    controls = resolve_control_genes(lcfg, table)
+    return lcfg.model_copy(update={"control_genes": controls.genes}), controls
 
 
 def _label_version(inputs: dict, lcfg, slides: list[dict]) -> str:
-    """The label set's id: its inputs' digests (``file`` and ``sheet``, or ``gdc``), the labels config, the slides."""
+    """The label set's id: its inputs' digests (``file`` and ``sheet``, or ``gdc``; ``gene_table``), the labels config
+    (``folds_by`` and the resolved ``control_genes`` included), the slides."""
     return "ls-" + stable_hash({**inputs, "cfg": lcfg.model_dump(mode="json"),
                                 "slides": sorted(s["slide_id"] + s["content_hash"] for s in slides)}, 12)
 
@@ -252,8 +279,8 @@ def passed_label_set(ws: Workspace, cfg: HistcodeConfig, expression: Path | None
     if current is None or current["gate_status"] != PASSED:
         return None
     try:
-        lcfg, path, sheet_path, _, inputs = _source(ws, cfg, expression, sample_sheet, None)
-    except ExpressionFileError:  # a configured GDC download that is not (or no longer) all there
+        lcfg, path, sheet_path, _, inputs, _ = _source(ws, cfg, expression, sample_sheet, None)
+    except ExpressionFileError:  # a configured GDC download that is not (or no longer) all there, a bad gene table
         return None
     if not path.is_file() or (sheet_path is not None and not sheet_path.is_file()):
         return None

@@ -40,7 +40,8 @@ class SlideSource:
     level_dimensions: list
     level_downsamples: list
     size: int  # tile side in level-0 pixels
-    stain: tuple[float, ...] | None = None  # 3x3 OD map (row-major) onto the reference stain; None = as read
+    stain: tuple[float, ...] | None = None  # 3x3 OD map (row-major) onto the reference stain, then the white point's
+    # OD when one was taken out first (12 values); None = as read
 
 
 class TileDataset(Dataset):
@@ -84,7 +85,8 @@ class TileDataset(Dataset):
         pixels = self._reader(int(slide)).read(int(x), int(y))
         stain = self.slides[int(slide)].stain
         if stain is not None:
-            pixels = apply_od_transform(pixels, np.asarray(stain, dtype=np.float32).reshape(3, 3))
+            values = np.asarray(stain, dtype=np.float32)
+            pixels = apply_od_transform(pixels, values[:9].reshape(3, 3), values[9:] if len(values) > 9 else None)
         return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
     def close(self) -> None:

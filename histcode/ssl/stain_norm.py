@@ -1,7 +1,9 @@
 """Stain normalisation as an encoder's input contract: estimated per slide, recorded with the encoder.
 
 A slide's stain is estimated once (Macenko, ``histcode.wsi.stain``) from up to ``sample_tiles`` of its tiles,
-spread evenly over its tile list, and every tile the dataset yields is mapped onto the reference stain. The
+spread evenly over its tile list, and every tile the dataset yields is mapped onto the reference stain; with
+``white_point`` the slide's glass white (``estimate_white``) is first taken out of every pixel's OD, and the
+stain is estimated on the white-balanced pixels. The
 setting travels with the registered encoder as the ``stain_norm`` version tag (``describe`` / ``parse``), so
 materialisation reads tiles exactly as pretraining did. A slide with too little stained tissue to estimate
 from is left as read, with a warning naming it.
@@ -23,7 +25,7 @@ import numpy as np
 from histcode.config import StainNormConfig
 from histcode.ssl.dataset import TileDataset
 from histcode.wsi.reader import SlideReadError
-from histcode.wsi.stain import StainError, estimate_stain
+from histcode.wsi.stain import StainError, estimate_stain, estimate_white, od_to_rgb, rgb_to_od, white_balance
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,9 @@ def parse(tag: str | None) -> StainNormConfig:
     if not tag or tag == NONE:
         return StainNormConfig(method="none")
     try:
-        return StainNormConfig(**json.loads(tag))
+        settings = json.loads(tag)
+        settings.setdefault("white_point", False)  # registered before the white point was an option
+        return StainNormConfig(**settings)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"stain_norm tag {tag!r}: not a stain-normalisation setting ({exc})") from exc
 
@@ -67,12 +71,16 @@ def normalise_dataset(dataset: TileDataset, cfg: StainNormConfig) -> dict[str, s
         dataset.slides[index] = raw
         try:
             pixels = np.stack([dataset[int(i)].numpy().transpose(1, 2, 0) for i in rows])
+            white = estimate_white(pixels) if cfg.white_point else None
+            if white is not None:
+                pixels = od_to_rgb(white_balance(rgb_to_od(pixels), white))
             estimate = estimate_stain(pixels, cfg.beta, cfg.alpha)
         except (StainError, SlideReadError, OSError, ValueError) as exc:  # a broken slide fails later, where it is read
             log.warning("stain normalisation: slide %s is read as it is: %s", source.slide_id, exc)
             skipped[source.slide_id] = str(exc)
             continue
-        dataset.slides[index] = dataclasses.replace(source, stain=tuple(estimate.to_reference().ravel().tolist()))
+        stain = estimate.to_reference().ravel().tolist() + ([] if white is None else white.tolist())
+        dataset.slides[index] = dataclasses.replace(source, stain=tuple(float(v) for v in stain))
     dataset.close()  # the readers opened here stay in this process; workers open their own
     log.info("stain normalisation (%s): %d slides mapped onto the reference, %d read as they are", cfg.method,
              len(slides) - len(skipped), len(skipped))

@@ -24,7 +24,7 @@ from histcode.features.search import SearchError, TileSearcher, nearest_slides
 from histcode.heads.apply import HeadNotFound, LoadedHead
 from histcode.heads.data import Bag, load_bags
 from histcode.heads.masks import tile_tumour_labels
-from histcode.heads.smoothing import smooth_attention
+from histcode.heads.smoothing import Smoothing
 from histcode.store.catalog import Catalog
 from histcode.store.vectors import SLIDE_KIND, TILE_KIND, quote_literal
 from histcode.tracking import Tracker
@@ -177,7 +177,7 @@ class ViewerData:
             if att is not None and slide_id in self.bags(att.view_id):
                 bag = self.bags(att.view_id)[slide_id]
                 _, raw = att(bag.features)  # drawn as every heatmap is: smoothed over the tile grid
-                attention = smooth_attention(raw, bag.xy, bag.size, self.cfg.heads.attention_smoothing)
+                attention = Smoothing.of(self.cfg.heads).apply(raw, bag.xy, bag.size)
                 layers["attention"] = Layer("attention", "attention", "sequential", grid_of(bag.tile_ids, bag.xy, bag.size),
                                             np.asarray(attention, dtype=float), f"tumor-head v{att.version} ({att.view_id})")
                 truth = tile_tumour_labels(slide, bag)

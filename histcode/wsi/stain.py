@@ -200,10 +200,38 @@ def estimate_stain(rgb: np.ndarray, beta: float = 0.15, alpha: float = 1.0, min_
 
 
 
-def apply_od_transform(rgb: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    """``rgb`` (uint8, ... x 3) with its OD mapped by ``matrix`` (3x3, row vectors), negative OD clipped."""
-    od = rgb_to_od(rgb)
+def apply_od_transform(rgb: np.ndarray, matrix: np.ndarray, white_od: np.ndarray | None = None) -> np.ndarray:
+    """``rgb`` (uint8, ... x 3) white-balanced by ``white_od`` (``white_balance``; None: as read), its OD mapped
+    by ``matrix`` (3x3, row vectors), negative OD clipped."""
+    od = white_balance(rgb_to_od(rgb), white_od)
     return od_to_rgb(np.maximum(od @ np.asarray(matrix, dtype=np.float32), 0.0))
+
+
+GLASS_MIN_INTENSITY = 180  # a glass pixel: every channel at least this bright ...
+GLASS_MAX_CHROMA = 12  # ... and nearly grey (max - min channel); stained tissue is pink or purple
+GLASS_MIN_PIXELS = 200  # fewer such pixels: no glass in the sample, the white point is left at 255
+GLASS_TOP_FRACTION = 0.25  # the brightest quarter of the glass pixels is the lamp's white
+
+
+def estimate_white(rgb: np.ndarray) -> np.ndarray | None:
+    """The glass's white point of ``rgb`` (uint8, any shape ending in 3: a slide's sampled tiles) as OD per
+    channel, or None where the sample shows no glass (the pixels' white is then taken as 255, OD 0).
+
+    Empty glass should read white (OD 0); a scanner with a dimmer or tinted lamp, or lower contrast, shows it
+    grey or cast, and every tissue pixel carries the same offset in OD. Glass is what is bright and grey at
+    once: pixels whose every channel is at least ``GLASS_MIN_INTENSITY`` and whose channels differ by at most
+    ``GLASS_MAX_CHROMA``; the white point is the per-channel median of their brightest ``GLASS_TOP_FRACTION``
+    (by mean intensity). A white point brighter than the tissue's own brightest stain is what the OD offset
+    subtracts: ``white_balance`` clips the result at zero."""
+    flat = np.asarray(rgb, dtype=np.uint8).reshape(-1, 3)
+    lo, hi = flat.min(axis=1), flat.max(axis=1)
+    glass = flat[(lo >= GLASS_MIN_INTENSITY) & (hi.astype(np.int16) - lo <= GLASS_MAX_CHROMA)]
+    if len(glass) < GLASS_MIN_PIXELS:
+        return None
+    brightness = glass.mean(axis=1)
+    top = glass[brightness >= np.quantile(brightness, 1.0 - GLASS_TOP_FRACTION)]
+    white = np.median(top, axis=0).round().astype(np.uint8)
+    return rgb_to_od(white)
 
 
 SCANNER_H_GAIN = 0.3  # haematoxylin concentration x (1 + 0.3 s)
