@@ -117,9 +117,10 @@ def test_demo_command_end_to_end(tmp_path) -> None:
     assert result.exit_code == 0, result.stdout
     assert "Demo pipeline done" in result.stdout and "histcode mlflow-ui" in result.stdout
     assert "encoder: adco (2 steps" in result.stdout
-    assert "linear probe, 222 held-aside tiles as they are" in result.stdout and "tiles re-stained" in result.stdout
+    assert "linear probe, reporting half (" in result.stdout and "of 222 held-aside tiles)" in result.stdout
+    assert "as they are" in result.stdout and "re-stained" in result.stdout
     assert "slide retrieval by tissue (leave one patient out): mean pooling mMV@5" in result.stdout
-    assert "attention pooling mMV@5" in result.stdout
+    assert "attention pooling" in result.stdout and "mMV@5" in result.stdout
     assert "gate passed" in result.stdout and json.loads((ws / "metrics" / "label_gate.json").read_text())["passed"]
     tiling = json.loads((ws / "metrics" / "tiling.json").read_text())
     assert tiling["failed"] == 0 and tiling["tiled_now"] == tiling["slides"] > 0
