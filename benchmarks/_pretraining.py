@@ -60,3 +60,21 @@ def over_seeds(values: list[float]) -> tuple[float, float, float]:
 def cell(mean: float, lo: float, hi: float, signed: bool = False) -> str:
     f = "{:+.3f}" if signed else "{:.3f}"
     return f.format(mean) + ("" if math.isnan(lo) else f" [{f.format(lo)}, {f.format(hi)}]")
+
+
+def tiled_workspace(path):
+    """(workspace, its config, the temporary folder to clean up or None): ``path``, or a temporary demo workspace
+    when None, with telemetry off, warnings-only logging and its slides tiled as params.yaml says."""
+    import logging
+
+    from benchmarks._cohort import demo_workspace
+    from histcode.store.catalog import Catalog
+    from histcode.tiling.run import tile_slides
+    from histcode.tracking import telemetry_off
+
+    logging.basicConfig(level=logging.WARNING)
+    telemetry_off()
+    ws, tmp = demo_workspace(path)
+    cfg = ws.config()
+    tile_slides(Catalog.of(ws), cfg.tiling, ws.outputs_dir / "qc", progress=False)
+    return ws, cfg, tmp

@@ -30,8 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from benchmarks._cohort import demo_workspace  # noqa: E402
-from benchmarks._pretraining import OLD_SETTINGS, SETS, TASKS, cell, over_seeds, parse_overrides, pretrain_and_probe  # noqa: E402
+from benchmarks._pretraining import OLD_SETTINGS, SETS, TASKS, cell, over_seeds, parse_overrides, pretrain_and_probe, tiled_workspace  # noqa: E402
 
 
 def step_seconds(ws, cfg, method: str, steps: int) -> tuple[float, float]:
@@ -118,19 +117,10 @@ def main() -> None:
     args = parser.parse_args()
 
     import json
-    import logging
 
-    logging.basicConfig(level=logging.WARNING)
-    from histcode.store.catalog import Catalog
-    from histcode.tiling.run import tile_slides
-    from histcode.tracking import telemetry_off
-
-    telemetry_off()
-    ws, tmp = demo_workspace(args.workspace)
-    cfg = ws.config()
+    ws, cfg, tmp = tiled_workspace(args.workspace)
     overrides = {**(OLD_SETTINGS if args.old_settings else {}), **parse_overrides(args.overrides)}
     cfg = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update=overrides)})
-    tile_slides(Catalog.of(ws), cfg.tiling, ws.outputs_dir / "qc", progress=False)
     pc = cfg.pretrain
     print(f"{args.minutes:g} min per run, {args.seeds} seeds; {pc.encoder} at {pc.image_px} px, batch {pc.batch_size}, "
           f"stain normalisation {pc.stain_norm.method}; settings: {overrides or 'schedule-aware defaults'}", flush=True)

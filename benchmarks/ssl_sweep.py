@@ -23,8 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from benchmarks._cohort import demo_workspace  # noqa: E402
-from benchmarks._pretraining import OLD_SETTINGS, SETS, TASKS, pretrain_and_probe  # noqa: E402
+from benchmarks._pretraining import OLD_SETTINGS, SETS, TASKS, pretrain_and_probe, tiled_workspace  # noqa: E402
 
 
 def tuning_score(probe: dict) -> tuple[float, dict[str, float]]:
@@ -46,17 +45,8 @@ def main() -> None:
     args = parser.parse_args()
 
     import json
-    import logging
 
-    logging.basicConfig(level=logging.WARNING)
-    from histcode.store.catalog import Catalog
-    from histcode.tiling.run import tile_slides
-    from histcode.tracking import telemetry_off
-
-    telemetry_off()
-    ws, tmp = demo_workspace(args.workspace)
-    cfg = ws.config()
-    tile_slides(Catalog.of(ws), cfg.tiling, ws.outputs_dir / "qc", progress=False)
+    ws, cfg, tmp = tiled_workspace(args.workspace)
     cells = [("old settings", dict(OLD_SETTINGS))]
     cells += [(f"lr_scale {lr:g}, negatives {neg:g}", {"lr_scale": lr, "negatives_fraction": neg})
               for lr, neg in itertools.product(args.lr_scale, args.negatives)]
