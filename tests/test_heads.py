@@ -330,3 +330,31 @@ def test_tumour_auc_is_reported_per_tumour_fraction_bin() -> None:
     assert out["auc_tf_00_05"] == pytest.approx(5 / 6) and out["n_tf_00_05"] == 2
     assert "auc_tf_05_20" not in out and out["n_tf_05_20"] == 0  # no slide in the bin: no AUC
     assert out["auc_tf_20_100"] == 1.0 and out["n_tf_20_100"] == 2  # a fraction of 1.0 is in the last bin
+
+
+def test_standardise_is_per_task_and_scale_does_not_centre() -> None:
+    """``heads.standardise`` per task: the tumour head (default ``scale``) divides by one sd of the training tiles
+    without centring them; ``global`` centres on their mean; a task the mapping omits is centred."""
+    import numpy as np
+
+    from histcode.config import HeadsConfig
+    from histcode.heads.fit import fit_head
+    from histcode.heads.tasks import TASKS
+
+    cfg = HeadsConfig(epochs=1, min_epochs=1)
+    assert (cfg.standardise_for("tumor"), cfg.standardise_for("subtype"), cfg.standardise_for("de")) == (
+        "scale", "global", "global")
+    assert HeadsConfig(standardise={"tumor": "none"}).standardise_for("subtype") == "global"
+    assert HeadsConfig(standardise="feature").standardise_for("tumor") == "feature"
+    rng = np.random.default_rng(0)
+    pairs = [((rng.normal(size=(12, 8)) * 3 + 5).astype(np.float32), i % 2) for i in range(6)]
+    tiles = np.concatenate([b for b, _ in pairs])
+    sd = np.sqrt(tiles.var(axis=0, ddof=1).mean())
+    for mode, mean in (("scale", np.zeros(8)), ("global", tiles.mean(axis=0))):
+        hcfg = cfg.model_copy(update={"standardise": {"tumor": mode}})
+        model = fit_head(TASKS["tumor"], "attention", pairs, pairs[:2], {"classes": 2}, hcfg, 0).model
+        np.testing.assert_allclose(model.mean.numpy(), mean, atol=1e-4)
+        np.testing.assert_allclose(model.scale.numpy(), np.full(8, sd), rtol=1e-4)
+    none = fit_head(TASKS["tumor"], "attention", pairs, pairs[:2], {"classes": 2},
+                    cfg.model_copy(update={"standardise": "none"}), 0).model
+    assert not hasattr(none, "mean")

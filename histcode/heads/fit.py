@@ -7,8 +7,10 @@ attention, for the tasks read from the tumour: subtype and DE; ``histcode.heads.
 bag at a time with Adam on ``heads.device`` (CUDA when present under ``auto``; each bag is moved there once, not
 per epoch); the state with the lowest validation loss is kept,
 training stops ``patience`` epochs after it (never before ``min_epochs``), and the fitted model comes back on the
-CPU for export and prediction. As CLAM trains at scale: tile features standardised with the training bags' tile
-mean and one sd, or per feature (``standardise``; the statistics are buffers of the exported model, so prediction applies the same),
+CPU for export and prediction. As CLAM trains at scale: tile features standardised per task (``standardise``:
+centred on the training bags' tile mean and scaled by one sd, or per feature, or scaled by that sd without
+centring, as the tumour head is by default because centring costs its attention the localisation; the statistics
+are buffers of the exported model, so prediction applies the same),
 and class-balanced bag sampling (``balanced_sampling``: each epoch draws as many bags as there are, with
 replacement, each with probability inversely proportional to its class's size, as CLAM's weighted sampler).
 """
@@ -193,8 +195,10 @@ def fit_head(kind, aggregator: str, train: list[tuple[np.ndarray, object]], val:
     device = resolve_device(cfg.device)
     in_dim = train[0][0].shape[1]
     model = kind.torch_model(aggregator, in_dim, shape, cfg)
-    if cfg.standardise != "none":
-        model = Standardised(model, *tile_statistics([bag for bag, _ in train], cfg.standardise == "feature"))
+    mode = cfg.standardise_for(kind.name)
+    if mode != "none":
+        mean, scale = tile_statistics([bag for bag, _ in train], mode == "feature")
+        model = Standardised(model, np.zeros_like(mean) if mode == "scale" else mean, scale)
     model = model.to(device)
     classes = np.array([int(t) for _, t in train]) if kind.needs_every_class else None
     on_device = lambda pairs: [(torch.as_tensor(b, device=device), t) for b, t in pairs]  # noqa: E731

@@ -1,6 +1,6 @@
 """Task kinds: what a head learns from a slide and how it is scored, as objects instead of name checks.
 
-- ``ClassTask`` (tumour vs normal, LUAD vs LUSC): class ids as targets, stratified inner splits, CLAM_SB /
+- ``ClassTask`` (tumour vs normal, LUAD vs LUSC): class ids as targets, stratified inner splits, CLAM_SB / CLAM_MB /
   max-instance / mean-pool logistic heads (for LUAD vs LUSC also the tumour-guided logistic head), AUC /
   accuracy / balanced accuracy / F1 with bootstrap intervals.
 - ``DETask`` (differential expression of the driver panel): per gene (log2FC, up/unchanged/down id) as
