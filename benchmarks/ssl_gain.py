@@ -131,7 +131,7 @@ def main() -> None:
         print(f"{method}: {per_step:.2f} s/step (+{setup:.0f} s start) -> {steps[method]} steps", flush=True)
         runs[method] = []
         for seed in range(args.seeds):
-            probe = pretrain_and_probe(ws, cfg, method, seed, steps[method], overrides)
+            probe = pretrain_and_probe(ws, cfg, method, seed, steps[method])  # cfg holds the overrides
             runs[method].append(probe)
             print(f"  seed {seed}: {probe['minutes']:.1f} min", flush=True)
     rows = summarise(runs)

@@ -191,7 +191,7 @@ def ingest_labels(ws: Workspace, cfg: HistcodeConfig, expression: Path | None = 
         excluded_genes=dict(zip(genes.loc[~genes.included, "gene"], genes.loc[~genes.included, "reason"])),
         problems=dict(zip(samples.loc[samples.problem.notna(), "sample_id"], samples.loc[samples.problem.notna(), "problem"])),
         cohorts=cohorts, dropped=dropped, folds_by=choice.by, folds_reason=choice.reason,
-        control_genes=tuple(lcfg.control_genes or ()), control_genes_source=controls.source,
+        control_genes=controls.genes, control_genes_source=controls.source,
     )
     log.info("label set %s (cohorts %s): %d samples, %d genes, %d patients; DE classes %s; %d genes excluded", version,
              ", ".join(cohorts), result.n_samples, result.n_genes, result.n_patients, result.de_counts,
