@@ -10,7 +10,7 @@ export GX_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup demo test test-all bench serve mlflow-ui clean-demo
+.PHONY: setup demo test test-all bench serve mlflow-ui services services-down clean-demo
 
 # The browser tests drive the distribution's Chromium (Playwright's own browser download is not used); it is
 # installed when missing (scripts/install_chromium.sh: apt-get as root or through sudo).
@@ -18,9 +18,10 @@ CHROMIUM ?= /usr/bin/chromium
 
 $(STAMP): pyproject.toml constraints.txt
 	scripts/install_chromium.sh $(CHROMIUM)
+	scripts/install_postgres.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,timm]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,timm,server]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -46,6 +47,14 @@ serve: $(STAMP)
 # straight to the training runs of each experiment.
 mlflow-ui: $(STAMP)
 	$(BIN)/histcode mlflow-ui
+
+# The shared set-up of a lab on this machine (PostgreSQL, S3, MLflow and Prefect servers, Dask): prints the
+# variables to export; `make services-down` stops it. See the README's "Shared services".
+services: $(STAMP)
+	$(BIN)/histcode services up
+
+services-down: $(STAMP)
+	$(BIN)/histcode services down
 
 clean-demo:
 	rm -rf data/demo data/catalog.duckdb data/lancedb data/labels outputs metrics mlruns/mlflow.db mlruns/artifacts

@@ -14,6 +14,7 @@ Run it:  python -m flows.embed --encoder histcode-encoder@adco --tag trained-on 
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -46,10 +47,24 @@ def embed_shard_task(workspace: str, view, dataset, folder: str, index: int) -> 
     return embed_shard(ws, ws.config(), view, dataset, Path(folder))
 
 
-def _fan_out(ws: Workspace, encoder: str | None, tag: str | None, workers: int, dask_address: str | None) -> dict:
+def scheduler_workers(address: str) -> int:
+    """How many workers the Dask scheduler at ``address`` has now (a scheduler that does not answer is named)."""
+    from distributed import Client
+
+    from histcode.errors import ServiceUnavailable
+
+    try:
+        with Client(address, timeout=10) as client:
+            return max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
+    except (OSError, TimeoutError) as exc:
+        raise ServiceUnavailable("Dask scheduler", address, str(exc).splitlines()[0] if str(exc) else "timed out") from exc
+
+
+def _fan_out(ws: Workspace, encoder: str | None, tag: str | None, workers: int | None, dask_address: str | None) -> dict:
     from prefect_dask import DaskTaskRunner
 
     cfg = ws.config()
+    workers = workers or (scheduler_workers(dask_address) if dask_address else cfg.features.workers)
     plan = plan_view(ws, cfg, encoder)
     stage = ws.outputs_dir / "staging" / plan.view.view_id
     shutil.rmtree(stage, ignore_errors=True)  # a crashed run's leftovers may predate a slide's new content
@@ -80,13 +95,15 @@ def _fan_out(ws: Workspace, encoder: str | None, tag: str | None, workers: int, 
 def embed_flow(encoder: str | None = None, tag: str | None = None, workspace: str | None = None,
                workers: int | None = None, dask_address: str | None = None) -> dict:
     """Embed every tiled slide with ``encoder`` (default: features.encoder of params.yaml), in one task or
-    sharded over ``workers`` Dask workers (default features.workers; ``dask_address``: an existing scheduler)."""
+    sharded over ``workers`` Dask workers (default features.workers; ``dask_address``, default
+    ``$HISTCODE_DASK_ADDRESS``: an existing scheduler, sharded over as many workers as it has)."""
     ws = Workspace.resolve(workspace).ensure()
-    workers = workers or ws.config().features.workers
-    if workers > 1 or dask_address:
+    dask_address = dask_address or os.environ.get("HISTCODE_DASK_ADDRESS") or None
+    if dask_address or (workers or ws.config().features.workers) > 1:
         summary = _fan_out(ws, encoder, tag, workers, dask_address)
     else:
         summary = embed_task(workspace, encoder, tag)
+    summary = {**summary, "dask_address": dask_address}
     write_json(ws.metrics_dir / "embed.json", summary)
     lines = [
         f"## Feature view `{summary['view_id']}`",

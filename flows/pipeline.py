@@ -15,6 +15,7 @@ Deployed: prefect deployment run 'histcode-pipeline/demo'   (see prefect.yaml an
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from prefect import flow, get_run_logger, task
@@ -41,12 +42,14 @@ def demo_cohort_task(workspace: str | None) -> str:
     return str(build_demo_cohort(cfg.demo, ws.path(cfg.demo.out_dir), source, progress=False).manifest)
 
 
-def _ingest_runner(task_runner: str, dask_workers: int):
-    """The per-slide fan-out: Prefect's thread pool, or a Dask LocalCluster of ``dask_workers`` processes (the
-    same tasks, no other code path; point ``dask_address`` at a scheduler to use a real cluster)."""
+def _ingest_runner(task_runner: str, dask_workers: int, dask_address: str | None):
+    """The per-slide fan-out: Prefect's thread pool, or Dask: the scheduler at ``dask_address`` (a real cluster),
+    else a LocalCluster of ``dask_workers`` processes (the same tasks, no other code path)."""
     if task_runner == "dask":
         from prefect_dask import DaskTaskRunner
 
+        if dask_address:
+            return DaskTaskRunner(address=dask_address)
         return DaskTaskRunner(cluster_kwargs={"n_workers": dask_workers, "threads_per_worker": 1, "processes": True})
     return None
 
@@ -59,21 +62,25 @@ def pipeline_flow(
     method: str | None = None,
     encoder: str | None = None,
     heatmaps: int = 1,
-    task_runner: Literal["threads", "dask"] = "threads",
+    task_runner: Literal["threads", "dask"] | None = None,
     dask_workers: int = 2,
     workspace: str | None = None,
+    dask_address: str | None = None,
 ) -> dict:
     """Ingest and tile the slides of ``manifest`` (default: the demo cohort, built first) into ``cohort``
     (default: ingest.cohort, or demo.cohort for the demo), pretrain (``method``
     overrides pretrain.method; ``encoder``, a registered encoder such as ``histcode-encoder@adco``, skips
     pretraining and embeds with it), embed, label and gate ``expression`` (default labels.expression), train the
-    heads and draw ``heatmaps`` heatmaps. Every stage skips what is already done."""
+    heads and draw ``heatmaps`` heatmaps. Every stage skips what is already done. ``dask_address`` (default
+    ``$HISTCODE_DASK_ADDRESS``): a Dask scheduler that the tiling (``task_runner`` then defaults to dask) and
+    the materialisation fan out over."""
     log = get_run_logger()
     ws = Workspace.resolve(workspace).ensure()
     where = str(ws.root)
     if manifest is None:
         manifest, cohort = demo_cohort_task(where), cohort or ws.config().demo.cohort
-    runner = _ingest_runner(task_runner, dask_workers)
+    dask_address = dask_address or os.environ.get("HISTCODE_DASK_ADDRESS") or None
+    runner = _ingest_runner(task_runner or ("dask" if dask_address else "threads"), dask_workers, dask_address)
     ingest = (ingest_flow.with_options(task_runner=runner) if runner else ingest_flow)(manifest=manifest, cohort=cohort, workspace=where)
     if ingest["tiling"]["tiles"] == 0:
         raise RuntimeError("no tiles: every slide failed or had no tissue; see `histcode slides`")
@@ -87,7 +94,7 @@ def pipeline_flow(
                         + f", MLflow run `{trained['run_id']}` (experiment `pretrain`)")
     else:
         trained, encoder_line = None, f"- encoder: `{encoder}` (given; not pretrained)"
-    view = embed_flow(encoder=encoder, workspace=where)
+    view = embed_flow(encoder=encoder, workspace=where, dask_address=dask_address)
     heads = heads_flow(heatmaps=heatmaps, workspace=where)
     mlflow_ui = f"histcode --workspace {where} mlflow-ui"
     lines = [

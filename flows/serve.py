@@ -12,73 +12,27 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import shutil
 import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from histcode.services.prefect import POOL, prefect_command, prefect_env
+from histcode.services.prefect import deploy as deploy_all
+from histcode.services.processes import free_port, http_ok, spawn, stop_process, wait_until
+
 log = logging.getLogger("histcode.serve")
 
 REPO = Path(__file__).resolve().parent.parent
-POOL = "histcode"
-TAG_LIMITS = {"gpu": 1, "tiling": 4}
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def _prefect() -> list[str]:
-    exe = shutil.which("prefect", path=str(Path(sys.executable).parent)) or shutil.which("prefect")
-    return [exe] if exe else [sys.executable, "-m", "prefect"]
 
 
 def _env(api_url: str, home: Path | None) -> dict[str, str]:
-    env = {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
-           "GX_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}
-    if home is not None:
-        env["PREFECT_HOME"] = str(home)
-    return env
-
-
-def _run(args: list[str], env: dict, cwd: Path = REPO) -> str:
-    done = subprocess.run(_prefect() + args, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
-    if done.returncode != 0:
-        raise RuntimeError(f"prefect {' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-    return done.stdout
+    return prefect_env(api_url, home)
 
 
 def wait_healthy(api_url: str, timeout: float = 120, process: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"the Prefect server exited with code {process.returncode}")
-        try:
-            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"the Prefect server at {api_url} was not healthy within {timeout:.0f} s")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    wait_until(f"the Prefect server at {api_url}", lambda: http_ok(f"{api_url}/health"), timeout, process)
 
 
 @contextmanager
@@ -87,40 +41,29 @@ def prefect_server(host: str = "127.0.0.1", port: int | None = None, home: Path 
     """A Prefect server in its own process group; yields its API URL and stops it on exit."""
     port = port or free_port(host)
     api_url = f"http://{host}:{port}/api"
-    out = open(log_file, "ab") if log_file else subprocess.DEVNULL
-    server = subprocess.Popen(_prefect() + ["server", "start", "--host", host, "--port", str(port)],
-                              env=_env(api_url, home), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    server = spawn(prefect_command() + ["server", "start", "--host", host, "--port", str(port)], _env(api_url, home),
+                   log_file)
     try:
         wait_healthy(api_url, process=server)
         yield api_url
     finally:
-        _stop(server)
-        if log_file:
-            out.close()
+        stop_process(server)
 
 
 def deploy(api_url: str, home: Path | None = None, repo: Path = REPO) -> None:
     """The work pool, the tag concurrency limits and every deployment of ``repo``/prefect.yaml."""
-    env = {**_env(api_url, home), "PWD": str(repo)}
-    _run(["work-pool", "create", POOL, "--type", "process", "--overwrite"], env, repo)
-    for tag, limit in TAG_LIMITS.items():
-        _run(["concurrency-limit", "create", tag, str(limit)], env, repo)
-    _run(["--no-prompt", "deploy", "--all"], env, repo)
+    deploy_all(api_url, _env(api_url, home), repo)
 
 
 @contextmanager
 def worker(api_url: str, home: Path | None = None, repo: Path = REPO, log_file: Path | None = None,
            extra_env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
-    out = open(log_file, "ab") if log_file else subprocess.DEVNULL
-    process = subprocess.Popen(_prefect() + ["worker", "start", "--pool", POOL], cwd=repo,
-                               env={**_env(api_url, home), **(extra_env or {})}, stdout=out,
-                               stderr=subprocess.STDOUT, start_new_session=True)
+    process = spawn(prefect_command() + ["worker", "start", "--pool", POOL], {**_env(api_url, home), **(extra_env or {})},
+                    log_file, repo)
     try:
         yield process
     finally:
-        _stop(process)
-        if log_file:
-            out.close()
+        stop_process(process)
 
 
 def main(argv: list[str] | None = None) -> None:

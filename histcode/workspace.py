@@ -16,6 +16,8 @@ from pathlib import Path
 from histcode.config import HistcodeConfig, load_config
 
 ENV_VAR = "HISTCODE_HOME"
+PROJECT_ENV = "HISTCODE_PROJECT"
+PROJECT_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")  # MLflow's workspace names (DNS labels)
 PACKAGE_ROOT = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_ROOT.parent
 
@@ -91,10 +93,53 @@ class Workspace:
         return self.data_dir / "lancedb"
 
     @property
+    def project_file(self) -> Path:
+        return self.root / ".histcode" / "project"
+
+    def project(self) -> str:
+        """This workspace's name on shared servers: its MLflow workspace (runs, models and aliases of its own) and
+        the folder of its tables under ``$HISTCODE_LANCEDB_URI``. ``$HISTCODE_PROJECT`` when set, else the name
+        kept in ``.histcode/project``, made once from the folder's name and a random suffix (so that two users'
+        ``demo`` folders never share one, and a moved or copied workspace keeps its own)."""
+        named = os.environ.get(PROJECT_ENV)
+        if named:
+            if not PROJECT_NAME.match(named):
+                raise ValueError(f"{PROJECT_ENV}={named!r} is not a project name: lowercase letters, digits and inner "
+                                 "'-', 2 to 63 characters")
+            return named
+        try:
+            kept = self.project_file.read_text().strip()
+            if PROJECT_NAME.match(kept):
+                return kept
+        except OSError:
+            pass
+        import secrets
+
+        stem = re.sub(r"[^a-z0-9]+", "-", self.root.name.lower()).strip("-")[:48] or "histcode"
+        name = f"{stem}-{secrets.token_hex(3)}"
+        self.project_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.project_file.with_name(f"project.{os.getpid()}.tmp")
+        tmp.write_text(name + "\n")
+        try:
+            os.link(tmp, self.project_file)  # first writer wins: two processes never pick two names
+        except FileExistsError:
+            name = self.project_file.read_text().strip()
+        finally:
+            tmp.unlink(missing_ok=True)
+        return name
+
+    @property
+    def lancedb_is_local(self) -> bool:
+        return not os.environ.get("HISTCODE_LANCEDB_URI")
+
+    @property
     def lancedb_uri(self) -> str:
-        """Where the vectors live: ``$HISTCODE_LANCEDB_URI`` (e.g. ``s3://bucket/histcode/lancedb``; LanceDB reads
-        the usual AWS_* variables) or the workspace's ``data/lancedb``."""
-        return os.environ.get("HISTCODE_LANCEDB_URI") or str(self.lancedb_dir)
+        """Where the vectors live: the workspace's ``data/lancedb``, or with ``$HISTCODE_LANCEDB_URI`` (a root on
+        object storage such as ``s3://bucket/histcode/lancedb``; LanceDB reads the usual AWS_* variables) this
+        workspace's folder under it, ``<root>/<project>``, so that workspaces sharing a bucket never share a
+        table."""
+        root = os.environ.get("HISTCODE_LANCEDB_URI")
+        return f"{root.rstrip('/')}/{self.project()}" if root else str(self.lancedb_dir)
 
     @property
     def mlruns_dir(self) -> Path:

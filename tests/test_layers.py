@@ -16,8 +16,8 @@ PACKAGE = Path(histcode.__file__).parent
 
 # Lowest first. Every top-level module or subpackage of histcode must be listed.
 LAYERS: list[set[str]] = [
-    {"__init__", "config", "workspace", "runtime"},  # foundation: typed config, paths, devices/workers/seeds
-    {"wsi", "store", "tracking"},  # pixels; persistence (DuckDB, LanceDB, small files); MLflow
+    {"__init__", "config", "workspace", "runtime", "errors"},  # foundation: typed config, paths, devices/workers/seeds, errors
+    {"wsi", "store", "tracking", "services"},  # pixels; persistence (DuckDB, LanceDB, small files); MLflow; local servers
     {"ingest", "tiling", "viz"},  # slides into the catalog, tiles; pictures over pixels
     {"ssl"},  # contrastive pretraining
     {"features", "labels"},  # the feature store; expression labels and their gate

@@ -13,18 +13,20 @@ import sys
 
 import typer
 
-from histcode.cli import cohorts, common, encoders, features, heads, labels, services, slides
+from histcode.cli import cohorts, common, encoders, features, heads, labels, services, slides, stack
 
 HELP = "HistCode: whole-slide images -> tiles -> contrastive embeddings -> heads, as a feature store."
 
 
 def build_app() -> typer.Typer:
-    app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP)
+    # plain tracebacks: typer's own would print before `main` can tell a service outage in one line
+    app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP, pretty_exceptions_enable=False)
     app.callback()(common.main_options)
     for module in (slides, features, heads, services):
         for name, command in module.COMMANDS:
             app.command(name)(command)
-    for name, module in (("labels", labels), ("cohorts", cohorts), ("encoders", encoders)):
+    for name, module in (("labels", labels), ("cohorts", cohorts), ("encoders", encoders),
+                         ("services", stack)):
         group = typer.Typer(no_args_is_help=True, help=module.HELP)
         for command_name, command in module.COMMANDS:
             group.command(command_name)(command)
@@ -50,3 +52,15 @@ def main() -> None:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 -- a service outage is told as one; anything else keeps its traceback
+        from rich.console import Console
+        from rich.markup import escape
+
+        from histcode.errors import service_error_of
+        from histcode.store.cohorts import CatalogError
+
+        outage = service_error_of(exc)
+        if outage is None and not isinstance(exc, CatalogError):  # CatalogError: e.g. the catalog in use
+            raise
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(outage or exc))}", soft_wrap=True)
+        sys.exit(3 if outage is not None else 2)

@@ -54,6 +54,14 @@ def serve(
                _env(ws))
 
 
+def experiment_links(tracker, base: str) -> list[str]:
+    """One line per experiment: its name and the UI link that opens its training runs (in the tracker's MLflow
+    workspace on a shared server)."""
+    scope = f"&workspace={tracker.mlflow_workspace}" if tracker.mlflow_workspace else ""
+    return [f"  {exp.name:10s} {base}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning{scope}"
+            for exp in tracker.client.search_experiments() if exp.name != "Default"]
+
+
 def mlflow_ui(
     ctx: typer.Context,
     port: Annotated[int, typer.Option(help="Port of the UI.")] = 5000,
@@ -68,15 +76,17 @@ def mlflow_ui(
 
     telemetry_off()
     ws = workspace_of(ctx)
-    if not ws.mlflow_is_local:
-        fail(f"HISTCODE_MLFLOW_URI points at an MLflow server ({ws.mlflow_uri}): open its UI there")
     tracker = Tracker(ws)  # a copied or moved store is pointed at this workspace before the UI reads it
     console = terminal()
+    if not ws.mlflow_is_local:  # a tracking server has its UI: the links open this workspace's runs in it
+        console.print(f"this workspace's runs are on the MLflow server {ws.mlflow_uri}"
+                      + (f", MLflow workspace {tracker.mlflow_workspace}" if tracker.mlflow_workspace else ""))
+        for line in experiment_links(tracker, ws.mlflow_uri.rstrip("/")):
+            console.print(line, soft_wrap=True)
+        return
     console.print(f"MLflow UI over {ws.mlflow_uri} on http://{host}:{port}")
-    for exp in tracker.client.search_experiments():
-        if exp.name != "Default":
-            console.print(f"  {exp.name:10s} http://{host}:{port}/#/experiments/{exp.experiment_id}/runs"
-                          "?workflowType=machine_learning", soft_wrap=True)
+    for line in experiment_links(tracker, f"http://{host}:{port}"):
+        console.print(line, soft_wrap=True)
     mlflow = Path(sys.executable).with_name("mlflow")
     command = [str(mlflow)] if mlflow.is_file() else [sys.executable, "-m", "mlflow"]
     _supervise([*command, "ui", "--backend-store-uri", ws.mlflow_uri, "--host", host, "--port", str(port)], ws.root,

@@ -142,7 +142,7 @@ def demo(
     ws = workspace_of(ctx)
     cfg = config_of(ws)
     console = terminal()
-    local = ws.mlflow_is_local and ws.lancedb_uri == str(ws.lancedb_dir)  # remote stores: their state is unseen
+    local = ws.mlflow_is_local and ws.lancedb_is_local  # remote stores: their state is unseen
     stamp = None if recheck or not local else read_stamp(ws.root, _demo_fingerprint(ws, cfg))
     if stamp is not None:
         console.print(f"[bold]Up to date[/]: params, code, slides and stores are as the complete demo run of "

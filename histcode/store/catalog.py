@@ -59,6 +59,25 @@ class SlideChangedError(CatalogError):
 
 
 LOCK_WAIT_S = 30.0  # how long to wait for another process that holds the catalog's write lock
+LOCK_WAIT_ENV = "HISTCODE_CATALOG_WAIT_S"  # ... or this many seconds (0: do not wait)
+
+
+def lock_holder(message: str) -> str:
+    """'PID 123 (histcode embed) on host' from DuckDB's lock error, as far as it can be told."""
+    import re
+    import socket
+
+    found = re.search(r"PID (\d+)", message)
+    if not found:
+        return f"another process on {socket.gethostname()}"
+    pid, what = int(found.group(1)), ""
+    try:
+        import psutil
+
+        what = " (" + " ".join(psutil.Process(pid).cmdline())[:120] + ")"
+    except Exception:  # noqa: BLE001 -- gone, or not ours to read: the pid alone still helps
+        pass
+    return f"PID {pid}{what} on {socket.gethostname()}"
 
 
 DEFAULT_COHORT = "default"
@@ -138,16 +157,21 @@ class Catalog(CohortRegistry):
         writer process, and a writer excludes readers from other processes)."""
         import time
 
-        deadline, delay = time.monotonic() + LOCK_WAIT_S, 0.05
+        wait = float(os.environ.get(LOCK_WAIT_ENV) or LOCK_WAIT_S)
+        deadline, delay = time.monotonic() + wait, 0.05
         while True:
             try:
                 return duckdb.connect(str(self.path), read_only=read_only)
             except duckdb.IOException as exc:
                 locked = "lock" in str(exc).lower()
-                if not locked or time.monotonic() > deadline:
-                    hint = " (another process has it open; DuckDB allows one writer)" if locked else ""
+                if locked and time.monotonic() > deadline:
+                    raise CatalogError(
+                        f"the catalog {self.path} is in use by {lock_holder(str(exc))}; waited {wait:.0f} s "
+                        f"(${LOCK_WAIT_ENV} sets how long). DuckDB allows one writing process per catalog: run one "
+                        "writing command per workspace at a time, or give each user a workspace of their own") from exc
+                if not locked:
                     raise CatalogError(f"cannot open the catalog {self.path}{' read-only' if read_only else ''}: "
-                                       f"{exc}{hint}") from exc
+                                       f"{exc}") from exc
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
 

@@ -3,7 +3,8 @@
 Store: ``sqlite:///<workspace>/mlruns/mlflow.db`` with artifacts under ``<workspace>/mlruns/artifacts/<experiment>``
 (MLflow 3 refuses the old file store); a copied or moved workspace's store is pointed at its own artifacts before
 first use (``relocate``). Runs are driven through an explicit ``MlflowClient``; only model logging needs MLflow's
-active-run machinery, and that is confined to ``log_torch_model``.
+active-run machinery, and that is confined to ``log_torch_model``. On a tracking server (``$HISTCODE_MLFLOW_URI``)
+every call runs in the workspace's own MLflow workspace, and a server that does not answer is named (``scope``).
 
 Runs always end: ``Tracker.run`` ends a run FINISHED, FAILED on an exception, KILLED on Ctrl-C; every run is
 tagged with the process that owns it, and a run whose process was killed outright is ended KILLED by the next
@@ -24,6 +25,7 @@ from typing import Any
 
 from histcode.tracking.owners import OWNER_TAG, end_dead_runs, owner_tag
 from histcode.tracking.relocate import relocate_store
+from histcode.tracking.scope import ScopedClient, in_workspace, open_workspace, translated
 from histcode.workspace import REPO_ROOT, Workspace
 
 log = logging.getLogger(__name__)
@@ -93,7 +95,15 @@ class Tracker:
 
         if self.ws.mlflow_is_local:
             relocate_store(self.ws.mlruns_dir / "mlflow.db", self.artifact_root.as_uri())
-        return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+            return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        return ScopedClient(client, self.uri, open_workspace(client, self.uri, self.ws.project()))
+
+    @property
+    def mlflow_workspace(self) -> str | None:
+        """The MLflow workspace this workspace's runs and models live in on a shared server (None: local store,
+        or a server without workspaces)."""
+        return getattr(self.client, "workspace", None)
 
     def end_dead_runs(self) -> list[str]:
         """KILLED for runs left RUNNING by processes of this host that died (kill -9, power loss)."""
@@ -193,7 +203,8 @@ class Tracker:
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_registry_uri(self.uri)
         try:
-            yield
+            with translated(self.uri), in_workspace(self.mlflow_workspace):
+                yield
         finally:
             mlflow.set_tracking_uri(previous[0])
             mlflow.set_registry_uri(previous[1])
