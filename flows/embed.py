@@ -26,6 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from histcode.features.embed import materialize, plan_view
 from histcode.features.shards import StagedShard, commit_shards, embed_shard, shards
 from histcode.reports import embed_summary
+from histcode.services.stack import scheduler_workers
 from histcode.store.files import write_json
 from histcode.tracking import telemetry_off
 from histcode.workspace import Workspace
@@ -47,24 +48,11 @@ def embed_shard_task(workspace: str, view, dataset, folder: str, index: int) -> 
     return embed_shard(ws, ws.config(), view, dataset, Path(folder))
 
 
-def scheduler_workers(address: str) -> int:
-    """How many workers the Dask scheduler at ``address`` has now (a scheduler that does not answer is named)."""
-    from distributed import Client
-
-    from histcode.errors import ServiceUnavailable
-
-    try:
-        with Client(address, timeout=10) as client:
-            return max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
-    except (OSError, TimeoutError) as exc:
-        raise ServiceUnavailable("Dask scheduler", address, str(exc).splitlines()[0] if str(exc) else "timed out") from exc
-
-
 def _fan_out(ws: Workspace, encoder: str | None, tag: str | None, workers: int | None, dask_address: str | None) -> dict:
     from prefect_dask import DaskTaskRunner
 
     cfg = ws.config()
-    workers = workers or (scheduler_workers(dask_address) if dask_address else cfg.features.workers)
+    workers = workers or (max(1, scheduler_workers(dask_address)) if dask_address else cfg.features.workers)
     plan = plan_view(ws, cfg, encoder)
     stage = ws.outputs_dir / "staging" / plan.view.view_id
     shutil.rmtree(stage, ignore_errors=True)  # a crashed run's leftovers may predate a slide's new content

@@ -362,7 +362,8 @@ def test_a_dask_worker_lost_mid_shard_leaves_the_rows_of_an_uninterrupted_run(us
     while time.monotonic() < deadline and not list(staging.glob("*/shard-*")) and embed.poll() is None:
         time.sleep(0.05)
     victim = stack.state().pids["dask-workers"][0]
-    stop(victim, timeout=0.1)  # the worker is gone mid-shard (SIGTERM, then SIGKILL at once)
+    assert embed.poll() is None and list(staging.glob("*/shard-*")), "the embed ended before a shard started"
+    assert stop(victim, timeout=0.1)  # the worker is gone mid-shard (SIGTERM, then SIGKILL at once)
     out, _ = embed.communicate(timeout=600)
     assert embed.returncode == 0, out[-4000:]
     summary = json.loads((bob.metrics_dir / "embed.json").read_text())

@@ -11,6 +11,11 @@ import typer
 
 from histcode.cli.common import fail, terminal
 
+HELP = "A local stack of the shared services (PostgreSQL, S3, MLflow, Prefect, Dask) on 127.0.0.1."
+DEFAULT_DIR = Path("~/.histcode/services")
+
+Folder = Annotated[Path, typer.Option("--dir", help="Where the stack keeps its state, logs and PostgreSQL's data.")]
+
 
 def _stderr():
     """Progress and status on stderr, so that `eval "$(histcode services up)"` reads only the exports."""
@@ -18,10 +23,10 @@ def _stderr():
 
     return Console(stderr=True)
 
-HELP = "A local stack of the shared services (PostgreSQL, S3, MLflow, Prefect, Dask) on 127.0.0.1."
-DEFAULT_DIR = Path("~/.histcode/services")
 
-Folder = Annotated[Path, typer.Option("--dir", help="Where the stack keeps its state, logs and PostgreSQL's data.")]
+def _print_status(console, rows: dict[str, dict]) -> None:
+    for name, row in rows.items():
+        console.print(f"{name:15s} {'up' if row['up'] else 'DOWN':5s} {row['url'] or ''}  pids {row['pids']}")
 
 
 def _stack(folder: Path, workers: int = 2):
@@ -47,8 +52,7 @@ def up(folder: Folder = DEFAULT_DIR,
             env = stack.up()
     except ServiceError as exc:
         fail(str(exc))
-    for name, row in stack.status().items():
-        console.print(f"  {name:15s} {'up' if row['up'] else 'DOWN':5s} {row['url'] or ''}  pids {row['pids']}")
+    _print_status(console, stack.status())
     console.print(f"logs in {stack.logs}; to use the stack in a shell: eval \"$(histcode services env --dir "
                   f"{stack.folder})\"", soft_wrap=True)
     typer.echo(shell_exports(env))
@@ -60,8 +64,7 @@ def status(folder: Folder = DEFAULT_DIR) -> None:
     if not stack.state_path.exists():
         fail(f"no stack in {stack.folder}: `histcode services up` starts one", code=1)
     rows = stack.status()
-    for name, row in rows.items():
-        terminal().print(f"{name:15s} {'up' if row['up'] else 'DOWN':5s} {row['url'] or ''}  pids {row['pids']}")
+    _print_status(terminal(), rows)
     raise typer.Exit(0 if all(r["up"] for r in rows.values()) else 1)
 
 

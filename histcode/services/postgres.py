@@ -34,7 +34,7 @@ def pg_bin(name: str) -> str:
     candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), key=lambda p: int(p.split("/")[4]))
     if not candidates:
         raise ServiceError(f"PostgreSQL's {name} is not installed: apt-get install postgresql "
-                           "(scripts/install_services.sh does it)")
+                           "(scripts/install_postgres.sh does it)")
     return candidates[-1]
 
 

@@ -20,8 +20,8 @@ def prefect_command() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "prefect"]
 
 
-def prefect_env(api_url: str, home: Path | None = None, base: dict[str, str] | None = None) -> dict[str, str]:
-    env = {**(base if base is not None else os.environ), **TELEMETRY_OFF, "PREFECT_API_URL": api_url}
+def prefect_env(api_url: str, home: Path | None = None) -> dict[str, str]:
+    env = {**os.environ, **TELEMETRY_OFF, "PREFECT_API_URL": api_url}
     if home is not None:
         env["PREFECT_HOME"] = str(home)
     return env

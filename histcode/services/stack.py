@@ -8,8 +8,9 @@
   worker;
 - a Dask scheduler and ``dask_workers`` ``dask worker`` processes.
 
-``Stack(folder).up()`` starts what is not running (the state, logs and PostgreSQL's data stay in ``folder``, so
-``down`` then ``up`` keeps the runs); ``environment()`` is what a HistCode process exports to use it (no
+``Stack(folder).up()`` starts what is not running, on the ports it had (the state, logs and PostgreSQL's data
+stay in ``folder``, so ``down`` then ``up`` keeps the runs' records; moto keeps its objects in memory, so the
+artifacts and vector tables are gone after ``down``); ``environment()`` is what a HistCode process exports to use it (no
 PostgreSQL password: only the servers read it, from a libpq password file). ``histcode services up|status|env|
 down`` drives it; the tests start one per session.
 """
@@ -26,7 +27,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from histcode.errors import ServiceUnavailable
 from histcode.services.postgres import HOST, PostgresCluster, service_user, write_passfile
+from histcode.services.prefect import POOL, deploy
 from histcode.services.stack_env import TELEMETRY_OFF
 from histcode.services.processes import ServiceError, alive, free_port, http_ok, port_open, spawn, stop, wait_until
 
@@ -148,9 +151,9 @@ class Stack:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.folder.chmod(0o700)
         state = self.state()
-        for name in ("postgres", "s3", "mlflow", "prefect", "dask-scheduler"):
-            if name not in state.ports or (not port_open(HOST, state.ports[name]) and name != "postgres"):
-                state.ports.setdefault(name, free_port())
+        for name in ("postgres", "s3", "mlflow", "prefect", "dask-scheduler"):  # a port once chosen is kept
+            if name not in state.ports:
+                state.ports[name] = free_port()
         state.s3_key = state.s3_key or "histcode-" + secrets.token_hex(4)
         state.s3_secret = state.s3_secret or secrets.token_urlsafe(24)
         state.write(self.state_path)
@@ -223,19 +226,14 @@ class Stack:
 
     def _deploy(self, state: StackState, env: dict, timeout: float) -> None:
         """The work pool, prefect.yaml's deployments and a process worker (flow runs inherit the stack's env)."""
-        from histcode.services.prefect import deploy
-
         deploy(self.urls(state)["prefect"], env, self.repo)
-        self._start(state, "prefect-worker", [_exe("prefect"), "worker", "start", "--pool", "histcode"], env,
+        self._start(state, "prefect-worker", [_exe("prefect"), "worker", "start", "--pool", POOL], env,
                     lambda: True, timeout)
 
     def dask_worker_count(self, state: StackState | None = None) -> int:
-        from distributed import Client
-
         try:
-            with Client(self.urls(state)["dask"], timeout=5) as client:
-                return len(client.scheduler_info(n_workers=-1)["workers"])
-        except (OSError, TimeoutError):
+            return scheduler_workers(self.urls(state)["dask"], timeout=5)
+        except ServiceUnavailable:
             return 0
 
     def status(self) -> dict[str, dict]:
@@ -258,30 +256,38 @@ class Stack:
                          "url": urls.get(name.split("-")[0] if name.startswith("dask") else name)}
         return out
 
-    def stop_service(self, name: str) -> None:
+    def stop_service(self, name: str, state: StackState | None = None) -> None:
         """Stop one service (the fault tests; ``up`` starts it again)."""
-        state = self.state()
+        state = state or self.state()
         if name == "postgres":
-            self.postgres(state).stop()
+            if state.ports.get("postgres"):
+                self.postgres(state).stop()
             return
-        for pid in state.pids.get(name, []):
+        for pid in state.pids.pop(name, []):
             stop(pid)
 
     def down(self, remove: bool = False) -> None:
         """Stop everything (workers first); ``remove``: also delete the state, logs and PostgreSQL's data."""
         state = self.state()
         for name in reversed(SERVICES):
-            if name == "postgres":
-                self.postgres(state).stop() if state.ports.get("postgres") else None
-            else:
-                for pid in state.pids.get(name, []):
-                    stop(pid)
-                state.pids.pop(name, None)
+            self.stop_service(name, state)
         if remove:
             shutil.rmtree(self._postgres_root(), ignore_errors=True)
             shutil.rmtree(self.folder, ignore_errors=True)
         elif self.state_path.exists():
             state.write(self.state_path)
+
+
+def scheduler_workers(address: str, timeout: float = 10) -> int:
+    """How many workers the Dask scheduler at ``address`` has now; one that does not answer is a
+    ``ServiceUnavailable`` naming it."""
+    from distributed import Client
+
+    try:
+        with Client(address, timeout=timeout) as client:
+            return len(client.scheduler_info(n_workers=-1)["workers"])
+    except (OSError, TimeoutError) as exc:
+        raise ServiceUnavailable("Dask scheduler", address, str(exc).splitlines()[0] if str(exc) else "timed out") from exc
 
 
 def shell_exports(env: dict[str, str]) -> str:
