@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 
-class ServiceUnavailable(RuntimeError):
+class HistcodeError(Exception):
+    """The base of every error HistCode raises for a user to read: an unknown view, a label set the gate did
+    not pass, a refused query, an unreadable slide, a service that does not answer. Its message names the item
+    and the reason (and, where there is one, the command that fixes it); the command line prints exactly that
+    message. Each subclass also keeps its built-in base (``LookupError``, ``ValueError``, ``RuntimeError``), so
+    ``except ValueError`` written against earlier versions still catches it."""
+
+
+class ServiceUnavailable(HistcodeError, RuntimeError):
     """A shared service (MLflow server, object storage, Dask scheduler, PostgreSQL) that does not answer: a
     fault of the machine or network, never of the data, so nothing is marked failed and a rerun carries on once
     it is back."""

@@ -16,6 +16,7 @@ import logging
 
 from histcode.apps.encoders import alias_of
 from histcode.config import HistcodeConfig
+from histcode.errors import HistcodeError
 from histcode.features.embed import materialize
 from histcode.apps.train_heads import HeadsReport, train_heads
 from histcode.ssl.pretrain import BASELINES, baseline_tags, completed, pretrain, register_baseline_encoder
@@ -30,7 +31,7 @@ METHODS = ("random", "colour", *TRAINED)
 AGGREGATORS = ("mean", "attention", "guided")  # the grid's default aggregators
 
 
-class AblationError(ValueError):
+class AblationError(HistcodeError, ValueError):
     """An encoder of the grid that cannot be found, trained or compared; the message says what to do."""
 
 

@@ -24,6 +24,7 @@ from typing import Literal
 import numpy as np
 from tqdm.auto import tqdm
 
+from histcode.errors import HistcodeError
 from histcode.features.registry import FeatureView
 from histcode.heads.apply import HeadNotFound, load_head
 from histcode.apps.head_runs import out_of_fold_attention
@@ -41,7 +42,7 @@ AttentionSource = Literal["final", "out_of_fold"]
 SOURCES: tuple[str, ...] = ("final", "out_of_fold")
 
 
-class PoolingError(ValueError):
+class PoolingError(HistcodeError, ValueError):
     """The pooling asked for cannot be made on this view; the message says what to run."""
 
 

@@ -52,15 +52,14 @@ def main() -> None:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
-    except Exception as exc:  # noqa: BLE001 -- a service outage is told as one; anything else keeps its traceback
+    except Exception as exc:  # noqa: BLE001 -- a service outage and HistCode's own errors are told in one line; anything else keeps its traceback
         from rich.console import Console
         from rich.markup import escape
 
-        from histcode.errors import service_error_of
-        from histcode.store.cohorts import CatalogError
+        from histcode.errors import HistcodeError, service_error_of
 
         outage = service_error_of(exc)
-        if outage is None and not isinstance(exc, CatalogError):  # CatalogError: e.g. the catalog in use
+        if outage is None and not isinstance(exc, HistcodeError):  # e.g. the catalog in use, an unknown view
             raise
         Console(stderr=True).print(f"[bold red]error:[/] {escape(str(outage or exc))}", soft_wrap=True)
         sys.exit(3 if outage is not None else 2)

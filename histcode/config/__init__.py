@@ -30,6 +30,7 @@ from histcode.config.stages import (
     OODConfig,
     PredictConfig,
 )
+from histcode.errors import HistcodeError
 
 __all__ = [
     "DEFAULT_PANEL", "AugmentConfig", "CohortsConfig", "ConfigError", "DemoConfig", "FeaturesConfig", "Fraction",
@@ -51,7 +52,7 @@ class HistcodeConfig(_Section):
     predict: PredictConfig = PredictConfig()
 
 
-class ConfigError(ValueError):
+class ConfigError(HistcodeError, ValueError):
     """params.yaml is missing a section's shape, has unknown keys or bad values."""
 
 

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 from histcode.config import stable_hash
+from histcode.errors import HistcodeError
 from histcode.store.catalog import Catalog
 from histcode.store.records import utcnow
 from histcode.store.vectors import SLIDE_KIND, TILE_KIND, TableSpec
@@ -24,7 +25,7 @@ METRIC = "cosine"
 REF = re.compile(r"^(?:models:/)?(?P<name>[^@/]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+|latest))?$")
 
 
-class ViewError(LookupError):
+class ViewError(HistcodeError, LookupError):
     """No such encoder, view or materialisation; the message says what exists."""
 
 
@@ -132,22 +133,28 @@ def load_view(catalog: Catalog, view_id: str | None = None, attribute_columns: t
                        r["image_px"], tuple(attribute_columns))
 
 
-def default_view(catalog: Catalog, tracker: Tracker, cfg) -> FeatureView:
-    """The one default view of every command that reads vectors: ``features.encoder`` (what `histcode embed`
-    writes by default) under the current tiling spec. ``cfg``: the HistcodeConfig."""
+def encoder_view(catalog: Catalog, tracker: Tracker, cfg, ref: str) -> FeatureView:
+    """The view a registered encoder (``name@alias``, ``name/3``, ``name``) makes under the current tiling
+    spec, once it is materialised; ViewError naming the views there are otherwise. ``cfg``: the HistcodeConfig."""
     spec_id = spec_id_of(cfg.tiling)
-    try:
-        view = describe_view(tracker, cfg.features.encoder, spec_id, cfg.features.attribute_columns)
-    except ViewError as exc:
-        raise ViewError(f"the default view is features.encoder = {cfg.features.encoder!r} on tiling spec {spec_id}, "
-                        f"and that encoder cannot be resolved ({exc}); pass --view or set features.encoder") from exc
+    view = describe_view(tracker, ref, spec_id, cfg.features.attribute_columns)
     rows = [r for r in list_views(catalog) if r["view_id"] == view.view_id and r["status"] in ("ok", "partial")]
     if not rows:
         known = ", ".join(f"{r['view_id']} ({r['model_name']}/{r['model_version']})" for r in list_views(catalog))
-        raise ViewError(f"the default view {view.view_id} (features.encoder = {cfg.features.encoder} = "
-                        f"{view.model_name}/{view.model_version}, tiling spec {spec_id}) is not materialised: run "
-                        f"`histcode embed`, or pass --view (views: {known or 'none'})")
+        raise ViewError(f"the view {view.view_id} of encoder {ref} ({view.model_name}/{view.model_version}, tiling "
+                        f"spec {spec_id}) is not materialised: run `histcode embed --encoder {ref}` "
+                        f"(views: {known or 'none'})")
     return view
+
+
+def default_view(catalog: Catalog, tracker: Tracker, cfg) -> FeatureView:
+    """The one default view of every command that reads vectors: ``features.encoder`` (what `histcode embed`
+    writes by default) under the current tiling spec. ``cfg``: the HistcodeConfig."""
+    try:
+        return encoder_view(catalog, tracker, cfg, cfg.features.encoder)
+    except ViewError as exc:
+        raise ViewError(f"the default view is features.encoder = {cfg.features.encoder!r} on tiling spec "
+                        f"{spec_id_of(cfg.tiling)}: {exc}; pass --view or set features.encoder") from exc
 
 
 def resolve_view(catalog: Catalog, tracker: Tracker, cfg, view_id: str | None = None) -> FeatureView:

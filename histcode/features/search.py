@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from histcode.config import FeaturesConfig
+from histcode.errors import HistcodeError
 from histcode.features.read import view_table
 from histcode.features.registry import FeatureView
 from histcode.features.retrieval import (
@@ -37,7 +38,7 @@ from histcode.tracking import Tracker
 from histcode.workspace import Workspace
 
 
-class SearchError(ValueError):
+class SearchError(HistcodeError, ValueError):
     """A query that cannot run: unknown id, unreadable image, bad filter."""
 
 
@@ -48,17 +49,24 @@ def _vector_of(table, column: str, key: str, view: FeatureView) -> np.ndarray:
     return np.asarray(rows.column("vector")[0].as_py(), dtype=np.float32)
 
 
-def embed_image(ws: Workspace, view: FeatureView, path: Path) -> np.ndarray:
-    """The view's encoder applied to an image file (the whole image, resized to the view's input size)."""
+def embed_image(ws: Workspace, view: FeatureView, image) -> np.ndarray:
+    """The view's encoder applied to an image (a file, an RGB array or a PIL image; the whole image, resized to
+    the view's input size)."""
     import torch
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB").resize((view.image_px, view.image_px), Image.Resampling.BOX)
-            pixels = np.asarray(im)
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as exc:
-        raise SearchError(f"cannot read query image {path}: {exc}") from exc
+        if isinstance(image, np.ndarray):
+            im = Image.fromarray(np.ascontiguousarray(image))  # uint8 (H, W, 3); other dtypes: TypeError
+        elif isinstance(image, Image.Image):
+            im = image
+        else:
+            with Image.open(Path(image)) as opened:
+                im = opened.convert("RGB")
+        pixels = np.asarray(im.convert("RGB").resize((view.image_px, view.image_px), Image.Resampling.BOX))
+    except (FileNotFoundError, UnidentifiedImageError, OSError, TypeError, ValueError) as exc:
+        what = image if isinstance(image, (str, Path)) else f"a {type(image).__name__}"
+        raise SearchError(f"cannot read query image {what}: {exc}") from exc
     model = Tracker(ws).load_model(view.encoder_uri)
     # as it is: a stain estimated from one homogeneous tile is unreliable (see histcode.ssl.stain_norm)
     x = torch.from_numpy(pixels.transpose(2, 0, 1).copy())[None].float() / 255.0
@@ -81,7 +89,7 @@ def search(ws: Workspace, view: FeatureView, cfg: FeaturesConfig, *, slide_id: s
     table = view_table(ws, view, kind, as_of)
     if slide_id is not None:
         return nearest_slides(table, slide_id, k, where, centring, view, slide_vectors)
-    vector = _vector_of(table, "tile_id", tile_id, view) if tile_id is not None else embed_image(ws, view, Path(image))
+    vector = _vector_of(table, "tile_id", tile_id, view) if tile_id is not None else embed_image(ws, view, image)
     return nearest(table, vector, k, where, cfg, exclude=tile_id)
 
 

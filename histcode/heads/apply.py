@@ -9,13 +9,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from histcode.errors import HistcodeError
 from histcode.heads.names import MODEL_NAMES
 from histcode.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
 
-class HeadNotFound(LookupError):
+class HeadNotFound(HistcodeError, LookupError):
     """No registered head under that name and alias; the message says what to run."""
 
 

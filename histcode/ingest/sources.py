@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from histcode.errors import HistcodeError
 from histcode.store.records import is_path_attribute
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 TCGA_PATIENT = re.compile(r"^(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})(-|$)", re.IGNORECASE)
 
 
-class ManifestError(ValueError):
+class ManifestError(HistcodeError, ValueError):
     """The manifest cannot be used; the message names the file, row and column."""
 
 

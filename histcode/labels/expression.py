@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from histcode.errors import HistcodeError
 from histcode.labels.barcodes import NORMAL, TUMOUR, UNKNOWN, parse_barcode
 
 log = logging.getLogger(__name__)
 
 
-class ExpressionFileError(ValueError):
+class ExpressionFileError(HistcodeError, ValueError):
     """The file cannot be read as an expression matrix; the message says why."""
 
 

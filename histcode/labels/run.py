@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from histcode.config import HistcodeConfig, LabelsConfig, stable_hash
+from histcode.errors import HistcodeError
 from histcode.labels.de import class_counts, de_labels, gene_inclusion, plan_folds, slide_labels, slide_sites
 from histcode.labels.expression import (ExpressionFileError, map_samples, read_matrix, read_sample_sheet,
                                        sample_slides)
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 PENDING, PASSED, FAILED = "pending", "passed", "failed"
 
 
-class LabelGateError(RuntimeError):
+class LabelGateError(HistcodeError, RuntimeError):
     """Labels are missing or did not pass the gate; the message says what to fix."""
 
 

@@ -23,12 +23,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from histcode.errors import HistcodeError
 from histcode.store.catalog import Catalog
 from histcode.wsi.stain import apply_od_transform
 from histcode.wsi.tile_reader import TileReader
 
 
-class NoTilesError(RuntimeError):
+class NoTilesError(HistcodeError, RuntimeError):
     """No tiles to train on; the message says what to run."""
 
 

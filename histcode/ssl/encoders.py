@@ -18,11 +18,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from histcode.errors import HistcodeError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class EncoderError(ValueError):
+class EncoderError(HistcodeError, ValueError):
     """An unknown encoder, or weights that are not available on this machine."""
 
 

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from histcode.config import PretrainConfig
+from histcode.errors import HistcodeError
 from histcode.ssl.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint
 from histcode.ssl.dataset import EpochSampler, TileDataset
 from histcode.runtime import failpoint, resolve_workers, step_seed
@@ -31,7 +32,7 @@ from histcode.ssl.schedule import key_momentum
 log = logging.getLogger(__name__)
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(HistcodeError, RuntimeError):
     """The loss became NaN or infinite."""
 
 

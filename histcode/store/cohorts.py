@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import duckdb
 
+from histcode.errors import HistcodeError
 from histcode.store.records import INFERENCE, TRAINING, utcnow
 
 
-class CatalogError(RuntimeError):
+class CatalogError(HistcodeError, RuntimeError):
     """The catalog could not be opened or written; the message says which file and why."""
 
 

@@ -15,6 +15,7 @@ import logging
 import duckdb
 import pyarrow as pa
 
+from histcode.errors import HistcodeError
 from histcode.store.catalog import Catalog, CatalogError
 from histcode.store.vectors import connect, table_names
 from histcode.workspace import Workspace
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 ALLOWED = ("SELECT", "EXPLAIN")
 
 
-class ReadOnlyQueryError(ValueError):
+class ReadOnlyQueryError(HistcodeError, ValueError):
     """A statement that would write or change the session; the message names it."""
 
 

@@ -20,13 +20,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from histcode.errors import HistcodeError
+
 log = logging.getLogger(__name__)
 
 TILE_KIND, SLIDE_KIND = "tile", "slide"
 VIEW_META_KEY = b"histcode.view"
 
 
-class VectorStoreError(ValueError):
+class VectorStoreError(HistcodeError, ValueError):
     """A write that does not fit its table (dimension, view, columns); the message says what differs."""
 
 

@@ -82,6 +82,25 @@ def _fmt(v: float) -> str:
     return "0" if v == 0 else f"{v:.3g}"
 
 
+def slide_thumbnail(slide: dict, side: int = SIDE) -> tuple[np.ndarray, tuple[float, float]]:
+    """The slide (keys path, mpp_x, width, height) read whole at about ``side`` pixels on its longer side: an
+    RGB array and its downsample (dx, dy), level-0 pixels per thumbnail pixel."""
+    mpp = float(slide["mpp_x"])
+    with OpenSlideReader(slide["path"]) as reader:
+        return render_at_mpp(reader, mpp, mpp * max(slide["width"], slide["height"]) / side)
+
+
+def scores_over_slide(slide: dict, xy: np.ndarray, size: int, scores: np.ndarray, kind: Kind = "sequential",
+                      side: int = SIDE) -> tuple[np.ndarray, tuple[float, float], tuple[float, float]]:
+    """``scores`` (one per tile) painted over the slide's thumbnail in the project's colour maps (the picture
+    without title or colour bar), the colour scale's limits and the thumbnail's downsample (dx, dy)."""
+    thumb, downsample = slide_thumbnail(slide, side)
+    scores = np.asarray(scores, dtype=float).ravel()
+    limits = score_limits(scores, kind)
+    picture = blend(thumb, tile_overlay(thumb.shape[:2], downsample, xy, size, tile_rgba(scores, kind, limits)))
+    return picture, limits, downsample
+
+
 def heatmap_png(slide: dict, xy: np.ndarray, size: int, scores: np.ndarray, title: str, label: str, path: Path,
                 kind: Kind = "sequential", head: str = "") -> Path:
     """Draw ``scores`` (one per tile; ``xy`` level-0 corners and ``size`` level-0 side of the tiles) over the
@@ -97,12 +116,8 @@ def heatmap_png(slide: dict, xy: np.ndarray, size: int, scores: np.ndarray, titl
     from matplotlib.colors import ListedColormap, Normalize
     from matplotlib.figure import Figure
 
-    mpp = float(slide["mpp_x"])
-    with OpenSlideReader(slide["path"]) as reader:
-        thumb, (dx, dy) = render_at_mpp(reader, mpp, mpp * max(slide["width"], slide["height"]) / SIDE)
     scores = np.asarray(scores, dtype=float).ravel()
-    limits = score_limits(scores, kind)
-    picture = blend(thumb, tile_overlay(thumb.shape[:2], (dx, dy), xy, size, tile_rgba(scores, kind, limits)))
+    picture, limits, (dx, dy) = scores_over_slide(slide, xy, size, scores, kind)
 
     h, w = picture.shape[:2]
     fig_w = max(PAD + w + BAR_GAP + BAR_WIDTH + BAR_TEXT, 480)

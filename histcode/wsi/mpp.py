@@ -10,11 +10,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from histcode.errors import HistcodeError
+
 # By convention a 10x objective on a scanner images at about 1.0 um/px, so mpp ~= 10 / objective power.
 MICRONS_AT_1X = 10.0
 
 
-class MppError(ValueError):
+class MppError(HistcodeError, ValueError):
     """No trustworthy microns-per-pixel value for a slide; the message is the reason."""
 
 

@@ -14,8 +14,10 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
+from histcode.errors import HistcodeError
 
-class SlideReadError(Exception):
+
+class SlideReadError(HistcodeError):
     """A slide could not be opened or decoded; the message says which file and why."""
 
 

@@ -1,0 +1,58 @@
+"""HistCode's public Python API.
+
+Everything listed in ``__all__`` here (and re-exported as ``histcode.<name>``) is public: it is documented,
+typed, and keeps its name, arguments and behaviour within a major version; a change that breaks it is
+announced a minor version ahead with a ``DeprecationWarning``. Every other module of the ``histcode`` package
+is internal and may change in any release.
+
+    import histcode
+
+    ws = histcode.open()                      # the workspace the CLI would use (or histcode.open("path"))
+    view = ws.view()                          # the default feature view ("@adco", "fv-...", "name@alias")
+    tiles = view.tiles(where="subtype = 'LUSC'", columns=["tile_id", "slide_id", "vector"], format="pandas")
+    hits = view.nearest(tile_id=tiles.tile_id[0], k=5)
+    ws.sql("SELECT subtype, count(*) AS tiles FROM tile_embeddings GROUP BY 1")
+    bags = view.bags("tumor")                 # a torch Dataset of (bag, target, slide id) with the folds
+
+Errors are exceptions whose messages are the command line's: every one is a ``HistcodeError``.
+"""
+
+from histcode.api.frames import FilterError, Format, MissingExtra
+from histcode.api.view import View
+from histcode.api.workspace import Labels, Workspace, open
+from histcode.errors import HistcodeError, ServiceUnavailable
+from histcode.features.registry import ViewError, load_encoder
+from histcode.features.search import SearchError
+from histcode.heads.apply import HeadNotFound
+from histcode.labels.run import LabelGateError
+from histcode.store.catalog import CatalogError
+from histcode.store.sql import ReadOnlyQueryError
+
+
+def __getattr__(name: str):
+    if name == "BagDataset":  # imports torch: only when asked for
+        from histcode.api.bags import BagDataset
+
+        return BagDataset
+    raise AttributeError(f"module 'histcode.api' has no attribute {name!r}")
+
+
+__all__ = [
+    "open",
+    "Workspace",
+    "View",
+    "BagDataset",
+    "Labels",
+    "Format",
+    "load_encoder",
+    "HistcodeError",
+    "ViewError",
+    "SearchError",
+    "FilterError",
+    "LabelGateError",
+    "HeadNotFound",
+    "CatalogError",
+    "ReadOnlyQueryError",
+    "ServiceUnavailable",
+    "MissingExtra",
+]

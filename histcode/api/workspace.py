@@ -1,0 +1,330 @@
+"""A workspace from Python: its configuration, cohorts and slides, feature views, SQL, labels and their gate,
+folds, registered heads and predictions."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from histcode.api.frames import Format, check_format, convert
+from histcode.api.view import View
+from histcode.config import HistcodeConfig
+from histcode.features.registry import ViewError, encoder_view, list_views, resolve_view
+from histcode.heads.names import MODEL_NAMES
+from histcode.labels.gate import GateFailure
+from histcode.store.catalog import Catalog, CatalogError
+from histcode.tracking import Tracker, telemetry_off
+from histcode.workspace import Workspace as Paths
+
+HEAD_TAGS = ("aggregator", "view_id", "encoder_uri", "method", "label_version", "cv_score")
+
+
+@dataclass(frozen=True)
+class Labels:
+    """The current label set: its version, where it came from, the gate's verdict (``passed``, ``status`` one of
+    pending / passed / failed, and the failures' messages) and the slides' labels (``slides``: slide_id,
+    patient_id, tumor, subtype, source)."""
+
+    version: str
+    status: str
+    source: str | None
+    n_samples: int
+    n_genes: int
+    n_patients: int
+    failures: list[str] = field(default_factory=list)
+    slides: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+    def require_passed(self) -> Labels:
+        """This label set when its gate passed; ``LabelGateError`` with the gate's own message otherwise."""
+        from histcode.labels.run import LabelGateError
+
+        if not self.passed:
+            raise LabelGateError(f"label set {self.version} is {self.status} at the gate"
+                                 + (":\n  " + "\n  ".join(self.failures) if self.failures else
+                                    ": run `histcode labels gate`"))
+        return self
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """One HistCode workspace (a folder holding ``params.yaml``, the catalog, the vector tables and the MLflow
+    store). Open one with ``histcode.open``. Reading never writes to the stores."""
+
+    paths: Paths
+
+    @property
+    def root(self) -> Path:
+        return self.paths.root
+
+    @property
+    def mlflow_uri(self) -> str:
+        """The MLflow tracking (and registry) URI of the workspace: its SQLite store, or ``$HISTCODE_MLFLOW_URI``;
+        ``mlflow.set_tracking_uri(ws.mlflow_uri)`` logs a run of one's own beside HistCode's."""
+        return self.paths.mlflow_uri
+
+    @property
+    def config(self) -> HistcodeConfig:
+        """``params.yaml`` of the workspace, validated (the built-in defaults where it has none)."""
+        return self.paths.config()
+
+    def _catalog(self) -> Catalog:
+        catalog = Catalog.of(self.paths)
+        if not catalog.path.exists():
+            raise CatalogError(f"no catalog at {catalog.path}: run `histcode ingest` (or `histcode demo`) first")
+        return catalog
+
+    # -- cohorts and slides -----------------------------------------------------------------------------
+    def cohorts(self) -> pd.DataFrame:
+        """One row per cohort: ``cohort``, ``role`` (training or inference), ``slides`` and ``ok`` (healthy)."""
+        rows = self._catalog().cohort_counts()
+        return pd.DataFrame(rows, columns=["cohort", "role", "slides", "ok"])
+
+    def slides(self, cohort: str | None = None, status: str | None = None) -> pd.DataFrame:
+        """The catalog's slides, one row each (``slide_id``, ``patient_id``, ``cohort``, ``status``, ``path``,
+        ``vendor``, size, scale, ``attributes`` as a dict, ``reason`` for a failed slide)."""
+        rows = self._catalog().slides(status)
+        frame = pd.DataFrame(rows)
+        if frame.empty:
+            return frame
+        if cohort is not None:
+            frame = frame[frame.cohort == cohort].reset_index(drop=True)
+        frame["attributes"] = [json.loads(a) if isinstance(a, str) and a else {} for a in frame.attributes]
+        return frame
+
+    # -- feature views ----------------------------------------------------------------------------------
+    def views(self) -> pd.DataFrame:
+        """Every feature view: ``view_id``, the encoder (``encoder_uri``, ``model_name``, ``model_version``,
+        ``method``), ``dim``, ``spec_id``, ``status`` (ok, partial, empty), ``updated_at``, and ``default``
+        (the view commands read when none is named)."""
+        rows = list_views(self._catalog())
+        frame = pd.DataFrame(rows)
+        if frame.empty:
+            return frame
+        try:
+            default = resolve_view(self._catalog(), Tracker(self.paths), self.config).view_id
+        except ViewError:
+            default = None
+        frame["default"] = frame.view_id == default
+        keep = ["view_id", "encoder_uri", "model_name", "model_version", "method", "dim", "spec_id", "image_px",
+                "status", "updated_at", "default"]
+        return frame[keep]
+
+    def view(self, ref: str | None = None) -> View:
+        """A feature view: ``None`` the default (``features.encoder``'s view under the current tiling, what
+        commands read), ``"fv-..."`` a view id, ``"@adco"`` the view of the encoder registered with that alias
+        (``@moco``, ``@simclr``, ``@random``, a foundation encoder's alias such as ``@uni``), or an encoder
+        reference ``name@alias`` / ``name/3``. ``ViewError`` names the views there are."""
+        telemetry_off()
+        catalog, cfg = self._catalog(), self.config
+        if ref is None or ref.startswith("fv-"):
+            fv = resolve_view(catalog, Tracker(self.paths), cfg, ref)
+        else:
+            encoder = f"{cfg.pretrain.register_as}{ref}" if ref.startswith("@") else ref
+            fv = encoder_view(catalog, Tracker(self.paths), cfg, encoder)
+        return View(self.paths, cfg, fv)
+
+    # -- SQL ----------------------------------------------------------------------------------------------
+    def sql(self, query: str, view: str | None = None, format: Format = "pandas"):
+        """One read-only query (SELECT, EXPLAIN) over the catalog's tables and every view's Lance tables, as
+        ``histcode sql`` runs it: ``tile_embeddings`` / ``slide_embeddings`` are the tables of ``view`` (a view
+        as ``Workspace.view`` takes it; default the default view, when it is materialised). A pandas DataFrame,
+        a pyarrow Table or a polars DataFrame (``format``). ``ReadOnlyQueryError`` for anything that writes."""
+        from histcode.store.sql import check_read_only, run_sql
+
+        check_format(format)
+        check_read_only(query)
+        default = None
+        if view is not None:
+            default = self.view(view).view_id
+        elif "_embeddings" in query:
+            try:
+                default = self.view().view_id
+            except ViewError:
+                default = None  # the query names tile_embeddings: DuckDB says it does not exist
+        return convert(run_sql(self.paths, query, default), format)
+
+    # -- labels, folds and heads --------------------------------------------------------------------------
+    def labels(self) -> Labels | None:
+        """The current label set and its gate verdict, or None before `histcode labels ingest`."""
+        from histcode.labels.run import current_label_set
+
+        catalog = self._catalog()
+        current = current_label_set(catalog)
+        if current is None:
+            return None
+        failures = [GateFailure(f["frame"], f["expectation"], f["column"], f["count"], f["rows"],
+                                f.get("description", "")).message
+                    for f in json.loads(current["gate_failures"] or "[]")]
+        slides = pd.DataFrame(catalog.query("SELECT * FROM slide_labels ORDER BY slide_id"))
+        return Labels(current["label_version"], current["gate_status"], current["source"], int(current["n_samples"] or 0),
+                      int(current["n_genes"] or 0), int(current["n_patients"] or 0), failures, slides)
+
+    def folds(self, task: str = "tumor") -> pd.DataFrame:
+        """The patient folds `histcode heads` cross-validates ``task`` over (``tumor``, ``subtype``, ``de``): one
+        row per labelled slide with ``slide_id``, ``patient_id``, ``fold`` and, for a classification task,
+        ``label`` and its class id ``target``. A patient's slides always share a fold. Needs a label set that
+        passed the gate (``LabelGateError`` otherwise). The heads use the rows whose slides have vectors in
+        their view (``View.bags`` gives exactly those)."""
+        from histcode.heads.tasks import TASKS, ClassTask
+        from histcode.labels.run import require_passed_gate
+
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+        catalog = self._catalog()
+        require_passed_gate(catalog)
+        folds = pd.DataFrame(catalog.query("SELECT slide_id, patient_id, fold FROM cv_folds"),
+                             columns=["slide_id", "patient_id", "fold"])
+        kind = TASKS[task]
+        if isinstance(kind, ClassTask):
+            labels = pd.DataFrame(catalog.query("SELECT * FROM slide_labels"))
+            frame, classes, y = kind.labelled(labels[labels.slide_id.isin(folds.slide_id)])
+            out = frame[["slide_id"]].assign(target=y, label=[classes[int(t)] for t in y])
+        else:
+            de = catalog.query("SELECT DISTINCT slide_id FROM de_labels WHERE slide_id IS NOT NULL")
+            out = pd.DataFrame(de, columns=["slide_id"])
+        out = folds.merge(out, on="slide_id", how="inner")
+        return out.sort_values(["fold", "slide_id"]).reset_index(drop=True)
+
+    def heads(self) -> pd.DataFrame:
+        """Every registered head version: ``task``, ``model`` (its registry name), ``version``, ``aliases``
+        (``best``, ``attention``, ``mean``, ...), the feature view and encoder it reads, the label set it was
+        trained on, its cross-validation score and its MLflow ``run_id``; newest first."""
+        telemetry_off()
+        client = Tracker(self.paths).client
+        rows = []
+        for task, name in MODEL_NAMES.items():
+            versions = client.search_model_versions(f"name = '{name}'")
+            aliases: dict[str, list[str]] = {}
+            if versions:  # search results carry no aliases: the registered model holds them
+                for alias, version in client.get_registered_model(name).aliases.items():
+                    aliases.setdefault(str(version), []).append(alias)
+            for mv in versions:
+                tags = dict(mv.tags)
+                rows.append({"task": task, "model": name, "version": int(mv.version),
+                             "aliases": sorted(aliases.get(str(mv.version), [])),
+                             **{k: tags.get(k) for k in HEAD_TAGS}, "run_id": mv.run_id})
+        frame = pd.DataFrame(rows, columns=["task", "model", "version", "aliases", *HEAD_TAGS, "run_id"])
+        frame["cv_score"] = pd.to_numeric(frame.cv_score, errors="coerce")
+        return frame.sort_values(["task", "version"], ascending=[True, False]).reset_index(drop=True)
+
+    def head(self, task: str, alias: str = "best"):
+        """A registered head (``task@alias``) that can be applied to a bag: ``head(features)`` gives (outputs,
+        attention) for an (n_tiles, dim) array of the head's view (``head.view_id``). ``HeadNotFound`` names
+        what to run."""
+        from histcode.heads.apply import load_head
+
+        telemetry_off()
+        return load_head(Tracker(self.paths), task, alias)
+
+    def cv_predictions(self, task: str = "tumor", alias: str = "best") -> pd.DataFrame:
+        """The out-of-fold predictions of the cross-validation behind the registered head ``task@alias``: one
+        row per slide with ``slide_id``, the true class id ``y`` and each class's probability ``p_<class>``, every
+        slide predicted by the fold model that never saw its patient (classification tasks; what the head's
+        reported AUC is computed from)."""
+        import tempfile
+
+        from histcode.heads.apply import HeadNotFound
+
+        telemetry_off()
+        tracker = Tracker(self.paths)
+        name = MODEL_NAMES.get(task)
+        if name is None:
+            raise ValueError(f"unknown task {task!r}; tasks: {', '.join(MODEL_NAMES)}")
+        try:
+            run_id = tracker.client.get_model_version_by_alias(name, alias).run_id
+        except Exception as exc:  # noqa: BLE001 -- MLflow's own exception types
+            raise HeadNotFound(f"no {name}@{alias} in the registry: run `histcode heads` first") from exc
+        with tempfile.TemporaryDirectory(prefix="histcode-cv-") as tmp:
+            try:
+                local = tracker.download_artifacts(run_id, "predictions.csv", Path(tmp))
+            except Exception as exc:  # noqa: BLE001 -- MLflow's own error for a missing artifact
+                raise HeadNotFound(f"{name}@{alias} (run {run_id}) has no out-of-fold predictions.csv: its task has "
+                                   "none (DE) or it was trained before they were logged") from exc
+            return pd.read_csv(local, dtype={"slide_id": str})
+
+    def predict(self, paths: Sequence[str | Path] | str | Path, cohort: str | None = None,
+                mpp: float | None = None, heatmaps: str | Path | None = None) -> pd.DataFrame:
+        """`histcode predict` as a function: the slides at ``paths`` (files or folders) are ingested into the
+        inference cohort (``cohort``, default ``cohorts.predict``), tiled, embedded in each registered head's view
+        and scored by the heads; one row per slide (``status``, ``reason``, ``p_tumor``, subtype probabilities,
+        DE calls, ``in_distribution``, ``ood_score``). A slide that fails gets ``status`` failed and its reason;
+        the rest are predicted. ``mpp``: microns per pixel for slides without a usable scale; ``heatmaps``: a
+        folder to draw them into."""
+        from histcode.apps.predict import predict_slides
+        from histcode.ingest.sources import ManifestError, sources_from_paths
+
+        telemetry_off()
+        cfg = self.config
+        given = [paths] if isinstance(paths, (str, Path)) else list(paths)
+        sources = sources_from_paths([Path(p) for p in given], cfg.ingest.extensions, mpp)
+        if not sources:
+            raise ManifestError(f"no slide files in {', '.join(map(str, given)) or 'the paths given'} (extensions: "
+                                f"{', '.join(cfg.ingest.extensions)})")
+        result = predict_slides(self.paths.ensure(), cfg, sources, Path(heatmaps) if heatmaps else None,
+                                progress=False, cohort=cohort)
+        return result.predictions
+
+    def load_encoder(self, ref: str = "@adco"):
+        """A registered encoder as a ``torch.nn.Module`` in eval mode (``"@adco"``, ``name@alias``, ``name/3``),
+        for fine-tuning or embedding images of one's own."""
+        from histcode.features.registry import load_encoder
+
+        encoder = f"{self.config.pretrain.register_as}{ref}" if ref.startswith("@") else ref
+        return load_encoder(self.paths, encoder)
+
+    # -- pictures ---------------------------------------------------------------------------------------
+    def tile_image(self, slide_id: str, x: int, y: int, size: int, px: int | None = None):
+        """A tile's pixels as a PIL image: the level-0 square at (``x``, ``y``) of side ``size`` (the columns
+        of ``View.tiles`` and ``View.nearest``), resized to ``px`` when given."""
+        from histcode.api.slides import tile_image
+
+        return tile_image(self.paths, slide_id, x, y, size, px)
+
+    def thumbnail(self, slide_id: str, side: int = 1200):
+        """The slide at about ``side`` pixels on its longer side: (an RGB array, (dx, dy) level-0 pixels per
+        thumbnail pixel)."""
+        from histcode.api.slides import thumbnail
+
+        return thumbnail(self.paths, slide_id, side)
+
+    def attention(self, slide_id: str, alias: str = "attention") -> pd.DataFrame:
+        """The registered tumour head's attention over the slide's tiles (``tile_id``, ``x``, ``y``, ``size``,
+        ``attention`` smoothed as heatmaps draw it, ``attention_raw``) and the slide's ``p_tumor``."""
+        from histcode.api.slides import attention
+
+        telemetry_off()
+        return attention(self.paths, slide_id, alias)
+
+    def heatmap(self, slide_id: str, tiles: pd.DataFrame | None = None, score: str = "attention",
+                kind: str = "sequential", side: int = 1200):
+        """Per-tile scores painted over the slide's thumbnail in the project's colour maps (an RGB array, as
+        `histcode heatmap` and the viewer paint them): ``tiles`` a frame with ``x``, ``y``, ``size`` and the
+        ``score`` column (default: the tumour head's attention, ``Workspace.attention``); ``kind``
+        ``diverging`` for signed scores (a gene's log2FC)."""
+        from histcode.api.slides import scores_picture
+
+        frame = self.attention(slide_id) if tiles is None else tiles
+        return scores_picture(self.paths, slide_id, frame, score, kind, side)
+
+    def __repr__(self) -> str:
+        return f"histcode.Workspace({str(self.root)!r})"
+
+
+def open(path: str | Path | None = None) -> Workspace:  # noqa: A001 -- histcode.open, as the issue's API names it
+    """The workspace at ``path``; without one, the same as the command line's default: ``$HISTCODE_HOME``, else
+    the source checkout HistCode runs from, else the current directory. ``FileNotFoundError`` when the folder
+    does not exist (opening never creates one)."""
+    paths = Paths.resolve(path)
+    if not paths.root.is_dir():
+        raise FileNotFoundError(f"no workspace at {paths.root}: create one with `histcode --workspace {paths.root} "
+                                "demo` (or ingest slides into it)")
+    return Workspace(paths)
+
