@@ -9,8 +9,9 @@ export DO_NOT_TRACK := 1
 export GX_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
+export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: setup demo test test-all bench serve mlflow-ui services services-down clean-demo
+.PHONY: setup demo test test-all bench docs serve mlflow-ui services services-down clean-demo
 
 # The browser tests drive the distribution's Chromium (Playwright's own browser download is not used); it is
 # installed when missing (scripts/install_chromium.sh: apt-get as root or through sudo).
@@ -21,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	scripts/install_postgres.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,timm,server]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,timm,server,docs]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -38,6 +39,11 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/tiling.py
 
+# The documentation site (mkdocs.yml, docs/) into site/: offline, nothing fetched; --strict fails on any warning
+# (a broken link or anchor, a page missing from the nav, an API name that does not resolve).
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict -d site
+
 # A local Prefect server (UI on http://127.0.0.1:4200), the work pool, prefect.yaml's deployments and a worker;
 # flow runs use $(HISTCODE_HOME) when set (else this checkout); logs in the workspace's outputs/logs/.
 serve: $(STAMP)
@@ -49,7 +55,7 @@ mlflow-ui: $(STAMP)
 	$(BIN)/histcode mlflow-ui
 
 # The shared set-up of a lab on this machine (PostgreSQL, S3, MLflow and Prefect servers, Dask): prints the
-# variables to export; `make services-down` stops it. See the README's "Shared services".
+# variables to export; `make services-down` stops it. See docs/scaling.md, "Shared services".
 services: $(STAMP)
 	$(BIN)/histcode services up
 
