@@ -491,8 +491,9 @@ def test_histcode_services_commands_drive_the_same_stack(users, stack) -> None:
 
 
 def test_the_slurm_recipe_renders_a_job_whose_worker_joins_its_scheduler(tmp_path) -> None:
-    """The README's dask-jobqueue recipe: SLURMCluster's job script carries the environment lines, and its
-    worker command (what SLURM would run on a node; there is no SLURM here) joins the cluster's scheduler."""
+    """The dask-jobqueue recipe of docs/scaling.md ("Shared services"): SLURMCluster's job script carries the
+    environment lines, and its worker command (what SLURM would run on a node; there is no SLURM here) joins the
+    cluster's scheduler."""
     import shlex
 
     from dask_jobqueue import SLURMCluster
