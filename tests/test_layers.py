@@ -1,4 +1,4 @@
-"""The package's layers point one way (README, "Architecture"): a module imports its own package or a lower
+"""The package's layers point one way (docs/architecture.md): a module imports its own package or a lower
 layer, never a higher one; packages side by side in a layer do not import each other; no import cycles.
 
 The import graph is read from the source (AST), so the test also sees imports inside functions."""
@@ -35,7 +35,8 @@ def _layer(unit: str) -> int:
     for i, names in enumerate(LAYERS):
         if unit in names:
             return i
-    raise AssertionError(f"histcode.{unit} is in no layer of tests/test_layers.py: add it to LAYERS and the README")
+    raise AssertionError(f"histcode.{unit} is in no layer of tests/test_layers.py: add it to LAYERS and to "
+                         "docs/architecture.md")
 
 
 def _modules() -> dict[str, Path]:
