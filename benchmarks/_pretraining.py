@@ -12,7 +12,7 @@ import numpy as np
 TASKS = ("tissue", "tumour", "subtype")
 SETS = (("", "as is"), ("/restained", "re-stained"))
 
-# the settings every method shared before they were scaled to the schedule (what the README's earlier figures used)
+# the settings every method shared before they were scaled to the schedule (what docs/pretraining.md's earlier figures used)
 OLD_SETTINGS = {"lr": 0.06, "key_momentum": 0.999, "key_momentum_schedule": "constant", "negatives_fraction": 1.0}
 
 

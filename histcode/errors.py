@@ -11,6 +11,20 @@ class HistcodeError(Exception):
     ``except ValueError`` written against earlier versions still catches it."""
 
 
+class MissingExtra(HistcodeError, ImportError):
+    """An optional dependency that one feature needs is not installed; the message names the extra to install."""
+
+
+def require(module: str, extra: str, feature: str):
+    """``module`` imported, or MissingExtra naming ``pip install 'histcode[extra]'`` for ``feature``."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingExtra(f"{feature} needs {module}, which is not installed: pip install 'histcode[{extra}]'") from exc
+
+
 class ServiceUnavailable(HistcodeError, RuntimeError):
     """A shared service (MLflow server, object storage, Dask scheduler, PostgreSQL) that does not answer: a
     fault of the machine or network, never of the data, so nothing is marked failed and a rerun carries on once

@@ -1,4 +1,4 @@
-"""Screenshots of the viewer for the README: the cohort page, and a tumour slide with its attention overlay and
+"""Screenshots of the viewer for the README and docs/viewer.md: the cohort page, and a tumour slide with its attention overlay and
 the neighbours of a clicked tile.
 
     python scripts/viewer_screenshots.py [--workspace WS] [--out docs/screenshots]

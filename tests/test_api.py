@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import duckdb
 import lance
@@ -265,3 +266,38 @@ def test_gate_not_passed_is_an_exception_with_the_gates_message(embedded_workspa
         ws.folds("tumor")
     with pytest.raises(LabelGateError):
         ws.view().bags("tumor")
+
+
+def test_conventions_version_module_entry_type_hints_and_extras(embedded_workspace) -> None:
+    from importlib.metadata import version
+
+    out = subprocess.run([sys.executable, "-m", "histcode", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == f"histcode {version('histcode')}" == f"histcode {histcode.__version__}"
+    assert (Path(histcode.__file__).parent / "py.typed").is_file()
+    # a feature whose extra is missing says which extra to install (the module hidden from the interpreter)
+    hide = "import sys; sys.modules['{}'] = None; "
+    view = subprocess.run([sys.executable, "-c", hide.format("uvicorn") + "sys.argv = ['histcode', '-w', "
+                           f"{str(embedded_workspace.root)!r}, 'view']; from histcode.cli import main; main()"],
+                          capture_output=True, text=True)
+    assert view.returncode == 2 and "pip install 'histcode[viewer]'" in view.stderr, view.stderr
+    from histcode.api.frames import convert
+
+    table = histcode.open(embedded_workspace.root).view().slides()
+    saved = sys.modules.get("polars")
+    sys.modules["polars"] = None  # as if it were not installed
+    try:
+        with pytest.raises(histcode.MissingExtra, match=r"format='polars' needs polars, which is not installed: "
+                                                         r"pip install 'histcode\[polars\]'"):
+            convert(table, "polars")
+    finally:
+        if saved is None:
+            del sys.modules["polars"]
+        else:
+            sys.modules["polars"] = saved
+
+
+def test_the_cli_prints_any_histcode_error_in_one_line(embedded_workspace) -> None:
+    out = subprocess.run([sys.executable, "-m", "histcode", "-w", str(embedded_workspace.root), "search", "--tile",
+                          "no-such-tile", "--view", "fv-0000000000"], capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "no feature view 'fv-0000000000'" in out.stderr

@@ -17,16 +17,22 @@ is internal and may change in any release.
 Errors are exceptions whose messages are the command line's: every one is a ``HistcodeError``.
 """
 
-from histcode.api.frames import FilterError, Format, MissingExtra
+from typing import TYPE_CHECKING
+
+from histcode.api.frames import FilterError, Format
 from histcode.api.view import View
 from histcode.api.workspace import Labels, Workspace, open
-from histcode.errors import HistcodeError, ServiceUnavailable
+from histcode.errors import HistcodeError, MissingExtra, ServiceUnavailable
 from histcode.features.registry import ViewError, load_encoder
 from histcode.features.search import SearchError
 from histcode.heads.apply import HeadNotFound
 from histcode.labels.run import LabelGateError
 from histcode.store.catalog import CatalogError
 from histcode.store.sql import ReadOnlyQueryError
+
+
+if TYPE_CHECKING:  # for type checkers and the API reference; at run time imported on first use (torch)
+    from histcode.api.bags import BagDataset
 
 
 def __getattr__(name: str):

@@ -9,7 +9,7 @@ from typing import Literal
 
 import pyarrow as pa
 
-from histcode.errors import HistcodeError
+from histcode.errors import HistcodeError, require
 from histcode.store.vectors import key_filter
 
 Format = Literal["arrow", "pandas", "polars"]
@@ -19,20 +19,6 @@ FORMATS = ("arrow", "pandas", "polars")
 class FilterError(HistcodeError, ValueError):
     """A ``where`` filter or a column list that a feature view's table cannot answer; the message names the
     table, the filter and the columns it has."""
-
-
-class MissingExtra(HistcodeError, ImportError):
-    """An optional dependency that one feature needs is not installed; the message names the extra to install."""
-
-
-def require(module: str, extra: str, feature: str):
-    """``module`` imported, or MissingExtra naming ``pip install 'histcode[extra]'`` for ``feature``."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise MissingExtra(f"{feature} needs {module}, which is not installed: pip install 'histcode[{extra}]'") from exc
 
 
 def check_format(fmt: str) -> Format:

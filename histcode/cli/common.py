@@ -28,10 +28,20 @@ def setup_logging(verbose: int) -> None:
     logging.getLogger("histcode").setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from histcode import __version__
+
+        typer.echo(f"histcode {__version__}")
+        raise typer.Exit()
+
+
 def main_options(
     ctx: typer.Context,
     workspace: Annotated[Optional[Path], typer.Option("--workspace", "-w", help="Workspace directory (default: $HISTCODE_HOME, else the repository root).")] = None,
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More logging (-vv for debug).")] = 0,
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                                          help="Print HistCode's version and exit.")] = False,
 ) -> None:
     setup_logging(verbose)
     ctx.obj = State(workspace)
@@ -55,8 +65,10 @@ def config_of(ws):
 
 def fail(message: str, code: int = 2) -> NoReturn:
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    # escaped: a message naming an extra ('histcode[viewer]') or a list is text, not markup
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -101,8 +101,14 @@ def view(
     """The slide viewer in the browser: the cohort with the heads' predictions, each slide in deep zoom with its
     attention, gene scores, ground truth and tile grid as overlays, and similar tiles and slides a click away.
     Read-only over the workspace."""
-    import uvicorn
+    from histcode.errors import MissingExtra, require
 
+    try:
+        uvicorn = require("uvicorn", "viewer", "`histcode view`")
+        for module in ("starlette", "jinja2"):
+            require(module, "viewer", "`histcode view`")
+    except MissingExtra as exc:
+        fail(str(exc))
     from histcode.tracking import telemetry_off
     from histcode.viewer import create_app
 

@@ -24,7 +24,7 @@ class FeaturesConfig(_Section):
     optimize_max_fragments: Pixels = 64  # ... or a table has more fragments than this
     index_type: Literal["IVF_PQ", "IVF_HNSW_SQ", "IVF_HNSW_FLAT", "IVF_FLAT"] = "IVF_HNSW_SQ"
     index_partitions: Annotated[int, Field(ge=1)] | None = None  # None = index_partition_scale * sqrt(rows)
-    # chosen by benchmarks/search.py at 1M real-statistics vectors (the default encoder's; see the README)
+    # chosen by benchmarks/search.py at 1M real-statistics vectors (the default encoder's; see docs/benchmarks.md)
     index_partition_scale: Annotated[float, Field(gt=0)] = 0.064
     index_subvector_dims: Pixels = 16  # IVF_PQ: dimensions per one-byte sub-vector code
     nprobes: Pixels = 8  # partitions searched per query
@@ -108,7 +108,7 @@ class HeadsConfig(_Section):
     # centred on the training bags' mean and scaled by one sd (keeps the features' geometry); feature = z-scores;
     # scale = divided by that one sd, not centred; none. Centring costs the tumour head's attention its
     # localisation (out of fold vs the demo's masks, 3 seeds: 0.90 global, 0.94 scale) and the DE head keeps its
-    # gene AUC only when centred, so the default is per task (README, "Heads").
+    # gene AUC only when centred, so the default is per task (docs/heads.md).
     standardise: Standardise | dict[Literal["tumor", "subtype", "de"], Standardise] = Field(
         default_factory=lambda: {"tumor": "scale", "subtype": "global", "de": "global"})
     balanced_sampling: bool = True  # each epoch draws bags class-balanced (CLAM's weighted sampler)

@@ -12,7 +12,7 @@ with ``w = heads.attention_smoothing`` (0: the raw attention), applied ``heads.a
 times (two passes reach the tiles two cells away, a 5 x 5 neighbourhood). A tile without neighbours keeps its
 own score. The slide's prediction is untouched: it pools the tiles by the raw attention; only the map is
 smoothed. The defaults (w = 0.5, two passes, with CLAM's k = 16) were chosen on two tuning cohorts (demo
-seeds 31 and 32, random-init features), not on the demo cohort the README reports (see its heads section).
+seeds 31 and 32, random-init features), not on the demo cohort docs/heads.md reports.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ flips (p 0.5 each), a 90-degree rotation (p 0.5), an H&E stain jitter in optical
 2018; p 0.8, concentrations scaled by U(0.5, 1.5) and shifted by U(-0.1, 0.1)) and a Gaussian blur (p 0.5,
 sigma 0.1-2 px at 224 px). MoCo v2's colour jitter (0.4/0.4/0.4/0.1) and grayscale are in the pipeline but off
 by default (``color_jitter_p`` and ``grayscale_p`` 0; MoCo v2 uses 0.8 and 0.2): once stains are normalised, the
-balance of haematoxylin and eosin is information (see the README).
+balance of haematoxylin and eosin is information (see docs/pretraining.md).
 Randomness comes from torch's global generator: seed it (``torch.manual_seed``) for reproducible views.
 """
 

@@ -2,7 +2,7 @@
 
 Names: ``resnet18`` (512-d), ``resnet18_l3`` (ResNet-18 truncated after layer3, 256-d), ``resnet50``
 (2048-d), ``resnet50_l3`` (ResNet-50 truncated after layer3, 1024-d, the paper's), ``timm:<model>`` for
-any timm architecture (optional extra ``histcode[timm]``), and ``colour``: no network, each image's mean and
+any timm architecture (optional extra ``histcode[foundation]``), and ``colour``: no network, each image's mean and
 standard deviation per RGB channel (6-d), the colour-statistics baseline every comparison reports beside the
 encoders (DESIGN section 8: colour is not class). Published pathology foundation encoders, built from
 local weights, are in ``histcode.ssl.foundation``. Input normalisation is part of the module, so the
@@ -131,7 +131,7 @@ def _timm_encoder(name: str, init: str) -> Encoder:
     try:
         import timm
     except ImportError as exc:
-        raise EncoderError(f"{name} needs timm: pip install 'histcode[timm]'") from exc
+        raise EncoderError(f"{name} needs timm: pip install 'histcode[foundation]'") from exc
     arch = name.split(":", 1)[1]
     if init == "imagenet":
         raise EncoderError(f"{name}: pretrained timm weights would have to be downloaded; use init 'random'")

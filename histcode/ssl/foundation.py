@@ -243,7 +243,7 @@ def build_foundation(name: str, weightless: bool = False) -> Encoder:
     try:
         import timm
     except ImportError as exc:
-        raise EncoderError(f"foundation encoder {name} needs timm: pip install 'histcode[timm]'") from exc
+        raise EncoderError(f"foundation encoder {name} needs timm: pip install 'histcode[foundation]'") from exc
     spec = foundation_spec(name)
     if weightless and spec.key_layout != "swin-original":
         with torch.device("meta"):
