@@ -54,13 +54,15 @@ def test_own_head_fits_on_the_projects_folds_and_logs_to_mlflow(headed_workspace
     book = _run(EXAMPLES / "own_head.ipynb", ws.root, tmp_path)
     text = _text(book)
     assert "logistic regression on mean-pooled vectors, out of fold: AUC" in text
+    assert "attention MIL on the bags, out of fold: AUC" in text
     assert "tumor@best" in text and _images(book) >= 1  # the ROC curves
     client = MlflowClient(tracking_uri=ws.mlflow_uri)
     experiment = client.get_experiment_by_name("heads")
     runs = client.search_runs([experiment.experiment_id], "attributes.run_name = 'notebook-logistic-mean'")
     assert len(runs) == 1
     run = runs[0]
-    assert 0 <= run.data.metrics["auc"] <= 1 and run.data.params["view_id"].startswith("fv-")
+    assert 0 <= run.data.metrics["auc"] <= 1 and 0 <= run.data.metrics["mil_auc"] <= 1
+    assert run.data.params["view_id"].startswith("fv-")
     assert "roc.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
