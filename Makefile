@@ -9,6 +9,7 @@ export DO_NOT_TRACK := 1
 export GX_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
+# mkdocs 1.6 announces MkDocs 2 on every build; the site pins 1.6
 export NO_MKDOCS_2_WARNING := 1
 
 .PHONY: setup demo test test-all bench docs serve mlflow-ui services services-down clean-demo

@@ -35,39 +35,39 @@ class View:
     ``patient_id``, the tile corner ``x``, ``y`` and ``size`` (level-0 pixels) and the promoted slide attributes
     (``subtype``, ``sample_type``, ...)."""
 
-    paths: Paths
+    _paths: Paths
     config: HistcodeConfig
-    feature_view: FeatureView
+    _view: FeatureView
 
     # -- what the view is -------------------------------------------------------------------------------
     @property
     def view_id(self) -> str:
         """The view's id, ``fv-`` and ten hex digits (stable for an encoder version, tiling spec and input size)."""
-        return self.feature_view.view_id
+        return self._view.view_id
 
     @property
     def encoder(self) -> str:
         """The registered encoder's URI, ``models:/<name>/<version>``."""
-        return self.feature_view.encoder_uri
+        return self._view.encoder_uri
 
     @property
     def method(self) -> str | None:
         """How the encoder was trained (``adco``, ``moco``, ``simclr``, ``random``) or its foundation name."""
-        return self.feature_view.method
+        return self._view.method
 
     @property
     def dim(self) -> int:
-        return self.feature_view.dim
+        return self._view.dim
 
     @property
     def spec_id(self) -> str:
-        return self.feature_view.spec_id
+        return self._view.spec_id
 
     @property
     def spec(self) -> dict:
         """The tiling spec the view's tiles were cut with (tile size, target microns per pixel, tissue
         thresholds, ...)."""
-        rows = Catalog.of(self.paths).query("SELECT spec_json FROM tiling_specs WHERE spec_id = ?", [self.spec_id])
+        rows = Catalog.of(self._paths).query("SELECT spec_json FROM tiling_specs WHERE spec_id = ?", [self.spec_id])
         return json.loads(rows[0]["spec_json"]) if rows else {}
 
     def lineage(self) -> dict:
@@ -75,18 +75,18 @@ class View:
         rows materialised, and the Lance tables' current versions and tags (``as_of=`` takes either)."""
         from histcode.tracking import Tracker
 
-        tracker = Tracker(self.paths)
-        fv = self.feature_view
+        tracker = Tracker(self._paths)
+        fv = self._view
         try:
             tags = dict(tracker.client.get_model_version(fv.model_name, fv.model_version).tags)
         except Exception:  # noqa: BLE001 -- a registry that lost the version still has a view to describe
             tags = {}
-        ledger = Catalog.of(self.paths).query(
+        ledger = Catalog.of(self._paths).query(
             "SELECT count(*) AS slides, coalesce(sum(rows), 0) AS tiles FROM materializations "
             "WHERE view_id = ? AND status = 'ok'", [fv.view_id])[0]
         tables = {}
         for kind in (TILE_KIND, SLIDE_KIND):
-            table = view_table(self.paths, fv, kind)
+            table = view_table(self._paths, fv, kind)
             tables[kind] = {"name": fv.table(kind).name, "version": table.version,
                             "tags": sorted(table.tags.list())}
         return {"view_id": fv.view_id, "encoder": fv.encoder_uri, "method": fv.method, "dim": fv.dim,
@@ -97,7 +97,7 @@ class View:
     def versions(self, kind: str = TILE_KIND) -> list[dict]:
         """The versions of the view's ``tile`` (or ``slide``) table: ``version``, ``timestamp`` and the tags
         pointing at it; any of them reads the table as it was (``as_of=``)."""
-        table = view_table(self.paths, self.feature_view, kind)
+        table = view_table(self._paths, self._view, kind)
         tags: dict[int, list[str]] = {}
         for name, tag in table.tags.list().items():
             tags.setdefault(int(tag["version"]), []).append(name)
@@ -106,8 +106,8 @@ class View:
 
     # -- reading ----------------------------------------------------------------------------------------
     def _read(self, kind: str, where, columns, ids_column, ids, as_of, batch_size: int | None = None):
-        table = view_table(self.paths, self.feature_view, kind, as_of)
-        args = (table.to_lance(), self.feature_view.table(kind).name, columns, row_filter(where, ids_column, ids))
+        table = view_table(self._paths, self._view, kind, as_of)
+        args = (table.to_lance(), self._view.table(kind).name, columns, row_filter(where, ids_column, ids))
         return read_table(*args) if batch_size is None else read_batches(*args, batch_size)
 
     def tiles(self, where: str | None = None, columns: Sequence[str] | None = None,
@@ -157,17 +157,17 @@ class View:
             raise SearchError("give exactly one of tile_id, vector or image")
         if k < 1:
             raise SearchError(f"k must be at least 1, got {k}")
-        fv, features = self.feature_view, self.config.features
+        fv, features = self._view, self.config.features
         if tile_id is not None:
-            hits = search(self.paths, fv, features, tile_id=tile_id, k=k, where=where, as_of=as_of)
+            hits = search(self._paths, fv, features, tile_id=tile_id, k=k, where=where, as_of=as_of)
             return convert(hits, format)
         if vector is not None:
             query = np.asarray(vector, dtype=np.float32).reshape(-1)
             if query.shape[0] != fv.dim:
                 raise SearchError(f"a query vector of view {fv.view_id} has {fv.dim} values, not {query.shape[0]}")
         else:
-            query = embed_image(self.paths, fv, image)
-        return convert(nearest(view_table(self.paths, fv, TILE_KIND, as_of), query, k, where, features), format)
+            query = embed_image(self._paths, fv, image)
+        return convert(nearest(view_table(self._paths, fv, TILE_KIND, as_of), query, k, where, features), format)
 
     def similar_slides(self, slide_id: str, k: int = 10, where: str | None = None, centring: str = "mean",
                        as_of: int | str | None = None, format: Format = "arrow"):
@@ -176,7 +176,7 @@ class View:
         from histcode.features.search import search
 
         check_format(format)
-        return convert(search(self.paths, self.feature_view, self.config.features, slide_id=slide_id, k=k, where=where,
+        return convert(search(self._paths, self._view, self.config.features, slide_id=slide_id, k=k, where=where,
                               as_of=as_of, centring=centring), format)
 
     # -- training ---------------------------------------------------------------------------------------
@@ -187,9 +187,9 @@ class View:
         gate (``LabelGateError`` otherwise)."""
         from histcode.api.bags import BagDataset
 
-        return BagDataset.of(self.paths, self.feature_view, task, as_of)
+        return BagDataset.of(self._paths, self._view, task, as_of)
 
     def __repr__(self) -> str:
-        fv = self.feature_view
+        fv = self._view
         return (f"View({fv.view_id}: {fv.model_name}/{fv.model_version} ({fv.method}), {fv.dim}-d, "
                 f"tiling {fv.spec_id})")

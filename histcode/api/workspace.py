@@ -58,25 +58,25 @@ class Workspace:
     """One HistCode workspace (a folder holding ``params.yaml``, the catalog, the vector tables and the MLflow
     store). Open one with ``histcode.open``. Reading never writes to the stores."""
 
-    paths: Paths
+    _paths: Paths
 
     @property
     def root(self) -> Path:
-        return self.paths.root
+        return self._paths.root
 
     @property
     def mlflow_uri(self) -> str:
         """The MLflow tracking (and registry) URI of the workspace: its SQLite store, or ``$HISTCODE_MLFLOW_URI``;
         ``mlflow.set_tracking_uri(ws.mlflow_uri)`` logs a run of one's own beside HistCode's."""
-        return self.paths.mlflow_uri
+        return self._paths.mlflow_uri
 
     @property
     def config(self) -> HistcodeConfig:
         """``params.yaml`` of the workspace, validated (the built-in defaults where it has none)."""
-        return self.paths.config()
+        return self._paths.config()
 
     def _catalog(self) -> Catalog:
-        catalog = Catalog.of(self.paths)
+        catalog = Catalog.of(self._paths)
         if not catalog.path.exists():
             raise CatalogError(f"no catalog at {catalog.path}: run `histcode ingest` (or `histcode demo`) first")
         return catalog
@@ -109,7 +109,7 @@ class Workspace:
         if frame.empty:
             return frame
         try:
-            default = resolve_view(self._catalog(), Tracker(self.paths), self.config).view_id
+            default = resolve_view(self._catalog(), Tracker(self._paths), self.config).view_id
         except ViewError:
             default = None
         frame["default"] = frame.view_id == default
@@ -125,11 +125,11 @@ class Workspace:
         telemetry_off()
         catalog, cfg = self._catalog(), self.config
         if ref is None or ref.startswith("fv-"):
-            fv = resolve_view(catalog, Tracker(self.paths), cfg, ref)
+            fv = resolve_view(catalog, Tracker(self._paths), cfg, ref)
         else:
             encoder = f"{cfg.pretrain.register_as}{ref}" if ref.startswith("@") else ref
-            fv = encoder_view(catalog, Tracker(self.paths), cfg, encoder)
-        return View(self.paths, cfg, fv)
+            fv = encoder_view(catalog, Tracker(self._paths), cfg, encoder)
+        return View(self._paths, cfg, fv)
 
     # -- SQL ----------------------------------------------------------------------------------------------
     def sql(self, query: str, view: str | None = None, format: Format = "pandas"):
@@ -149,7 +149,7 @@ class Workspace:
                 default = self.view().view_id
             except ViewError:
                 default = None  # the query names tile_embeddings: DuckDB says it does not exist
-        return convert(run_sql(self.paths, query, default), format)
+        return convert(run_sql(self._paths, query, default), format)
 
     # -- labels, folds and heads --------------------------------------------------------------------------
     def labels(self) -> Labels | None:
@@ -198,7 +198,7 @@ class Workspace:
         (``best``, ``attention``, ``mean``, ...), the feature view and encoder it reads, the label set it was
         trained on, its cross-validation score and its MLflow ``run_id``; newest first."""
         telemetry_off()
-        client = Tracker(self.paths).client
+        client = Tracker(self._paths).client
         rows = []
         for task, name in MODEL_NAMES.items():
             versions = client.search_model_versions(f"name = '{name}'")
@@ -222,7 +222,7 @@ class Workspace:
         from histcode.heads.apply import load_head
 
         telemetry_off()
-        return load_head(Tracker(self.paths), task, alias)
+        return load_head(Tracker(self._paths), task, alias)
 
     def cv_predictions(self, task: str = "tumor", alias: str = "best") -> pd.DataFrame:
         """The out-of-fold predictions of the cross-validation behind the registered head ``task@alias``: one
@@ -234,7 +234,7 @@ class Workspace:
         from histcode.heads.apply import HeadNotFound
 
         telemetry_off()
-        tracker = Tracker(self.paths)
+        tracker = Tracker(self._paths)
         name = MODEL_NAMES.get(task)
         if name is None:
             raise ValueError(f"unknown task {task!r}; tasks: {', '.join(MODEL_NAMES)}")
@@ -268,7 +268,7 @@ class Workspace:
         if not sources:
             raise ManifestError(f"no slide files in {', '.join(map(str, given)) or 'the paths given'} (extensions: "
                                 f"{', '.join(cfg.ingest.extensions)})")
-        result = predict_slides(self.paths.ensure(), cfg, sources, Path(heatmaps) if heatmaps else None,
+        result = predict_slides(self._paths.ensure(), cfg, sources, Path(heatmaps) if heatmaps else None,
                                 progress=False, cohort=cohort)
         return result.predictions
 
@@ -278,7 +278,7 @@ class Workspace:
         from histcode.features.registry import load_encoder
 
         encoder = f"{self.config.pretrain.register_as}{ref}" if ref.startswith("@") else ref
-        return load_encoder(self.paths, encoder)
+        return load_encoder(self._paths, encoder)
 
     # -- pictures ---------------------------------------------------------------------------------------
     def tile_image(self, slide_id: str, x: int, y: int, size: int, px: int | None = None):
@@ -286,14 +286,14 @@ class Workspace:
         of ``View.tiles`` and ``View.nearest``), resized to ``px`` when given."""
         from histcode.api.slides import tile_image
 
-        return tile_image(self.paths, slide_id, x, y, size, px)
+        return tile_image(self._paths, slide_id, x, y, size, px)
 
     def thumbnail(self, slide_id: str, side: int = 1200):
         """The slide at about ``side`` pixels on its longer side: (an RGB array, (dx, dy) level-0 pixels per
         thumbnail pixel)."""
         from histcode.api.slides import thumbnail
 
-        return thumbnail(self.paths, slide_id, side)
+        return thumbnail(self._paths, slide_id, side)
 
     def attention(self, slide_id: str, alias: str = "attention") -> pd.DataFrame:
         """The registered tumour head's attention over the slide's tiles (``tile_id``, ``x``, ``y``, ``size``,
@@ -301,7 +301,7 @@ class Workspace:
         from histcode.api.slides import attention
 
         telemetry_off()
-        return attention(self.paths, slide_id, alias)
+        return attention(self._paths, slide_id, alias)
 
     def heatmap(self, slide_id: str, tiles: pd.DataFrame | None = None, score: str = "attention",
                 kind: str = "sequential", side: int = 1200):
@@ -312,7 +312,7 @@ class Workspace:
         from histcode.api.slides import scores_picture
 
         frame = self.attention(slide_id) if tiles is None else tiles
-        return scores_picture(self.paths, slide_id, frame, score, kind, side)
+        return scores_picture(self._paths, slide_id, frame, score, kind, side)
 
     def __repr__(self) -> str:
         return f"histcode.Workspace({str(self.root)!r})"
