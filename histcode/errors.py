@@ -11,6 +11,11 @@ class HistcodeError(Exception):
     ``except ValueError`` written against earlier versions still catches it."""
 
 
+class UsageError(HistcodeError, ValueError):
+    """An argument outside what a function takes (an unknown task, format or fold); the message lists what it
+    takes."""
+
+
 class MissingExtra(HistcodeError, ImportError):
     """An optional dependency that one feature needs is not installed; the message names the extra to install."""
 

@@ -59,7 +59,7 @@ def test_open_reads_the_workspace_its_cohorts_and_slides(embedded_workspace, tmp
     assert int(cohorts.slides.sum()) == len(slides)
     monkeypatch.setenv("HISTCODE_HOME", str(embedded_workspace.root))
     assert histcode.open().root == embedded_workspace.root  # the CLI's default
-    with pytest.raises(FileNotFoundError, match="no workspace at"):
+    with pytest.raises(histcode.WorkspaceNotFound, match="no workspace at"):
         histcode.open(tmp_path / "nowhere")
     with pytest.raises(histcode.CatalogError, match="no catalog"):
         histcode.open(tmp_path).slides()
@@ -71,29 +71,39 @@ def test_a_view_reads_tiles_and_slides_as_the_lance_tables_hold_them(embedded_wo
     assert len(views) == 1 and bool(views["default"][0])
     view = ws.view()
     assert ws.view(view.view_id).view_id == view.view_id
-    assert ws.view("@random" if view.method == "random" else f"@{view.method}").view_id == view.view_id
+    assert ws.view(f"@{view.method}").view_id == view.view_id  # the encoder's alias is its method
     raw = _lance(embedded_workspace, f"tile_emb__{view.view_id.replace('-', '_')}").to_table()
-    tiles = view.tiles()
+    tiles = view.tiles(format="arrow")
     assert isinstance(tiles, pa.Table) and tiles.num_rows == raw.num_rows
     assert sorted(tiles.column("tile_id").to_pylist()) == sorted(raw.column("tile_id").to_pylist())
-    frame = view.tiles(format="pandas")
-    assert isinstance(frame, pd.DataFrame) and len(frame.vector[0]) == view.dim
+    frame = view.tiles()
+    assert isinstance(frame, pd.DataFrame) and len(frame.vector[0]) == view.dim  # pandas by default
     polars = pytest.importorskip("polars")
     assert isinstance(view.tiles(format="polars"), polars.DataFrame)
 
     one = raw.column("slide_id")[0].as_py()
-    some = view.tiles(slide_ids=[one], columns=["tile_id", "slide_id", "x"], format="pandas")
+    some = view.tiles(slide_ids=[one], columns=["tile_id", "slide_id", "x"])
     assert list(some.columns) == ["tile_id", "slide_id", "x"] and set(some.slide_id) == {one}
     assert len(some) == sum(s == one for s in raw.column("slide_id").to_pylist())
     xs = np.asarray(raw.column("x").to_pylist())
-    wide = view.tiles(where=f"x >= {int(np.median(xs))}", format="pandas")
-    assert len(wide) == int((xs >= int(np.median(xs))).sum())
-    assert view.tiles(slide_ids=[]).num_rows == 0
+    cut = int(np.median(xs))
+    wide = view.tiles(f"x >= {cut}")
+    assert len(wide) == int((xs >= cut).sum())
+    assert len(view.tiles(slide_ids=[])) == 0
+    # ids and a filter together: the slide's tiles that pass the filter, whatever the columns asked for
+    sids = np.asarray(raw.column("slide_id").to_pylist())
+    both = view.tiles(f"x >= {cut}", slide_ids=[one], columns=["tile_id"])
+    assert len(both) == int(((xs >= cut) & (sids == one)).sum())
+    tids = raw.column("tile_id").to_pylist()[:5]
+    crossed = view.tiles(tile_ids=tids, slide_ids=[one], columns=["tile_id"])
+    assert sorted(crossed.tile_id) == sorted(t for t, s in zip(tids, sids[:5]) if s == one)
 
-    streamed = list(view.iter_tiles(batch_size=7, columns=["tile_id"]))
+    streamed = list(view.iter_tiles(batch_size=7, columns=["tile_id"], format="arrow"))
     assert all(b.num_rows <= 7 for b in streamed) and sum(b.num_rows for b in streamed) == raw.num_rows
+    filtered = pd.concat(view.iter_tiles(f"x >= {cut}", batch_size=5, columns=["tile_id"], as_of="first"))
+    assert sorted(filtered.tile_id) == sorted(wide.tile_id)
 
-    slides = view.slides(format="pandas")
+    slides = view.slides()
     catalog_slides = _catalog_rows(embedded_workspace, f"SELECT count(*) FROM materializations WHERE view_id = "
                                                        f"'{view.view_id}' AND status = 'ok'")[0][0]
     assert len(slides) == catalog_slides
@@ -113,9 +123,9 @@ def test_as_of_reads_a_table_version_and_lineage_names_the_sources(embedded_work
     assert "first" in lineage["tables"]["tile"]["tags"]  # the fixture tags its materialisation 'first'
     versions = view.versions()
     tagged = [v for v in versions if "first" in v["tags"]]
-    assert tagged and view.tiles(as_of="first").num_rows == view.tiles(as_of=tagged[0]["version"]).num_rows
-    assert view.tiles(as_of=versions[0]["version"]).num_rows == 0  # the table as it was created: empty
-    with pytest.raises(ValueError, match="no version or tag 'nope'"):
+    assert tagged and len(view.tiles(as_of="first")) == len(view.tiles(as_of=tagged[0]["version"])) > 0
+    assert len(view.tiles(as_of=versions[0]["version"])) == 0  # the table as it was created: empty
+    with pytest.raises(histcode.HistcodeError, match="no version or tag 'nope'"):
         view.tiles(as_of="nope")
 
 
@@ -130,8 +140,14 @@ def test_bad_filters_columns_and_views_are_named(embedded_workspace) -> None:
         ws.view("fv-0000000000")
     with pytest.raises(ViewError, match="not found in the model registry"):
         ws.view("@no-such-alias")
-    with pytest.raises(ValueError, match="format must be one of"):
+    with pytest.raises(histcode.UsageError, match="format must be one of"):
         view.tiles(format="excel")
+    with pytest.raises(FilterError, match=r"cannot filter .* by 'no_such = 1'"):
+        view.nearest(tile_id=view.tiles(columns=["tile_id"]).tile_id[0], where="no_such = 1")
+    with pytest.raises(FilterError, match=r"cannot filter .* by 'no_such = 1'"):
+        view.similar_slides(view.slides(columns=["slide_id"]).slide_id[0], where="no_such = 1")
+    # a quote in an id is quoted, not SQL
+    assert len(view.tiles(slide_ids=["O'Brien') OR (1 = 1"])) == 0
     assert issubclass(FilterError, histcode.HistcodeError) and issubclass(ViewError, histcode.HistcodeError)
 
 
@@ -145,31 +161,33 @@ def test_sql_is_the_cli_sql_and_read_only(embedded_workspace) -> None:
     assert isinstance(ws.sql("SELECT count(*) AS n FROM slides", format="arrow"), pa.Table)
     with pytest.raises(ReadOnlyQueryError, match="DROP statements are refused"):
         ws.sql("DROP TABLE slides")
+    with pytest.raises(histcode.QueryError, match="BinderException.*no_such_column"):
+        ws.sql("SELECT no_such_column FROM slides")
 
 
 def test_nearest_and_similar_slides_match_an_exact_search(embedded_workspace) -> None:
     ws = histcode.open(embedded_workspace.root)
     view = ws.view()
-    raw = view.tiles(format="pandas")
+    raw = view.tiles()
     vectors = np.stack(raw.vector.to_numpy()).astype(np.float64)
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     q = 3
     distance = 1 - unit @ unit[q]
     order = [i for i in np.argsort(distance, kind="stable") if i != q][:5]
-    hits = view.nearest(tile_id=raw.tile_id[q], k=5, format="pandas")
+    hits = view.nearest(tile_id=raw.tile_id[q], k=5)
     assert list(hits["rank"]) == [1, 2, 3, 4, 5]
     assert np.allclose(hits.distance, distance[order], atol=1e-4)
-    by_vector = view.nearest(vector=vectors[q], k=5, format="pandas")
+    by_vector = view.nearest(vector=vectors[q], k=5)
     assert by_vector.tile_id[0] == raw.tile_id[q]  # the tile itself is nearest to its own vector
     one = raw.slide_id[0]
-    within = view.nearest(tile_id=raw.tile_id[q], k=3, where=f"slide_id = '{one}'", format="pandas")
+    within = view.nearest(tile_id=raw.tile_id[q], k=3, where=f"slide_id = '{one}'")
     assert set(within.slide_id) <= {one}
     with pytest.raises(histcode.SearchError, match="exactly one of"):
         view.nearest(k=3)
     with pytest.raises(histcode.SearchError, match=f"has {view.dim} values"):
         view.nearest(vector=[0.0, 1.0])
 
-    slides = view.similar_slides(one, k=3, format="pandas")
+    slides = view.similar_slides(one, k=3)
     assert one not in set(slides.slide_id) and len(slides) == min(3, len(ws.slides()) - 1)
     cli = subprocess.run([sys.executable, "-m", "histcode", "-w", str(embedded_workspace.root), "search", "--slide",
                           one, "--k", "3", "--json"], capture_output=True, text=True, check=True)
@@ -182,12 +200,12 @@ def test_nearest_of_an_image_embeds_it_with_the_views_encoder(embedded_workspace
 
     ws = histcode.open(embedded_workspace.root)
     view = ws.view()
-    tile = view.tiles(format="pandas").iloc[0]
+    tile = view.tiles().iloc[0]
     slide = ws.slides().set_index("slide_id").loc[tile.slide_id]
     with openslide.OpenSlide(slide.path) as reader:
         pixels = np.asarray(reader.read_region((int(tile.x), int(tile.y)), 0, (int(tile["size"]),) * 2).convert("RGB"))
-    as_array = view.nearest(image=pixels, k=3, format="pandas")
-    as_pil = view.nearest(image=Image.fromarray(pixels), k=3, format="pandas")
+    as_array = view.nearest(image=pixels, k=3)
+    as_pil = view.nearest(image=Image.fromarray(pixels), k=3)
     assert list(as_array.tile_id) == list(as_pil.tile_id)
     with pytest.raises(histcode.SearchError, match="cannot read query image"):
         view.nearest(image="/no/such.png")
@@ -207,21 +225,30 @@ def test_labels_folds_and_bags_are_what_the_heads_train_on(headed_workspace) -> 
     assert set(folds.label) == {"normal", "tumor"}
     subtype = ws.folds("subtype")
     assert set(subtype.label) <= {"LUAD", "LUSC"} and set(subtype.slide_id) <= set(folds.slide_id)
-    with pytest.raises(ValueError, match="unknown task 'survival'"):
+    with pytest.raises(histcode.UsageError, match="unknown task 'survival'"):
         ws.folds("survival")
 
     view = ws.view()
     bags = view.bags("tumor")
     assert isinstance(bags, BagDataset) and len(bags) == len(folds)  # every labelled slide has vectors here
     bag, target, slide_id = bags[0]
-    tiles = view.tiles(slide_ids=[slide_id], format="pandas").sort_values(["y", "x"])
+    tiles = view.tiles(slide_ids=[slide_id]).sort_values(["y", "x"])
     assert bag.shape == (len(tiles), view.dim)
     assert np.allclose(bag.numpy(), np.stack(tiles.vector.to_numpy()), atol=1e-6)
-    assert int(target) == int(folds.set_index("slide_id").target[slide_id])
+    tumour = dict(_catalog_rows(headed_workspace, "SELECT slide_id, tumor FROM slide_labels"))
+    assert [int(bags[i][1]) for i in range(len(bags))] == [int(bool(tumour[s])) for s in bags.slide_ids]
+    assert bags.classes == ("normal", "tumor")
     assert list(bags.frame().fold) == [stored[s] for s in bags.slide_ids]
     train, test = bags.split(0)
     assert len(train) + len(test) == len(bags) and not set(train.patients) & set(test.patients)
-    assert set(test.folds) == {0}
+    assert set(test.folds) == {0} and 0 not in set(train.folds)
+    with pytest.raises(histcode.UsageError, match="already a split around fold 0"):
+        train.split(1)
+    with pytest.raises(histcode.UsageError, match="fold 9 is not one of"):
+        bags.split(9)
+    empty = view.versions()[0]["version"]  # the table as it was created, before any vector
+    with pytest.raises(histcode.CatalogError, match="no labelled slide has vectors in view"):
+        view.bags("tumor", as_of=empty)
 
     import torch
 
@@ -257,6 +284,25 @@ def test_heads_and_predict_are_the_cli_s(headed_workspace, other_cohort, copy_wo
     assert list(frame.status) == ["ok"] and 0 <= frame.p_tumor[0] <= 1
     with pytest.raises(histcode.HistcodeError, match="no slide files"):
         copy.predict([tmp_path])
+
+
+def test_load_encoder_takes_a_workspace_a_folder_or_the_default(embedded_workspace, monkeypatch) -> None:
+    import torch
+
+    ws = histcode.open(embedded_workspace.root)
+    view = ws.view()
+    x = torch.rand(2, 3, view._view.image_px, view._view.image_px)
+    outputs = []
+    monkeypatch.setenv("HISTCODE_HOME", str(embedded_workspace.root))
+    for encoder in (histcode.load_encoder(ws, f"@{view.method}"), histcode.load_encoder(str(ws.root)),
+                    histcode.load_encoder(), ws.load_encoder(f"histcode-encoder/{view.encoder.rsplit('/', 1)[1]}")):
+        assert isinstance(encoder, torch.nn.Module) and not encoder.training
+        with torch.no_grad():
+            outputs.append(encoder(x))
+    assert outputs[0].shape == (2, view.dim)
+    assert all(torch.allclose(outputs[0], o) for o in outputs[1:])  # the same registered encoder each time
+    with pytest.raises(ViewError, match="not found in the model registry"):
+        histcode.load_encoder(ws, "@no-such-alias")
 
 
 def test_gate_not_passed_is_an_exception_with_the_gates_message(embedded_workspace) -> None:

@@ -9,7 +9,7 @@ is internal and may change in any release.
 
     ws = histcode.open()                      # the workspace the CLI would use (or histcode.open("path"))
     view = ws.view()                          # the default feature view ("@adco", "fv-...", "name@alias")
-    tiles = view.tiles(where="subtype = 'LUSC'", columns=["tile_id", "slide_id", "vector"], format="pandas")
+    tiles = view.tiles("subtype = 'LUSC'", columns=["tile_id", "slide_id", "vector"])   # pandas by default
     hits = view.nearest(tile_id=tiles.tile_id[0], k=5)
     ws.sql("SELECT subtype, count(*) AS tiles FROM tile_embeddings GROUP BY 1")
     bags = view.bags("tumor")                 # a torch Dataset of (bag, target, slide id) with the folds
@@ -19,16 +19,16 @@ Errors are exceptions whose messages are the command line's: every one is a ``Hi
 
 from typing import TYPE_CHECKING
 
-from histcode.api.frames import FilterError, Format
+from histcode.api.frames import Format
 from histcode.api.view import View
-from histcode.api.workspace import Labels, Workspace, open
-from histcode.errors import HistcodeError, MissingExtra, ServiceUnavailable
-from histcode.features.registry import ViewError, load_encoder
-from histcode.features.search import SearchError
+from histcode.api.workspace import Labels, Workspace, WorkspaceNotFound, load_encoder, open
+from histcode.errors import HistcodeError, MissingExtra, ServiceUnavailable, UsageError
+from histcode.features.registry import ViewError
+from histcode.features.search import FilterError, SearchError
 from histcode.heads.apply import HeadNotFound
 from histcode.labels.run import LabelGateError
 from histcode.store.catalog import CatalogError
-from histcode.store.sql import ReadOnlyQueryError
+from histcode.store.sql import QueryError, ReadOnlyQueryError
 
 
 if TYPE_CHECKING:  # for type checkers and the API reference; at run time imported on first use (torch)
@@ -52,13 +52,16 @@ __all__ = [
     "Format",
     "load_encoder",
     "HistcodeError",
+    "WorkspaceNotFound",
     "ViewError",
     "SearchError",
     "FilterError",
+    "QueryError",
+    "ReadOnlyQueryError",
     "LabelGateError",
     "HeadNotFound",
     "CatalogError",
-    "ReadOnlyQueryError",
+    "UsageError",
     "ServiceUnavailable",
     "MissingExtra",
 ]

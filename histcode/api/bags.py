@@ -12,7 +12,8 @@ from histcode.features.registry import FeatureView
 from histcode.heads.data import Bag, load_bags
 from histcode.heads.tasks import TASKS, TaskData, task_data
 from histcode.labels.run import require_passed_gate
-from histcode.store.catalog import Catalog
+from histcode.errors import UsageError
+from histcode.store.catalog import Catalog, CatalogError
 from histcode.workspace import Workspace as Paths
 
 
@@ -25,24 +26,37 @@ class BagDataset(Dataset):
 
     ``folds[i]`` is the slide's fold in the label gate's patient-grouped plan (all slides of a patient share
     one), the folds `histcode heads` cross-validates over; ``split(k)`` gives (training, test) datasets for
-    outer fold ``k`` with every target as fold ``k``'s training may see it (for DE the cohort-normal reference
-    comes from the training folds only). The bags are memory-mapped from the view's table, read a few slides at
-    a time: building the dataset does not load the view into memory."""
+    outer fold ``k`` with every target as fold ``k``'s training may see it. Train through ``split``: for DE the
+    whole dataset's targets are each slide's as its own test fold defines them (the cohort-normal reference of
+    every other fold), so a model fitted across folds on them would see its test folds' normal samples. The
+    bags are memory-mapped from the view's table, read a few slides at a time: building the dataset does not
+    load the view into memory."""
 
-    def __init__(self, task: str, bags: dict[str, Bag], data: TaskData, index: np.ndarray | None = None) -> None:
+    def __init__(self, task: str, bags: dict[str, Bag], data: TaskData, index: np.ndarray | None = None,
+                 held_out: int | None = None) -> None:
         self.task = task
         self._bags = bags
         self._data = data
         self._index = np.arange(len(data.slide_ids)) if index is None else np.asarray(index, dtype=np.int64)
+        self._held_out = held_out  # the outer fold this dataset was split around (None: the whole task)
 
     @classmethod
     def of(cls, paths: Paths, view: FeatureView, task: str, as_of: int | str | None = None) -> BagDataset:
+        """The dataset of ``task`` in ``view`` (``View.bags`` is the way to make one)."""
         if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+            raise UsageError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
         catalog = Catalog.of(paths)
         require_passed_gate(catalog)
-        bags = load_bags(paths, view, as_of)
+        labelled = sorted({r["slide_id"] for r in catalog.query(
+            "SELECT slide_id FROM cv_folds WHERE slide_id IN (SELECT slide_id FROM slide_labels "
+            "UNION SELECT slide_id FROM de_labels)")})
+        bags = load_bags(paths, view, as_of, slide_ids=labelled)  # the task's slides only, not the whole view
+        if not bags:
+            raise CatalogError(f"no labelled slide has vectors in view {view.view_id}"
+                               + (f" at {as_of!r}" if as_of is not None else "") + ": run `histcode embed`")
         data = task_data(catalog, task, bags)
+        if not data.slide_ids:
+            raise CatalogError(f"no slide labelled for {task} has vectors in view {view.view_id}: run `histcode embed`")
         return cls(task, bags, TASKS[task].tested(data))
 
     # -- the items --------------------------------------------------------------------------------------
@@ -66,18 +80,22 @@ class BagDataset(Dataset):
     # -- what the rows are ------------------------------------------------------------------------------
     @property
     def slide_ids(self) -> list[str]:
+        """The bags' slides, in item order."""
         return [self._data.slide_ids[r] for r in self._index]
 
     @property
     def patients(self) -> np.ndarray:
+        """Each bag's patient."""
         return self._data.patients[self._index]
 
     @property
     def folds(self) -> np.ndarray:
+        """Each bag's outer fold (the label gate's plan)."""
         return self._data.folds[self._index]
 
     @property
     def n_folds(self) -> int:
+        """How many outer folds the plan has (of the whole task, also in a split)."""
         return self._data.n_folds
 
     @property
@@ -97,6 +115,7 @@ class BagDataset(Dataset):
 
     @property
     def dim(self) -> int:
+        """The tile vectors' dimension."""
         first = next(iter(self._bags.values()), None)
         return 0 if first is None else int(first.features.shape[1])
 
@@ -114,12 +133,16 @@ class BagDataset(Dataset):
     def split(self, k: int) -> tuple[BagDataset, BagDataset]:
         """(training, test) for outer fold ``k``: the test fold's patients are never in training, and every
         target is computed as fold ``k``'s training may see it."""
+        if self._held_out is not None:
+            raise UsageError(f"this dataset is already a split around fold {self._held_out}: split the dataset "
+                             "view.bags() made (each split computes its targets from its own training folds)")
         if not 0 <= k < self.n_folds:
-            raise ValueError(f"fold {k} is not one of 0..{self.n_folds - 1}")
+            raise UsageError(f"fold {k} is not one of 0..{self.n_folds - 1}")
         fold_data = TASKS[self.task].for_fold(self._data, k)
         test = self._index[self._data.folds[self._index] == k]
         train = self._index[self._data.folds[self._index] != k]
-        return (BagDataset(self.task, self._bags, fold_data, train), BagDataset(self.task, self._bags, fold_data, test))
+        return (BagDataset(self.task, self._bags, fold_data, train, held_out=k),
+                BagDataset(self.task, self._bags, fold_data, test, held_out=k))
 
     def __repr__(self) -> str:
         return f"BagDataset({self.task}: {len(self)} slides, {self.n_folds} folds, {self.dim}-d tiles)"

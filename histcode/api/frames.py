@@ -9,21 +9,17 @@ from typing import Literal
 
 import pyarrow as pa
 
-from histcode.errors import HistcodeError, require
+from histcode.errors import UsageError, require
+from histcode.features.search import FilterError, filter_failure
 from histcode.store.vectors import key_filter
 
 Format = Literal["arrow", "pandas", "polars"]
 FORMATS = ("arrow", "pandas", "polars")
 
 
-class FilterError(HistcodeError, ValueError):
-    """A ``where`` filter or a column list that a feature view's table cannot answer; the message names the
-    table, the filter and the columns it has."""
-
-
 def check_format(fmt: str) -> Format:
     if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+        raise UsageError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     return fmt  # type: ignore[return-value]
 
 
@@ -44,12 +40,14 @@ def converted(batches: Iterable[pa.RecordBatch], fmt: Format) -> Iterator:
         yield convert(batch, fmt)
 
 
-def row_filter(where: str | None, column: str | None = None, ids: Sequence[str] | None = None) -> str | None:
-    """One Lance filter: ``where`` (SQL over the table's columns) and, when ``ids`` are given, ``column IN ids``."""
+def row_filter(where: str | None, **ids: Sequence[str] | None) -> str | None:
+    """One Lance filter: ``where`` (SQL over the table's columns) and, for each id column given a list
+    (``slide_id=[...]``, ``tile_id=[...]``), ``column IN (...)`` with the ids quoted."""
     parts = []
-    if ids is not None:
-        ids = list(ids)
-        parts.append(key_filter(column, ids) if ids else "false")
+    for column, values in ids.items():
+        if values is not None:
+            values = [values] if isinstance(values, str) else list(values)
+            parts.append(key_filter(column, values) if values else "false")
     if where:
         parts.append(f"({where})" if parts else where)
     return " AND ".join(parts) or None
@@ -66,15 +64,15 @@ def check_columns(schema: pa.Schema, columns: Sequence[str] | None, table: str) 
 
 @contextmanager
 def filter_errors(dataset, table: str, where: str | None) -> Iterator[None]:
-    """Lance's errors for a bad filter told with the table's columns rather than Lance's internals (hidden
-    columns, source paths)."""
+    """A failed read told as what it is (``histcode.features.search.filter_failure``): a service outage, a bad
+    filter with the table's columns, or the error itself."""
     try:
         yield
     except Exception as exc:  # noqa: BLE001 -- lance reports a bad filter as ValueError, OSError or its own types
-        text = str(exc).strip()
-        first = text.split(". Valid fields")[0].split(", /")[0].splitlines()[0] if text else type(exc).__name__
-        visible = ", ".join(n for n in dataset.schema.names)
-        raise FilterError(f"cannot filter {table} by {where!r}: {first} (columns: {visible})") from exc
+        failure = filter_failure(exc, where, table, dataset.schema.names)
+        if failure is None:
+            raise
+        raise failure from exc
 
 
 def read_table(dataset, table: str, columns: Sequence[str] | None, where: str | None) -> pa.Table:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from histcode.errors import UsageError
 from histcode.store.catalog import Catalog
 from histcode.workspace import Workspace as Paths
 
@@ -74,10 +75,10 @@ def scores_picture(paths: Paths, slide_id: str, tiles: pd.DataFrame, score: str,
 
     missing = [c for c in ("x", "y", "size", score) if c not in tiles.columns]
     if missing:
-        raise ValueError(f"the tiles frame lacks the columns {missing} (it has {list(tiles.columns)})")
+        raise UsageError(f"the tiles frame lacks the columns {missing} (it has {list(tiles.columns)})")
     sizes = tiles["size"].unique()
     if len(sizes) != 1:
-        raise ValueError(f"the tiles of one slide share one size; got {sorted(sizes)[:5]}")
+        raise UsageError(f"the tiles of one slide share one size; got {sorted(sizes)[:5]}")
     xy = tiles[["x", "y"]].to_numpy(dtype=np.int64)
     picture, _, _ = scores_over_slide(healthy_slide(paths, slide_id), xy, int(sizes[0]), tiles[score].to_numpy(float),
                                       kind, side)

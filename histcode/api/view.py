@@ -10,8 +10,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow as pa
-
 from histcode.api.frames import Format, check_format, convert, converted, read_batches, read_table, row_filter
 from histcode.config import HistcodeConfig
 from histcode.features.read import view_table
@@ -57,10 +55,12 @@ class View:
 
     @property
     def dim(self) -> int:
+        """The vectors' dimension."""
         return self._view.dim
 
     @property
     def spec_id(self) -> str:
+        """The tiling spec's id (``ts-`` and twelve hex digits)."""
         return self._view.spec_id
 
     @property
@@ -105,46 +105,41 @@ class View:
                 for v in table.list_versions()]
 
     # -- reading ----------------------------------------------------------------------------------------
-    def _read(self, kind: str, where, columns, ids_column, ids, as_of, batch_size: int | None = None):
+    def _read(self, kind: str, where, columns, as_of, batch_size: int | None = None, **ids):
         table = view_table(self._paths, self._view, kind, as_of)
-        args = (table.to_lance(), self._view.table(kind).name, columns, row_filter(where, ids_column, ids))
+        args = (table.to_lance(), self._view.table(kind).name, columns, row_filter(where, **ids))
         return read_table(*args) if batch_size is None else read_batches(*args, batch_size)
 
-    def tiles(self, where: str | None = None, columns: Sequence[str] | None = None,
+    def tiles(self, where: str | None = None, *, columns: Sequence[str] | None = None,
               slide_ids: Sequence[str] | None = None, tile_ids: Sequence[str] | None = None,
-              as_of: int | str | None = None, format: Format = "arrow"):
+              as_of: int | str | None = None, format: Format = "pandas"):
         """The view's tile rows: ``where`` a SQL filter over the table's columns (``"subtype = 'LUSC' AND x >
         1000"``), ``columns`` the columns wanted (default all), ``slide_ids`` / ``tile_ids`` only those (read
-        through the id indices), ``as_of`` a table version or tag. Returns a pyarrow Table, a pandas or a polars
-        DataFrame (``format``). For views larger than memory use ``iter_tiles``."""
+        through the id indices; both: tiles in both), ``as_of`` a table version or tag. A pandas DataFrame, a
+        pyarrow Table or a polars DataFrame (``format``). For views larger than memory use ``iter_tiles``."""
         check_format(format)
-        ids_column, ids = ("tile_id", tile_ids) if tile_ids is not None else ("slide_id", slide_ids)
-        data = self._read(TILE_KIND, where, columns, ids_column, ids, as_of)
-        if tile_ids is not None and slide_ids is not None:
-            import pyarrow.compute as pc
+        return convert(self._read(TILE_KIND, where, columns, as_of, slide_id=slide_ids, tile_id=tile_ids), format)
 
-            data = data.filter(pc.is_in(data.column("slide_id"), pa.array(list(slide_ids), pa.string())))
-        return convert(data, format)
-
-    def iter_tiles(self, where: str | None = None, columns: Sequence[str] | None = None,
-                   slide_ids: Sequence[str] | None = None, as_of: int | str | None = None,
-                   batch_size: int = BATCH_ROWS, format: Format = "arrow") -> Iterator:
-        """``tiles`` streamed: batches of at most ``batch_size`` rows (pyarrow RecordBatches, or pandas / polars
-        frames), so that memory holds one batch whatever the view's size."""
+    def iter_tiles(self, where: str | None = None, *, columns: Sequence[str] | None = None,
+                   slide_ids: Sequence[str] | None = None, tile_ids: Sequence[str] | None = None,
+                   as_of: int | str | None = None, batch_size: int = BATCH_ROWS, format: Format = "pandas") -> Iterator:
+        """``tiles`` streamed: batches of at most ``batch_size`` rows (pandas or polars frames, or pyarrow
+        RecordBatches), so that memory holds one batch whatever the view's size."""
         check_format(format)
-        return converted(self._read(TILE_KIND, where, columns, "slide_id", slide_ids, as_of, batch_size), format)
+        return converted(self._read(TILE_KIND, where, columns, as_of, batch_size, slide_id=slide_ids,
+                                    tile_id=tile_ids), format)
 
-    def slides(self, where: str | None = None, columns: Sequence[str] | None = None,
-               slide_ids: Sequence[str] | None = None, as_of: int | str | None = None, format: Format = "arrow"):
+    def slides(self, where: str | None = None, *, columns: Sequence[str] | None = None,
+               slide_ids: Sequence[str] | None = None, as_of: int | str | None = None, format: Format = "pandas"):
         """The view's slide rows (the mean of each slide's tile vectors, ``n_tiles``, ``patient_id`` and the
         slide attributes), filtered and returned as ``tiles`` does."""
         check_format(format)
-        return convert(self._read(SLIDE_KIND, where, columns, "slide_id", slide_ids, as_of), format)
+        return convert(self._read(SLIDE_KIND, where, columns, as_of, slide_id=slide_ids), format)
 
     # -- search -----------------------------------------------------------------------------------------
-    def nearest(self, tile_id: str | None = None, vector: Sequence[float] | np.ndarray | None = None,
+    def nearest(self, tile_id: str | None = None, *, vector: Sequence[float] | np.ndarray | None = None,
                 image: str | Path | np.ndarray | Image.Image | None = None, k: int = 10, where: str | None = None,
-                as_of: int | str | None = None, format: Format = "arrow"):
+                as_of: int | str | None = None, format: Format = "pandas"):
         """The ``k`` tiles nearest (cosine distance) to a tile of the view, a vector of the view's dimension or
         an image (a file, an RGB array or a PIL image, embedded by the view's encoder), among the tiles
         matching ``where``; ranked (``rank``, ``distance``) with their metadata, the query tile left out. What
@@ -169,8 +164,8 @@ class View:
             query = embed_image(self._paths, fv, image)
         return convert(nearest(view_table(self._paths, fv, TILE_KIND, as_of), query, k, where, features), format)
 
-    def similar_slides(self, slide_id: str, k: int = 10, where: str | None = None, centring: str = "mean",
-                       as_of: int | str | None = None, format: Format = "arrow"):
+    def similar_slides(self, slide_id: str, *, k: int = 10, where: str | None = None, centring: str = "mean",
+                       as_of: int | str | None = None, format: Format = "pandas"):
         """The ``k`` slides most like ``slide_id`` (cosine distance of mean-pooled vectors, centred on the view's
         mean slide by default), among the slides matching ``where``: `histcode search --slide`."""
         from histcode.features.search import search
@@ -180,7 +175,7 @@ class View:
                               as_of=as_of, centring=centring), format)
 
     # -- training ---------------------------------------------------------------------------------------
-    def bags(self, task: str, as_of: int | str | None = None) -> BagDataset:
+    def bags(self, task: str, *, as_of: int | str | None = None) -> BagDataset:
         """The labelled slides of ``task`` (``tumor``, ``subtype`` or ``de``) as a ``torch.utils.data.Dataset``
         of (bag tensor ``(n_tiles, dim)``, target, slide id), with the patient folds the heads use
         (``.folds``, ``.split(k)``). The bags are memory-mapped, not loaded. Needs a label set that passed the

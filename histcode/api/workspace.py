@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from histcode.api.frames import Format, check_format, convert
+from histcode.errors import HistcodeError, UsageError
 from histcode.api.view import View
 from histcode.config import HistcodeConfig
 from histcode.features.registry import ViewError, encoder_view, list_views, resolve_view
@@ -37,19 +38,20 @@ class Labels:
     n_patients: int
     failures: list[str] = field(default_factory=list)
     slides: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
+    _row: dict = field(default_factory=dict, repr=False)
 
     @property
     def passed(self) -> bool:
+        """Whether the gate passed this label set (heads, folds and bags need it to)."""
         return self.status == "passed"
 
     def require_passed(self) -> Labels:
-        """This label set when its gate passed; ``LabelGateError`` with the gate's own message otherwise."""
-        from histcode.labels.run import LabelGateError
+        """This label set when its gate passed; ``LabelGateError`` with the command line's message otherwise."""
+        from histcode.labels.run import gate_refusal
 
-        if not self.passed:
-            raise LabelGateError(f"label set {self.version} is {self.status} at the gate"
-                                 + (":\n  " + "\n  ".join(self.failures) if self.failures else
-                                    ": run `histcode labels gate`"))
+        refusal = gate_refusal(self._row)
+        if refusal is not None:
+            raise refusal
         return self
 
 
@@ -62,6 +64,7 @@ class Workspace:
 
     @property
     def root(self) -> Path:
+        """The workspace's folder."""
         return self._paths.root
 
     @property
@@ -132,11 +135,12 @@ class Workspace:
         return View(self._paths, cfg, fv)
 
     # -- SQL ----------------------------------------------------------------------------------------------
-    def sql(self, query: str, view: str | None = None, format: Format = "pandas"):
+    def sql(self, query: str, *, view: str | None = None, format: Format = "pandas"):
         """One read-only query (SELECT, EXPLAIN) over the catalog's tables and every view's Lance tables, as
         ``histcode sql`` runs it: ``tile_embeddings`` / ``slide_embeddings`` are the tables of ``view`` (a view
         as ``Workspace.view`` takes it; default the default view, when it is materialised). A pandas DataFrame,
-        a pyarrow Table or a polars DataFrame (``format``). ``ReadOnlyQueryError`` for anything that writes."""
+        a pyarrow Table or a polars DataFrame (``format``). ``ReadOnlyQueryError`` for anything that writes,
+        ``QueryError`` with DuckDB's message for a query it refuses."""
         from histcode.store.sql import check_read_only, run_sql
 
         check_format(format)
@@ -160,14 +164,14 @@ class Workspace:
         current = current_label_set(catalog)
         if current is None:
             return None
-        failures = [GateFailure(f["frame"], f["expectation"], f["column"], f["count"], f["rows"],
-                                f.get("description", "")).message
+        failures = [f.get("message") or GateFailure(f["frame"], f["expectation"], f["column"], f["count"], f["rows"],
+                                                    f.get("description", "")).message
                     for f in json.loads(current["gate_failures"] or "[]")]
         slides = pd.DataFrame(catalog.query("SELECT * FROM slide_labels ORDER BY slide_id"))
         return Labels(current["label_version"], current["gate_status"], current["source"], int(current["n_samples"] or 0),
-                      int(current["n_genes"] or 0), int(current["n_patients"] or 0), failures, slides)
+                      int(current["n_genes"] or 0), int(current["n_patients"] or 0), failures, slides, current)
 
-    def folds(self, task: str = "tumor") -> pd.DataFrame:
+    def folds(self, task: str) -> pd.DataFrame:
         """The patient folds `histcode heads` cross-validates ``task`` over (``tumor``, ``subtype``, ``de``): one
         row per labelled slide with ``slide_id``, ``patient_id``, ``fold`` and, for a classification task,
         ``label`` and its class id ``target``. A patient's slides always share a fold. Needs a label set that
@@ -177,7 +181,7 @@ class Workspace:
         from histcode.labels.run import require_passed_gate
 
         if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+            raise UsageError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
         catalog = self._catalog()
         require_passed_gate(catalog)
         folds = pd.DataFrame(catalog.query("SELECT slide_id, patient_id, fold FROM cv_folds"),
@@ -224,7 +228,7 @@ class Workspace:
         telemetry_off()
         return load_head(Tracker(self._paths), task, alias)
 
-    def cv_predictions(self, task: str = "tumor", alias: str = "best") -> pd.DataFrame:
+    def cv_predictions(self, task: str, alias: str = "best") -> pd.DataFrame:
         """The out-of-fold predictions of the cross-validation behind the registered head ``task@alias``: one
         row per slide with ``slide_id``, the true class id ``y`` and each class's probability ``p_<class>``, every
         slide predicted by the fold model that never saw its patient (classification tasks; what the head's
@@ -237,7 +241,7 @@ class Workspace:
         tracker = Tracker(self._paths)
         name = MODEL_NAMES.get(task)
         if name is None:
-            raise ValueError(f"unknown task {task!r}; tasks: {', '.join(MODEL_NAMES)}")
+            raise UsageError(f"unknown task {task!r}; tasks: {', '.join(MODEL_NAMES)}")
         try:
             run_id = tracker.client.get_model_version_by_alias(name, alias).run_id
         except Exception as exc:  # noqa: BLE001 -- MLflow's own exception types
@@ -250,7 +254,7 @@ class Workspace:
                                    "none (DE) or it was trained before they were logged") from exc
             return pd.read_csv(local, dtype={"slide_id": str})
 
-    def predict(self, paths: Sequence[str | Path] | str | Path, cohort: str | None = None,
+    def predict(self, paths: Sequence[str | Path] | str | Path, *, cohort: str | None = None,
                 mpp: float | None = None, heatmaps: str | Path | None = None) -> pd.DataFrame:
         """`histcode predict` as a function: the slides at ``paths`` (files or folders) are ingested into the
         inference cohort (``cohort``, default ``cohorts.predict``), tiled, embedded in each registered head's view
@@ -303,28 +307,39 @@ class Workspace:
         telemetry_off()
         return attention(self._paths, slide_id, alias)
 
-    def heatmap(self, slide_id: str, tiles: pd.DataFrame | None = None, score: str = "attention",
-                kind: str = "sequential", side: int = 1200):
+    def heatmap(self, slide_id: str, tiles: pd.DataFrame | None = None, *, score: str = "attention",
+                kind: str = "sequential", alias: str = "attention", side: int = 1200):
         """Per-tile scores painted over the slide's thumbnail in the project's colour maps (an RGB array, as
         `histcode heatmap` and the viewer paint them): ``tiles`` a frame with ``x``, ``y``, ``size`` and the
-        ``score`` column (default: the tumour head's attention, ``Workspace.attention``); ``kind``
+        ``score`` column (default: the attention of the tumour head ``@alias``, ``Workspace.attention``); ``kind``
         ``diverging`` for signed scores (a gene's log2FC)."""
         from histcode.api.slides import scores_picture
 
-        frame = self.attention(slide_id) if tiles is None else tiles
+        frame = self.attention(slide_id, alias) if tiles is None else tiles
         return scores_picture(self._paths, slide_id, frame, score, kind, side)
 
     def __repr__(self) -> str:
         return f"histcode.Workspace({str(self.root)!r})"
 
 
+class WorkspaceNotFound(HistcodeError, FileNotFoundError):
+    """``histcode.open`` was given a folder that does not exist."""
+
+
 def open(path: str | Path | None = None) -> Workspace:  # noqa: A001 -- histcode.open, as the issue's API names it
     """The workspace at ``path``; without one, the same as the command line's default: ``$HISTCODE_HOME``, else
-    the source checkout HistCode runs from, else the current directory. ``FileNotFoundError`` when the folder
+    the source checkout HistCode runs from, else the current directory. ``WorkspaceNotFound`` when the folder
     does not exist (opening never creates one)."""
     paths = Paths.resolve(path)
     if not paths.root.is_dir():
-        raise FileNotFoundError(f"no workspace at {paths.root}: create one with `histcode --workspace {paths.root} "
+        raise WorkspaceNotFound(f"no workspace at {paths.root}: create one with `histcode --workspace {paths.root} "
                                 "demo` (or ingest slides into it)")
     return Workspace(paths)
 
+
+def load_encoder(workspace: Workspace | str | Path | None = None, ref: str = "@adco"):
+    """A registered encoder as a ``torch.nn.Module`` in eval mode, for fine-tuning or embedding images of one's
+    own: ``workspace`` a Workspace, its folder or None (``histcode.open()``'s default), ``ref`` ``"@adco"`` (an
+    alias of the workspace's encoders: ``@moco``, ``@uni``, ...), ``name@alias``, ``name/3`` or ``name``."""
+    ws = workspace if isinstance(workspace, Workspace) else open(workspace)
+    return ws.load_encoder(ref)

@@ -103,7 +103,7 @@ def sql(
 ) -> None:
     """Read-only SQL over the catalog and every feature view (tile_embeddings, slide_embeddings, ...)."""
     from histcode.store.catalog import CatalogError
-    from histcode.store.sql import ReadOnlyQueryError, run_sql
+    from histcode.store.sql import QueryError, run_sql
     from histcode.views import arrow_table
 
     ws = workspace_of(ctx)
@@ -112,12 +112,8 @@ def sql(
         default = _view_or_note(ws, view)
     try:
         result = run_sql(ws, query, default.view_id if default else None)
-    except ReadOnlyQueryError as exc:
+    except (QueryError, CatalogError) as exc:  # QueryError: DuckDB's own (syntax, unknown column), and refusals
         fail(str(exc))
-    except CatalogError as exc:
-        fail(str(exc))
-    except Exception as exc:  # noqa: BLE001 -- DuckDB's own errors (syntax, unknown column) are the user's to read
-        fail(f"{type(exc).__name__}: {exc}")
     print_frame(result, output, limit, lambda t, n: arrow_table(t, n, wide))
 
 

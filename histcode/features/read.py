@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 
 from histcode.features.registry import FeatureView, resolve_view
 from histcode.store.catalog import Catalog
-from histcode.store.vectors import SLIDE_KIND, TILE_KIND, connect, key_filter, open_table
+from histcode.store.vectors import SLIDE_KIND, TILE_KIND, VectorStoreError, connect, key_filter, open_table
 from histcode.tracking import Tracker
 from histcode.workspace import Workspace
 
@@ -27,7 +27,7 @@ def view_table(ws: Workspace, view: FeatureView, kind: str, as_of: int | str | N
             table.checkout(int(as_of) if str(as_of).isdigit() else as_of)
         except Exception as exc:  # noqa: BLE001 -- lance raises ValueError / OSError variants
             tags = ", ".join(table.tags.list()) or "none"
-            raise ValueError(f"{view.table(kind).name}: no version or tag {as_of!r} (tags: {tags})") from exc
+            raise VectorStoreError(f"{view.table(kind).name}: no version or tag {as_of!r} (tags: {tags})") from exc
     return table
 
 

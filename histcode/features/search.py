@@ -42,6 +42,25 @@ class SearchError(HistcodeError, ValueError):
     """A query that cannot run: unknown id, unreadable image, bad filter."""
 
 
+class FilterError(SearchError):
+    """A ``where`` filter or a column list that a feature view's table cannot answer; the message names the
+    table, the filter and the columns it has."""
+
+
+def filter_failure(exc: Exception, where: str | None, table: str, columns: list[str]) -> Exception | None:
+    """What a failed Lance read with filter ``where`` is: a service outage (named as such), a bad filter (told
+    with the table's columns rather than Lance's internals: hidden columns, source paths), or, with no filter,
+    None (the error is raised as it is)."""
+    from histcode.errors import service_error_of
+
+    outage = service_error_of(exc)
+    if outage is not None or not where:
+        return outage
+    text = str(exc).strip()
+    first = text.split(". Valid fields")[0].split(", /")[0].splitlines()[0] if text else type(exc).__name__
+    return FilterError(f"cannot filter {table} by {where!r}: {first} (columns: {', '.join(columns)})")
+
+
 def _vector_of(table, column: str, key: str, view: FeatureView) -> np.ndarray:
     rows = table.to_lance().to_table(columns=["vector"], filter=f"{column} = {quote_literal(key)}")  # its id index
     if rows.num_rows == 0:
@@ -109,7 +128,10 @@ def nearest_slides(table, slide_id: str, k: int, where: str | None, centring: Ce
         try:
             allowed = set(dataset.to_table(columns=["slide_id"], filter=where).column("slide_id").to_pylist())
         except Exception as exc:  # lance reports filter errors as several exception types
-            raise SearchError(f"search failed (check the filter {where!r}): {exc}") from exc
+            failure = filter_failure(exc, where, table.name, dataset.schema.names)
+            if failure is None:
+                raise
+            raise failure from exc
     candidates = np.array([i for i, s in enumerate(ids) if s in allowed and s != slide_id], dtype=np.int64)
     if len(candidates) == 0:
         return _ranked_table(data.slice(0, 0), np.zeros(0))
@@ -177,7 +199,11 @@ class TileSearcher:
                 hits = self.dataset.to_table(columns=self.columns, filter=where, prefilter=bool(where),
                                              nearest=self.query(vector, ask, where))
         except Exception as exc:  # lance reports filter errors as several exception types
-            raise SearchError(f"search failed (check the filter {where!r}): {exc}") from exc
+            name = self.dataset.uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".lance")
+            failure = filter_failure(exc, where, name, self.dataset.schema.names)
+            if failure is None:
+                raise
+            raise failure from exc
         hits = hits.rename_columns(["distance" if c == "_distance" else c for c in hits.column_names])
         hits = hits.sort_by("distance")
         if exclude is not None:

@@ -339,16 +339,26 @@ def current_label_set(catalog: Catalog) -> dict | None:
     return rows[0] if rows else None
 
 
+def gate_refusal(current: dict | None) -> LabelGateError | None:
+    """Why nothing may train on the label set ``current`` (a ``label_sets`` row, None before any ingest), or
+    None when its gate passed."""
+    if current is None:
+        return LabelGateError("no labels: run `histcode labels ingest` and `histcode labels gate` first")
+    if current["gate_status"] == PENDING:
+        return LabelGateError(f"label set {current['label_version']} has not been through the gate: run "
+                              "`histcode labels gate`")
+    if current["gate_status"] != PASSED:
+        failures = json.loads(current["gate_failures"] or "[]")
+        return LabelGateError(f"label set {current['label_version']} failed the gate; nothing trains until it passes:\n  "
+                              + "\n  ".join(f["message"] for f in failures))
+    return None
+
+
 def require_passed_gate(catalog: Catalog) -> dict:
     """The current label set if its gate passed; otherwise LabelGateError naming what failed. Heads call this
     before training anything."""
     current = current_label_set(catalog)
-    if current is None:
-        raise LabelGateError("no labels: run `histcode labels ingest` and `histcode labels gate` first")
-    if current["gate_status"] == PENDING:
-        raise LabelGateError(f"label set {current['label_version']} has not been through the gate: run `histcode labels gate`")
-    if current["gate_status"] != PASSED:
-        failures = json.loads(current["gate_failures"] or "[]")
-        raise LabelGateError(f"label set {current['label_version']} failed the gate; nothing trains until it passes:\n  "
-                             + "\n  ".join(f["message"] for f in failures))
+    refusal = gate_refusal(current)
+    if refusal is not None:
+        raise refusal
     return current

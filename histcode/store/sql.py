@@ -25,7 +25,12 @@ log = logging.getLogger(__name__)
 ALLOWED = ("SELECT", "EXPLAIN")
 
 
-class ReadOnlyQueryError(HistcodeError, ValueError):
+class QueryError(HistcodeError, ValueError):
+    """A query DuckDB refused (a syntax error, an unknown table or column); the message is DuckDB's, prefixed
+    with its kind (``BinderException: ...``)."""
+
+
+class ReadOnlyQueryError(QueryError):
     """A statement that would write or change the session; the message names it."""
 
 
@@ -89,5 +94,7 @@ def run_sql(ws: Workspace, query: str, default_view: str | None = None) -> pa.Ta
     con = open_session(ws, default_view)
     try:
         return con.sql(query).to_arrow_table()
+    except duckdb.Error as exc:
+        raise QueryError(f"{type(exc).__name__}: {exc}") from exc
     finally:
         con.close()
