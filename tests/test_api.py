@@ -40,6 +40,11 @@ def test_the_public_names_are_listed_once_and_import_lazily() -> None:
         assert getattr(histcode, name) is getattr(api, name), name
         if name != "Format":  # a typing.Literal alias: documented where it is defined
             assert getattr(api, name).__doc__, f"histcode.{name} has no docstring"
+    undocumented = [f"{cls.__name__}.{member}" for cls in (api.Workspace, api.View, api.BagDataset, api.Labels)
+                    for member, value in vars(cls).items()
+                    if not member.startswith("_") and (callable(value) or isinstance(value, (property, classmethod)))
+                    and not (value.__func__ if isinstance(value, classmethod) else value).__doc__]
+    assert not undocumented, f"public members without a docstring: {undocumented}"
     # `import histcode` does not pull in the stores, MLflow or torch
     code = "import sys, histcode; print(sorted(m for m in ('torch', 'mlflow', 'lancedb', 'histcode.api') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
