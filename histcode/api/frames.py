@@ -15,6 +15,9 @@ from histcode.store.vectors import key_filter
 
 Format = Literal["arrow", "pandas", "polars"]
 FORMATS = ("arrow", "pandas", "polars")
+# batches a stream reads ahead (Lance's default, 16 batches over 4 fragments, holds most of a view in memory)
+READAHEAD = 2
+IO_BUFFER = 64 << 20  # bytes of reads in flight (Lance's default is 2 GiB)
 
 
 def check_format(fmt: str) -> Format:
@@ -86,5 +89,6 @@ def read_batches(dataset, table: str, columns: Sequence[str] | None, where: str 
     """The rows in batches of at most ``batch_size``; a bad filter is told before the first batch."""
     columns = check_columns(dataset.schema, columns, table)
     with filter_errors(dataset, table, where):
-        reader = dataset.scanner(columns=columns, filter=where, batch_size=batch_size).to_reader()
+        reader = dataset.scanner(columns=columns, filter=where, batch_size=batch_size, batch_readahead=READAHEAD,
+                                 fragment_readahead=1, io_buffer_size=IO_BUFFER).to_reader()
     return iter(reader)

@@ -329,7 +329,12 @@ class WorkspaceNotFound(HistcodeError, FileNotFoundError):
 def open(path: str | Path | None = None) -> Workspace:  # noqa: A001 -- histcode.open, as the issue's API names it
     """The workspace at ``path``; without one, the same as the command line's default: ``$HISTCODE_HOME``, else
     the source checkout HistCode runs from, else the current directory. ``WorkspaceNotFound`` when the folder
-    does not exist (opening never creates one)."""
+    does not exist (opening never creates one). Like the command line, it caps glibc's malloc arenas for the
+    process (``histcode.runtime.limit_malloc_arenas``; unless ``MALLOC_ARENA_MAX`` is set), so that streaming a
+    large view through Lance's reader threads does not grow by their arenas' fragmentation."""
+    from histcode.runtime import limit_malloc_arenas
+
+    limit_malloc_arenas()
     paths = Paths.resolve(path)
     if not paths.root.is_dir():
         raise WorkspaceNotFound(f"no workspace at {paths.root}: create one with `histcode --workspace {paths.root} "
