@@ -4,13 +4,12 @@ their rows."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from typing import Literal
 
 import pyarrow as pa
 
 from histcode.errors import UsageError, require
-from histcode.features.search import FilterError, filter_failure
+from histcode.features.search import FilterError, filter_errors
 from histcode.store.vectors import key_filter
 
 Format = Literal["arrow", "pandas", "polars"]
@@ -65,22 +64,9 @@ def check_columns(schema: pa.Schema, columns: Sequence[str] | None, table: str) 
     return list(columns)
 
 
-@contextmanager
-def filter_errors(dataset, table: str, where: str | None) -> Iterator[None]:
-    """A failed read told as what it is (``histcode.features.search.filter_failure``): a service outage, a bad
-    filter with the table's columns, or the error itself."""
-    try:
-        yield
-    except Exception as exc:  # noqa: BLE001 -- lance reports a bad filter as ValueError, OSError or its own types
-        failure = filter_failure(exc, where, table, dataset.schema.names)
-        if failure is None:
-            raise
-        raise failure from exc
-
-
 def read_table(dataset, table: str, columns: Sequence[str] | None, where: str | None) -> pa.Table:
     columns = check_columns(dataset.schema, columns, table)
-    with filter_errors(dataset, table, where):
+    with filter_errors(table, where, dataset.schema.names):
         return dataset.to_table(columns=columns, filter=where)
 
 
@@ -88,7 +74,7 @@ def read_batches(dataset, table: str, columns: Sequence[str] | None, where: str 
                  batch_size: int) -> Iterator[pa.RecordBatch]:
     """The rows in batches of at most ``batch_size``; a bad filter is told before the first batch."""
     columns = check_columns(dataset.schema, columns, table)
-    with filter_errors(dataset, table, where):
+    with filter_errors(table, where, dataset.schema.names):
         reader = dataset.scanner(columns=columns, filter=where, batch_size=batch_size, batch_readahead=READAHEAD,
                                  fragment_readahead=1, io_buffer_size=IO_BUFFER).to_reader()
     return iter(reader)

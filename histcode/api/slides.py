@@ -51,7 +51,7 @@ def attention(paths: Paths, slide_id: str, alias: str = "attention") -> pd.DataF
     """The registered tumour head's (``histcode-tumor-head@alias``) attention over the slide's tiles, one row
     per tile: ``tile_id``, ``x``, ``y``, ``size``, ``attention`` (smoothed over the tile grid as the heatmaps
     and the viewer draw it) and ``attention_raw`` (the head's weights), and the slide's ``p_tumor``."""
-    from histcode.apps.heatmaps import slide_bag
+    from histcode.apps.heatmaps import slide_attention, slide_bag
     from histcode.heads.apply import load_head
     from histcode.heads.smoothing import Smoothing
     from histcode.tracking import Tracker
@@ -59,9 +59,7 @@ def attention(paths: Paths, slide_id: str, alias: str = "attention") -> pd.DataF
     healthy_slide(paths, slide_id)
     head = load_head(Tracker(paths), "tumor", alias)
     bag = slide_bag(paths, head, slide_id)
-    out, raw = head(bag.features)
-    smoothed = Smoothing.of(paths.config().heads).apply(raw, bag.xy, bag.size)
-    p_tumor = float(out[list(head.classes).index("tumor")]) if "tumor" in head.classes else float("nan")
+    p_tumor, smoothed, raw = slide_attention(head, bag, Smoothing.of(paths.config().heads))
     return pd.DataFrame({"tile_id": list(bag.tile_ids), "x": bag.xy[:, 0], "y": bag.xy[:, 1], "size": bag.size,
                          "attention": smoothed, "attention_raw": raw, "p_tumor": p_tumor})
 

@@ -16,7 +16,6 @@ from histcode.api.view import View
 from histcode.config import HistcodeConfig
 from histcode.features.registry import ViewError, encoder_view, list_views, resolve_view
 from histcode.heads.names import MODEL_NAMES
-from histcode.labels.gate import GateFailure
 from histcode.store.catalog import Catalog, CatalogError
 from histcode.tracking import Tracker, telemetry_off
 from histcode.workspace import Workspace as Paths
@@ -126,13 +125,17 @@ class Workspace:
         (``@moco``, ``@simclr``, ``@random``, a foundation encoder's alias such as ``@uni``), or an encoder
         reference ``name@alias`` / ``name/3``. ``ViewError`` names the views there are."""
         telemetry_off()
-        catalog, cfg = self._catalog(), self.config
+        catalog, cfg, tracker = self._catalog(), self.config, Tracker(self._paths)
         if ref is None or ref.startswith("fv-"):
-            fv = resolve_view(catalog, Tracker(self._paths), cfg, ref)
+            fv = resolve_view(catalog, tracker, cfg, ref)
         else:
-            encoder = f"{cfg.pretrain.register_as}{ref}" if ref.startswith("@") else ref
-            fv = encoder_view(catalog, Tracker(self._paths), cfg, encoder)
+            fv = encoder_view(catalog, tracker, cfg, self._encoder(ref))
         return View(self._paths, cfg, fv)
+
+    def _encoder(self, ref: str) -> str:
+        """An encoder reference with ``@alias`` read as an alias of the workspace's encoders
+        (``pretrain.register_as``)."""
+        return f"{self.config.pretrain.register_as}{ref}" if ref.startswith("@") else ref
 
     # -- SQL ----------------------------------------------------------------------------------------------
     def sql(self, query: str, *, view: str | None = None, format: Format = "pandas"):
@@ -164,9 +167,7 @@ class Workspace:
         current = current_label_set(catalog)
         if current is None:
             return None
-        failures = [f.get("message") or GateFailure(f["frame"], f["expectation"], f["column"], f["count"], f["rows"],
-                                                    f.get("description", "")).message
-                    for f in json.loads(current["gate_failures"] or "[]")]
+        failures = [f["message"] for f in json.loads(current["gate_failures"] or "[]")]  # as the gate stored them
         slides = pd.DataFrame(catalog.query("SELECT * FROM slide_labels ORDER BY slide_id"))
         return Labels(current["label_version"], current["gate_status"], current["source"], int(current["n_samples"] or 0),
                       int(current["n_genes"] or 0), int(current["n_patients"] or 0), failures, slides, current)
@@ -281,8 +282,7 @@ class Workspace:
         for fine-tuning or embedding images of one's own."""
         from histcode.features.registry import load_encoder
 
-        encoder = f"{self.config.pretrain.register_as}{ref}" if ref.startswith("@") else ref
-        return load_encoder(self._paths, encoder)
+        return load_encoder(self._paths, self._encoder(ref))
 
     # -- pictures ---------------------------------------------------------------------------------------
     def tile_image(self, slide_id: str, x: int, y: int, size: int, px: int | None = None):

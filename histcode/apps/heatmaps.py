@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from histcode.features.registry import load_view
@@ -45,6 +46,14 @@ def slide_bag(ws: Workspace, head: LoadedHead, slide_id: str) -> Bag:
     if bag is None:
         raise LookupError(f"{slide_id} has no vectors in view {head.view_id}: run `histcode embed --slide {slide_id}`")
     return bag
+
+
+def slide_attention(head: LoadedHead, bag: Bag, smoothing: Smoothing) -> tuple[float, np.ndarray, np.ndarray]:
+    """A tumour head on one slide's bag: (p_tumor, NaN for a head without a tumour class; the attention
+    smoothed over the tile grid as heatmaps and the viewer draw it; the head's raw attention weights)."""
+    out, raw = head(bag.features)
+    p_tumor = float(out[list(head.classes).index("tumor")]) if "tumor" in head.classes else float("nan")
+    return p_tumor, smoothing.apply(raw, bag.xy, bag.size), raw
 
 
 def store_scores(catalog: Catalog, head: LoadedHead, scores: pd.DataFrame) -> None:
@@ -119,10 +128,8 @@ def render_heatmaps(ws: Workspace, slide_id: str, out_dir: Path, genes: list[str
         return done
     bags = dict(bags or {})
     bag = bags.get(tumor.view_id) or slide_bag(ws, tumor, slide_id)
-    out, raw = tumor(bag.features)
-    attention = smoothing.apply(raw, bag.xy, bag.size)
+    p_tumor, attention, raw = slide_attention(tumor, bag, smoothing)
     result = HeatmapResult(slide_id, views=views)
-    p_tumor = float(out[list(tumor.classes).index("tumor")]) if "tumor" in tumor.classes else float("nan")
     result.pictures.append(heatmap_png(slide, bag.xy, bag.size, attention, f"attention (p_tumor {p_tumor:.2f})",
                                        "attention", pictures[0], kind="sequential",
                                        head=f"{tumor.task}-head v{tumor.version}"))

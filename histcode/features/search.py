@@ -15,6 +15,8 @@ index, ``nprobes`` partitions are searched and ``refine_factor`` x k candidates 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -47,18 +49,24 @@ class FilterError(SearchError):
     table, the filter and the columns it has."""
 
 
-def filter_failure(exc: Exception, where: str | None, table: str, columns: list[str]) -> Exception | None:
-    """What a failed Lance read with filter ``where`` is: a service outage (named as such), a bad filter (told
-    with the table's columns rather than Lance's internals: hidden columns, source paths), or, with no filter,
-    None (the error is raised as it is)."""
+@contextmanager
+def filter_errors(table: str, where: str | None, columns: list[str]) -> Iterator[None]:
+    """A failed Lance read with filter ``where`` told as what it is: a service outage (named as such), a bad
+    filter (with the table's columns rather than Lance's internals: hidden columns, source paths), or, with no
+    filter, the error as it is."""
     from histcode.errors import service_error_of
 
-    outage = service_error_of(exc)
-    if outage is not None or not where:
-        return outage
-    text = str(exc).strip()
-    first = text.split(". Valid fields")[0].split(", /")[0].splitlines()[0] if text else type(exc).__name__
-    return FilterError(f"cannot filter {table} by {where!r}: {first} (columns: {', '.join(columns)})")
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 -- lance reports filter errors as several exception types
+        outage = service_error_of(exc)
+        if outage is not None:
+            raise outage from exc
+        if not where:
+            raise
+        text = str(exc).strip()
+        first = text.split(". Valid fields")[0].split(", /")[0].splitlines()[0] if text else type(exc).__name__
+        raise FilterError(f"cannot filter {table} by {where!r}: {first} (columns: {', '.join(columns)})") from exc
 
 
 def _vector_of(table, column: str, key: str, view: FeatureView) -> np.ndarray:
@@ -125,13 +133,8 @@ def nearest_slides(table, slide_id: str, k: int, where: str | None, centring: Ce
     vectors = replace_vectors(data, slide_vectors)
     allowed = set(ids)
     if where:
-        try:
+        with filter_errors(table.name, where, dataset.schema.names):
             allowed = set(dataset.to_table(columns=["slide_id"], filter=where).column("slide_id").to_pylist())
-        except Exception as exc:  # lance reports filter errors as several exception types
-            failure = filter_failure(exc, where, table.name, dataset.schema.names)
-            if failure is None:
-                raise
-            raise failure from exc
     candidates = np.array([i for i, s in enumerate(ids) if s in allowed and s != slide_id], dtype=np.int64)
     if len(candidates) == 0:
         return _ranked_table(data.slice(0, 0), np.zeros(0))
@@ -192,18 +195,13 @@ class TileSearcher:
         and dropping it, not by a ``tile_id !=`` filter, which Lance evaluates on every row before the search
         (measured in benchmarks/search.py)."""
         ask = k + 1 if exclude is not None else k
-        try:
+        name = self.dataset.uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".lance")
+        with filter_errors(name, where, self.dataset.schema.names):
             if self.selective(where):
                 hits = self._exact(vector, ask, where)
             else:
                 hits = self.dataset.to_table(columns=self.columns, filter=where, prefilter=bool(where),
                                              nearest=self.query(vector, ask, where))
-        except Exception as exc:  # lance reports filter errors as several exception types
-            name = self.dataset.uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".lance")
-            failure = filter_failure(exc, where, name, self.dataset.schema.names)
-            if failure is None:
-                raise
-            raise failure from exc
         hits = hits.rename_columns(["distance" if c == "_distance" else c for c in hits.column_names])
         hits = hits.sort_by("distance")
         if exclude is not None:
