@@ -32,11 +32,11 @@ def browser_page():
 
 
 @pytest.fixture(scope="module")
-def viewer_url(headed_workspace):
+def viewer_url(headed_workspace, tmp_path_factory):
     from histcode.viewer import create_app
     from histcode.viewer.serving import background_server
 
-    with background_server(create_app(headed_workspace)) as url:
+    with background_server(create_app(headed_workspace, cache_dir=tmp_path_factory.mktemp("viewer-cache"))) as url:
         yield url
 
 
@@ -93,12 +93,17 @@ def test_the_cohort_page_lists_every_slide_with_predictions(viewer_url, headed_w
     values = page.eval_on_selector_all(f"#slides tbody tr td:nth-child({p_col + 1})", "tds => tds.map(t => t.textContent)")
     assert all(0 <= float(v) <= 1 for v in values)  # every slide predicted by the registered tumour head
     # sorting by p tumour puts the highest first after two clicks; the filter narrows the rows
-    page.click(f"#slides thead th:nth-child({p_col + 1})")
-    page.click(f"#slides thead th:nth-child({p_col + 1})")
+    def loaded(action) -> None:  # sorting and filtering are answered by the server: wait for the new page
+        before = page.evaluate("window.HISTCODE.loads")
+        action()
+        page.wait_for_function(f"window.HISTCODE.loads > {before}", timeout=30_000)
+
+    loaded(lambda: page.click(f"#slides thead th:nth-child({p_col + 1})"))
+    loaded(lambda: page.click(f"#slides thead th:nth-child({p_col + 1})"))
     first = page.eval_on_selector("#slides tbody tr td:nth-child(%d)" % (p_col + 1), "td => td.textContent")
     assert float(first) == max(float(v) for v in values)
     one = sorted(expected)[0]
-    page.fill("#filter", one)
+    loaded(lambda: page.fill("#filter", one))
     assert page.eval_on_selector_all("#slides tbody tr", "rows => rows.map(r => r.dataset.slide)") == [one]
 
 

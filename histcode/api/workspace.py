@@ -17,6 +17,7 @@ from histcode.config import HistcodeConfig
 from histcode.features.registry import ViewError, encoder_view, list_views, resolve_view
 from histcode.heads.names import MODEL_NAMES
 from histcode.store.catalog import Catalog, CatalogError
+from histcode.store.predictions import COLUMNS as PREDICTION_COLUMNS, CURRENT_SQL
 from histcode.tracking import Tracker, telemetry_off
 from histcode.workspace import Workspace as Paths
 
@@ -254,6 +255,38 @@ class Workspace:
                 raise HeadNotFound(f"{name}@{alias} (run {run_id}) has no out-of-fold predictions.csv: its task has "
                                    "none (DE) or it was trained before they were logged") from exc
             return pd.read_csv(local, dtype={"slide_id": str})
+
+    def predictions(self, *, task: str | None = None, slide_ids: Sequence[str] | None = None,
+                    current: bool = True, wide: bool = False, format: Format = "pandas"):
+        """The stored predictions (the catalog's ``predictions`` table, ``histcode.store.predictions``): one row per
+        slide, head version, source (``predict``: `histcode predict`; ``cv``: out of fold, by the fold model that
+        never saw the slide's patient) and output (``p_tumor``, ``p_luad``, ``de_<gene>``, ...) with ``value``,
+        ``call``, the out-of-distribution check and ``stale`` (its task's ``@best`` is another version now).
+        ``current``: only the row each slide's output is shown with (``current_predictions``); ``wide``: one row
+        per slide, a column per output (numbers; DE outputs as their calls), as `histcode predict`'s CSV."""
+        if task is not None and task not in MODEL_NAMES:
+            raise UsageError(f"unknown task {task!r}; tasks: {', '.join(MODEL_NAMES)}")
+        clauses, params = [], []
+        if task is not None:
+            clauses.append("task = ?")
+            params.append(task)
+        if slide_ids is not None:
+            clauses.append("slide_id IN (SELECT unnest(?::VARCHAR[]))")
+            params.append([str(s) for s in slide_ids])
+        if wide and not current:
+            raise UsageError("wide=True shows one row per slide: it needs current=True")
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        source = CURRENT_SQL.format(table="predictions") if current else "SELECT * FROM predictions"
+        found = Catalog(self._paths.catalog_path).query(
+            f"SELECT * FROM ({source}){where} ORDER BY slide_id, task, output", params)
+        rows = pd.DataFrame(found, columns=list(PREDICTION_COLUMNS))
+        if wide:
+            table: dict[str, dict] = {}
+            for r in found:
+                table.setdefault(r["slide_id"], {"slide_id": r["slide_id"]})[r["output"]] = \
+                    r["call"] if r["output"].startswith("de_") else r["value"]
+            rows = pd.DataFrame(list(table.values()), columns=None if table else ["slide_id"])
+        return convert(rows, format)
 
     def predict(self, paths: Sequence[str | Path] | str | Path, *, cohort: str | None = None,
                 mpp: float | None = None, heatmaps: str | Path | None = None) -> pd.DataFrame:

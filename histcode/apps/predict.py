@@ -27,18 +27,23 @@ from histcode.features.ood import reference_for_view
 from histcode.features.registry import load_view
 from histcode.heads.apply import LoadedHead, load_head, optional_head
 from histcode.heads.data import Bag
+from histcode.heads.names import MODEL_NAMES
+from histcode.heads.outputs import NOT_APPLICABLE, Output, as_row, class_outputs, de_outputs
 from histcode.heads.smoothing import Smoothing
+from histcode.apps.cv_predictions import best_versions
 from histcode.apps.heatmaps import render_heatmaps, slide_bag
 from histcode.ingest.run import ingest_sources
 from histcode.ingest.sources import SlideSource
 from histcode.store.catalog import INFERENCE, Catalog
+from histcode.store.predictions import PREDICT, mark_stale, stale_slides, write_predictions
 from histcode.tiling.run import tile_slides
 from histcode.tracking import Tracker
 from histcode.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-NOT_APPLICABLE = "not_applicable"
+__all__ = ["NOT_APPLICABLE", "Prediction", "predict_slides", "refresh_sources", "registered_heads", "score_slide",
+           "slide_outputs"]
 
 
 @dataclass
@@ -95,18 +100,19 @@ def predict_slides(ws: Workspace, cfg: HistcodeConfig, sources: list[SlideSource
             if o.slide_id in healthy:
                 fail(o.slide_id, f"embedding in view {view_id}: {o.reason}")
     ood = _ood_reference(ws, catalog, cfg, heads["tumor"]) if healthy else None
-    tiles, pictures = [], []
+    tiles, pictures, stored = [], [], []
     for sid, row in healthy.items():
         try:
             bags = {view_id: slide_bag(ws, head, sid) for view_id, head in by_view.items()}
-            scored, slide_tiles = score_slide(bags, heads, Smoothing.of(cfg.heads))
-            if ood is not None:
-                scored.update(ood.assess(bags[heads["tumor"].view_id].features))
+            scored, slide_tiles, outputs = score_slide(bags, heads, Smoothing.of(cfg.heads))
+            placed = ood.assess(bags[heads["tumor"].view_id].features) if ood is not None else {}
+            scored.update(placed)
         except Exception as exc:  # noqa: BLE001 -- one slide's failure must not lose the others' predictions
             log.warning("scoring %s failed: %s", sid, exc)
             row.update(status="failed", reason=f"scoring: {type(exc).__name__}: {exc}")
             continue
         row.update(scored)
+        stored += prediction_rows(sid, outputs, heads, placed)
         if ood is not None and not scored["in_distribution"]:
             row["reason"] = (f"out of the training distribution: tiles lie {scored['ood_score']:.3f} from the training "
                              f"cohort's (threshold {ood.threshold:.3f}); treat these predictions with caution")
@@ -120,6 +126,7 @@ def predict_slides(ws: Workspace, cfg: HistcodeConfig, sources: list[SlideSource
                 log.warning("heatmap of %s failed: %s", sid, exc)
                 row["reason"] = "; ".join(filter(None, [row.get("reason"),
                                                         f"predicted; heatmap failed: {type(exc).__name__}: {exc}"]))
+    write_predictions(catalog, pd.DataFrame(stored), current_versions(heads))
     frame = pd.DataFrame(rows)
     for col in ("p_tumor", "p_luad", "p_lusc", "ood_score", "ood_percentile", "in_distribution"):
         if col not in frame:
@@ -129,6 +136,25 @@ def predict_slides(ws: Workspace, cfg: HistcodeConfig, sources: list[SlideSource
     frame = frame[lead + [c for c in frame.columns if c not in lead]]
     columns = ["slide_id", "x", "y", "size", "attention", "attention_raw"]
     return Prediction(frame, pd.DataFrame(tiles, columns=columns), pictures, views)
+
+
+def refresh_sources(catalog: Catalog, tracker: Tracker, slide_ids: list[str] | None = None) -> list[SlideSource]:
+    """The registered slides ``histcode predict --refresh`` recomputes (``store.predictions.stale_slides``, once
+    the stored rows are marked against the versions ``@best`` names now, wherever the alias was moved; with
+    ``slide_ids``, those slides whatever their rows), as sources that re-ingest them where they are: same file,
+    cohort and, where a user gave it, scale."""
+    mark_stale(catalog, best_versions(tracker, MODEL_NAMES))
+    if slide_ids:
+        unknown = [s for s in slide_ids if catalog.get_slide(s) is None]
+        if unknown:
+            raise LookupError(f"no slide {unknown[0]!r} in the catalog" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+    ids = list(slide_ids) if slide_ids else stale_slides(catalog)
+    sources = []
+    for sid in ids:
+        row = catalog.get_slide(sid)
+        sources.append(SlideSource(Path(row["path"]), sid, row["patient_id"] or sid,
+                                   row["mpp_x"] if row["mpp_source"] == "user" else None, cohort=row["cohort"]))
+    return sources
 
 
 def _ood_reference(ws: Workspace, catalog: Catalog, cfg: HistcodeConfig, tumor: LoadedHead):
@@ -144,31 +170,53 @@ def _ood_reference(ws: Workspace, catalog: Catalog, cfg: HistcodeConfig, tumor: 
         return None
 
 
-def score_slide(bags: dict[str, Bag], heads: dict[str, LoadedHead],
-                smoothing: Smoothing = Smoothing()) -> tuple[dict, list[dict]]:
-    """One slide's row (p_tumor, subtype probabilities, DE calls) and its tiles' attention: the map smoothed
-    over the tile grid by ``smoothing`` (``histcode.heads.smoothing``, what heatmaps draw) and the head's raw
-    weights; each head reads the slide's bag in its own view."""
+def slide_outputs(bags: dict[str, Bag], heads: dict[str, LoadedHead]) -> dict[str, list[Output]]:
+    """Each registered head's outputs on one slide (``histcode.heads.outputs``), each head reading the slide's bag in
+    its own view; task -> outputs."""
     tumor = heads["tumor"]
     p, _ = tumor(bags[tumor.view_id].features)
-    p_tumor = float(p[list(tumor.classes).index("tumor")])
-    row = {"p_tumor": p_tumor}
+    out = {"tumor": class_outputs("tumor", tumor.classes, p)}
+    p_tumor = out["tumor"][0].value
     if "subtype" in heads:
         subtype = heads["subtype"]
-        ps, _ = subtype(bags[subtype.view_id].features)
-        row.update({f"p_{c.lower()}": float(v) for c, v in zip(subtype.classes, ps)})
+        out["subtype"] = class_outputs("subtype", subtype.classes, subtype(bags[subtype.view_id].features)[0])
     if "de" in heads:
         de = heads["de"]
-        out, _ = de(bags[de.view_id].features)
-        for g, gene in enumerate(de.genes):
-            probs = out[g, 1:]
-            called = gene in de.classified_genes and np.isfinite(probs).all()
-            row[f"de_{gene}"] = (NOT_APPLICABLE if p_tumor < 0.5 else
-                                 de.classes[int(np.argmax(probs))] if called else "not_classified")
+        out["de"] = de_outputs(de.genes, de.classes, de.classified_genes, de(bags[de.view_id].features)[0], p_tumor)
+    return out
+
+
+def score_slide(bags: dict[str, Bag], heads: dict[str, LoadedHead],
+                smoothing: Smoothing = Smoothing()) -> tuple[dict, list[dict], dict[str, list[Output]]]:
+    """One slide's row (p_tumor, subtype probabilities, DE calls), its tiles' attention (the map smoothed over the
+    tile grid by ``smoothing``, ``histcode.heads.smoothing``, what heatmaps draw, and the head's raw weights), and
+    the outputs per task that the row flattens."""
+    outputs = slide_outputs(bags, heads)
+    row = as_row([o for task in outputs.values() for o in task])
     attention_head = heads["attention"]
     bag = bags[attention_head.view_id]
     _, raw = attention_head(bag.features)
     attention = smoothing.apply(raw, bag.xy, bag.size)
     tiles = [{"slide_id": bag.slide_id, "x": int(x), "y": int(y), "size": bag.size, "attention": float(a),
               "attention_raw": float(r)} for (x, y), a, r in zip(bag.xy, attention, raw)]
-    return row, tiles
+    return row, tiles, outputs
+
+
+def prediction_rows(slide_id: str, outputs: dict[str, list[Output]], heads: dict[str, LoadedHead],
+                    ood: dict | None = None) -> list[dict]:
+    """One slide's outputs as rows of the catalog's ``predictions`` table (``histcode.store.predictions``)."""
+    ood = ood or {}
+    rows = []
+    for task, task_outputs in outputs.items():
+        head = heads[task]
+        for o in task_outputs:
+            rows.append({"slide_id": slide_id, "task": task, "model": MODEL_NAMES[task], "version": int(head.version),
+                         "aggregator": head.aggregator, "view_id": head.view_id, "source": PREDICT, "output": o.name,
+                         "value": o.value, "call": o.call, "in_distribution": ood.get("in_distribution"),
+                         "ood_score": ood.get("ood_score"), "ood_percentile": ood.get("ood_percentile")})
+    return rows
+
+
+def current_versions(heads: dict[str, LoadedHead]) -> dict[str, int]:
+    """task -> the version its ``@best`` names (what older rows are stale against)."""
+    return {task: int(h.version) for task, h in heads.items() if task != "attention"}

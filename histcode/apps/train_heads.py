@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from histcode.apps.cv_predictions import store_cv_predictions
 from histcode.apps.head_runs import Promotion, prior_run, promote, read_back, register_final, set_alias, track_cv
 from histcode.config import HistcodeConfig
 from histcode.features.registry import FeatureView, resolve_view, training_state
@@ -142,7 +143,12 @@ def completed_heads(ws: Workspace, cfg: HistcodeConfig, summary_path: Path) -> d
         current = _fingerprint(view, state, labels["label_version"], cfg, cfg.heads.tasks, cfg.heads.aggregators)
         tracker = Tracker(ws)
         finished = all(tracker.client.get_run(r["run_id"]).info.status == "FINISHED" for r in summary["runs"].values())
+        # heads trained before predictions were stored: a rerun reuses every run and stores them
+        stored = not cfg.heads.register_models or bool(catalog.query(
+            "SELECT 1 FROM predictions WHERE source = 'cv' AND view_id = ? LIMIT 1", [view.view_id]))
     except Exception:  # noqa: BLE001 -- no gate, no view, a deleted run: not up to date
+        return None
+    if not stored:
         return None
     return summary if finished and summary.get("fingerprint") == current else None
 
@@ -212,6 +218,9 @@ def train_heads(ws: Workspace, cfg: HistcodeConfig, tasks: tuple[str, ...] | Non
             report.versions[f"{task}/{BEST}"] = registered[report.best[task]].version
             report.promotions[task] = _set_aliases(tracker, task, registered, results, report.best[task], best.score,
                                                    label_version, ablation, hcfg.promote)
+            if not ablation:  # the ablation's versions are compared in MLflow, not shown as the cohort's predictions
+                store_cv_predictions(catalog, tracker, results, {a: r.version for a, r in registered.items()},
+                                     view.view_id, task)
     return report
 
 

@@ -88,17 +88,33 @@ def predict(
     heatmaps: Annotated[Optional[Path], typer.Option(help="Also draw heatmaps into this folder.")] = None,
     tile_scores: Annotated[Optional[Path], typer.Option("--tile-scores", help="CSV of tile attention: slide_id, x, y, size, attention.")] = None,
     cohort: Annotated[Optional[str], typer.Option(help="Inference cohort for the new slides (default: cohorts.predict); never trained on.")] = None,
+    refresh: Annotated[bool, typer.Option("--refresh", help="Predict again the registered slides whose stored predictions are stale (a newer head version is @best) or missing (inference cohorts); with --slide, those slides.")] = False,
+    slide: Annotated[Optional[list[str]], typer.Option("--slide", help="With --refresh: this registered slide (repeatable).")] = None,
 ) -> None:
-    """Ingest, tile and embed new slides into an inference cohort, then apply the registered heads. Exits 1 if
-    any slide failed."""
+    """Ingest, tile and embed new slides into an inference cohort, then apply the registered heads and store the
+    predictions in the catalog (table ``predictions``) and the CSV. Exits 1 if any slide failed."""
     from histcode.heads.apply import HeadNotFound
-    from histcode.apps.predict import predict_slides
-    from histcode.tracking import telemetry_off
+    from histcode.apps.predict import predict_slides, refresh_sources
+    from histcode.store.catalog import Catalog
+    from histcode.tracking import Tracker, telemetry_off
 
     telemetry_off()
     ws = workspace_of(ctx)
     cfg = config_of(ws)
-    sources = slide_sources(paths, manifest, mpp, cfg.ingest.extensions)
+    if slide and not refresh:
+        fail("--slide is for --refresh (new slides are given as paths)")
+    if refresh:
+        if paths or manifest:
+            fail("--refresh predicts registered slides again: give no paths or --manifest with it")
+        try:
+            sources = refresh_sources(Catalog.of(ws), Tracker(ws), slide)
+        except LookupError as exc:
+            fail(str(exc))
+        if not sources:
+            terminal().print("every stored prediction is current: nothing to refresh")
+            return
+    else:
+        sources = slide_sources(paths, manifest, mpp, cfg.ingest.extensions)
     try:
         result = predict_slides(ws, cfg, sources, heatmaps, cohort=cohort)
     except (HeadNotFound, RuntimeError) as exc:
@@ -111,7 +127,8 @@ def predict(
     console = terminal()
     for head, view in result.views.items():
         console.print(f"{head}: view {view}")
-    console.print(f"{len(result.predictions) - len(failed)} slides predicted, {len(failed)} failed -> {out}")
+    console.print(f"{len(result.predictions) - len(failed)} slides predicted, {len(failed)} failed -> {out} and the "
+                  "catalog: histcode sql \"SELECT * FROM current_predictions\"")
     outside = result.predictions[result.predictions.in_distribution == False]  # noqa: E712 -- NaN for failed rows
     for row in outside.itertuples():
         console.print(f"  [yellow]{row.slide_id}[/]: {row.reason}")

@@ -123,6 +123,10 @@ class Catalog(CohortRegistry):
         return json.dumps({k: convert(v) if is_path_attribute(k) and v else v for k, v in values.items()},
                           sort_keys=True)
 
+    def resolved(self, row: dict) -> dict:
+        """A row of ``slides`` read elsewhere (a copy of the table) with its paths resolved as ``slides()`` does."""
+        return self._slide_out(dict(row))
+
     def _slide_out(self, row: dict) -> dict:
         row["path"] = self.real_path(row["path"])
         if "attributes" in row:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 TABLES: dict[str, str] = {
     "meta": """
@@ -173,6 +173,15 @@ TABLES: dict[str, str] = {
             model VARCHAR, version VARCHAR, slide_id VARCHAR, tile_id VARCHAR, x BIGINT, y BIGINT, size INTEGER,
             score_name VARCHAR, score DOUBLE, created_at TIMESTAMP
         )""",
+    # Slide-level outputs of the heads (histcode.store.predictions): `histcode predict`'s (source 'predict') and
+    # the cross-validation's out-of-fold ones (source 'cv'); stale once the task's @best is another version.
+    "predictions": """
+        CREATE TABLE IF NOT EXISTS predictions (
+            slide_id VARCHAR NOT NULL, task VARCHAR NOT NULL, model VARCHAR NOT NULL, version INTEGER NOT NULL,
+            aggregator VARCHAR, view_id VARCHAR, source VARCHAR NOT NULL, fold INTEGER, output VARCHAR NOT NULL,
+            value DOUBLE, call VARCHAR, in_distribution BOOLEAN, ood_score DOUBLE, ood_percentile DOUBLE,
+            stale BOOLEAN NOT NULL, predicted_at TIMESTAMP
+        )""",
 }
 
 # Upgrades of catalogs written by older versions: {version: statements}.
@@ -187,7 +196,9 @@ MIGRATIONS: dict[int, list[str]] = {
     # the gate settings a verdict was reached with (a verdict without them is judged again once)
     # (a catalog from before label sets gets the table, then the column is already there)
     6: [TABLES["label_sets"], "ALTER TABLE label_sets ADD COLUMN IF NOT EXISTS gate_settings VARCHAR"],
+    # stored predictions (the table itself is created with the others)
+    7: [],
 }
 
 # Tables whose rows derive from a slide's pixels: cleared when the slide's content changes.
-DOWNSTREAM_OF_SLIDE = ("tiles", "materializations", "tile_scores")
+DOWNSTREAM_OF_SLIDE = ("tiles", "materializations", "tile_scores", "predictions")

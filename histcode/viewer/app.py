@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -22,7 +21,8 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from histcode.viewer.cohort import SearchError, UnknownItem, ViewerData
+from histcode.viewer.cohort import BadFilter, UnknownItem, ViewerData
+from histcode.viewer.cohort_query import CohortQuery, CohortQueryError
 from histcode.viewer.deepzoom import DeepZoomTiles, TileNotFound
 from histcode.viewer.overlays import (
     grid_png,
@@ -31,6 +31,7 @@ from histcode.viewer.overlays import (
     placement,
     tissue_png,
 )
+from histcode.viewer.thumbnails import ThumbnailCache
 from histcode.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 MAX_K = 50
 CACHE = {"Cache-Control": "max-age=3600"}
+THUMBNAIL_PX = 160
 
 
 def datadocs_dir(ws: Workspace) -> Path | None:
@@ -84,11 +86,13 @@ def _clean(value):
     return value
 
 
-def create_app(ws: Workspace, warm: bool = True) -> Starlette:
-    """The viewer over ``ws``. ``warm``: apply the heads to the cohort in a background thread at start-up (the
-    predictions, then each slide's attention and gene scores), so pages find them ready."""
+def create_app(ws: Workspace, cache_dir: Path | None = None) -> Starlette:
+    """The viewer over ``ws``. Nothing is computed at start: the cohort page reads the stored predictions (the
+    catalog's ``predictions`` table) a page at a time, a slide's layers are computed when its page is opened.
+    ``cache_dir``: where slide thumbnails are kept (default ``histcode.viewer.thumbnails.cache_root()``)."""
     data = ViewerData(ws)
     tiles = DeepZoomTiles()
+    thumbnails = ThumbnailCache(cache_dir)
     templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
     docs = datadocs_dir(ws)
 
@@ -103,7 +107,7 @@ def create_app(ws: Workspace, warm: bool = True) -> Starlette:
 
     # -- pages ------------------------------------------------------------------------------------------------
     def cohort_page(request: Request) -> HTMLResponse:
-        view = view_of(request)
+        _, view = data.cohort_view(request.query_params.get("view") or None)
         return page("cohort.html", view=view, views=data.views(), workspace=str(ws.root))
 
     def slide_page(request: Request) -> HTMLResponse:
@@ -113,10 +117,14 @@ def create_app(ws: Workspace, warm: bool = True) -> Starlette:
 
     # -- data -------------------------------------------------------------------------------------------------
     def api_slides(request: Request) -> JSONResponse:
-        view = view_of(request)
-        heads = {k: {"version": h.version, "view_id": h.view_id, "aggregator": h.aggregator}
-                 for k, h in data.heads().items()}
-        return JSONResponse(_clean({"view": view.view_id, "heads": heads, "slides": data.cohort_rows(view)}))
+        spec_id, view = data.cohort_view(request.query_params.get("view") or None)
+        try:
+            query = CohortQuery.from_params(request.query_params)
+            page = data.cohort_page(spec_id, query)
+        except CohortQueryError as exc:
+            raise HTTPException(400, str(exc)) from None
+        return JSONResponse(_clean({"view": view.view_id if view else None, "spec_id": spec_id,
+                                    "heads": data.heads_shown(), "slides": page.pop("rows"), **page}))
 
     def api_slide(request: Request) -> JSONResponse:
         slide, view = slide_of(request), view_of(request)
@@ -139,8 +147,7 @@ def create_app(ws: Workspace, warm: bool = True) -> Starlette:
             "slide_id": sid, "patient_id": slide["patient_id"], "cohort": slide["cohort"], "mpp": slide["mpp_x"],
             "view": view.view_id, "tile_source": pyramid.as_tile_source(), "overlays": overlays,
             "n_tiles": len(grid.tile_ids) if grid else 0, "tile_size": grid.size if grid else None,
-            "predictions": data.predictions().get(sid, {}), "mask_auc": data.mask_auc(sid),
-            "labels": data.labels().get(sid, {})}))
+            "predictions": data.predictions(sid), "mask_auc": data.mask_auc(sid), "labels": data.labels(sid)}))
 
     def api_dz(request: Request) -> Response:
         slide = slide_of(request)
@@ -151,7 +158,10 @@ def create_app(ws: Workspace, warm: bool = True) -> Starlette:
         return Response(jpeg, media_type="image/jpeg", headers=CACHE)
 
     def api_thumbnail(request: Request) -> Response:
-        return Response(tiles.thumbnail_jpeg(slide_of(request)["path"]), media_type="image/jpeg", headers=CACHE)
+        slide = slide_of(request)
+        jpeg = thumbnails.get(slide.get("content_hash"), THUMBNAIL_PX,
+                              lambda: tiles.thumbnail_jpeg(slide["path"], THUMBNAIL_PX))
+        return Response(jpeg, media_type="image/jpeg", headers=CACHE)
 
     def api_overlay(request: Request) -> Response:
         slide, view = slide_of(request), view_of(request)
@@ -182,7 +192,7 @@ def create_app(ws: Workspace, warm: bool = True) -> Starlette:
         where = request.query_params.get("where") or None
         try:
             hits = data.neighbours(view, request.query_params.get("tile", ""), k, where)
-        except SearchError as exc:
+        except BadFilter as exc:
             raise HTTPException(400, str(exc)) from None
         return JSONResponse(_clean({"view": view.view_id, "where": where, "hits": hits}))
 
@@ -198,7 +208,7 @@ def create_app(ws: Workspace, warm: bool = True) -> Starlette:
         k = min(max(_int(request, "k", 5), 1), MAX_K)
         try:
             hits = data.similar_slides(view, slide["slide_id"], k, request.query_params.get("where") or None)
-        except SearchError as exc:
+        except BadFilter as exc:
             raise HTTPException(400, str(exc)) from None
         return JSONResponse(_clean({"view": view.view_id, "hits": hits}))
 
@@ -220,15 +230,4 @@ def create_app(ws: Workspace, warm: bool = True) -> Starlette:
         routes.append(Mount("/datadocs", StaticFiles(directory=docs, html=True), name="datadocs"))
     app = Starlette(routes=routes, exception_handlers={UnknownItem: not_found, HTTPException: http_error})
     app.state.data, app.state.tiles = data, tiles
-    if warm:
-        threading.Thread(target=_warm, args=(data,), name="viewer-warm", daemon=True).start()
     return app
-
-
-def _warm(data: ViewerData) -> None:
-    try:
-        predicted = data.predictions()
-        for slide_id in predicted:
-            data.layers(slide_id)
-    except Exception as exc:  # noqa: BLE001 -- the pages say what is missing; the log says why
-        log.warning("could not apply the heads to the cohort: %s", exc)

@@ -1,43 +1,56 @@
 """What the viewer shows, read from a workspace without writing to it: the cohort's slides with their labels and
-the registered heads' predictions, a slide's tile grid and per-tile scores (attention, each gene's log2FC), its
+the stored predictions (``histcode.store.predictions``: `histcode predict`'s, and the cross-validation's out-of-fold
+ones for training slides), a slide's tile grid and per-tile scores (attention, each gene's log2FC), its
 ground-truth mask, and the feature store's neighbours of a tile or a slide.
 
-Slides are known by catalog id only; anything else is ``UnknownItem`` (the app answers 404). Heads are applied
-in the view each was trained on (its ``view_id`` tag); search runs in the view the user picked. Results that
-cost a model pass (predictions, a slide's scores) are computed once per process and kept.
+Slides are known by catalog id only; anything else is ``UnknownItem`` (the app answers 404). The cohort page is
+one SQL query per page (``histcode.viewer.cohort_query``), whatever the cohort's size. A slide's score layers are
+computed when its page asks for them, by the heads in the view each was trained on (its ``view_id`` tag), from
+that slide's vectors alone, and kept for the last few slides; search runs in the view the user picked.
 """
 
 from __future__ import annotations
 
 import logging
+import shlex
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from histcode.apps.predict import registered_heads, score_slide
-from histcode.features.read import view_table
 from histcode.features.registry import FeatureView, list_views, load_view, resolve_view
-from histcode.features.search import SearchError, TileSearcher, nearest_slides
-from histcode.heads.apply import HeadNotFound, LoadedHead
-from histcode.heads.data import Bag, load_bags
-from histcode.heads.masks import tile_tumour_labels
-from histcode.heads.smoothing import Smoothing
 from histcode.store.catalog import Catalog
-from histcode.store.vectors import SLIDE_KIND, TILE_KIND, quote_literal
-from histcode.tracking import Tracker
+from histcode.store.predictions import CURRENT_SQL
+from histcode.tiling.spec import spec_id_of
+from histcode.viewer.cohort_query import CohortQuery
+from histcode.viewer.snapshot import CatalogSnapshot
 from histcode.workspace import Workspace
 from histcode.wsi.grid import Grid, grid_of
 
+if TYPE_CHECKING:  # the models, vectors and MLflow are imported when a slide's layers or a search first need them,
+    # so that the viewer starts (and serves the cohort) without loading torch, Lance or MLflow
+    from histcode.features.search import TileSearcher
+    from histcode.heads.apply import LoadedHead
+    from histcode.heads.data import Bag
+    from histcode.tracking import Tracker
+
 log = logging.getLogger(__name__)
 
-SLIDES_TTL_S = 15.0  # the catalog's slides are read again after this long (another process may add some)
+SLIDES_TTL_S = 15.0  # the default feature view is looked up again after this long
+BAGS_KEPT = 8  # slides' bags kept (a slide page asks for its layers, then overlays, tiles, search)
+LAYERS_KEPT = 64  # slides whose score layers are kept
 
 
 class UnknownItem(LookupError):
     """A slide, view, tile or layer the workspace does not have."""
+
+
+class BadFilter(ValueError):
+    """A search filter the feature store refused; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -53,59 +66,104 @@ class Layer:
 
 
 class ViewerData:
-    """Read-only access to one workspace for the viewer (thread-safe; one per app)."""
+    """Read-only access to one workspace for the viewer (thread-safe; one per app). Nothing is computed at start:
+    the cohort page is a SQL query per page over the catalog (its slides, labels and stored predictions,
+    ``histcode.store.predictions``), a slide's score layers are computed when its page asks for them."""
 
     def __init__(self, ws: Workspace) -> None:
         self.ws = ws
         self.cfg = ws.config()
         self.catalog = Catalog.of(ws)
-        self.tracker = Tracker(ws)
+        self._tracker: Tracker | None = None
         self._lock = threading.RLock()
-        self._slides: dict[str, dict] = {}
-        self._slides_at = 0.0
+        self.snapshot = CatalogSnapshot(self.catalog, {
+            "current_predictions": CURRENT_SQL.format(table="predictions") + " ORDER BY slide_id, output"})
         self._heads: dict[str, LoadedHead] | None = None
-        self._bags: dict[str, dict[str, Bag]] = {}  # view id -> slide id -> bag
-        self._predictions: dict[str, dict] | None = None
+        self._bags: dict[tuple[str, str], Bag] = {}  # (view id, slide id) -> bag, the last few slides opened
         self._layers: dict[str, dict[str, Layer]] = {}
         self._searchers: dict[str, TileSearcher] = {}
+        self._outputs: tuple[float, list[str]] = (0.0, [])
+        self._default: tuple[float, FeatureView | None] = (0.0, None)
+        self._looking = False
+
+    @property
+    def tracker(self) -> Tracker:
+        with self._lock:
+            if self._tracker is None:
+                from histcode.tracking import Tracker
+
+                self._tracker = Tracker(self.ws)
+            return self._tracker
 
     # -- slides and views ------------------------------------------------------------------------------------
-    def slides(self) -> dict[str, dict]:
-        with self._lock:
-            if time.monotonic() - self._slides_at > SLIDES_TTL_S:
-                self._slides = {s["slide_id"]: s for s in self.catalog.slides()}
-                self._slides_at = time.monotonic()
-            return self._slides
-
     def slide(self, slide_id: str | None) -> dict:
         """A healthy registered slide, or ``UnknownItem``."""
-        slide = self.slides().get(slide_id or "")
-        if slide is None or slide["status"] != "ok":
+        rows = self.snapshot.query("SELECT * FROM slides WHERE slide_id = ?", [slide_id or ""])
+        if not rows or rows[0]["status"] != "ok":
             raise UnknownItem(f"no slide {slide_id!r} in the catalog")
-        return slide
+        return self.catalog.resolved(rows[0])
 
     def views(self) -> list[dict]:
         """The materialised tile views, newest first."""
-        return [v for v in list_views(self.catalog) if v["status"] in ("ok", "partial")]
+        return [v for v in list_views(self.snapshot) if v["status"] in ("ok", "partial")]
 
     def view(self, view_id: str | None) -> FeatureView:
-        """``view_id``, or the workspace's default view (features.encoder's), else the newest materialised."""
-        known = {v["view_id"] for v in self.views()}
+        """``view_id``, or the workspace's default view (features.encoder's, kept for ``SLIDES_TTL_S``), else the
+        newest materialised."""
         if view_id:
+            known = {v["view_id"] for v in self.views()}
             if view_id not in known:
                 raise UnknownItem(f"no materialised feature view {view_id!r}")
-            return load_view(self.catalog, view_id, self.cfg.features.attribute_columns)
+            return load_view(self.snapshot, view_id, self.cfg.features.attribute_columns)
+        with self._lock:
+            at, default = self._default
+        if default is not None and time.monotonic() - at <= SLIDES_TTL_S:
+            return default
         try:
-            return resolve_view(self.catalog, self.tracker, self.cfg)
+            default = resolve_view(self.catalog, self.tracker, self.cfg)
         except (LookupError, ValueError):
-            if not known:
+            if not self.views():
                 raise UnknownItem("no materialised feature view: run `histcode embed`") from None
-            return load_view(self.catalog, None, self.cfg.features.attribute_columns)
+            default = load_view(self.catalog, None, self.cfg.features.attribute_columns)
+        with self._lock:
+            self._default = (time.monotonic(), default)
+        return default
+
+    def cohort_view(self, view_id: str | None) -> tuple[str, FeatureView | None]:
+        """(tiling spec, view) of the cohort page: the named view, else the default view once it is known, else
+        the current tiling spec and no view yet. Finding the default view needs the model registry (MLflow);
+        the first page does not wait for it: it is looked up in the background, for the pages after."""
+        if view_id:
+            view = self.view(view_id)
+            return view.spec_id, view
+        with self._lock:
+            at, default = self._default
+            looking = self._looking
+            if default is None and not looking:
+                self._looking = True
+        if default is not None:
+            return default.spec_id, default
+        if not looking:
+            threading.Thread(target=self._find_default, name="viewer-default-view", daemon=True).start()
+        return spec_id_of(self.cfg.tiling), None
+
+    def _find_default(self) -> None:
+        try:
+            self.view(None)
+        except Exception as exc:  # noqa: BLE001 -- the page says which view it shows; the log says why none
+            log.info("no default feature view: %s", exc)
+        finally:
+            with self._lock:
+                self._looking = False
 
     # -- heads and predictions ---------------------------------------------------------------------------------
     def heads(self) -> dict[str, LoadedHead]:
+        """The registered heads, loaded when a slide's layers are first asked for."""
         with self._lock:
             if self._heads is None:
+                from histcode.apps.predict import registered_heads
+                from histcode.heads.apply import HeadNotFound
+
                 try:
                     self._heads = registered_heads(self.tracker)
                 except HeadNotFound as exc:
@@ -113,48 +171,85 @@ class ViewerData:
                     self._heads = {}
             return self._heads
 
-    def bags(self, view_id: str) -> dict[str, Bag]:
-        """Every slide's bag in ``view_id`` (read once, memory-mapped)."""
+    def bag(self, view_id: str, slide_id: str) -> Bag | None:
+        """One slide's bag in ``view_id`` (read from the view's table for that slide alone; the last few kept)."""
+        key = (view_id, slide_id)
         with self._lock:
-            if view_id not in self._bags:
+            if key not in self._bags:
+                from histcode.heads.data import load_bags
+
                 view = load_view(self.catalog, view_id)
-                self._bags[view_id] = load_bags(self.ws, view)
-            return self._bags[view_id]
+                bag = load_bags(self.ws, view, slide_ids=[slide_id]).get(slide_id)
+                if len(self._bags) >= BAGS_KEPT:
+                    self._bags.pop(next(iter(self._bags)))
+                self._bags[key] = bag
+            return self._bags[key]
 
-    def predictions(self) -> dict[str, dict]:
-        """Per slide: p_tumor, the subtype probabilities and the DE calls of the registered heads (empty when no
-        head is registered, or for a slide missing from a head's view)."""
-        with self._lock:
-            if self._predictions is None:
-                heads, out = self.heads(), {}
-                if heads:
-                    views = {h.view_id for h in heads.values()}
-                    by_view = {v: self.bags(v) for v in views}
-                    for sid in set.intersection(*(set(b) for b in by_view.values())):
-                        out[sid], _ = score_slide({v: b[sid] for v, b in by_view.items()}, heads)
-                self._predictions = out
-            return self._predictions
+    def predictions(self, slide_id: str) -> dict:
+        """The slide's stored predictions (``current_predictions``): ``values`` output -> number (DE: its call),
+        ``by`` one entry per head version and source they come from, and ``note``: what is missing or stale and
+        the command that makes them."""
+        self.slide(slide_id)
+        rows = self.snapshot.query("SELECT * FROM current_predictions WHERE slide_id = ? ORDER BY task, output", [slide_id])
+        values = {r["output"]: r["call"] if r["output"].startswith("de_") else r["value"] for r in rows}
+        by = {}
+        for r in rows:
+            by.setdefault((r["task"], r["version"], r["source"]), {
+                "task": r["task"], "model": r["model"], "version": r["version"], "aggregator": r["aggregator"],
+                "view_id": r["view_id"], "source": r["source"], "fold": r["fold"], "stale": bool(r["stale"]),
+                "predicted_at": r["predicted_at"], "in_distribution": r["in_distribution"],
+                "ood_score": r["ood_score"]})
+        command = f"histcode predict --refresh --slide {shlex.quote(slide_id)}"
+        note = None
+        if not rows:
+            note = f"no stored predictions for this slide: {command}"
+        elif any(b["stale"] for b in by.values()):
+            note = f"predicted by a head version that is no longer @best: {command}"
+        return {"values": values, "by": list(by.values()), "note": note, "command": command if note else None}
 
-    def labels(self) -> dict[str, dict]:
-        rows = self.catalog.query("SELECT slide_id, tumor, subtype FROM slide_labels") if self._has("slide_labels") else []
-        return {r["slide_id"]: r for r in rows}
+    def prediction_outputs(self) -> list[str]:
+        """The outputs the stored predictions have (columns of the cohort page)."""
+        return [r["output"] for r in self.snapshot.query("SELECT DISTINCT output FROM current_predictions ORDER BY output",
+                                                         memo=True)]
 
-    def _has(self, table: str) -> bool:
-        return bool(self.catalog.query("SELECT 1 FROM information_schema.tables WHERE table_name = ?", [table]))
+    def heads_shown(self) -> list[dict]:
+        """Which head versions the stored predictions come from, with their slide counts."""
+        return self.snapshot.query(
+            "SELECT task, version, aggregator, source, bool_or(stale) AS stale, count(DISTINCT slide_id) AS slides "
+            "FROM predictions GROUP BY ALL ORDER BY task, source, version DESC", memo=True)
 
-    def cohort_rows(self, view: FeatureView) -> list[dict]:
-        """One row per registered slide: id, cohort, status, scale, tiles in ``view``'s tiling, labels, predictions."""
-        counts = {r["slide_id"]: r["n_tiles"] for r in self.catalog.query(
-            "SELECT slide_id, n_tiles FROM tilings WHERE spec_id = ? AND status = 'ok'", [view.spec_id])}
-        labels, predictions = self.labels(), self.predictions()
-        rows = []
-        for sid, s in sorted(self.slides().items()):
-            label, pred = labels.get(sid, {}), predictions.get(sid, {})
-            rows.append({"slide_id": sid, "patient_id": s["patient_id"], "cohort": s["cohort"], "status": s["status"],
-                         "reason": s["reason"], "mpp": s["mpp_x"], "width": s["width"], "height": s["height"],
-                         "n_tiles": counts.get(sid), "tumor": label.get("tumor"), "subtype": label.get("subtype"),
-                         **pred})
-        return rows
+    def labels(self, slide_id: str) -> dict:
+        rows = self.snapshot.query("SELECT tumor, subtype FROM slide_labels WHERE slide_id = ? LIMIT 1", [slide_id])
+        return rows[0] if rows else {}
+
+    def cohort_page(self, spec_id: str, page: CohortQuery) -> dict:
+        """One page of the cohort table, sorted and filtered in SQL: ``rows`` (slide, patient, cohort, status,
+        scale, tiles in tiling ``spec_id``, labels, the stored predictions), ``total`` slides, ``matched`` by the
+        filter, and the ``outputs`` that can be sorted on."""
+        outputs = self.prediction_outputs()
+        sql, params = page.sql(spec_id, outputs)
+        with self.snapshot.connection() as con:
+            cur = con.execute(sql, params)
+            names = [d[0] for d in cur.description]
+            rows = [dict(zip(names, r)) for r in cur.fetchall()]
+            total = con.execute("SELECT count(*) FROM slides").fetchall()[0][0]
+            ids = [r["slide_id"] for r in rows]
+            preds = con.execute("SELECT slide_id, output, value, call, stale FROM current_predictions WHERE slide_id IN "
+                                f"({', '.join('?' * len(ids))})", ids).fetchall() if ids else []
+            pnames = [d[0] for d in con.description] if ids else []
+        matched = rows[0].pop("_matched") if rows else 0
+        by_slide: dict[str, dict] = {}
+        for values in preds:
+            r = dict(zip(pnames, values))
+            by_slide.setdefault(r["slide_id"], {})[r["output"]] = r["call"] if r["output"].startswith("de_") else r["value"]
+            if r["stale"]:
+                by_slide[r["slide_id"]]["stale"] = True
+        for r in rows:
+            r.pop("_matched", None)
+            r.pop("_key", None)
+            r.update(by_slide.get(r["slide_id"], {}))
+        return {"rows": rows, "total": int(total), "matched": int(matched), "outputs": outputs,
+                "offset": page.offset, "limit": page.limit}
 
     # -- a slide's grid and layers ------------------------------------------------------------------------------
     def grid(self, slide_id: str, view: FeatureView) -> Grid:
@@ -172,10 +267,13 @@ class ViewerData:
         with self._lock:
             if slide_id in self._layers:
                 return self._layers[slide_id]
+            from histcode.heads.masks import tile_tumour_labels
+            from histcode.heads.smoothing import Smoothing
+
             heads, layers = self.heads(), {}
             att = heads.get("attention")
-            if att is not None and slide_id in self.bags(att.view_id):
-                bag = self.bags(att.view_id)[slide_id]
+            bag = self.bag(att.view_id, slide_id) if att is not None else None
+            if bag is not None:
                 _, raw = att(bag.features)  # drawn as every heatmap is: smoothed over the tile grid
                 attention = Smoothing.of(self.cfg.heads).apply(raw, bag.xy, bag.size)
                 layers["attention"] = Layer("attention", "attention", "sequential", grid_of(bag.tile_ids, bag.xy, bag.size),
@@ -185,13 +283,15 @@ class ViewerData:
                     layers["truth"] = Layer("truth", "ground-truth tumour", "sequential",
                                             layers["attention"].grid, truth.astype(float), "the slide's mask")
             de = heads.get("de")
-            if de is not None and de.genes and slide_id in self.bags(de.view_id):
-                bag = self.bags(de.view_id)[slide_id]
+            bag = self.bag(de.view_id, slide_id) if de is not None and de.genes else None
+            if bag is not None:
                 per_tile = de.tile_scores(bag.features)
                 grid = grid_of(bag.tile_ids, bag.xy, bag.size)
                 for g, gene in enumerate(de.genes):
                     layers[f"gene:{gene}"] = Layer(f"gene:{gene}", f"{gene} log2FC", "diverging", grid,
                                                    np.asarray(per_tile[:, g], dtype=float), f"de-head v{de.version} ({de.view_id})")
+            if len(self._layers) >= LAYERS_KEPT:
+                self._layers.pop(next(iter(self._layers)))
             self._layers[slide_id] = layers
             return layers
 
@@ -224,11 +324,17 @@ class ViewerData:
     def _searcher(self, view: FeatureView) -> TileSearcher:
         with self._lock:
             if view.view_id not in self._searchers:
+                from histcode.features.read import view_table
+                from histcode.features.search import TileSearcher
+                from histcode.store.vectors import TILE_KIND
+
                 self._searchers[view.view_id] = TileSearcher(view_table(self.ws, view, TILE_KIND), self.cfg.features)
             return self._searchers[view.view_id]
 
     def tile(self, view: FeatureView, tile_id: str) -> dict:
         """A tile of ``view`` by id: slide, corner, size and vector; ``UnknownItem`` when the view has none."""
+        from histcode.store.vectors import quote_literal
+
         searcher = self._searcher(view)
         rows = searcher.dataset.to_table(columns=["tile_id", "slide_id", "x", "y", "size", "vector"],
                                          filter=f"tile_id = {quote_literal(tile_id)}")
@@ -240,21 +346,32 @@ class ViewerData:
 
     def neighbours(self, view: FeatureView, tile_id: str, k: int, where: str | None) -> list[dict]:
         """The ``k`` tiles of the cohort nearest to ``tile_id`` in ``view`` (cosine), among those ``where``
-        selects; ``SearchError`` for a bad filter."""
+        selects; ``BadFilter`` for a bad filter."""
+        from histcode.features.search import SearchError
+
         tile = self.tile(view, tile_id)
         searcher = self._searcher(view)
-        hits = searcher.with_sizes(searcher.nearest(tile["vector"], k, where, exclude=tile_id))
+        try:
+            hits = searcher.with_sizes(searcher.nearest(tile["vector"], k, where, exclude=tile_id))
+        except SearchError as exc:
+            raise BadFilter(str(exc)) from None
         keep = [c for c in ("rank", "tile_id", "slide_id", "patient_id", "x", "y", "size", "distance") if c in hits.column_names]
         return hits.select(keep).to_pylist()
 
     def similar_slides(self, view: FeatureView, slide_id: str, k: int, where: str | None = None) -> list[dict]:
+        from histcode.features.read import view_table
+        from histcode.features.search import SearchError, nearest_slides
+        from histcode.store.vectors import SLIDE_KIND
+
         self.slide(slide_id)
         try:
             table = view_table(self.ws, view, SLIDE_KIND)
         except Exception as exc:  # noqa: BLE001 -- no slide table in this view yet
             raise UnknownItem(f"view {view.view_id} has no slide vectors") from exc
-        hits = nearest_slides(table, slide_id, k, where, "mean", view)
-        return hits.to_pylist()
+        try:
+            return nearest_slides(table, slide_id, k, where, "mean", view).to_pylist()
+        except SearchError as exc:
+            raise BadFilter(str(exc)) from None
 
 
-__all__ = ["Layer", "SearchError", "UnknownItem", "ViewerData"]
+__all__ = ["BadFilter", "Layer", "UnknownItem", "ViewerData"]

@@ -1,34 +1,36 @@
-// The cohort page: every slide with thumbnail, labels and the registered heads' predictions; sortable, filterable.
+// The cohort page: a page of slides at a time with thumbnail, labels and the stored predictions; sorting,
+// filtering and paging are done by the server in SQL (/api/slides), so a cohort of any size loads as fast.
 "use strict";
 (async function () {
   const view = window.HISTCODE.view;
   const status = document.getElementById("status");
-  let data;
-  try { data = await hc.json("/api/slides?" + hc.q({view})); }
-  catch (e) { status.textContent = "could not load the cohort: " + e.message; return; }
-  const slides = data.slides;
-  const deCols = [...new Set(slides.flatMap(s => Object.keys(s).filter(k => k.startsWith("de_"))))].sort();
-  const probCols = [...new Set(slides.flatMap(s => Object.keys(s).filter(k => k.startsWith("p_") && k !== "p_tumor")))].sort();
-  const cols = [
-    ["thumb", ""], ["slide_id", "slide"], ["patient_id", "patient"], ["cohort", "cohort"], ["status", "status"],
-    ["mpp", "µm/px"], ["n_tiles", "tiles"], ["tumor", "tumour (label)"], ["subtype", "subtype (label)"],
-    ["p_tumor", "p tumour"], ...probCols.map(c => [c, c.replace("p_", "p ").toUpperCase().replace("P ", "p ")]),
-    ...deCols.map(c => [c, c.replace("de_", "")]),
-  ];
-  const heads = Object.entries(data.heads).map(([k, h]) => `${k} v${h.version} (${h.aggregator})`).join(", ");
-  document.getElementById("heads").textContent = heads ? "heads: " + heads : "no registered heads: predictions are empty";
   const headRow = document.getElementById("slides-head");
-  let sortKey = "slide_id", sortDir = 1;
-  for (const [key, label] of cols) {
-    const th = hc.el("th", {"data-key": key, text: label});
-    if (key !== "thumb") th.addEventListener("click", () => {
-      sortDir = sortKey === key ? -sortDir : 1; sortKey = key; render();
-    });
-    headRow.append(th);
-  }
   const body = document.querySelector("#slides tbody");
   const filter = document.getElementById("filter");
-  filter.addEventListener("input", render);
+  const state = {sort: "slide_id", order: "asc", q: "", offset: 0, limit: 50};
+  let cols = null, seq = 0;
+
+  function columns(outputs) {
+    const probs = outputs.filter(c => c.startsWith("p_") && c !== "p_tumor");
+    const calls = outputs.filter(c => c.startsWith("de_"));
+    return [
+      ["thumb", ""], ["slide_id", "slide"], ["patient_id", "patient"], ["cohort", "cohort"], ["status", "status"],
+      ["mpp", "µm/px"], ["n_tiles", "tiles"], ["tumor", "tumour (label)"], ["subtype", "subtype (label)"],
+      ...(outputs.includes("p_tumor") ? [["p_tumor", "p tumour"]] : []),
+      ...probs.map(c => [c, "p " + c.slice(2).toUpperCase()]), ...calls.map(c => [c, c.slice(3)]),
+    ];
+  }
+  function header() {
+    headRow.replaceChildren(...cols.map(([key, label]) => {
+      const th = hc.el("th", {"data-key": key, text: label});
+      if (key !== "thumb") th.addEventListener("click", () => {
+        state.order = state.sort === key && state.order === "asc" ? "desc" : "asc";
+        state.sort = key; state.offset = 0; load();
+      });
+      th.className = key === state.sort ? (state.order === "asc" ? "asc" : "desc") : "";
+      return th;
+    }));
+  }
   function cell(s, key) {
     if (key === "thumb") {
       return hc.el("td", {}, hc.el("img", {src: "/api/thumbnail?" + hc.q({id: s.slide_id}), loading: "lazy", alt: "", class: "thumb"}));
@@ -37,27 +39,42 @@
     const td = hc.el("td", {text: hc.fmt(s[key], key === "mpp" ? 3 : 2)});
     if (typeof s[key] === "number") td.className = "num";
     if (key.startsWith("de_")) td.className = "call call-" + s[key];
+    if (s.stale && (key.startsWith("p_") || key.startsWith("de_"))) { td.classList.add("stale"); td.title = "stale: a newer head version is @best (histcode predict --refresh)"; }
     return td;
   }
-  function render() {
-    const needle = filter.value.trim().toLowerCase();
-    const shown = slides.filter(s => !needle || cols.some(([k]) => hc.fmt(s[k]).toLowerCase().includes(needle)));
-    shown.sort((a, b) => {
-      const x = a[sortKey], y = b[sortKey];
-      if (x === y) return 0;
-      if (x === null || x === undefined) return 1;
-      if (y === null || y === undefined) return -1;
-      return (x < y ? -1 : 1) * sortDir;
-    });
-    body.replaceChildren(...shown.map(s => {
+  async function load() {
+    const mine = ++seq;
+    let data;
+    try { data = await hc.json("/api/slides?" + hc.q({view, ...state})); }
+    catch (e) { status.textContent = "could not load the cohort: " + e.message; return; }
+    if (mine !== seq) return;  // a newer request (typing, a click) answers instead
+    if (!cols || cols.length !== columns(data.outputs).length) cols = columns(data.outputs);
+    header();
+    body.replaceChildren(...data.slides.map(s => {
       const tr = hc.el("tr", {"data-slide": s.slide_id});
       for (const [key] of cols) tr.append(cell(s, key));
       return tr;
     }));
-    for (const th of headRow.children) th.className = th.dataset.key === sortKey ? (sortDir > 0 ? "asc" : "desc") : "";
-    document.getElementById("count").textContent = `${shown.length} of ${slides.length} slides · view ${data.view}`;
+    const first = data.matched ? data.offset + 1 : 0, last = data.offset + data.slides.length;
+    document.getElementById("count").textContent =
+      `${first}–${last} of ${data.matched} slides` + (data.matched !== data.total ? ` (${data.total} in all)` : "") + (data.view ? ` · view ${data.view}` : ` · tiling ${data.spec_id}`);
+    document.getElementById("prev").disabled = data.offset === 0;
+    document.getElementById("next").disabled = last >= data.matched;
+    const heads = data.heads.map(h => `${h.task} v${h.version} (${h.aggregator}, ${h.source === "cv" ? "out of fold" : "predicted"}` +
+      `${h.stale ? ", stale" : ""}): ${h.slides}`).join("; ");
+    document.getElementById("heads").textContent = heads ? "stored predictions: " + heads
+      : "no stored predictions: run `histcode heads` (out-of-fold predictions of the training slides) or `histcode predict`";
+    status.textContent = "";
+    window.HISTCODE.page = data;
+    window.HISTCODE.loads = (window.HISTCODE.loads || 0) + 1;
+    window.HISTCODE.ready = true;
   }
-  render();
-  status.textContent = "";
-  window.HISTCODE.ready = true;
+  let timer = null;
+  filter.addEventListener("input", () => {
+    clearTimeout(timer);
+    timer = setTimeout(() => { state.q = filter.value.trim(); state.offset = 0; load(); }, 120);
+  });
+  document.getElementById("prev").addEventListener("click", () => { state.offset = Math.max(0, state.offset - state.limit); load(); });
+  document.getElementById("next").addEventListener("click", () => { state.offset += state.limit; load(); });
+  await load();
 })();

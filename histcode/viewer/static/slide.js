@@ -41,12 +41,18 @@
 
   // -- predictions ------------------------------------------------------------------------------------------
   const pred = document.getElementById("predictions");
-  const entries = Object.entries(info.predictions);
+  const stored = info.predictions;
+  const entries = Object.entries(stored.values);
   const rows = entries.filter(([k]) => !k.startsWith("de_")).map(([k, v]) => [k.replace(/^p_/, "p ").replace("p luad", "p LUAD").replace("p lusc", "p LUSC"), v]);
   rows.unshift(["tiles", `${info.n_tiles} × ${info.tile_size} px (level 0), ${hc.fmt(info.mpp)} µm/px`]);
   if (info.labels.tumor !== undefined && info.labels.tumor !== null)
     rows.push(["label", `${info.labels.tumor ? "tumour" : "benign"} ${info.labels.subtype || ""}`]);
   if (info.mask_auc !== null) rows.push(["attention vs mask AUC", info.mask_auc]);
+  for (const b of stored.by) {
+    const how = b.source === "cv" ? `out of fold (fold ${b.fold})` : "predicted";
+    const where = b.in_distribution === false ? ", outside the training distribution" : "";
+    rows.push([`${b.task} head`, `v${b.version} ${b.aggregator}, ${how}${b.stale ? ", stale" : ""}${where}`]);
+  }
   pred.classList.remove("muted");
   pred.replaceChildren(hc.el("table", {class: "kv"}, ...rows.map(([k, v]) =>
     hc.el("tr", {}, hc.el("th", {text: k}), hc.el("td", {text: hc.fmt(v)})))));
@@ -57,7 +63,7 @@
       hc.el("div", {class: "chips"}, ...calls.map(([k, v]) => hc.el("span", {class: "chip call-" + v, title: `${k.slice(3)}: ${v}`,
         text: k.slice(3) + (arrow[v] || "")}))));
   }
-  if (!entries.length) pred.append(hc.el("p", {class: "muted", text: "no registered heads"}));
+  if (stored.note) pred.append(hc.el("p", {class: "note", id: "prediction-note", text: stored.note}));
 
   // -- score layers -----------------------------------------------------------------------------------------
   const layerSelect = document.getElementById("layer");

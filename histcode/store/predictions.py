@@ -1,0 +1,100 @@
+"""The catalog's ``predictions`` table: which head version predicted what for which slide, and whether that is
+still the head the registry serves.
+
+One row per (slide, head version, source, output). ``source`` is ``predict`` (the registered head applied by
+`histcode predict`) or ``cv`` (out of fold: the cross-validation's fold model that never saw the slide's
+patient, written by `histcode heads` for every version it registers). Outputs are named as
+``histcode.heads.outputs`` names them (``p_tumor``, ``p_luad``, ``de_EGFR``, ...): ``value`` the number, ``call``
+the class. A row is ``stale`` when its task's ``@best`` version is another one now; the view ``current_predictions``
+keeps one row per (slide, output): a fresh row before a stale one, an out-of-fold row before a prediction (a slide
+with out-of-fold rows was trained on, so the registered head's prediction of it is in-sample), the newest first.
+
+Writes replace a (slide, model, version, source)'s rows in one transaction, so a reader sees the old rows or the
+new ones, never half.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+
+import pandas as pd
+
+from histcode.store.catalog import Catalog
+from histcode.store.records import utcnow
+
+log = logging.getLogger(__name__)
+
+PREDICT, CV = "predict", "cv"
+SOURCES = (PREDICT, CV)
+
+COLUMNS = ("slide_id", "task", "model", "version", "aggregator", "view_id", "source", "fold", "output", "value",
+           "call", "in_distribution", "ood_score", "ood_percentile", "stale", "predicted_at")
+
+# the row each (slide, output) is shown with (over a table or view named {table})
+CURRENT_SQL = """
+    SELECT * EXCLUDE (_rank) FROM (
+        SELECT *, row_number() OVER (PARTITION BY slide_id, output
+                                     ORDER BY stale, source = 'predict', predicted_at DESC, version DESC) AS _rank
+        FROM {table}) WHERE _rank = 1"""
+
+
+def write_predictions(catalog: Catalog, frame: pd.DataFrame, current: Mapping[str, int] | None = None) -> int:
+    """Store ``frame``'s rows (``COLUMNS`` but ``stale`` and ``predicted_at``, which are set here), replacing what
+    the same (slide, model, version, source) had; then, with ``current`` (task -> the version ``@best`` names
+    now), mark every other version's rows of those tasks stale. Returns the rows written."""
+    if frame.empty and not current:
+        return 0
+    frame = frame.assign(stale=False, predicted_at=utcnow()) if len(frame) else frame
+    with catalog.transaction() as con:
+        if len(frame):
+            keys = frame[["slide_id", "model", "version", "source"]].drop_duplicates()
+            con.register("_keys", keys)
+            con.execute("DELETE FROM predictions p USING _keys k WHERE p.slide_id = k.slide_id AND p.model = k.model "
+                        "AND p.version = k.version AND p.source = k.source")
+            con.unregister("_keys")
+            for col in COLUMNS:
+                if col not in frame:
+                    frame[col] = None
+            con.register("_rows", frame[list(COLUMNS)])
+            cols = ", ".join(f'"{c}"' for c in COLUMNS)
+            con.execute(f"INSERT INTO predictions ({cols}) SELECT {cols} FROM _rows")
+            con.unregister("_rows")
+        for task, version in (current or {}).items():
+            con.execute("UPDATE predictions SET stale = (version != ?) WHERE task = ? AND stale != (version != ?)",
+                        [int(version), task, int(version)])
+    return len(frame)
+
+
+def mark_stale(catalog: Catalog, current: Mapping[str, int]) -> None:
+    """Rows of each task whose version is not ``current[task]`` (what ``@best`` names now) become stale, and rows
+    of that version fresh again."""
+    if current and catalog.path.exists():
+        write_predictions(catalog, pd.DataFrame(), current)
+
+
+def stale_slides(catalog: Catalog, slide_ids: Iterable[str] | None = None) -> list[str]:
+    """Healthy slides that ``histcode predict --refresh`` recomputes: those whose `histcode predict` rows of some task
+    are all stale (a newer head version is registered), and the inference cohorts' slides that have no rows."""
+    rows = catalog.query(
+        f"""SELECT slide_id FROM (
+                SELECT slide_id FROM predictions WHERE source = '{PREDICT}' GROUP BY slide_id, task HAVING bool_and(stale)
+                UNION
+                SELECT s.slide_id FROM slides s JOIN cohorts c ON c.cohort = s.cohort WHERE c.role = 'inference'
+                AND s.slide_id NOT IN (SELECT slide_id FROM predictions WHERE source = '{PREDICT}'))
+            WHERE slide_id IN (SELECT slide_id FROM slides WHERE status = 'ok') ORDER BY slide_id""")
+    found = list(dict.fromkeys(r["slide_id"] for r in rows))
+    if slide_ids is not None:
+        wanted = set(slide_ids)
+        found = [s for s in found if s in wanted]
+    return found
+
+
+def slide_predictions(catalog: Catalog, slide_id: str) -> list[dict]:
+    """The rows ``current_predictions`` shows for one slide, by task and output."""
+    return catalog.query(CURRENT_SQL.format(table="(SELECT * FROM predictions WHERE slide_id = ?)")
+                         + " ORDER BY task, output", [slide_id])
+
+
+__all__ = ["COLUMNS", "CURRENT_SQL", "CV", "PREDICT", "SOURCES", "mark_stale", "slide_predictions", "stale_slides",
+           "write_predictions"]
