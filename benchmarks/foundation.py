@@ -2,13 +2,18 @@
 HistCode's own encoder, same batch, same run.
 
     python benchmarks/foundation.py [--encoders kaiko-vit-s16 ctranspath uni] [--batch 16] [--batches 3] [--memory uni]
+                                    [--storage kaiko-vit-s16 uni]
 
 Weights are random (the published ones are not shipped): throughput does not depend on them. For each entry it
 prints the strict load of a state dict in the published layout (seconds), the export to a `torch.export` program
 (seconds), and tiles/s of the exported program at the entry's input size, next to `resnet18_l3` at 224 px. Every
 registry entry is also built on the meta device (no memory) and its parameter count printed, and the peak memory of
 loading one entry's weights is measured both ways: built with random weights then copied into, and built on the
-meta device with the file's tensors assigned (what `histcode encoders register` does).
+meta device with the file's tensors assigned (what `histcode encoders register` does). ``--storage`` logs each entry
+named into a scratch workspace in both layouts: that of versions registered before (a second copy of the weights in
+the program) and the one used now (the weights once, in the module's state dict; the program without them). It
+also registers the entry through `histcode encoders register`'s own function. For each version it prints the bytes
+of MLflow artifacts kept, against the state dict's size, and checks that the loaded program embeds as the module.
 """
 
 from __future__ import annotations
@@ -54,14 +59,80 @@ def _load_peak_rss(name: str, file: Path, weightless: bool) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def _storage(names: list[str]) -> None:
+    """Bytes per registered version, each layout, with the seconds to log it and to load the program back."""
+    import tempfile
+
+    import torch
+
+    from histcode.apps.encoders import register_foundation
+    from histcode.ssl.foundation import build_foundation, foundation_spec, timm_module
+    from histcode.ssl.modules import MODULE_ARTIFACT, STATE, log_module
+    from histcode.tracking import Tracker
+    from histcode.workspace import Workspace
+
+    print("\nregistering, MB of MLflow artifacts per version (run: the module; model: the program, MLmodel, input "
+          "example):")
+    print(f"{'encoder':15s} {'weights':>8s} {'layout':17s} {'run':>8s} {'model':>8s} {'total':>8s} {'x weights':>9s} "
+          f"{'log s':>6s} {'load s':>7s}")
+    for name in names:
+        spec = foundation_spec(name)
+        if spec.key_layout != "timm":
+            raise SystemExit(f"--storage takes entries published in timm's layout, not {name}")
+        with tempfile.TemporaryDirectory(prefix="histcode-bench-") as tmp:
+            ws = Workspace(Path(tmp) / "ws").ensure()
+            cfg, tracker = ws.config(), Tracker(ws)
+            torch.manual_seed(0)
+            encoder = build_foundation(name).eval()  # random weights, saved as the authors publish them
+            file = Path(tmp) / spec.weight_files[0]
+            state = {k: v.contiguous() for k, v in timm_module(encoder).state_dict().items()}
+            if file.suffix == ".safetensors":
+                from safetensors.torch import save_file
+
+                save_file(state, str(file))
+            else:
+                torch.save(state, file)
+            del state
+            weights = sum(t.numel() * t.element_size() for t in encoder.state_dict().values())
+            px, rows = spec.input_px, []
+            for layout, model, weights_artifact in (("weights twice", "before", None),  # the layout before issue 28
+                                                    ("weights once", "now", f"{MODULE_ARTIFACT}/{STATE}")):
+                start = time.perf_counter()  # what `encoders register` does once the weights are loaded
+                with tracker.run("encoders", f"{name}, {layout}") as run_id:
+                    log_module(tracker, run_id, encoder)
+                    _, version = tracker.log_torch_model(run_id, encoder, "encoder", (3, px, px), spec.dim, model,
+                                                         weights_artifact=weights_artifact)
+                rows.append((layout, model, version, time.perf_counter() - start))
+            registered = register_foundation(ws, cfg, name, file)  # the command's own path stores the same bytes
+            rows.append(("encoders register", registered.model_name, registered.version, float("nan")))
+            x = torch.rand(2, 3, px, px)
+            with torch.inference_mode():
+                want = encoder(x)
+            for layout, model, version, log_s in rows:
+                start = time.perf_counter()
+                program = tracker.load_model(f"models:/{model}/{version}")
+                load_s = time.perf_counter() - start
+                with torch.inference_mode():
+                    assert torch.allclose(program(x), want, atol=1e-4), f"{name} {layout}: other embeddings"
+                del program
+                b = tracker.stored_bytes(model, version)
+                total = b["run"] + b["model"]
+                print(f"{name:15s} {weights / 1e6:8.1f} {layout:17s} {b['run'] / 1e6:8.1f} {b['model'] / 1e6:8.1f} "
+                      f"{total / 1e6:8.1f} {total / weights:9.3f} {log_s:6.1f} {load_s:7.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--encoders", nargs="+", default=["kaiko-vit-s16", "ctranspath", "uni"])
+    parser.add_argument("--encoders", nargs="*", default=["kaiko-vit-s16", "ctranspath", "uni"])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--batches", type=int, default=3)
     parser.add_argument("--memory", default="uni", help="Entry whose load peak RSS is measured ('' to skip).")
+    parser.add_argument("--storage", nargs="*", default=["kaiko-vit-s16", "uni"],
+                        help="Entries whose registration's disk cost is measured (none to skip).")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.storage:
+        _storage(args.storage)
 
     import torch
 

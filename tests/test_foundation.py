@@ -322,6 +322,33 @@ def test_registered_encoders_load_back_as_trainable_modules(foundation_workspace
     assert missing.exit_code == 2 and "UNI weights not found" in _flat(missing.output)
 
 
+def test_a_registered_foundation_encoder_stores_its_weights_once(foundation_workspace) -> None:
+    """The module's state dict is the one copy of the weights: the exported program is logged without them and
+    takes them from it on load. Module and program embed as the published weights do."""
+    from histcode.features.registry import load_encoder
+    from histcode.tracking import Tracker
+
+    ws = foundation_workspace
+    tracker = Tracker(ws)
+    spec = foundation_spec("kaiko-vit-s16")
+    published = build_foundation(spec.name, weightless=True)
+    load_published(spec, published, read_state_dict(locate_weights(spec, ws.root.parent / "hf")), "published")
+    published.eval()
+    weights = sum(t.numel() * t.element_size() for t in published.state_dict().values())
+    version = tracker.client.get_model_version_by_alias("histcode-encoder", "kaiko-vit-s16")
+    stored = tracker.stored_bytes("histcode-encoder", version.version)
+    assert sum(stored.values()) < 1.3 * weights  # 2.2 x when the program held a second copy
+    program_files = tracker.client.list_logged_model_artifacts(version.source.removeprefix("models:/"), "data")
+    assert sum(f.file_size for f in program_files) < 0.05 * weights
+
+    x = torch.rand(3, 3, 224, 224)
+    module = load_encoder(ws, "histcode-encoder@kaiko-vit-s16")
+    program = tracker.load_model("models:/histcode-encoder@kaiko-vit-s16")
+    with torch.inference_mode():
+        want = published(x)
+        assert torch.allclose(module(x), want, atol=1e-5) and torch.allclose(program(x), want, atol=1e-5)
+
+
 def test_virchow_pooling_is_the_class_token_beside_the_mean_of_the_patch_tokens() -> None:
     from histcode.ssl.foundation import ClassAndPatchMean
 

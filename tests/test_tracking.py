@@ -96,3 +96,58 @@ def test_params_are_flat_and_filters_take_quotes(workspace) -> None:
     assert [r.info.run_id for r in found] == [run_id]
     with pytest.raises(ValueError, match="both quote"):
         quote("a'b\"c")
+
+
+def _encoder_run(tracker: Tracker, encoder, name: str, px: int, weights_once: bool) -> str:
+    """Log ``encoder`` as registering does: its module (recipe and state dict), then its program; returns the
+    version. ``weights_once`` False: the layout of versions registered before, weights in both."""
+    from histcode.ssl.modules import MODULE_ARTIFACT, STATE, log_module
+
+    with tracker.run("encoders", name) as run_id:
+        log_module(tracker, run_id, encoder)
+        _, version = tracker.log_torch_model(run_id, encoder, "encoder", (3, px, px), encoder.dim, name,
+                                             aliases=("x",), version_tags={"run_id": run_id},
+                                             weights_artifact=f"{MODULE_ARTIFACT}/{STATE}" if weights_once else None)
+    return version
+
+
+def test_an_encoder_s_weights_are_stored_once_and_the_program_follows_a_copied_workspace(tmp_path) -> None:
+    """The program is logged without the tensors of the module's state dict and gets them back on load (from the
+    run the copy's store points at); a version of the old layout, weights in both, still loads as it was."""
+    import mlflow
+
+    from histcode.features.registry import load_encoder
+    from histcode.ssl.encoders import build_encoder
+    from histcode.tracking import ModelWeightsError
+
+    torch.manual_seed(0)
+    encoder = build_encoder("resnet18_l3", "random").eval()
+    weights = sum(t.numel() * t.element_size() for t in encoder.state_dict().values())
+    original = Workspace(tmp_path / "original").ensure()
+    tracker = Tracker(original)
+    once, twice = (_encoder_run(tracker, encoder, n, 64, w) for n, w in (("once", True), ("twice", False)))
+    stored, old = tracker.stored_bytes("once", once), tracker.stored_bytes("twice", twice)
+    assert sum(stored.values()) < 1.3 * weights < 2 * weights < sum(old.values())
+    assert old["model"] - stored["model"] > 0.99 * weights  # the program left its copy out
+
+    shutil.copytree(original.root, tmp_path / "copy")
+    original.root.rename(tmp_path / "gone")
+    copy = Tracker(Workspace(tmp_path / "copy"))
+    x = torch.rand(3, 3, 64, 64)
+    with torch.inference_mode():
+        want = encoder(x)
+        for name in ("once", "twice"):
+            assert torch.allclose(copy.load_model(f"models:/{name}@x")(x), want, atol=1e-5), name
+            assert torch.allclose(load_encoder(copy.ws, f"{name}@x")(x), want, atol=1e-5), name
+        mlflow.set_tracking_uri(copy.uri)
+        mlflow.set_registry_uri(copy.uri)
+        with pytest.raises(RuntimeError, match="meta"):  # without HistCode's loader it fails, never embeds with zeros
+            mlflow.pytorch.load_model("models:/once@x")(x)
+
+    run_id = copy.client.get_model_version("once", once).run_id
+    (next((copy.ws.mlruns_dir / "artifacts").rglob(f"{run_id}/artifacts/encoder_module/state.pt"))).unlink()
+    with pytest.raises(ModelWeightsError, match="encoder_module/state.pt, which cannot be read"):
+        copy.load_model("models:/once@x")
+    with copy.run("encoders", "no module") as bare, pytest.raises(ValueError, match="has no artifact encoder_module"):
+        copy.log_torch_model(bare, encoder, "encoder", (3, 64, 64), encoder.dim,
+                             weights_artifact="encoder_module/state.pt")

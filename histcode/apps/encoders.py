@@ -21,7 +21,7 @@ import torch
 from histcode.config import HistcodeConfig
 from histcode.ssl.encoders import EncoderError
 from histcode.ssl.foundation import FOUNDATION, build_foundation, foundation_spec
-from histcode.ssl.modules import FOUNDATION_PREFIX, log_module
+from histcode.ssl.modules import FOUNDATION_PREFIX, MODULE_ARTIFACT, STATE, log_module
 from histcode.ssl.stain_norm import NONE, describe as describe_stain_norm
 from histcode.ssl.weights import load_published, locate_weights, read_state_dict
 from histcode.tracking import Tracker, quote
@@ -137,12 +137,13 @@ def register_foundation(ws: Workspace, cfg: HistcodeConfig, name: str, weights: 
     run_id = tracker.start_run(EXPERIMENT, f"foundation {spec.name}", tags={"encoder": encoder_name})
     try:
         tracker.log_params(run_id, {**described, "mpp": mpp, "weights_file": str(path), "weights_sha256": sha})
-        log_module(tracker, run_id, encoder)
+        log_module(tracker, run_id, encoder)  # the weights, once: the program below is logged without them
         _, version = tracker.log_torch_model(
             run_id, encoder, "encoder", (3, spec.input_px, spec.input_px), spec.dim, model_name, aliases=(alias,),
             version_tags={"method": encoder_name, "encoder": encoder_name, "image_px": spec.input_px, "dim": spec.dim,
                           "mpp": mpp, "run_id": run_id, "licence": spec.licence, "card": spec.card,
                           "weights_sha256": sha, "weights_file": str(path), "stain_norm": reading},
+            weights_artifact=f"{MODULE_ARTIFACT}/{STATE}",
         )
     except BaseException:
         _discard_run(tracker, run_id)  # a half-registered encoder leaves no run and no copy of its weights behind

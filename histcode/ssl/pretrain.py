@@ -27,7 +27,7 @@ from histcode.ssl.augment import TwoViews
 from histcode.ssl.dataset import NoTilesError, dataset_from_catalog
 from histcode.ssl.encoders import COLOUR, Encoder, build_encoder
 from histcode.ssl.methods import build_method
-from histcode.ssl.modules import log_module
+from histcode.ssl.modules import MODULE_ARTIFACT, STATE, log_module
 from histcode.ssl.schedule import for_data
 from histcode.ssl.probe import colour_features, embed, load_probe_set, probe_report, restained
 from histcode.ssl.stain_norm import describe as describe_stain_norm, normalise_dataset
@@ -235,6 +235,7 @@ def _finish(result: PretrainResult, tracker: Tracker, encoder: Encoder, pcfg: Pr
                       "cohorts": ",".join(data.cohorts),
                       "excluded_folds": ",".join(map(str, data.excluded_folds)),
                       "excluded_folds_label_version": data.label_version or ""},
+        weights_artifact=f"{MODULE_ARTIFACT}/{STATE}",  # the weights are stored once, in the module
     )
     write_json(result.checkpoint.parent / DONE, {
         "run_id": run_id, "method": result.method, "steps": result.steps, "version": result.version,
@@ -320,5 +321,6 @@ def register_baseline_encoder(ws: Workspace, cfg: HistcodeConfig, method: str) -
         _, version = tracker.log_torch_model(
             run_id, encoder, "encoder", (3, pcfg.image_px, pcfg.image_px), encoder.dim, pcfg.register_as,
             aliases=(method,), version_tags={**tags, "dim": encoder.dim, "run_id": run_id},
+            weights_artifact=f"{MODULE_ARTIFACT}/{STATE}",
         )
     return version

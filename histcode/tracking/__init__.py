@@ -3,7 +3,9 @@
 Store: ``sqlite:///<workspace>/mlruns/mlflow.db`` with artifacts under ``<workspace>/mlruns/artifacts/<experiment>``
 (MLflow 3 refuses the old file store); a copied or moved workspace's store is pointed at its own artifacts before
 first use (``relocate``). Runs are driven through an explicit ``MlflowClient``; only model logging needs MLflow's
-active-run machinery, and that is confined to ``log_torch_model``. On a tracking server (``$HISTCODE_MLFLOW_URI``)
+active-run machinery, and that is confined to ``log_torch_model``. A registered encoder's weights are stored once:
+its program is logged without the tensors its run's module holds, and ``load_model`` puts them back
+(``ProgramWithoutWeights``, ``fill_weights``). On a tracking server (``$HISTCODE_MLFLOW_URI``)
 every call runs in the workspace's own MLflow workspace, and a server that does not answer is named (``scope``).
 
 Runs always end: ``Tracker.run`` ends a run FINISHED, FAILED on an exception, KILLED on Ctrl-C; every run is
@@ -218,27 +220,41 @@ class Tracker:
 
     def log_torch_model(self, run_id: str, model, name: str, input_shape: tuple[int, ...], output_dim: int | None,
                         registered_name: str | None = None, aliases: tuple[str, ...] = (),
-                        version_tags: Mapping[str, Any] | None = None) -> tuple[str, str | None]:
+                        version_tags: Mapping[str, Any] | None = None,
+                        weights_artifact: str | None = None) -> tuple[str, str | None]:
         """Log an eval-mode module as a torch.export (pt2) model whose first dimension (batch, or tiles of a
         bag) is dynamic, optionally register it and point ``aliases`` at the new version. ``output_dim`` None:
-        the model returns several tensors (heads: outputs and attention). Returns (model uri, version)."""
+        the model returns several tensors (heads: outputs and attention). ``weights_artifact``: the run's
+        artifact that already holds ``model.state_dict()`` (``encoder_module/state.pt``, a registered encoder's
+        module): the program is then logged without those tensors and ``load_model`` takes them from there, so
+        the weights are stored once (``ProgramWithoutWeights``). Returns (model uri, version)."""
         import mlflow
         import numpy as np
-        from mlflow.models import ModelSignature
+        from mlflow.models import Model, ModelSignature
         from mlflow.types import Schema, TensorSpec
 
         inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape))])
         outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, output_dim))]) if output_dim else None
         signature = ModelSignature(inputs=inputs, outputs=outputs)
         example = np.random.default_rng(0).random((2, *input_shape), dtype=np.float32)  # batch > 1: dynamic batch
+        common = dict(name=name, signature=signature, input_example=example, serialization_format="pt2",
+                      pip_requirements=[f"torch=={metadata.version('torch')}"], registered_model_name=registered_name)
         with self._active(run_id):
-            info = mlflow.pytorch.log_model(
-                model, name=name, signature=signature, input_example=example, serialization_format="pt2",
-                pip_requirements=[f"torch=={metadata.version('torch')}"], registered_model_name=registered_name,
-                # pyfunc serving expects one output tensor; heads return (outputs, attention), so serving-input
-                # validation would only warn. Loading them back with mlflow.pytorch is tested instead.
-                validate_serving_input=output_dim is not None,
-            )
+            if weights_artifact is None:
+                info = mlflow.pytorch.log_model(
+                    model, **common,
+                    # pyfunc serving expects one output tensor; heads return (outputs, attention), so serving-input
+                    # validation would only warn. Loading them back with mlflow.pytorch is tested instead.
+                    validate_serving_input=output_dim is not None,
+                )
+            else:
+                self._require_artifact(run_id, weights_artifact)
+                reference = {"run_id": run_id, "artifact": weights_artifact}
+                info = Model.log(
+                    artifact_path=None, flavor=ProgramWithoutWeights(set(model.state_dict())), flavor_name="pytorch",
+                    pytorch_model=model, metadata={WEIGHTS_METADATA: reference},
+                    validate_serving_input=False,  # ProgramWithoutWeights checks the program it saves instead
+                    **common)
         version = None
         if registered_name:
             version = str(info.registered_model_version)
@@ -248,12 +264,142 @@ class Tracker:
                 self.client.set_registered_model_alias(registered_name, alias, version)
         return info.model_uri, version
 
-    def load_model(self, uri: str):
-        """A logged or registered torch model (``models:/name@alias``, ``models:/name/3``, ``runs:/...``)."""
-        import mlflow
+    def stored_bytes(self, name: str, version: str) -> dict[str, int]:
+        """What a registered version keeps in the artifact store, in bytes: its run's artifacts (``run``: an
+        encoder's module, reports) and its logged model (``model``: the program, MLmodel, input example)."""
+        client = self.client
 
-        with self._store():
-            return mlflow.pytorch.load_model(uri, map_location="cpu")
+        def size(listing, path: str | None = None) -> int:
+            return sum(size(listing, f.path) if f.is_dir else (f.file_size or 0) for f in listing(path))
+
+        v = client.get_model_version(name, version)
+        source = v.source or ""
+        model_id = v.model_id or (source.removeprefix("models:/") if source.startswith("models:/m-") else None)
+        return {"run": size(lambda p: client.list_artifacts(v.run_id, p)),
+                "model": size(lambda p: client.list_logged_model_artifacts(model_id, p)) if model_id else 0}
+
+    def _require_artifact(self, run_id: str, path: str) -> None:
+        folder = path.rpartition("/")[0]
+        if path not in {a.path for a in self.client.list_artifacts(run_id, folder or None)}:
+            raise ValueError(f"run {run_id} has no artifact {path}: log the weights before the program that refers "
+                             "to them")
+
+    def load_model(self, uri: str):
+        """A logged or registered torch model (``models:/name@alias``, ``models:/name/3``, ``runs:/...``). A
+        program logged without its weights (``weights_artifact``) gets them from its run's state dict, read with
+        ``weights_only`` and memory-mapped; versions logged with their weights inside load as they are."""
+        import tempfile
+
+        import mlflow
+        from mlflow.models import Model
+
+        with self._store(), tempfile.TemporaryDirectory(prefix="histcode-model-") as tmp:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+            reference = (Model.load(local).metadata or {}).get(WEIGHTS_METADATA)
+            model = mlflow.pytorch.load_model(local, map_location="cpu")
+        if reference:
+            fill_weights(model, self._weights(reference), f"{uri} (weights: run {reference['run_id']}, "
+                                                          f"{reference['artifact']})")
+        return model
+
+    def _weights(self, reference: Mapping[str, str]) -> dict:
+        """The state dict a program refers to, memory-mapped: read in place from a local store, from a
+        downloaded copy (deleted at once; the mapping keeps it readable) from a tracking server."""
+        import tempfile
+
+        import torch
+
+        run_id, artifact = reference["run_id"], reference["artifact"]
+        try:
+            if self.ws.mlflow_is_local:
+                return torch.load(self.client.download_artifacts(run_id, artifact), map_location="cpu",
+                                  weights_only=True, mmap=True)
+            with tempfile.TemporaryDirectory(prefix="histcode-weights-") as tmp:
+                path = self.client.download_artifacts(run_id, artifact, tmp)
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # noqa: BLE001 -- MLflow and torch raise many types for a missing or bad file
+            raise ModelWeightsError(f"the weights of this program are run {run_id}'s artifact {artifact}, which "
+                                    f"cannot be read ({type(exc).__name__}: {exc}); was the run deleted?") from exc
+
+
+WEIGHTS_METADATA = "histcode_weights"  # MLmodel metadata of a program logged without its weights: where they are
+
+
+class ModelWeightsError(RuntimeError):
+    """A program logged without its weights whose weights are missing or do not fit it."""
+
+
+def strip_weights(program, keys: set[str]) -> int:
+    """Replace the tensors named in ``keys`` in an ``ExportedProgram`` by meta tensors (shape and dtype, no
+    data): ``torch.export.save`` then writes empty records for them, and ``torch.export.load`` gives meta
+    tensors back. Returns the bytes left out."""
+    import torch
+
+    left_out = 0
+    for key, value in list(program.state_dict.items()):
+        if key in keys and not value.is_meta:
+            left_out += value.numel() * value.element_size()
+            empty = torch.empty_like(value, device="meta")
+            is_param = isinstance(value, torch.nn.Parameter)
+            program.state_dict[key] = torch.nn.Parameter(empty, value.requires_grad) if is_param else empty
+    return left_out
+
+
+def fill_weights(module, state: Mapping[str, Any], source: str) -> None:
+    """Assign ``state``'s tensors to the meta parameters and buffers of a loaded program (``strip_weights``);
+    every one must be there with its shape, and none may be left empty."""
+    empty = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    missing = [k for k in empty if k not in state]
+    if missing:
+        raise ModelWeightsError(f"{source}: {len(missing)} tensors of the program are not in its weights "
+                                f"({', '.join(missing[:5])})")
+    try:
+        module.load_state_dict({k: state[k] for k in empty}, strict=False, assign=True)
+    except RuntimeError as exc:  # a tensor of another shape
+        raise ModelWeightsError(f"{source}: the weights do not fit the program ({exc})") from exc
+    left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:
+        raise ModelWeightsError(f"{source}: {len(left)} tensors are still empty ({', '.join(left[:5])})")
+
+
+def _tensors(out) -> tuple:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+class ProgramWithoutWeights:
+    """An MLflow flavor for ``mlflow.models.Model.log``: ``mlflow.pytorch``'s pt2 model (its MLmodel, signature,
+    input example and environment, as ``mlflow.pytorch.log_model`` writes them), whose program is then saved
+    again without the tensors in ``keys``. The program is loaded back once with them assigned from the module
+    and must give the module's outputs on the input example; a plain ``mlflow.pytorch.load_model`` of it gets
+    meta tensors, which fail at the first call rather than compute with made-up weights."""
+
+    def __init__(self, keys: set[str]) -> None:
+        self.keys = keys
+
+    def save_model(self, path: str, mlflow_model, pytorch_model, input_example, **kwargs) -> None:
+        import mlflow
+        import torch
+        from mlflow.utils.file_utils import get_total_file_size
+
+        kwargs.pop("validate_serving_input", None)  # Model.log's own, done here instead
+        mlflow.pytorch.save_model(pytorch_model, path, mlflow_model=mlflow_model, input_example=input_example,
+                                  **kwargs)
+        (file,) = Path(path, mlflow_model.flavors["pytorch"]["model_data"]).glob("*.pt2")
+        example = torch.from_numpy(input_example)
+        program = torch.export.export(pytorch_model, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+        left_out = strip_weights(program, self.keys)
+        torch.export.save(program, file)
+        del program
+        loaded = mlflow.pytorch.load_model(path)  # as load_model reads it: MLflow's pickle-free check first
+        fill_weights(loaded, pytorch_model.state_dict(), str(file))
+        with torch.inference_mode():
+            want, got = _tensors(pytorch_model(example)), _tensors(loaded(example))
+        if len(got) != len(want) or not all(torch.allclose(g, w, rtol=1e-4, atol=1e-5) for g, w in zip(got, want)):
+            raise ModelWeightsError("the program saved without its weights gives other outputs than the module")
+        log.info("program logged without %d MB of weights (the run's copy is loaded in their place)",
+                 left_out // 2**20)
+        mlflow_model.model_size_bytes = get_total_file_size(path)
+        mlflow_model.save(str(Path(path, "MLmodel")))
 
 
 def telemetry_off() -> None:
