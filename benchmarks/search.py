@@ -1,8 +1,8 @@
 """Tile search at scale: LanceDB ANN indices against exact search, on clustered vectors and on vectors drawn from
 real demo embeddings' statistics, with the index parameters chosen here and written back as the defaults.
 
-    python benchmarks/search.py [--n 1000000] [--vectors clustered|isotropic|real] [--dim 512]
-                                [--grid IVF_PQ:1:16 IVF_HNSW_SQ:0.25] [--nprobes 10 20 40] [--refine 5 10 20]
+    python benchmarks/search.py [--n 1000000] [--vectors clustered|isotropic|real] [--dim 512|256]
+                                [--grid IVF_HNSW_SQ:0.064 IVF_PQ:1:16] [--nprobes 6 8] [--refine 0 2]
                                 [--target-recall 0.95] [--target-ms 10] [--write-params params.yaml]
     python benchmarks/search.py --fit-from WORKSPACE_OR_LANCE_TABLE --out benchmarks/data/NAME.npz
 
@@ -10,11 +10,15 @@ Queries are tiles of the table searched as `histcode search --tile` does (the ti
 product's own ``histcode.features.search.TileSearcher`` (hits with every column but the vector and the
 per-slide size, which ``with_sizes`` adds once per slide); recall@k is against exact cosine search over all rows.
 After each index is built its partitions are read once (``prewarm_index``) and every query is run once
-untimed, so the figures are those of a warm server, not of the first query after a start. Also measured:
-exact search (a flat Lance scan, no index), filtered search (``--where`` style: half the rows by patient, and
-ten slides by id) with its own exact truth, and the paper pipeline's way (one feature file per slide, every
-file loaded and scored per query). ``--vectors real`` samples from ``benchmarks/_vectors.py``'s model of the
-demo's embeddings (its fit is printed beside the real vectors' own search hardness).
+untimed, so the figures are those of a warm server, not of the first query after a start. The table gets the
+indices the product gives it: the id indices over all rows (as ``maintain_tables``' optimize leaves them) and,
+with each vector index, the filter indices of ``features.upkeep.filter_indices``. Also measured: exact search
+(a flat Lance scan, no index), filtered search (``--where`` style: half the rows by patient, and ten slides by
+id) with its own exact truth, the path ``TileSearcher`` chooses beside each of the others forced (exact,
+prefilter, postfilter; on ``--strategy-queries`` queries), and the paper pipeline's way (one feature file per
+slide, every file loaded and scored per query). ``--vectors real`` samples from ``benchmarks/_vectors.py``'s
+model of the demo's embeddings (its fit is printed beside the real vectors' own search hardness); its default
+``--dim`` is 256, the default encoder's (512 for the others).
 
 The choice: among index x query settings whose recall@k reaches ``--target-recall``, the fastest p50; if none
 does, the best recall within ``--target-ms`` (said so). ``--write-params`` writes it to that params.yaml's
@@ -77,10 +81,11 @@ def ids_of(hits) -> list[int]:
 
 
 def run_queries(table, data: np.ndarray, queries: np.ndarray, truth: list[set[int]], k: int, cfg, where=None,
-                warm: bool = True, exclude_by_filter: bool = False) -> tuple[float, float, float]:
+                warm: bool = True, exclude_by_filter: bool = False, strategy=None) -> tuple[float, float, float]:
     """p50 ms, p99 ms, recall@k of the product's ``TileSearcher`` as ``histcode search --tile`` and the viewer
     call it (the query tile itself excluded: ``exclude``), after an untimed pass. ``exclude_by_filter``: the
-    query tile excluded by a ``tile_id !=`` filter instead, as before (for the comparison)."""
+    query tile excluded by a ``tile_id !=`` filter instead, as before (for the comparison); ``strategy``: a
+    filtered search's path forced."""
     from histcode.features.search import TileSearcher
 
     searcher = TileSearcher(table, cfg)
@@ -89,7 +94,7 @@ def run_queries(table, data: np.ndarray, queries: np.ndarray, truth: list[set[in
         if exclude_by_filter:
             own = f"tile_id != 't{q}'"
             return searcher.nearest(data[q], k, f"({where}) AND {own}" if where else own)
-        return searcher.nearest(data[q], k, where, exclude=f"t{q}")
+        return searcher.nearest(data[q], k, where, exclude=f"t{q}", strategy=strategy)
 
     if warm:
         for q in queries:
@@ -156,17 +161,18 @@ def make_vectors(args, rng: np.random.Generator) -> tuple[np.ndarray, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1_000_000)
-    parser.add_argument("--dim", type=int, default=512, help="clustered/isotropic; real takes the model's")
+    parser.add_argument("--dim", type=int, help="default 512; real: 256 (the default encoder's), the model's")
     parser.add_argument("--vectors", choices=["clustered", "isotropic", "real"], default="clustered")
     parser.add_argument("--stats", type=Path, help="real: the model (.npz) to draw from (default by --dim)")
     parser.add_argument("--clusters", type=int, default=1000)
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--tiles-per-slide", type=int, default=1000)
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--grid", nargs="+", default=["IVF_PQ:1:16", "IVF_HNSW_SQ:1"])
-    parser.add_argument("--nprobes", type=int, nargs="+", default=[10, 20, 40, 80])
-    parser.add_argument("--refine", type=int, nargs="+", default=[0, 2, 5], help="0 = no re-ranking")
-    parser.add_argument("--ef", type=int, nargs="+", default=[0], help="IVF_HNSW_SQ; 0 = Lance's default")
+    parser.add_argument("--grid", nargs="+", default=["IVF_HNSW_SQ:0.064"], help="default: the shipped index")
+    parser.add_argument("--nprobes", type=int, nargs="+", default=[6, 8])
+    parser.add_argument("--refine", type=int, nargs="+", default=[2], help="0 = no re-ranking")
+    parser.add_argument("--ef", type=int, nargs="+", default=[100], help="IVF_HNSW_SQ; 0 = Lance's default")
+    parser.add_argument("--strategy-queries", type=int, default=20, help="queries per forced filtered-search path")
     parser.add_argument("--target-recall", type=float, default=0.95)
     parser.add_argument("--target-ms", type=float, default=10.0)
     parser.add_argument("--write-params", type=Path, help="write the chosen settings into this params.yaml")
@@ -174,6 +180,8 @@ def main() -> None:
     parser.add_argument("--fit-from", type=Path, help="fit a real-statistics model to this workspace or table")
     parser.add_argument("--out", type=Path, help="with --fit-from: where to save the model")
     args = parser.parse_args()
+    if args.dim is None:
+        args.dim = 256 if args.vectors == "real" else 512
 
     if args.fit_from:
         real = real_vectors(args.fit_from)
@@ -186,7 +194,7 @@ def main() -> None:
         return
 
     from histcode.config import FeaturesConfig
-    from histcode.features.upkeep import index_config
+    from histcode.features.upkeep import filter_indices, index_config
     from histcode.store.vectors import TILE_KIND, TableSpec, connect, open_table, to_batch
 
     rng = np.random.default_rng(0)
@@ -219,7 +227,10 @@ def main() -> None:
                                       "x": (within % 40) * 256, "y": (within // 40) * 256,
                                       "size": [256] * (stop - start), "vector": data[start:stop]}))
         write_s = time.perf_counter() - t0
-        print(f"wrote {n} vectors to Lance in {write_s:.1f} s", flush=True)
+        from lancedb.index import BTree
+        for column in spec.indexed_columns:  # over every row, as maintain_tables' optimize leaves them
+            table.create_index(column, config=BTree(), replace=True)
+        print(f"wrote {n} vectors to Lance in {write_s:.1f} s, id indices over them", flush=True)
 
         # exact: a flat scan of the Lance table, before any index exists
         exact_cfg = FeaturesConfig()
@@ -235,7 +246,8 @@ def main() -> None:
             table.create_index("vector", config=index_config(base, n, dim), replace=True)
             builds[name] = time.perf_counter() - t0
             table.to_lance().prewarm_index("vector_idx")
-            print(f"{name}: built in {builds[name]:.0f} s", flush=True)
+            made = filter_indices(table)
+            print(f"{name}: built in {builds[name]:.0f} s; filter indices on {', '.join(made) or 'none new'}", flush=True)
             efs = args.ef if kind.startswith("IVF_HNSW") else [0]
             for nprobes in args.nprobes:
                 for refine in args.refine:
@@ -250,9 +262,19 @@ def main() -> None:
             if best_here is not None:
                 cfg = base.model_copy(update={"nprobes": best_here.nprobes, "refine_factor": best_here.refine,
                                               "hnsw_ef": best_here.ef})
+                from histcode.features.search import TileSearcher
                 for label, (where, allowed) in filters.items():
                     want = [exact_neighbours(unit, q, k, allowed) for q in queries]
-                    filtered[(name, label)] = run_queries(table, data, queries, want, k, cfg, where=where)
+                    chosen = TileSearcher(table, cfg).strategy(where)
+                    filtered[(name, f"{label}, {chosen} (chosen)")] = run_queries(table, data, queries, want, k, cfg,
+                                                                                  where=where)
+                    print(f"  {label}: {chosen} (chosen): p50 {filtered[(name, f'{label}, {chosen} (chosen)')][0]:.1f} ms",
+                          flush=True)
+                    few_q = queries[:args.strategy_queries]
+                    for forced in ("exact", "prefilter", "postfilter"):
+                        if forced != chosen:
+                            filtered[(name, f"{label}, {forced} (forced, {len(few_q)} queries)")] = run_queries(
+                                table, data, few_q, want[:len(few_q)], k, cfg, where=where, strategy=forced)
                 filtered[(name, "query tile excluded by a tile_id != filter (before)")] = run_queries(
                     table, data, queries, truth, k, cfg, exclude_by_filter=True)
 
@@ -296,6 +318,10 @@ def main() -> None:
     for (name, label), (p50, p99, recall) in filtered.items():
         if name == best.index:
             print(f"filtered, {label}: p50 {p50:.1f} ms, p99 {p99:.1f} ms, recall@{k} {recall:.3f}")
+    for label in filters:
+        p50, _, recall = next(v for (name, lab), v in filtered.items() if name == best.index and
+                              lab.startswith(label) and lab.endswith("(chosen)"))
+        print(f"ratio (p50) filtered {label} : unfiltered = {p50 / best.p50:.1f} : 1")
     if args.write_params:
         kind, scale, dims = next(g for g in parse_grid(args.grid)
                                  if best.index.startswith(f"{g[0]} {round(g[1] * np.sqrt(n))} partitions"))

@@ -30,6 +30,11 @@ class FeaturesConfig(_Section):
     nprobes: Pixels = 8  # partitions searched per query
     refine_factor: Annotated[int, Field(ge=1)] | None = 2  # re-rank k * this candidates on the stored vectors
     hnsw_ef: Annotated[int, Field(ge=1)] | None = 100  # IVF_HNSW_*: candidates kept per partition; None = Lance's
+    # filtered tile search (histcode.features.search.TileSearcher; chosen by benchmarks/search.py at 1M rows): a filter
+    # keeping at most this many rows is searched exactly over them ...
+    search_exact_rows: Annotated[int, Field(ge=0)] = 15_000
+    # ... one keeping at least this fraction of the table through the index over every row, filtered after
+    search_postfilter_fraction: Fraction = 0.2
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # on CUDA: autocast (bf16 where supported, else fp16) and channels-last batches
     workers: Annotated[int, Field(ge=1)] = 1  # processes the slides are sharded over (Prefect on Dask; 1 = in process)

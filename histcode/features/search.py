@@ -1,7 +1,7 @@
 """Similarity search over a feature view: slides like a slide, tiles like a tile or like an image.
 
 Cosine distance. ``where`` is a SQL filter on the table's columns (slide_id, patient_id, the promoted slide
-attributes such as subtype, and x, y for tiles), applied before the nearest-neighbour search. The query slide
+attributes such as subtype, and x, y for tiles); the hits are the nearest rows that match it. The query slide
 or tile itself is never returned.
 
 Slides: by default the view's mean slide vector is subtracted from the query and the candidates before cosine
@@ -10,14 +10,18 @@ over the whole slide table read at query time (one row per slide: 10,000 slides 
 a 10-million-multiply product per query). Lance's vector search (and its ANN index, built on the raw vectors)
 cannot rank by centred cosine, so slide search does not use it; ``centring="none"`` ranks by raw cosine on the
 same exact path. Tiles: Lance's search on raw vectors, exact (flat) while a table has no index; with an IVF
-index, ``nprobes`` partitions are searched and ``refine_factor`` x k candidates are re-ranked exactly.
+index, ``nprobes`` partitions are searched and ``refine_factor`` x k candidates are re-ranked exactly. A
+filtered tile search takes one of three paths by how many rows the filter keeps (counted through the scalar
+indices ``features.upkeep`` builds with the vector index; see ``TileSearcher.strategy``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -32,7 +36,6 @@ from histcode.features.retrieval import (
     cosine_distances,
     ranked,
     replace_vectors,
-    vector_matrix,
 )
 from histcode.features.upkeep import vector_index_type
 from histcode.store.vectors import SLIDE_KIND, TILE_KIND, quote_literal
@@ -148,6 +151,11 @@ def _ranked_table(hits: pa.Table, distance: np.ndarray) -> pa.Table:
     return hits.add_column(0, "rank", pa.array(np.arange(1, hits.num_rows + 1, dtype=np.int32)))
 
 
+Strategy = Literal["ann", "exact", "postfilter", "prefilter"]
+POSTFILTER_MARGIN = 3.0  # postfilter: ask Lance for k / (fraction kept) x this (measured at 1M: see docs/benchmarks.md)
+POSTFILTER_MAX_K = 4096  # postfilter: widened no further; past it the filter is applied before the search
+
+
 class TileSearcher:
     """Nearest-neighbour search over one Lance table, holding its dataset handle and index type (opened once:
     reopening a dataset and listing its indices cost more than a query at 1M rows, measured in
@@ -155,9 +163,20 @@ class TileSearcher:
 
     Cosine distance on the raw vectors. With an ANN index, ``nprobes`` partitions are searched (and ``hnsw_ef``
     candidates kept per partition by the IVF_HNSW indices), then ``refine_factor`` x k re-ranked on the stored vectors.
-    A filter (``where``, applied before the search) that leaves fewer than ``index_min_rows`` rows is answered
-    exactly over those rows instead: an index probed for a few slides misses neighbours that a flat scan of
-    them finds at once.
+    A filter (``where``) is answered by one of three paths, chosen by the rows it keeps (``strategy``), each
+    measured at 1M rows in benchmarks/search.py:
+
+    - ``exact``: at most ``search_exact_rows`` rows (ten slides): their row ids from the scalar indices, their
+      vectors read by id and ranked in numpy. An index probed for a few slides misses neighbours a scan finds.
+    - ``postfilter``: at least ``search_postfilter_fraction`` of the table (a subtype, half the patients): the
+      index searched over every row for k / fraction x ``POSTFILTER_MARGIN`` candidates, the filter applied to
+      them, and the search widened (x4) until k match. Lance's prefiltered search of a loose filter costs ~10x
+      an unfiltered one (the allow-list of hundreds of thousands of rows), this ~1.2x.
+    - ``prefilter``: in between: the filter applied before the index search (its row set from the scalar indices).
+
+    Every path returns k hits whenever k rows match (an ANN path that finds fewer hands over to the next,
+    ending with the exact one). The number of rows a filter keeps is counted once per filter and kept: the
+    searcher reads one version of the table, so the count stays right for its lifetime.
 
     Hits carry every column but the vector and ``size``: a tile's side in level-0 pixels is one value per
     slide, and Lance reads a column that holds one value throughout (every 20x cohort's ``size``) ~6 ms slower
@@ -169,11 +188,33 @@ class TileSearcher:
         self.kind = vector_index_type(table)
         self.cfg = cfg
         self.columns = [f.name for f in self.dataset.schema if f.name not in ("vector", "size")] + ["_distance"]
+        self.rows = self.dataset.count_rows()
         self._sizes: dict[str, int] = {}
+        self._matching: dict[str, int] = {}
+
+    def matching(self, where: str) -> int:
+        """The rows ``where`` keeps, counted through the scalar indices (once per filter: see the class)."""
+        if where not in self._matching:
+            if len(self._matching) >= 256:
+                self._matching.pop(next(iter(self._matching)))
+            self._matching[where] = self.dataset.count_rows(filter=where)
+        return self._matching[where]
+
+    def strategy(self, where: str | None) -> Strategy:
+        """How a query filtered by ``where`` is answered (see the class): ``ann`` without a filter, else
+        ``exact``, ``postfilter`` or ``prefilter`` by the rows it keeps; ``exact`` on a table without an index."""
+        if not where:
+            return "ann"
+        kept = self.matching(where)
+        if self.kind is None or kept <= self.cfg.search_exact_rows:
+            return "exact"
+        if kept >= self.cfg.search_postfilter_fraction * self.rows:
+            return "postfilter"
+        return "prefilter"
 
     def selective(self, where: str | None) -> bool:
-        """Whether ``where`` leaves so few rows (fewer than ``index_min_rows``) that they are searched exactly."""
-        return bool(where) and self.dataset.count_rows(filter=where) < self.cfg.index_min_rows
+        """Whether ``where`` keeps so few rows (at most ``search_exact_rows``) that they are searched exactly."""
+        return bool(where) and self.strategy(where) == "exact"
 
     def query(self, vector: np.ndarray, k: int, where: str | None) -> dict:
         """Lance's nearest-neighbour query: through the index if there is one, else a flat scan."""
@@ -189,37 +230,69 @@ class TileSearcher:
             query["ef"] = max(cfg.hnsw_ef, k * (cfg.refine_factor or 1))  # HNSW needs ef >= the candidates asked
         return query
 
-    def nearest(self, vector: np.ndarray, k: int, where: str | None = None, exclude: str | None = None) -> pa.Table:
-        """The k rows nearest to ``vector``, ranked (``rank``, ``distance``), without the vectors and sizes;
-        ``exclude``: a tile id left out of the hits (the query tile itself). It is left out by asking for k + 1
-        and dropping it, not by a ``tile_id !=`` filter, which Lance evaluates on every row before the search
-        (measured in benchmarks/search.py)."""
+    def nearest(self, vector: np.ndarray, k: int, where: str | None = None, exclude: str | None = None, *,
+                strategy: Strategy | None = None) -> pa.Table:
+        """The k rows nearest to ``vector`` among those ``where`` keeps, ranked (``rank``, ``distance``), without
+        the vectors and sizes; ``exclude``: a tile id left out of the hits (the query tile itself). It is left out
+        by asking for k + 1 and dropping it, not by a ``tile_id !=`` filter, which Lance evaluates on every row
+        before the search (measured in benchmarks/search.py). ``strategy`` forces a path (for measuring them)."""
         ask = k + 1 if exclude is not None else k
         name = self.dataset.uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".lance")
         with filter_errors(name, where, self.dataset.schema.names):
-            if self.selective(where):
+            how = strategy or self.strategy(where)
+            if not where or how == "ann":
+                hits = self.dataset.to_table(columns=self.columns, filter=where or None, prefilter=bool(where),
+                                             nearest=self.query(vector, ask, where))
+            elif how == "exact":
                 hits = self._exact(vector, ask, where)
             else:
-                hits = self.dataset.to_table(columns=self.columns, filter=where, prefilter=bool(where),
-                                             nearest=self.query(vector, ask, where))
+                hits = self._postfiltered(vector, ask, where) if how == "postfilter" else None
+                if hits is None:
+                    hits = self.dataset.to_table(columns=self.columns, filter=where, prefilter=True,
+                                                 nearest=self.query(vector, ask, where))
+                if hits.num_rows < min(ask, self.matching(where)):  # the probed partitions held too few
+                    hits = self._exact(vector, ask, where)
         hits = hits.rename_columns(["distance" if c == "_distance" else c for c in hits.column_names])
-        hits = hits.sort_by("distance")
+        hits = hits.sort_by("distance").slice(0, ask)
         if exclude is not None:
             keep = np.flatnonzero(np.asarray(hits.column("tile_id").to_pylist(), dtype=object) != exclude)[:k]
             hits = hits.take(pa.array(keep, pa.int64()))
         ranks = pa.array(np.arange(1, hits.num_rows + 1, dtype=np.int32))
         return hits.add_column(0, "rank", ranks)
 
+    def _postfiltered(self, vector: np.ndarray, k: int, where: str) -> pa.Table | None:
+        """The index searched over every row for k / (fraction kept) x ``POSTFILTER_MARGIN`` candidates, those
+        matching ``where`` kept, widened x4 until k match (or all rows that match do); None past
+        ``POSTFILTER_MAX_K`` candidates."""
+        kept = self.matching(where)
+        want = min(k, kept)
+        widened = math.ceil(k * self.rows / max(kept, 1) * POSTFILTER_MARGIN)
+        while widened <= POSTFILTER_MAX_K:
+            hits = self.dataset.to_table(columns=self.columns, filter=where, prefilter=False,
+                                         nearest=self.query(vector, widened, None))
+            if hits.num_rows >= want:
+                return hits
+            widened *= 4
+        return None
+
     def _exact(self, vector: np.ndarray, k: int, where: str) -> pa.Table:
-        """Exact search over the rows ``where`` selects, read through the scalar indices (a flat Lance scan with
-        a filter reads every vector of the table: 3 s at 1M x 512)."""
-        rows = self.dataset.to_table(columns=self.columns[:-1] + ["vector"], filter=where)
-        if rows.num_rows == 0:
-            return rows.drop_columns(["vector"]).append_column("_distance", pa.array([], pa.float32()))
-        distance = cosine_distances(vector, vector_matrix(rows))[0]
-        top = ranked(distance, k)
-        return rows.take(pa.array(top)).drop_columns(["vector"]).append_column(
-            "_distance", pa.array(distance[top], pa.float32()))
+        """Exact search over the rows ``where`` keeps: their row ids from the scalar indices, their vectors read
+        by id (a flat Lance scan with a filter reads every vector of the table: 3 s at 1M x 512; reading the
+        other columns of every kept row doubled the time), the top k's other columns read last."""
+        ids = self.dataset.to_table(columns=[], filter=where, with_row_id=True).column("_rowid").to_numpy()
+        if len(ids) == 0:
+            return self.dataset.to_table(columns=self.columns[:-1], limit=0).append_column(
+                "_distance", pa.array([], pa.float32()))
+        # pylance's take by row id (Lance's own scalar-indexed reads use it); pinned with the package
+        column = self.dataset._take_rows(ids, columns=["vector"]).column("vector").combine_chunks()
+        vectors = column.values.to_numpy(zero_copy_only=False).reshape(len(ids), column.type.list_size)
+        q = np.asarray(vector, dtype=np.float32)
+        norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors)) * max(float(np.linalg.norm(q)), 1e-30)
+        distance = 1.0 - np.divide(vectors @ q, norms, out=np.zeros(len(ids), np.float32), where=norms > 0)
+        top = np.argpartition(distance, k - 1)[:k] if len(ids) > k else np.arange(len(ids))
+        top = top[np.argsort(ids[top])]  # rows read in row-id order, as the take returns them
+        rows = self.dataset._take_rows(ids[top], columns=self.columns[:-1])
+        return rows.append_column("_distance", pa.array(distance[top], pa.float32()))
 
     def with_sizes(self, hits: pa.Table) -> pa.Table:
         """``hits`` with their ``size`` column (read once per slide through the slide_id index, then kept); a

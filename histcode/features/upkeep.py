@@ -10,6 +10,10 @@ Below ``features.index_min_rows`` vectors, exact (flat) search is fast and exact
 (IVF_HNSW_SQ by default, IVF_PQ optionally) is built once, and later ``optimize`` calls fold new rows into it.
 A tag names a table version (``--tag``), so training can record exactly which vectors it used and reads can
 go back to them (``as_of``).
+With the vector index come scalar indices on the filter columns (``filter_indices``: a BTREE on ``patient_id``,
+BITMAPs on the promoted slide attributes; ``tile_id`` and ``slide_id`` have theirs from the start), so a
+search's ``where`` is counted and answered through them instead of read over every row (see
+``histcode.features.search.TileSearcher``); ``optimize`` folds new rows into them like the others.
 """
 
 from __future__ import annotations
@@ -46,6 +50,25 @@ def vector_index_type(table) -> str | None:
         if "vector" in list(getattr(ix, "columns", [])):
             return str(ix.index_type)
     return None
+
+
+FILTER_INDEX_SKIP = ("tile_id", "slide_id", "vector", "x", "y", "size", "n_tiles")  # indexed already, or not filters
+
+
+def filter_indices(table) -> list[str]:
+    """Scalar indices on the table's filter columns where it lacks them: a BTREE on ``patient_id`` (many values),
+    a BITMAP on every other string column (the promoted slide attributes: a few values each). Returns the
+    columns indexed now."""
+    from lancedb.index import BTree, Bitmap
+
+    have = {c for ix in table.list_indices() for c in getattr(ix, "columns", [])}
+    made = []
+    for field in table.schema:
+        if field.name in FILTER_INDEX_SKIP or field.name in have or str(field.type) not in ("string", "large_string"):
+            continue
+        table.create_index(field.name, config=BTree() if field.name == "patient_id" else Bitmap())
+        made.append(field.name)
+    return made
 
 
 def has_vector_index(table) -> bool:
@@ -93,6 +116,10 @@ def maintain_tables(tables: dict, cfg: FeaturesConfig, changed: bool, tag: str |
             dim = table.schema.field("vector").type.list_size
             table.create_index("vector", config=index_config(cfg, rows, dim))  # new API: first argument is the column
             notes.append(f"{kind}: {cfg.index_type} index on {rows} vectors")
+        if has_vector_index(table):
+            made = filter_indices(table)
+            if made:
+                notes.append(f"{kind}: filter indices on {', '.join(made)}")
         if tag:
             tag_version(table, tag)
             notes.append(f"{kind}: tag {tag!r} -> version {table.version}")

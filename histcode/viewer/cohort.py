@@ -120,6 +120,8 @@ class ViewerData:
         if default is not None and time.monotonic() - at <= SLIDES_TTL_S:
             return default
         try:
+            if self.ws.mlflow_is_local and not (self.ws.mlruns_dir / "mlflow.db").is_file():
+                raise LookupError("no model registry in this workspace")  # and a viewer creates none
             default = resolve_view(self.catalog, self.tracker, self.cfg)
         except (LookupError, ValueError):
             if not self.views():
@@ -132,7 +134,8 @@ class ViewerData:
     def cohort_view(self, view_id: str | None) -> tuple[str, FeatureView | None]:
         """(tiling spec, view) of the cohort page: the named view, else the default view once it is known, else
         the current tiling spec and no view yet. Finding the default view needs the model registry (MLflow);
-        the first page does not wait for it: it is looked up in the background, for the pages after."""
+        the first page does not wait for it: it is looked up in the background, for the pages after, and the
+        heads are loaded after it."""
         if view_id:
             view = self.view(view_id)
             return view.spec_id, view
@@ -148,6 +151,8 @@ class ViewerData:
         return spec_id_of(self.cfg.tiling), None
 
     def _find_default(self) -> None:
+        """The default view, then the registered heads loaded, so that the first slide page finds them ready
+        (started after the first cohort page was answered: the start-up never waits for it)."""
         try:
             self.view(None)
         except Exception as exc:  # noqa: BLE001 -- the page says which view it shows; the log says why none
@@ -155,6 +160,11 @@ class ViewerData:
         finally:
             with self._lock:
                 self._looking = False
+        try:
+            for head in self.heads().values():
+                head.model  # noqa: B018 -- loads the registered module once
+        except Exception as exc:  # noqa: BLE001 -- a slide page says what is missing; the log says why
+            log.info("heads not loaded ahead of the slide pages: %s", exc)
 
     # -- heads and predictions ---------------------------------------------------------------------------------
     def heads(self) -> dict[str, LoadedHead]:

@@ -72,7 +72,7 @@
   let timer = null;
   filter.addEventListener("input", () => {
     clearTimeout(timer);
-    timer = setTimeout(() => { state.q = filter.value.trim(); state.offset = 0; load(); }, 120);
+    timer = setTimeout(() => { state.q = filter.value.trim(); state.offset = 0; load(); }, 80);
   });
   document.getElementById("prev").addEventListener("click", () => { state.offset = Math.max(0, state.offset - state.limit); load(); });
   document.getElementById("next").addEventListener("click", () => { state.offset += state.limit; load(); });
