@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 
 from histcode.api.frames import Format, check_format, convert
 from histcode.errors import HistcodeError, UsageError
@@ -286,7 +287,8 @@ class Workspace:
                 table.setdefault(r["slide_id"], {"slide_id": r["slide_id"]})[r["output"]] = \
                     r["call"] if r["output"].startswith("de_") else r["value"]
             rows = pd.DataFrame(list(table.values()), columns=None if table else ["slide_id"])
-        return convert(rows, format)
+        check_format(format)
+        return rows if format == "pandas" else convert(pa.Table.from_pandas(rows, preserve_index=False), format)
 
     def predict(self, paths: Sequence[str | Path] | str | Path, *, cohort: str | None = None,
                 mpp: float | None = None, heatmaps: str | Path | None = None) -> pd.DataFrame:
