@@ -26,7 +26,6 @@ from histcode.store.records import utcnow
 log = logging.getLogger(__name__)
 
 PREDICT, CV = "predict", "cv"
-SOURCES = (PREDICT, CV)
 
 COLUMNS = ("slide_id", "task", "model", "version", "aggregator", "view_id", "source", "fold", "output", "value",
            "call", "in_distribution", "ood_score", "ood_percentile", "stale", "predicted_at")
@@ -90,11 +89,4 @@ def stale_slides(catalog: Catalog, slide_ids: Iterable[str] | None = None) -> li
     return found
 
 
-def slide_predictions(catalog: Catalog, slide_id: str) -> list[dict]:
-    """The rows ``current_predictions`` shows for one slide, by task and output."""
-    return catalog.query(CURRENT_SQL.format(table="(SELECT * FROM predictions WHERE slide_id = ?)")
-                         + " ORDER BY task, output", [slide_id])
-
-
-__all__ = ["COLUMNS", "CURRENT_SQL", "CV", "PREDICT", "SOURCES", "mark_stale", "slide_predictions", "stale_slides",
-           "write_predictions"]
+__all__ = ["COLUMNS", "CURRENT_SQL", "CV", "PREDICT", "mark_stale", "stale_slides", "write_predictions"]

@@ -82,7 +82,6 @@ class ViewerData:
         self._bags: dict[tuple[str, str], Bag] = {}  # (view id, slide id) -> bag, the last few slides opened
         self._layers: dict[str, dict[str, Layer]] = {}
         self._searchers: dict[str, TileSearcher] = {}
-        self._outputs: tuple[float, list[str]] = (0.0, [])
         self._default: tuple[float, FeatureView | None] = (0.0, None)
         self._looking = False
 
