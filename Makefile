@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 	scripts/install_postgres.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,viewer,foundation,polars,server,docs]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,viewer,foundation,polars,server,docs,exchange,dicom]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -22,7 +22,8 @@ LAYERS: list[set[str]] = [
     {"ssl"},  # contrastive pretraining
     {"features", "labels"},  # the feature store; expression labels and their gate
     {"heads"},  # models, fitting, CV, metrics, loading a registered head
-    {"apps", "api", "demo", "views", "reports", "viewer"},  # applications; the public Python API; presentation; the viewer
+    {"apps", "api", "demo", "views", "reports", "viewer", "exchange", "doctor"},  # applications; the public Python API;
+    # presentation; the viewer; files of other tools in and out; the pre-flight check
     {"cli", "__main__"},  # entry points
 ]
 # Layers whose packages may use each other (applications compose, the foundation is one piece).
