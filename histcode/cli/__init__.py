@@ -13,7 +13,7 @@ import sys
 
 import typer
 
-from histcode.cli import cohorts, common, encoders, features, heads, labels, services, slides, stack
+from histcode.cli import cohorts, common, doctor, encoders, features, heads, labels, services, slides, stack
 
 HELP = "HistCode: whole-slide images -> tiles -> contrastive embeddings -> heads, as a feature store."
 
@@ -22,7 +22,7 @@ def build_app() -> typer.Typer:
     # plain tracebacks: typer's own would print before `main` can tell a service outage in one line
     app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP, pretty_exceptions_enable=False)
     app.callback()(common.main_options)
-    for module in (slides, features, heads, services):
+    for module in (slides, features, heads, services, doctor):
         for name, command in module.COMMANDS:
             app.command(name)(command)
     for name, module in (("labels", labels), ("cohorts", cohorts), ("encoders", encoders),
