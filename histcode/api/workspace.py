@@ -18,6 +18,7 @@ from histcode.config import HistcodeConfig
 from histcode.features.registry import ViewError, encoder_view, list_views, resolve_view
 from histcode.heads.names import MODEL_NAMES
 from histcode.store.catalog import Catalog, CatalogError
+from histcode.store.patient_predictions import COLUMNS as PATIENT_PREDICTION_COLUMNS, CURRENT_PATIENT_SQL
 from histcode.store.predictions import COLUMNS as PREDICTION_COLUMNS, CURRENT_SQL
 from histcode.tracking import Tracker, telemetry_off
 from histcode.workspace import Workspace as Paths
@@ -265,21 +266,10 @@ class Workspace:
         ``call``, the out-of-distribution check and ``stale`` (its task's ``@best`` is another version now).
         ``current``: only the row each slide's output is shown with (``current_predictions``); ``wide``: one row
         per slide, a column per output (numbers; DE outputs as their calls), as `histcode predict`'s CSV."""
-        if task is not None and task not in MODEL_NAMES:
-            raise UsageError(f"unknown task {task!r}; tasks: {', '.join(MODEL_NAMES)}")
-        clauses, params = [], []
-        if task is not None:
-            clauses.append("task = ?")
-            params.append(task)
-        if slide_ids is not None:
-            clauses.append("slide_id IN (SELECT unnest(?::VARCHAR[]))")
-            params.append([str(s) for s in slide_ids])
         if wide and not current:
             raise UsageError("wide=True shows one row per slide: it needs current=True")
-        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         source = CURRENT_SQL.format(table="predictions") if current else "SELECT * FROM predictions"
-        found = Catalog(self._paths.catalog_path).query(
-            f"SELECT * FROM ({source}){where} ORDER BY slide_id, task, output", params)
+        found = self._stored_rows(source, "slide_id", task, slide_ids)
         rows = pd.DataFrame(found, columns=list(PREDICTION_COLUMNS))
         if wide:
             table: dict[str, dict] = {}
@@ -289,6 +279,36 @@ class Workspace:
             rows = pd.DataFrame(list(table.values()), columns=None if table else ["slide_id"])
         check_format(format)
         return rows if format == "pandas" else convert(pa.Table.from_pandas(rows, preserve_index=False), format)
+
+    def patient_predictions(self, *, task: str | None = None, patient_ids: Sequence[str] | None = None,
+                            current: bool = True, format: Format = "pandas"):
+        """The stored patient-level predictions (the catalog's ``patient_predictions`` table,
+        ``histcode.store.patient_predictions``): one row per patient, head version, source (``cv``: pooled from the
+        out-of-fold slide rows; ``predict``: from `histcode predict`'s) and output, with ``pooling`` (``mean``,
+        ``max``, ``bag``; ``histcode.heads.patients``), the slides pooled (``slide_ids``, ``n_slides``) and
+        ``stale``. ``current``: only the row each patient's output is shown with (``current_patient_predictions``)."""
+        source = (CURRENT_PATIENT_SQL.format(table="patient_predictions") if current
+                  else "SELECT * FROM patient_predictions")
+        rows = pd.DataFrame(self._stored_rows(source, "patient_id", task, patient_ids),
+                            columns=list(PATIENT_PREDICTION_COLUMNS))
+        check_format(format)
+        return rows if format == "pandas" else convert(pa.Table.from_pandas(rows, preserve_index=False), format)
+
+    def _stored_rows(self, source: str, key: str, task: str | None, ids: Sequence[str] | None) -> list[dict]:
+        """Rows of the stored-predictions query ``source``, of one ``task`` and the units (``key``: slide_id or
+        patient_id) in ``ids`` when given."""
+        if task is not None and task not in MODEL_NAMES:
+            raise UsageError(f"unknown task {task!r}; tasks: {', '.join(MODEL_NAMES)}")
+        clauses, params = [], []
+        if task is not None:
+            clauses.append("task = ?")
+            params.append(task)
+        if ids is not None:
+            clauses.append(f"{key} IN (SELECT unnest(?::VARCHAR[]))")
+            params.append([str(i) for i in ids])
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        return Catalog(self._paths.catalog_path).query(f"SELECT * FROM ({source}){where} ORDER BY {key}, task, output",
+                                                       params)
 
     def predict(self, paths: Sequence[str | Path] | str | Path, *, cohort: str | None = None,
                 mpp: float | None = None, heatmaps: str | Path | None = None) -> pd.DataFrame:

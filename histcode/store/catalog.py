@@ -270,6 +270,7 @@ class Catalog(CohortRegistry):
         scores and (before the transaction commits) its rows in every feature view's vector tables."""
         for table in DOWNSTREAM_OF_SLIDE:
             con.execute(f"DELETE FROM {table} WHERE slide_id = ?", [slide_id])
+        con.execute("DELETE FROM patient_predictions WHERE list_contains(slide_ids, ?)", [slide_id])  # pooled from it
         con.execute(
             "UPDATE tilings SET status = ?, reason = ?, n_tiles = 0 WHERE slide_id = ?", [INVALIDATED, reason, slide_id]
         )

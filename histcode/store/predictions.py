@@ -30,37 +30,46 @@ PREDICT, CV = "predict", "cv"
 COLUMNS = ("slide_id", "task", "model", "version", "aggregator", "view_id", "source", "fold", "output", "value",
            "call", "in_distribution", "ood_score", "ood_percentile", "stale", "predicted_at")
 
-# the row each (slide, output) is shown with (over a table or view named {table})
-CURRENT_SQL = """
+# the row each (slide, output) is shown with (over a table or view named {table}); CURRENT_TEMPLATE keeps the
+# unit's column open ({key}) for the per-patient table
+CURRENT_TEMPLATE = """
     SELECT * EXCLUDE (_rank) FROM (
-        SELECT *, row_number() OVER (PARTITION BY slide_id, output
+        SELECT *, row_number() OVER (PARTITION BY {key}, output
                                      ORDER BY stale, source = 'predict', predicted_at DESC, version DESC) AS _rank
         FROM {table}) WHERE _rank = 1"""
+CURRENT_SQL = CURRENT_TEMPLATE.replace("{key}", "slide_id")
 
 
 def write_predictions(catalog: Catalog, frame: pd.DataFrame, current: Mapping[str, int] | None = None) -> int:
     """Store ``frame``'s rows (``COLUMNS`` but ``stale`` and ``predicted_at``, which are set here), replacing what
     the same (slide, model, version, source) had; then, with ``current`` (task -> the version ``@best`` names
     now), mark every other version's rows of those tasks stale. Returns the rows written."""
+    return write_rows(catalog, "predictions", "slide_id", COLUMNS, frame, current)
+
+
+def write_rows(catalog: Catalog, table: str, key: str, columns: Iterable[str], frame: pd.DataFrame,
+               current: Mapping[str, int] | None = None) -> int:
+    """``write_predictions`` for a table of the same shape whose unit (slide, patient) is the column ``key``."""
     if frame.empty and not current:
         return 0
+    columns = list(columns)
     frame = frame.assign(stale=False, predicted_at=utcnow()) if len(frame) else frame
     with catalog.transaction() as con:
         if len(frame):
-            keys = frame[["slide_id", "model", "version", "source"]].drop_duplicates()
+            keys = frame[[key, "model", "version", "source"]].drop_duplicates()
             con.register("_keys", keys)
-            con.execute("DELETE FROM predictions p USING _keys k WHERE p.slide_id = k.slide_id AND p.model = k.model "
+            con.execute(f"DELETE FROM {table} p USING _keys k WHERE p.{key} = k.{key} AND p.model = k.model "
                         "AND p.version = k.version AND p.source = k.source")
             con.unregister("_keys")
-            for col in COLUMNS:
+            for col in columns:
                 if col not in frame:
                     frame[col] = None
-            con.register("_rows", frame[list(COLUMNS)])
-            cols = ", ".join(f'"{c}"' for c in COLUMNS)
-            con.execute(f"INSERT INTO predictions ({cols}) SELECT {cols} FROM _rows")
+            con.register("_rows", frame[columns])
+            cols = ", ".join(f'"{c}"' for c in columns)
+            con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _rows")
             con.unregister("_rows")
         for task, version in (current or {}).items():
-            con.execute("UPDATE predictions SET stale = (version != ?) WHERE task = ? AND stale != (version != ?)",
+            con.execute(f"UPDATE {table} SET stale = (version != ?) WHERE task = ? AND stale != (version != ?)",
                         [int(version), task, int(version)])
     return len(frame)
 

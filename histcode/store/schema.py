@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 TABLES: dict[str, str] = {
     "meta": """
@@ -182,6 +182,13 @@ TABLES: dict[str, str] = {
             value DOUBLE, call VARCHAR, in_distribution BOOLEAN, ood_score DOUBLE, ood_percentile DOUBLE,
             stale BOOLEAN NOT NULL, predicted_at TIMESTAMP
         )""",
+    # Patient-level outputs pooled from the slides' (histcode.store.patient_predictions, histcode.heads.patients).
+    "patient_predictions": """
+        CREATE TABLE IF NOT EXISTS patient_predictions (
+            patient_id VARCHAR NOT NULL, task VARCHAR NOT NULL, model VARCHAR NOT NULL, version INTEGER NOT NULL,
+            source VARCHAR NOT NULL, pooling VARCHAR, output VARCHAR NOT NULL, value DOUBLE, call VARCHAR,
+            n_slides INTEGER, slide_ids VARCHAR[], stale BOOLEAN NOT NULL, predicted_at TIMESTAMP
+        )""",
 }
 
 # Upgrades of catalogs written by older versions: {version: statements}.
@@ -198,6 +205,8 @@ MIGRATIONS: dict[int, list[str]] = {
     6: [TABLES["label_sets"], "ALTER TABLE label_sets ADD COLUMN IF NOT EXISTS gate_settings VARCHAR"],
     # stored predictions (the table itself is created with the others)
     7: [],
+    # patient-level predictions (the table itself is created with the others)
+    8: [],
 }
 
 # Tables whose rows derive from a slide's pixels: cleared when the slide's content changes.

@@ -3,6 +3,7 @@
 Names: the catalog's tables (``slides``, ``tiles``, ``tilings``, ``feature_views``, ...), each view's tables as
 ``tile_emb__<view>`` / ``slide_emb__<view>`` (dashes in the view id become underscores), and
 ``current_predictions`` (the stored prediction each slide's output is shown with, ``histcode.store.predictions``),
+``current_patient_predictions`` (the same per patient, ``histcode.store.patient_predictions``),
 ``tile_embeddings`` / ``slide_embeddings`` for the view the caller names (the CLI passes the default view,
 ``histcode.features.registry.default_view``, or ``--view``). Vectors are ``FLOAT[d]``,
 so ``array_cosine_distance`` works in SQL. Only SELECT (and EXPLAIN) statements run; the catalog is attached
@@ -18,6 +19,7 @@ import pyarrow as pa
 
 from histcode.errors import HistcodeError
 from histcode.store.catalog import Catalog, CatalogError
+from histcode.store.patient_predictions import CURRENT_PATIENT_SQL
 from histcode.store.predictions import CURRENT_SQL
 from histcode.store.vectors import connect, table_names
 from histcode.workspace import Workspace
@@ -76,6 +78,9 @@ def open_session(ws: Workspace, default_view: str | None = None) -> duckdb.DuckD
         con.execute(f'CREATE VIEW "{name}" AS SELECT * FROM catalog.main."{name}"')
     if "predictions" in tables:
         con.execute(f"CREATE VIEW current_predictions AS {CURRENT_SQL.format(table='catalog.main.predictions')}")
+    if "patient_predictions" in tables:
+        con.execute("CREATE VIEW current_patient_predictions AS "
+                    f"{CURRENT_PATIENT_SQL.format(table='catalog.main.patient_predictions')}")
     views = con.execute(
         "SELECT view_id, kind, lance_table FROM catalog.main.feature_views "
         "WHERE status IN ('ok', 'partial') ORDER BY updated_at DESC"
