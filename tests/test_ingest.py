@@ -60,7 +60,8 @@ def test_bad_inputs_fail_with_their_reason_and_the_rest_continue(workspace, conf
     assert reasons["truncated"].startswith("truncated: directory 1 should start at byte")
     assert reasons["empty"] == "empty file (0 bytes)"
     assert reasons["notes"] == "not a whole-slide image format OpenSlide recognises"
-    assert reasons["photo"] == "not a whole-slide image format OpenSlide recognises"
+    # a JPEG is read as an image without a pyramid; this one carries no scale
+    assert reasons["photo"].startswith("no mpp in the slide metadata") and "--mpp" in reasons["photo"]
     assert reasons["missing"] == "file not found"
     assert "264.6x264.6 um/px is implausible" in reasons["dpi96"] and "--mpp" in reasons["dpi96"]
     assert "352.8x352.8 um/px is implausible" in reasons["boxes"]
@@ -71,13 +72,16 @@ def test_bad_inputs_fail_with_their_reason_and_the_rest_continue(workspace, conf
     assert rows["dpi96"]["mpp_x"] is None
 
 
-def test_stripped_tiff_is_named_as_such(workspace, config, tmp_path) -> None:
+def test_stripped_tiff_is_read_without_openslide(workspace, config, tmp_path) -> None:
     import tifffile
 
     path = tmp_path / "stripped.tif"
-    tifffile.imwrite(path, np.zeros((300, 300, 3), np.uint8), photometric="rgb")
-    report, _ = ingest([path], workspace, config)
-    assert report.outcomes[0].reason == "a TIFF that is not tiled; OpenSlide reads tiled (pyramidal) TIFFs only"
+    tifffile.imwrite(path, np.zeros((300, 300, 3), np.uint8), photometric="rgb", resolution=(2e4, 2e4),
+                     resolutionunit="CENTIMETER")
+    report, catalog = ingest([path], workspace, config)
+    assert report.outcomes[0].status == "ok"
+    row = catalog.get_slide("stripped")
+    assert (row["vendor"], row["mpp_x"], row["mpp_source"]) == ("image (no pyramid)", pytest.approx(0.5), "slide")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")

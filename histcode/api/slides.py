@@ -28,11 +28,12 @@ def tile_image(paths: Paths, slide_id: str, x: int, y: int, size: int, px: int |
     when given (read from the best pyramid level, as tiling reads it)."""
     from PIL import Image
 
-    from histcode.wsi.reader import OpenSlideReader, plan_read
+    from histcode.wsi.dispatch import open_slide
+    from histcode.wsi.reader import plan_read
 
     slide = healthy_slide(paths, slide_id)
     out = int(px or size)
-    with OpenSlideReader(slide["path"]) as reader:
+    with open_slide(slide["path"], slide.get("vendor")) as reader:
         plan = plan_read(reader.level_downsamples, int(size), out)
         pixels = reader.read_region((int(x), int(y)), plan.level, (plan.read_px, plan.read_px))
     image = Image.fromarray(pixels)

@@ -39,10 +39,18 @@ class DemoConfig(_Section):
     jpeg_quality: Annotated[int, Field(ge=10, le=100)] = 85
     mask_mpp: MicronsPerPixel = 8.0
     expression_noise_sd: Annotated[float, Field(ge=0)] = 0.3
+    # simulated overall survival (histcode.demo.survival): Weibull times whose log-hazard rises with the patient's
+    # tumour fraction and for LUSC, censored at a staggered end of follow-up; written as a GDC clinical TSV
+    survival_median_days: Annotated[float, Field(gt=0)] = 4000.0  # median survival of a patient with no tumour
+    survival_shape: Annotated[float, Field(gt=0)] = 1.5  # Weibull shape (> 1: hazard rising with time)
+    survival_tumour_log_hazard: float = 3.0  # log hazard ratio per unit of tumour fraction (0 -> 1)
+    survival_lusc_log_hazard: float = 0.5  # log hazard ratio of LUSC against LUAD
+    survival_follow_up_days: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (730.0, 2555.0)
 
     @model_validator(mode="after")
     def _check(self) -> DemoConfig:
-        for name in ("tumour_fraction", "small_focus_fraction", "stain_site_scale", "stain_slide_scale"):
+        for name in ("tumour_fraction", "small_focus_fraction", "stain_site_scale", "stain_slide_scale",
+                     "survival_follow_up_days"):
             lo, hi = getattr(self, name)
             if lo > hi:
                 raise ValueError(f"demo.{name}: lower bound {lo} is above upper bound {hi}")
@@ -55,13 +63,18 @@ class DemoConfig(_Section):
 
 
 class IngestConfig(_Section):
-    """Slide registration: which mpp values are believable and how hard to probe a file."""
+    """Slide registration: which mpp values are believable, the cohort's fallback scale, how hard to probe a file
+    and which files a directory scan takes (see docs/ingest.md, Formats)."""
 
     plausible_mpp: tuple[MicronsPerPixel, MicronsPerPixel] = (0.05, 20.0)
     max_anisotropy: Annotated[float, Field(ge=0)] = 0.05  # |mpp_x - mpp_y| / mpp_x above this fails
+    # um/px of slides whose files carry no usable scale and that got no --mpp or manifest mpp (mpp_source "params")
+    default_mpp: MicronsPerPixel | None = None
     probe_reads: bool = True  # decode the corners of level 0 and the smallest level to catch truncated files
     cohort: str = "default"  # cohort of slides ingested without --cohort or a manifest cohort column
-    extensions: tuple[str, ...] = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif")
+    # files a directory scan takes; DICOM series folders and formats refused by name are found besides these
+    extensions: tuple[str, ...] = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
+                                   ".czi", ".avs")
     # `histcode ingest --gdc`: FFPE diagnostic slides (DX), frozen sections (TS/BS/MS) or all
     gdc_slide_type: Literal["dx", "frozen", "all"] = "dx"
 

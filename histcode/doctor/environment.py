@@ -20,7 +20,7 @@ EXTRAS = (
     ("viewer", "starlette", "`histcode view`"),
     ("foundation", "timm", "foundation encoders (UNI, Virchow, CONCH, ...) and timm:<name> encoders"),
     ("exchange", "h5py", "`histcode import trident|clam` and `histcode export h5|anndata`"),
-    ("dicom", "pydicom", "writing DICOM WSI test slides"),
+    ("dicom", "pydicom", "telling the series of a DICOM WSI folder apart at ingest, and writing DICOM test slides"),
     ("polars", "polars", "format='polars' in the Python API"),
     ("server", "boto3", "the shared services (S3 artifacts, PostgreSQL, Dask on SLURM)"),
 )
@@ -29,7 +29,10 @@ DISK_WARN_BYTES = 10 * 1024**3
 DISK_FAIL_BYTES = 1 * 1024**3
 # what OpenSlide 4.0 reads (4.0.0 added DICOM WSI); other formats go through HistCode's own readers or are refused
 OPENSLIDE_FORMATS = ("Aperio SVS", "DICOM WSI", "Hamamatsu NDPI/VMS/VMU", "Leica SCN", "MIRAX MRXS", "Philips TIFF",
-                     "Sakura SVSLIDE", "Trestle TIFF", "Ventana BIF/TIFF", "generic tiled TIFF")
+                     "Sakura SVSLIDE", "Trestle TIFF", "Ventana BIF/TIFF", "Zeiss CZI (uncompressed/zstd)", "Huron TIFF",
+                     "ARGOS AVS", "generic tiled TIFF")
+# read by HistCode's own readers (histcode.wsi.dispatch)
+OWN_FORMATS = ("OME-TIFF", "stripped TIFF/SVS", "JPEG", "PNG")
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
@@ -90,7 +93,7 @@ def openslide_check() -> Finding:
         return Finding(AREA, "OpenSlide", WARN, f"OpenSlide {version}: older than 4.0, so DICOM WSI is not read",
                        "pip install openslide-bin==4.0.1.2 (it takes precedence over a system library)")
     return Finding(AREA, "OpenSlide", OK, f"OpenSlide {version} (openslide-python {openslide.__version__}); reads "
-                   + ", ".join(OPENSLIDE_FORMATS))
+                   + ", ".join(OPENSLIDE_FORMATS) + "; HistCode's own readers: " + ", ".join(OWN_FORMATS))
 
 
 def extras_checks() -> list[Finding]:

@@ -30,7 +30,8 @@ def sample_evenly(rows: list[dict], n: int) -> list[dict]:
 def tissue_fraction(path: Path, mpp: float, cfg: HistcodeConfig) -> float:
     """The share of the slide's area the tiling's tissue mask calls tissue (at the mask's resolution)."""
     from histcode.runtime import resolve_device
-    from histcode.wsi.reader import OpenSlideReader as open_slide, render_at_mpp
+    from histcode.wsi.dispatch import open_slide
+    from histcode.wsi.reader import render_at_mpp
     from histcode.wsi.tissue import detect_tissue
 
     with open_slide(path) as reader:

@@ -14,9 +14,12 @@ from pathlib import Path
 from histcode.config import IngestConfig
 from histcode.ingest.sources import SlideSource
 from histcode.store.records import FAILED, OK, SlideRecord
-from histcode.wsi.files import file_sha256
+from histcode.wsi.dicom import is_dicom_folder
+from histcode.wsi.dispatch import NOT_A_SLIDE, open_slide
+from histcode.wsi.files import file_sha256, file_signature
+from histcode.wsi.formats import UnsupportedFormatError, refused_format
 from histcode.wsi.mpp import MppError, objective_power, resolve_mpp
-from histcode.wsi.reader import OpenSlideReader, SlideReadError
+from histcode.wsi.reader import SlideReader, SlideReadError
 from histcode.wsi.tiff_check import check_tiff
 
 log = logging.getLogger(__name__)
@@ -29,7 +32,9 @@ def _precheck(path: Path) -> str | None:
     if not path.exists():
         return "file not found"
     if path.is_dir():
-        return "is a directory, not a slide file"
+        if is_dicom_folder(path) or refused_format(path):
+            return None
+        return "is a directory, neither a slide file nor a DICOM series folder"
     if path.stat().st_size == 0:
         return "empty file (0 bytes)"
     try:
@@ -42,7 +47,7 @@ def _precheck(path: Path) -> str | None:
     return None
 
 
-def _probe(reader: OpenSlideReader, storage_tile: tuple[int, int]) -> None:
+def _probe(reader: SlideReader, storage_tile: tuple[int, int]) -> None:
     """Decode the four corners of level 0 and the smallest level, which catches truncated and corrupt files
     whose headers still parse. Raises SlideReadError."""
     width, height = reader.level_dimensions[0]
@@ -57,19 +62,15 @@ def _probe(reader: OpenSlideReader, storage_tile: tuple[int, int]) -> None:
 
 
 def _diagnose(path: Path, fallback: str) -> str:
-    """Why OpenSlide could not use a file: for TIFF-based files, where the structure breaks (truncation,
-    untiled pages); otherwise ``fallback``. NDPI keeps 64-bit offsets in a private tag that a plain TIFF
-    walk cannot read, so it is never second-guessed."""
-    if path.suffix.lower() == ".ndpi":
+    """Why a file could not be read: for TIFF-based files, where the structure breaks (truncation); otherwise
+    ``fallback``. NDPI keeps 64-bit offsets in a private tag that a plain TIFF walk cannot read, so it is never
+    second-guessed."""
+    if path.is_dir() or path.suffix.lower() == ".ndpi":
         return fallback
     structure = check_tiff(path)
-    if structure is None:
+    if structure is None or not structure.problem:
         return fallback
-    if structure.problem:
-        return structure.problem
-    if not structure.tiled:
-        return "a TIFF that is not tiled; OpenSlide reads tiled (pyramidal) TIFFs only"
-    return fallback
+    return structure.problem
 
 
 def _int_prop(props, key: str) -> int | None:
@@ -87,19 +88,16 @@ def inspect_slide(source: SlideSource, cfg: IngestConfig) -> SlideRecord:
     if reason:
         record.reason = reason
         return record
-    stat = path.stat()
-    record.file_size, record.file_mtime = stat.st_size, stat.st_mtime
+    record.file_size, record.file_mtime = file_signature(path)  # a DICOM folder: its files' total size, newest mtime
 
-    import openslide
-
-    if openslide.OpenSlide.detect_format(str(path)) is None:
-        record.reason = _diagnose(path, "not a whole-slide image format OpenSlide recognises")
-        record.content_hash, record.hash_kind = file_sha256(path), "sha256"
-        return record
     try:
-        reader = OpenSlideReader(path)
+        reader = open_slide(path)
+    except UnsupportedFormatError as exc:  # a known format no reader here decodes: its name and the way out
+        record.reason = str(exc).split(": ", 1)[-1]  # not hashed: an ETS file runs to tens of gigabytes
+        return record
     except SlideReadError as exc:
-        record.reason = _diagnose(path, f"cannot be opened: {str(exc).split(': ', 1)[-1]}")
+        why = str(exc).split(": ", 1)[-1]
+        record.reason = _diagnose(path, why if why == NOT_A_SLIDE else f"cannot be opened: {why}")
         record.content_hash, record.hash_kind = file_sha256(path), "sha256"
         return record
     with reader:
@@ -121,7 +119,7 @@ def inspect_slide(source: SlideSource, cfg: IngestConfig) -> SlideRecord:
                 record.reason = _diagnose(path, f"corrupt: {str(exc).split(': ', 1)[-1]}")
                 return record
         try:
-            mpp = resolve_mpp(props, source.mpp, cfg.plausible_mpp, cfg.max_anisotropy)
+            mpp = resolve_mpp(props, source.mpp, cfg.plausible_mpp, cfg.max_anisotropy, cfg.default_mpp)
         except MppError as exc:
             record.reason = str(exc)
             return record

@@ -71,7 +71,7 @@ def _same_file(a: str | Path, b: str | Path) -> bool:
     return a == b or Path(a).resolve() == Path(b).resolve()
 
 
-def is_unchanged(existing: dict | None, source: SlideSource, cohort: str) -> bool:
+def is_unchanged(existing: dict | None, source: SlideSource, cohort: str, default_mpp: float | None = None) -> bool:
     """Whether a registered, healthy slide can be skipped without opening its file."""
     if existing is None or existing["status"] != OK or existing.get("cohort") != cohort:
         return False
@@ -84,7 +84,9 @@ def is_unchanged(existing: dict | None, source: SlideSource, cohort: str) -> boo
         return False
     if not _same_attributes(existing.get("attributes"), dict(source.attributes)):
         return False
-    # the user's mpp is a fallback: it only matters for slides whose scale came from it
+    # the user's mpp and ingest.default_mpp are fallbacks: they only matter for slides whose scale came from them
+    if existing["mpp_source"] == "params":
+        return source.mpp is None and existing["mpp_x"] == default_mpp
     return existing["mpp_source"] != "user" or existing["mpp_x"] == source.mpp
 
 
@@ -198,11 +200,11 @@ def plan_ingest(sources: list[SlideSource], catalog: Catalog, cfg: IngestConfig,
         target = source.cohort or cohort
         existing = catalog.get_slide(source.slide_id)
         if keep_other_cohorts and existing is not None and existing.get("cohort") != target:
-            if is_unchanged(existing, source, existing["cohort"]):
+            if is_unchanged(existing, source, existing["cohort"], cfg.default_mpp):
                 report.outcomes.append(unchanged_outcome(existing, source))
             else:
                 pending.append(PendingSlide(source, existing["cohort"], existing, compare_only=True))
-        elif is_unchanged(existing, source, target):
+        elif is_unchanged(existing, source, target, cfg.default_mpp):
             report.outcomes.append(unchanged_outcome(existing, source))
         else:
             pending.append(PendingSlide(source, target, existing))

@@ -1,5 +1,9 @@
 """What to ingest: slide files from paths and directories, or a manifest CSV, each with its accession.
 
+A directory is searched for files with a slide extension (``ingest.extensions``), for files of the formats
+refused by name (``histcode.wsi.formats``: reported with what to convert them with, never skipped in silence)
+and for DICOM WSI series folders, each one slide whose id is the folder's name.
+
 Manifest columns: ``path`` (required; relative paths are relative to the manifest), ``slide_id`` (default: the
 file stem), ``patient_id`` (default: the TCGA patient of the slide id, else the slide id), ``mpp``
 (optional, um/px, for slides whose files carry no usable scale) and ``cohort`` (optional; default: the command's
@@ -21,6 +25,8 @@ from pathlib import Path
 
 from histcode.errors import HistcodeError
 from histcode.store.records import is_path_attribute
+from histcode.wsi.dicom import is_dicom_folder
+from histcode.wsi.formats import REFUSED_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
@@ -66,22 +72,50 @@ def patient_of(slide_id: str) -> str:
 
 
 def slide_id_of(path: Path) -> str:
+    """The file's stem (an OME-TIFF's without ``.ome``); a DICOM series folder's name."""
     name = path.name
+    if path.is_dir() and path.suffix.lower() not in REFUSED_EXTENSIONS:
+        return name
     for suffix in (".ome.tiff", ".ome.tif"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return path.stem
 
 
+def _inside_vsi(f: Path) -> bool:
+    """An ETS file of a VSI slide (``name.vsi`` beside the folder ``_name_/`` that holds its ``.ets`` files): the
+    .vsi is reported, not each of its pixel files."""
+    for parent in f.parents:
+        if parent.name.startswith("_") and parent.name.endswith("_") and len(parent.name) > 2:
+            if (parent.parent / f"{parent.name[1:-1]}.vsi").exists():
+                return True
+    return False
+
+
+def _scan(folder: Path, extensions: tuple[str, ...]) -> list[Path]:
+    """Slides below ``folder``: files with a slide extension, files of formats refused by name (so they are
+    reported with what to convert them with, not skipped) and DICOM series folders (one slide each, never one per
+    instance), sorted."""
+    found = []
+    for d in sorted([folder, *(p for p in folder.rglob("*") if p.is_dir())]):
+        if is_dicom_folder(d) or d.suffix.lower() in REFUSED_EXTENSIONS:  # DICOM, OME-Zarr
+            found.append(d)  # and any slide files beside its instances, below
+        for f in sorted(p for p in d.iterdir() if p.is_file()):
+            suffix = f.suffix.lower()
+            if suffix in extensions or (suffix in REFUSED_EXTENSIONS and not (suffix == ".ets" and _inside_vsi(f))):
+                found.append(f)
+    return found
+
+
 def expand_paths(paths: list[Path], extensions: tuple[str, ...]) -> list[Path]:
     """Files as given (whatever their extension, so a wrong file gets a reason rather than silence) and, for
-    directories, the files below them with a slide extension, sorted."""
+    directories, the slides below them (see ``_scan``); a directory that is itself a DICOM series is one slide."""
     found: list[Path] = []
     for p in paths:
         if p.is_dir():
-            below = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in extensions)
+            below = _scan(p, extensions)
             if not below:
-                log.warning("%s: no files with a slide extension (%s)", p, ", ".join(extensions))
+                log.warning("%s: no files with a slide extension (%s) and no DICOM series", p, ", ".join(extensions))
             found.extend(below)
         else:
             found.append(p)

@@ -1,6 +1,6 @@
 """Tile one registered slide: tissue mask, grid at the target mpp, tissue fraction, optional pixel QC.
 
-Runs anywhere (a worker process opens its own OpenSlide handle) and touches no store: it returns the ledger
+Runs anywhere (a worker process opens its own slide handle) and touches no store: it returns the ledger
 row and the tile rows for the single catalog writer to commit. Zero tiles is a failure with a reason, never a
 silent success.
 """
@@ -23,7 +23,8 @@ from histcode.tiling.spec import tile_id_of
 from histcode.wsi import qc as tile_qc
 from histcode.wsi.grid import grid_positions, tile_size_level0, tissue_fractions
 from histcode.wsi.overlay import draw_qc_thumbnail, save_mask_png
-from histcode.wsi.reader import OpenSlideReader, SlideReadError, plan_read, render_at_mpp
+from histcode.wsi.dispatch import open_slide
+from histcode.wsi.reader import SlideReadError, plan_read, render_at_mpp
 from histcode.wsi.tile_reader import TileReader
 from histcode.runtime import resolve_device
 from histcode.wsi.tissue import detect_tissue
@@ -64,7 +65,7 @@ def tile_slide(slide: dict, cfg: TilingConfig, spec_id: str, qc_dir: Path) -> Sl
         return failed_tiling(slide, spec_id, f"slide {width}x{height} px is smaller than one tile ({size} px at level 0)", t0,
                        tile_size_l0=size)
     try:
-        with OpenSlideReader(path) as reader:
+        with open_slide(path, slide.get("vendor")) as reader:
             low, low_ds = render_at_mpp(reader, mpp, cfg.mask.mpp)
             mask_mpp = low_ds[0] * mpp
             mask = detect_tissue(low, mask_mpp, low_ds, cfg.mask, resolve_device(cfg.device))

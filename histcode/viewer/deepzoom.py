@@ -1,5 +1,8 @@
 """Deep Zoom tiles of registered slides, rendered with OpenSlide (``openslide.deepzoom``) and cached.
 
+A slide is opened with ``histcode.wsi.dispatch.open_slide`` (any format HistCode reads) and handed to
+``DeepZoomGenerator`` as an ``openslide.AbstractSlide`` (``histcode.wsi.openslide_view``).
+
 A slide is opened once and kept (up to ``max_slides``, least recently used dropped first); rendered tiles are
 kept as JPEG bytes (up to ``max_tiles``), so a tile asked for again (panning back, a second viewer) is served
 from memory. Slides are named by catalog id only: the path comes from the catalog, never from a request.
@@ -14,6 +17,9 @@ from dataclasses import dataclass
 
 import openslide
 from openslide.deepzoom import DeepZoomGenerator
+
+from histcode.wsi.dispatch import open_slide
+from histcode.wsi.openslide_view import as_openslide
 
 TILE_SIZE = 254  # + 2 x overlap = 256, a power of two, as openslide.deepzoom advises
 OVERLAP = 1
@@ -72,7 +78,7 @@ class DeepZoomTiles:
         with self._lock:
             entry = self._slides.get_fresh(path)
             if entry is None:
-                slide = openslide.open_slide(path)
+                slide = as_openslide(open_slide(path))
                 entry = (slide, DeepZoomGenerator(slide, tile_size=TILE_SIZE, overlap=OVERLAP, limit_bounds=False))
                 self._slides.put(path, entry)
             return entry[1]

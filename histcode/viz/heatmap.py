@@ -16,7 +16,8 @@ import numpy as np
 
 from histcode.viz.colours import Kind, colour_stops, score_limits, tile_rgba
 from histcode.wsi.grid import grid_of
-from histcode.wsi.reader import OpenSlideReader, render_at_mpp
+from histcode.wsi.dispatch import open_slide
+from histcode.wsi.reader import render_at_mpp
 
 SIDE = 1200  # the thumbnail's long side, pixels
 DPI = 100
@@ -86,7 +87,7 @@ def slide_thumbnail(slide: dict, side: int = SIDE) -> tuple[np.ndarray, tuple[fl
     """The slide (keys path, mpp_x, width, height) read whole at about ``side`` pixels on its longer side: an
     RGB array and its downsample (dx, dy), level-0 pixels per thumbnail pixel."""
     mpp = float(slide["mpp_x"])
-    with OpenSlideReader(slide["path"]) as reader:
+    with open_slide(slide["path"], slide.get("vendor")) as reader:
         return render_at_mpp(reader, mpp, mpp * max(slide["width"], slide["height"]) / side)
 
 

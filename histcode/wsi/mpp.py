@@ -1,4 +1,5 @@
-"""Which physical scale a slide is at: its own mpp, else its objective power, else the user's value.
+"""Which physical scale a slide is at: its own mpp, else its objective power, else the user's value, else the
+cohort's default (``ingest.default_mpp``).
 
 Scale matters: tiling normalises every slide to one target mpp, so a wrong mpp puts the wrong physical area
 in every tile. A value outside the plausible range (for example the 96-dpi default of some TIFF writers,
@@ -24,7 +25,7 @@ class MppError(HistcodeError, ValueError):
 class Mpp:
     x: float
     y: float
-    source: str  # "slide" | "objective" | "user"
+    source: str  # "slide" | "objective" | "user" | "params" (ingest.default_mpp)
 
 
 def _as_float(properties: Mapping[str, str], key: str) -> float | None:
@@ -47,9 +48,11 @@ def resolve_mpp(
     user_mpp: float | None,
     plausible: tuple[float, float],
     max_anisotropy: float,
+    default_mpp: float | None = None,
 ) -> Mpp:
-    """The slide's mpp by priority: slide metadata > objective power > the user's value (a fallback for files
-    that carry no usable scale, never an override of one they do carry). Raises MppError with the reason."""
+    """The slide's mpp by priority: slide metadata > objective power > the user's value (``--mpp``, a manifest's
+    mpp) > the cohort's ``default_mpp``. The last two are fallbacks for files that carry no usable scale, never
+    overrides of one they do carry. Raises MppError with the reason."""
     lo, hi = plausible
     notes = []
     mx, my = _as_float(properties, "openslide.mpp-x"), _as_float(properties, "openslide.mpp-y")
@@ -79,4 +82,10 @@ def resolve_mpp(
         if not lo <= user_mpp <= hi:
             raise MppError("; ".join(notes) + f"; the given mpp {user_mpp} um/px is outside the plausible range {lo}-{hi}")
         return Mpp(user_mpp, user_mpp, "user")
-    raise MppError("; ".join(notes) + " -- give the scale with --mpp or an mpp column in the manifest")
+    if default_mpp is not None:
+        if not lo <= default_mpp <= hi:
+            raise MppError("; ".join(notes) + f"; ingest.default_mpp {default_mpp} um/px is outside the plausible "
+                           f"range {lo}-{hi}")
+        return Mpp(default_mpp, default_mpp, "params")
+    raise MppError("; ".join(notes) + " -- give the scale with --mpp, an mpp column in the manifest or "
+                   "ingest.default_mpp in params.yaml")

@@ -1,4 +1,7 @@
-"""Slide access behind a small protocol, with OpenSlide as the implementation.
+"""Slide access behind a small protocol, with OpenSlide as the main implementation.
+
+``histcode.wsi.dispatch.open_slide`` picks the reader for a file (OpenSlide, or ``image_reader`` for OME-TIFF and
+images without a pyramid); open slides through it rather than through a reader class.
 
 One handle per process: open a reader inside each worker, never share one across a fork.
 Pixels come back as RGB uint8 arrays (H, W, 3); transparent areas (outside the scanned region) are white.
@@ -49,14 +52,15 @@ def rgba_to_rgb_on_white(rgba: np.ndarray) -> np.ndarray:
 
 
 class OpenSlideReader:
-    """SlideReader over openslide.OpenSlide."""
+    """SlideReader over openslide.OpenSlide. ``open_with``: the file OpenSlide opens when ``path`` is not itself
+    one (a DICOM series folder: one of its instances)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, open_with: str | Path | None = None) -> None:
         import openslide
 
         self.path = Path(path)
         try:
-            self._slide = openslide.OpenSlide(str(self.path))
+            self._slide = openslide.OpenSlide(str(open_with or self.path))
         except openslide.OpenSlideUnsupportedFormatError as exc:
             raise SlideReadError(f"{self.path.name}: not a whole-slide image OpenSlide recognises") from exc
         except openslide.OpenSlideError as exc:
@@ -65,6 +69,11 @@ class OpenSlideReader:
     @property
     def properties(self) -> Mapping[str, str]:
         return self._slide.properties
+
+    @property
+    def slide(self):
+        """The openslide.OpenSlide handle (for openslide.deepzoom)."""
+        return self._slide
 
     @property
     def level_dimensions(self) -> tuple[tuple[int, int], ...]:

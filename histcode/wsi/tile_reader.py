@@ -1,7 +1,7 @@
 """Read grid tiles of one slide at the tiling spec's resolution: the project's reader.
 
 It picks the pyramid level once (the coarsest that does not upsample), decodes that level's stored JPEG tiles
-directly where the format allows (see ``tiff_tiles``) and falls back to OpenSlide everywhere else, then
+directly where the format allows (see ``tiff_tiles``) and reads through the slide's reader everywhere else, then
 resizes to the output size. One TileReader per process or thread: it holds open file handles.
 """
 
@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from histcode.wsi.reader import OpenSlideReader, RegionPlan, plan_read, resize_rgb
+from histcode.wsi.dispatch import open_slide
+from histcode.wsi.reader import RegionPlan, plan_read, resize_rgb
 from histcode.wsi.tiff_tiles import DirectTiffLevel, find_direct_level
 
 
@@ -35,7 +36,8 @@ class TileReader:
         whole = abs(ds - round(ds)) < 1e-9
         page = find_direct_level(self.path, vendor, tuple(level_dimensions[self.plan.level])) if direct and whole else None
         self._direct = DirectTiffLevel(self.path, page) if page is not None else None
-        self._slide = None if self._direct is not None else OpenSlideReader(self.path)
+        # the catalog's vendor names the reader (OpenSlide, or image_reader's): no format detection per open
+        self._slide = None if self._direct is not None else open_slide(self.path, vendor)
 
     @classmethod
     def for_slide(cls, slide: dict, size_l0: int, out_px: int, direct: bool = True) -> TileReader:
