@@ -12,8 +12,8 @@ except PackageNotFoundError:  # run from a source tree that was never installed
     __version__ = "0.1.0"
 
 PUBLIC = ("open", "Workspace", "View", "BagDataset", "Labels", "Format", "load_encoder", "HistcodeError",
-          "WorkspaceNotFound", "ViewError", "SearchError", "FilterError", "QueryError", "ReadOnlyQueryError",
-          "LabelGateError", "HeadNotFound", "CatalogError", "UsageError", "ServiceUnavailable", "MissingExtra")
+          "WorkspaceNotFound", "ViewError", "SearchError", "FilterError", "QueryError", "QueryLimitError",
+          "ReadOnlyQueryError", "SqlLimits", "UnsafeModelError", "LabelGateError", "HeadNotFound", "CatalogError", "UsageError", "ServiceUnavailable", "MissingExtra")
 
 
 def __getattr__(name: str):

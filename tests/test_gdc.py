@@ -5,6 +5,7 @@ and reason and nothing written; the CLI runs end to end on the tiny cohort."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from pathlib import Path
@@ -324,9 +325,12 @@ def test_slide_sources_from_a_gdc_download(tiled_workspace, tmp_path) -> None:
     assert listed[tumour["slide_id"]]["gdc_sample_type"] == "Primary Tumor" and "subtype" not in listed[normal]
     assert listed[normal]["sample_type"] == "normal" and listed[normal]["slide_type"] == "dx"
     manifest = tmp_path / "gdc_manifest.txt"
+    files = {r["File ID"]: root / r["File ID"] / r["File Name"] for r in rows}
     manifest.write_text("id\tfilename\tmd5\tsize\tstate\n" + "".join(
-        f"{r['File ID']}\t{r['File Name']}\t0\t1\treleased\n" for r in rows))
-    assert len(gdc_slide_sources(root, manifest, "all", extensions)) == len(slides) + 1
+        f"{r['File ID']}\t{r['File Name']}\t{hashlib.md5(files[r['File ID']].read_bytes()).hexdigest()}\t"
+        f"{files[r['File ID']].stat().st_size}\treleased\n" for r in rows))
+    from_manifest = gdc_slide_sources(root, manifest, "all", extensions)
+    assert len(from_manifest) == len(slides) + 1 and not from_manifest.refused
 
 
 def test_malformed_slide_downloads_are_refused(tiled_workspace, tmp_path) -> None:

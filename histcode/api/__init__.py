@@ -28,7 +28,8 @@ from histcode.features.search import FilterError, SearchError
 from histcode.heads.apply import HeadNotFound
 from histcode.labels.run import LabelGateError
 from histcode.store.catalog import CatalogError
-from histcode.store.sql import QueryError, ReadOnlyQueryError
+from histcode.store.sql import QueryError, QueryLimitError, ReadOnlyQueryError, SqlLimits
+from histcode.tracking.model_files import UnsafeModelError
 
 
 if TYPE_CHECKING:  # for type checkers and the API reference; at run time imported on first use (torch)
@@ -57,7 +58,10 @@ __all__ = [
     "SearchError",
     "FilterError",
     "QueryError",
+    "QueryLimitError",
     "ReadOnlyQueryError",
+    "SqlLimits",
+    "UnsafeModelError",
     "LabelGateError",
     "HeadNotFound",
     "CatalogError",

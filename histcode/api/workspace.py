@@ -20,6 +20,7 @@ from histcode.heads.names import MODEL_NAMES
 from histcode.store.catalog import Catalog, CatalogError
 from histcode.store.patient_predictions import COLUMNS as PATIENT_PREDICTION_COLUMNS, CURRENT_PATIENT_SQL
 from histcode.store.predictions import COLUMNS as PREDICTION_COLUMNS, CURRENT_SQL
+from histcode.store.sql import SqlLimits
 from histcode.tracking import Tracker, telemetry_off
 from histcode.workspace import Workspace as Paths
 
@@ -141,12 +142,13 @@ class Workspace:
         return f"{self.config.pretrain.register_as}{ref}" if ref.startswith("@") else ref
 
     # -- SQL ----------------------------------------------------------------------------------------------
-    def sql(self, query: str, *, view: str | None = None, format: Format = "pandas"):
+    def sql(self, query: str, *, view: str | None = None, format: Format = "pandas", limits: SqlLimits | None = None):
         """One read-only query (SELECT, EXPLAIN) over the catalog's tables and every view's Lance tables, as
         ``histcode sql`` runs it: ``tile_embeddings`` / ``slide_embeddings`` are the tables of ``view`` (a view
         as ``Workspace.view`` takes it; default the default view, when it is materialised). A pandas DataFrame,
         a pyarrow Table or a polars DataFrame (``format``). ``ReadOnlyQueryError`` for anything that writes,
-        ``QueryError`` with DuckDB's message for a query it refuses."""
+        ``QueryError`` with DuckDB's message for a query it refuses; ``limits``: the time, memory and threads it may
+        use (``SqlLimits``; default 30 s, 4 GB), past which it is interrupted with ``QueryLimitError``."""
         from histcode.store.sql import check_read_only, run_sql
 
         check_format(format)
@@ -159,7 +161,7 @@ class Workspace:
                 default = self.view().view_id
             except ViewError:
                 default = None  # the query names tile_embeddings: DuckDB says it does not exist
-        return convert(run_sql(self._paths, query, default), format)
+        return convert(run_sql(self._paths, query, default, limits), format)
 
     # -- labels, folds and heads --------------------------------------------------------------------------
     def labels(self) -> Labels | None:

@@ -100,19 +100,28 @@ def sql(
     limit: Annotated[int, typer.Option(help="Rows to print in table format.")] = 50,
     wide: Annotated[bool, typer.Option("--wide", help="Show long values whole (cells wrap).")] = False,
     view: Annotated[Optional[str], typer.Option(help="Feature view behind tile_embeddings / slide_embeddings (default: features.encoder's view).")] = None,
+    time_limit: Annotated[float, typer.Option("--time-limit", help="Seconds the query may run before it is stopped.")] = 30.0,
+    memory_limit: Annotated[str, typer.Option("--memory-limit", help="Memory DuckDB may use for the query (512MB, 4GB, ...).")] = "4GB",
+    threads: Annotated[int, typer.Option("--threads", help="DuckDB threads (0: the cores, at most 4).")] = 0,
 ) -> None:
-    """Read-only SQL over the catalog and every feature view (tile_embeddings, slide_embeddings, ...)."""
+    """Read-only SQL over the catalog and every feature view (tile_embeddings, slide_embeddings, ...), stopped
+    with a reason past its time or memory limit."""
+    from histcode.errors import UsageError
     from histcode.store.catalog import CatalogError
-    from histcode.store.sql import QueryError, run_sql
+    from histcode.store.sql import QueryError, SqlLimits, run_sql
     from histcode.views import arrow_table
 
     ws = workspace_of(ctx)
+    try:
+        limits = SqlLimits(time_limit, memory_limit, threads)
+    except UsageError as exc:
+        fail(str(exc))
     default = None
     if "_embeddings" in query or view:
         default = _view_or_note(ws, view)
     try:
-        result = run_sql(ws, query, default.view_id if default else None)
-    except (QueryError, CatalogError) as exc:  # QueryError: DuckDB's own (syntax, unknown column), and refusals
+        result = run_sql(ws, query, default.view_id if default else None, limits)
+    except (QueryError, CatalogError) as exc:  # QueryError: DuckDB's own (syntax, unknown column), refusals, limits
         fail(str(exc))
     print_frame(result, output, limit, lambda t, n: arrow_table(t, n, wide))
 

@@ -43,7 +43,7 @@ def ingest(
     slide_type: Annotated[Optional[str], typer.Option(help="With --gdc: dx (FFPE diagnostic), frozen (TS/BS/MS sections) or all (default ingest.gdc_slide_type).")] = None,
 ) -> None:
     """Register slides in a cohort of the catalog. Exits 1 if any slide failed (the others are registered)."""
-    from histcode.ingest.gdc import gdc_slide_sources
+    from histcode.ingest.gdc import ingest_gdc
     from histcode.ingest.run import ingest_sources
     from histcode.ingest.sources import ManifestError
     from histcode.reports import ingest_summary
@@ -56,18 +56,18 @@ def ingest(
     if gdc is not None:
         if paths or manifest:
             fail("--gdc takes the slides of a GDC download: give no slide paths or --manifest with it")
-        try:
-            sources = gdc_slide_sources(gdc, gdc_sheet, slide_type or cfg.ingest.gdc_slide_type, cfg.ingest.extensions, mpp)
-        except ManifestError as exc:
+        try:  # the manifest's sizes and md5s are checked first: a slide whose file differs is reported failed
+            result = ingest_gdc(gdc, gdc_sheet, Catalog.of(ws), cfg.ingest, slide_type, mpp, cohort)
+        except (ManifestError, CatalogError) as exc:
             fail(str(exc))
     elif gdc_sheet or slide_type:
         fail("--gdc-sheet and --slide-type go with --gdc DIR")
     else:
         sources = slide_sources(paths, manifest, mpp, cfg.ingest.extensions)
-    try:
-        result = ingest_sources(sources, Catalog.of(ws), cfg.ingest, cohort=cohort)
-    except CatalogError as exc:
-        fail(str(exc))
+        try:
+            result = ingest_sources(sources, Catalog.of(ws), cfg.ingest, cohort=cohort)
+        except CatalogError as exc:
+            fail(str(exc))
     terminal().print(ingest_table(result))
     summary = ingest_summary(result)
     write_json(report or ws.metrics_dir / "ingest.json", summary)

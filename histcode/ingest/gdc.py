@@ -15,18 +15,26 @@ its first three fields the patient, its sample field the sample type (01 primary
 and its last field the section: ``DX`` diagnostic slides are formalin-fixed, paraffin-embedded (FFPE); ``TS``,
 ``BS`` and ``MS`` (top, bottom, middle section) are frozen sections cut beside the sample that was sequenced.
 
-Everything here is checked before anything is ingested: a malformed sheet, a missing file or a slide that is not
-a TCGA slide barcode raises ``ManifestError`` naming the file, line and reason, so nothing is written.
+Everything here is checked before anything is ingested: a malformed sheet, a missing file, a File ID or file name
+that is not one plain name (a path separator, ``..``: a listing must not point outside the download) or a slide
+that is not a TCGA slide barcode raises ``ManifestError`` naming the file, line and reason, so nothing is written.
+A manifest's ``size`` and ``md5`` are compared with each listed slide (size first; md5 only of a file of the right
+size, and not again for a slide registered unchanged since it was checked): a slide that differs is refused by
+name with what was expected and what was found, and the others go on (``GdcSources.refused``, ``ingest_gdc``).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from histcode.config import IngestConfig
+from histcode.ingest.run import IngestReport, ingest_sources, is_unchanged, refused_outcome
 from histcode.ingest.sources import ManifestError, SlideSource
 
 log = logging.getLogger(__name__)
@@ -57,6 +65,9 @@ SHEET_REQUIRED = ("File ID", "File Name", "Case ID", "Sample ID")
 SHEET_OPTIONAL = ("Data Category", "Data Type", "Project ID", "Tissue Type", "Tumor Descriptor", "Specimen Type",
                   "Preservation Method")
 MANIFEST_COLUMNS = ("id", "filename")
+MD5 = re.compile(r"^[0-9a-f]{32}$", re.IGNORECASE)
+MD5_ATTRIBUTE = "gdc_md5"  # the manifest's md5 of a registered slide: checked when it was registered
+CHUNK = 8 << 20
 
 
 def kind_of_code(code: str) -> str | None:
@@ -84,6 +95,8 @@ class SheetRow:
     sample_type: str | None = None  # as the sheet writes it
     project_id: str | None = None
     extra: dict[str, str] = field(default_factory=dict)  # Data Type, Tissue Type, ... as written
+    md5: str | None = None  # a manifest's, lower case
+    size: int | None = None  # a manifest's, bytes
 
     def where(self, sheet: Path) -> str:
         return f"{sheet}, line {self.line} ({self.file_name})"
@@ -101,6 +114,26 @@ def _read_tsv(path: Path, what: str) -> tuple[list[str], list[dict[str, str]]]:
     except (UnicodeDecodeError, csv.Error) as exc:
         raise ManifestError(f"{what} {path}: not a UTF-8 TSV ({exc}); save it again as UTF-8 text, tab-separated") from exc
     return columns, rows
+
+
+def name_problem(value: str) -> str | None:
+    """Why a File ID or file name cannot name one entry of a download folder, or None: it is joined to the
+    download's path, so a separator or ``..`` would reach files outside it."""
+    if "/" in value or "\\" in value:
+        return "holds a path separator"
+    if value in (".", ".."):
+        return "is a relative path component"
+    if "\x00" in value:
+        return "holds a NUL character"
+    return None
+
+
+def _plain_name(value: str, column: str, where: str) -> str:
+    problem = name_problem(value)
+    if problem:
+        raise ManifestError(f"{where}: {column} {value!r} {problem}: a listing names files inside the download "
+                            "folder only (DIR/<File ID>/<File Name>)")
+    return value
 
 
 def _one(value: str, column: str, where: str) -> str:
@@ -156,6 +189,8 @@ def read_gdc_sheet(path: Path) -> list[SheetRow]:
         where = f"GDC sample sheet {path}, line {line} ({file_name or file_id})"
         if not file_id or not file_name:
             raise ManifestError(f"{where}: empty 'File ID' or 'File Name'")
+        _plain_name(file_id, "File ID", where)
+        _plain_name(file_name, "File Name", where)
         if file_id in seen:
             raise ManifestError(f"{where}: File ID {file_id} is also on line {seen[file_id]}")
         seen[file_id] = line
@@ -172,16 +207,38 @@ def read_gdc_sheet(path: Path) -> list[SheetRow]:
     return out
 
 
+def _manifest_size(value: str, where: str) -> int | None:
+    if not value:
+        return None
+    if not value.isdigit():
+        raise ManifestError(f"{where}: size {value!r} is not a number of bytes")
+    return int(value)
+
+
+def _manifest_md5(value: str, where: str) -> str | None:
+    if not value:
+        return None
+    if not MD5.match(value):
+        raise ManifestError(f"{where}: md5 {value!r} is not an MD5 digest (32 hexadecimal digits)")
+    return value.lower()
+
+
 def read_gdc_manifest(path: Path) -> list[SheetRow]:
-    """The files of a gdc-client manifest (``id  filename  md5  size  state``)."""
+    """The files of a gdc-client manifest (``id  filename  md5  size  state``), each id and file name one plain
+    name; ``md5`` and ``size`` are kept (and checked against the files by ``gdc_slide_sources``)."""
     columns, rows = _read_tsv(path, "GDC manifest")
     if any(c not in columns for c in MANIFEST_COLUMNS):
         raise ManifestError(f"GDC manifest {path}: needs the columns {list(MANIFEST_COLUMNS)} (has {columns})")
     out = []
     for line, row in enumerate(rows, start=2):
+        where = f"GDC manifest {path}, line {line}"
         if not row["id"] or not row["filename"]:
-            raise ManifestError(f"GDC manifest {path}, line {line}: empty 'id' or 'filename'")
-        out.append(SheetRow(line, row["id"], row["filename"]))
+            raise ManifestError(f"{where}: empty 'id' or 'filename'")
+        where = f"{where} ({row['filename']})"
+        _plain_name(row["id"], "id", where)
+        _plain_name(row["filename"], "filename", where)
+        out.append(SheetRow(line, row["id"], row["filename"], md5=_manifest_md5(row.get("md5") or "", where),
+                            size=_manifest_size(row.get("size") or "", where)))
     return out
 
 
@@ -192,7 +249,10 @@ def read_gdc_listing(path: Path) -> list[SheetRow]:
 
 
 def downloaded_path(root: Path, row: SheetRow, listing: Path) -> Path:
-    """Where gdc-client put a listed file (``root/<File ID>/<File Name>``); ManifestError when it is not there."""
+    """Where gdc-client put a listed file (``root/<File ID>/<File Name>``); ManifestError when it is not there
+    or when the row's names would leave ``root``."""
+    _plain_name(row.file_id, "File ID", row.where(listing))
+    _plain_name(row.file_name, "File Name", row.where(listing))
     path = root / row.file_id / row.file_name
     if not path.is_file():
         raise ManifestError(f"{row.where(listing)}: file not found at {path} (gdc-client puts each file in a folder "
@@ -250,8 +310,43 @@ def _check_against_sheet(slide: SlideBarcode, row: SheetRow, where: str) -> None
                             f"sheet says {row.sample_type!r}")
 
 
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)  # GDC's checksum of the file, not a security primitive here
+    with path.open("rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def integrity_problem(path: Path, row: SheetRow, checked: bool = False) -> str | None:
+    """Why a downloaded file is not the one its manifest row describes, or None: its size first (an incomplete
+    download), then, for a file of the right size, its md5 (``checked``: its md5 was compared when it was
+    registered and the file has not changed since, so it is not read again)."""
+    if row.size is not None:
+        found = path.stat().st_size
+        if found != row.size:
+            return (f"its size is {found} bytes, the manifest says {row.size}: an incomplete or another download; "
+                    "run `gdc-client download` for it again")
+    if row.md5 is not None and not checked:
+        found = file_md5(path)
+        if found != row.md5:
+            return (f"its md5 is {found}, the manifest says {row.md5}: the file is damaged or not the one listed; "
+                    "download it again")
+    return None
+
+
+class GdcSources(list):
+    """The slides of a GDC download to ingest (a list of ``SlideSource``), and ``refused``: the listed slides
+    whose file is not the one the manifest describes, each with its reason."""
+
+    def __init__(self, sources=(), refused: list[tuple[SlideSource, str]] | None = None) -> None:
+        super().__init__(sources)
+        self.refused = refused or []
+
+
 def gdc_slide_sources(root: Path, listing: Path | None = None, slide_type: str = FFPE,
-                      extensions: tuple[str, ...] = (".svs",), mpp: float | None = None) -> list[SlideSource]:
+                      extensions: tuple[str, ...] = (".svs",), mpp: float | None = None,
+                      checked: Callable[[SlideSource], bool] | None = None) -> GdcSources:
     """The slides of a GDC download as sources for ``histcode.ingest.run.ingest_sources``: the files a sample sheet
     or manifest lists (each must be at ``root/<File ID>/<File Name>``), else every slide file below ``root``.
 
@@ -260,11 +355,15 @@ def gdc_slide_sources(root: Path, listing: Path | None = None, slide_type: str =
     and, from a sample sheet, ``gdc_sample_type``, ``project_id`` and, on tumour slides, ``subtype`` (the project
     without ``TCGA-``). Only slides of ``slide_type`` (dx, frozen or all) are returned. Several slides of one
     patient or sample are separate slides; the same barcode twice is refused.
+
+    A manifest's size and md5 are compared with each slide's file (``integrity_problem``; the md5 becomes the
+    slide's ``gdc_md5`` attribute, and ``checked(source)`` True skips reading it again): a slide that differs is
+    in ``refused`` with the reason, logged, and the others are returned.
     """
     if slide_type not in SLIDE_TYPE_CHOICES:
         raise ManifestError(f"slide type {slide_type!r}: use one of {', '.join(SLIDE_TYPE_CHOICES)}")
     found = _listed_slides(root, listing, extensions) if listing else _found_slides(root, extensions)
-    sources, seen, skipped = [], {}, 0
+    sources, refused, seen, skipped = [], [], {}, 0
     for path, row in found:
         slide = parse_slide_name(path)
         where = row.where(listing) if listing else str(path)
@@ -284,12 +383,40 @@ def gdc_slide_sources(root: Path, listing: Path | None = None, slide_type: str =
             attributes["project_id"] = row.project_id
             if slide.kind == TUMOUR:
                 attributes["subtype"] = subtype_of_project(row.project_id)
-        sources.append(SlideSource(path=path.absolute(), slide_id=slide.barcode, patient_id=slide.patient_id, mpp=mpp,
-                                   attributes=tuple(attributes.items())))
+        if row.md5:
+            attributes[MD5_ATTRIBUTE] = row.md5
+        source = SlideSource(path=path.absolute(), slide_id=slide.barcode, patient_id=slide.patient_id, mpp=mpp,
+                             attributes=tuple(attributes.items()))
+        problem = integrity_problem(path, row, checked is not None and row.md5 is not None and checked(source))
+        if problem:
+            log.warning("%s: slide %s refused: %s", where, slide.barcode, problem)
+            refused.append((source, f"slide {slide.barcode} ({row.file_name}): {problem}"))
+            continue
+        sources.append(source)
     if skipped:
         log.info("GDC download %s: %d slides that are not %s skipped (--slide-type all takes every slide)", root,
                  skipped, slide_type)
+    if not sources and refused:
+        raise ManifestError(f"GDC download {root}: every listed slide was refused: "
+                            + "; ".join(reason for _, reason in refused))
     if not sources:
         raise ManifestError(f"GDC download {root}: no {'' if slide_type == 'all' else slide_type + ' '}slides found"
                             + (f" of the files {listing} lists" if listing else ""))
-    return sources
+    return GdcSources(sources, refused)
+
+
+def ingest_gdc(root: Path, listing: Path | None, catalog, cfg: IngestConfig, slide_type: str | None = None,
+               mpp: float | None = None, cohort: str | None = None, progress: bool = True) -> IngestReport:
+    """``histcode ingest --gdc``: the download's slides (``gdc_slide_sources``) registered in ``cohort``, the
+    slides whose file is not the one the manifest describes reported as failed, with their reasons (nothing of
+    them is written). A slide registered unchanged, with the manifest's md5, is not read again for it."""
+    target = cohort or cfg.cohort
+
+    def checked(source: SlideSource) -> bool:
+        existing = catalog.get_slide(source.slide_id) if catalog.path.exists() else None
+        return is_unchanged(existing, source, source.cohort or target, cfg.default_mpp)
+
+    sources = gdc_slide_sources(root, listing, slide_type or cfg.gdc_slide_type, cfg.extensions, mpp, checked)
+    report = ingest_sources(list(sources), catalog, cfg, progress=progress, cohort=cohort)
+    report.outcomes.extend(refused_outcome(source, reason) for source, reason in sources.refused)
+    return report

@@ -5,8 +5,10 @@ Store: ``sqlite:///<workspace>/mlruns/mlflow.db`` with artifacts under ``<worksp
 first use (``relocate``). Runs are driven through an explicit ``MlflowClient``; only model logging needs MLflow's
 active-run machinery, and that is confined to ``log_torch_model``. A registered encoder's weights are stored once:
 its program is logged without the tensors its run's module holds, and ``load_model`` puts them back
-(``ProgramWithoutWeights``, ``fill_weights``). On a tracking server (``$HISTCODE_MLFLOW_URI``)
-every call runs in the workspace's own MLflow workspace, and a server that does not answer is named (``scope``).
+(``ProgramWithoutWeights``, ``fill_weights``). A model is loaded only if it is laid out as HistCode logs one (a pt2
+program, no pickle, no shipped code: ``model_files``), so a model planted in a copied workspace runs nothing. On a
+tracking server (``$HISTCODE_MLFLOW_URI``) every call runs in the workspace's own MLflow workspace, and a server
+that does not answer is named (``scope``).
 
 Runs always end: ``Tracker.run`` ends a run FINISHED, FAILED on an exception, KILLED on Ctrl-C; every run is
 tagged with the process that owns it, and a run whose process was killed outright is ended KILLED by the next
@@ -26,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from histcode.tracking.owners import OWNER_TAG, end_dead_runs, owner_tag
+from histcode.tracking.model_files import UnsafeModelError  # noqa: F401 -- raised by load_model, caught by callers
+from histcode.tracking.model_files import check_model_folder, check_weights_reference, pickle_refused, refused_by_mlflow
 from histcode.tracking.program_weights import WEIGHTS_METADATA, ModelWeightsError, ProgramWithoutWeights, fill_weights
 from histcode.tracking.relocate import relocate_store
 from histcode.tracking.scope import ScopedClient, in_workspace, open_workspace, translated
@@ -288,16 +292,31 @@ class Tracker:
     def load_model(self, uri: str):
         """A logged or registered torch model (``models:/name@alias``, ``models:/name/3``, ``runs:/...``). A
         program logged without its weights (``weights_artifact``) gets them from its run's state dict, read with
-        ``weights_only`` and memory-mapped; versions logged with their weights inside load as they are."""
+        ``weights_only`` and memory-mapped; versions logged with their weights inside load as they are.
+
+        The downloaded folder is checked before MLflow reads it (``model_files.check_model_folder``: the pt2
+        layout HistCode logs, no pickle, no shipped code) and loaded with MLflow's pickle refusal on, so a
+        model planted in a shared workspace is refused (``UnsafeModelError``) and nothing of it runs."""
         import tempfile
 
         import mlflow
+        from mlflow.exceptions import MlflowException
         from mlflow.models import Model
 
         with self._store(), tempfile.TemporaryDirectory(prefix="histcode-model-") as tmp:
             local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+            check_model_folder(Path(local), uri)
             reference = (Model.load(local).metadata or {}).get(WEIGHTS_METADATA)
-            model = mlflow.pytorch.load_model(local, map_location="cpu")
+            if reference is not None:
+                check_weights_reference(reference, uri)
+            try:
+                with pickle_refused():
+                    model = mlflow.pytorch.load_model(local, map_location="cpu")
+            except MlflowException as exc:
+                refused = refused_by_mlflow(exc, uri)
+                if refused is not None:
+                    raise refused from exc
+                raise
         if reference:
             fill_weights(model, self._weights(reference), f"{uri} (weights: run {reference['run_id']}, "
                                                           f"{reference['artifact']})")

@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from histcode.tracking.model_files import pickle_refused
+
 log = logging.getLogger(__name__)
 
 WEIGHTS_METADATA = "histcode_weights"  # MLmodel metadata of a program logged without its weights: where they are
@@ -79,7 +81,8 @@ class ProgramWithoutWeights:
         left_out = strip_weights(program, self.keys)
         torch.export.save(program, file)
         del program
-        loaded = mlflow.pytorch.load_model(path)  # as load_model reads it: MLflow's pickle-free check first
+        with pickle_refused():  # as Tracker.load_model reads it: MLflow's pickle-free check of the archive first
+            loaded = mlflow.pytorch.load_model(path)
         fill_weights(loaded, pytorch_model.state_dict(), str(file))
         with torch.inference_mode():
             want, got = _tensors(pytorch_model(example)), _tensors(loaded(example))
