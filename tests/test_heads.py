@@ -119,7 +119,7 @@ def test_tumour_auc_on_the_demo_cohort_is_far_above_chance(headed_workspace) -> 
     summary = json.loads((headed_workspace.metrics_dir / "heads.json").read_text())
     runs = summary["runs"]
     assert runs["tumor/mean"]["auc"] >= 0.85 and runs["tumor/attention"]["auc"] >= 0.75
-    assert set(summary["best"]) == {"tumor", "subtype", "de"} and "mean_gene_auc" in runs["de/attention"]
+    assert set(summary["best"]) == {"tumor", "subtype", "de", "survival"} and "mean_gene_auc" in runs["de/attention"]
     assert "tumor/guided" not in runs and runs["subtype/guided"]["version"] and "mean_gene_auc" in runs["de/guided"]
     from mlflow import MlflowClient
 

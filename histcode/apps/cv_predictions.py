@@ -11,7 +11,7 @@ import pandas as pd
 
 from histcode.heads.cv import CVResult
 from histcode.heads.names import MODEL_NAMES
-from histcode.heads.outputs import class_outputs, de_outputs
+from histcode.heads.outputs import class_outputs, de_outputs, survival_outputs
 from histcode.store.catalog import Catalog
 from histcode.store.predictions import CV, write_predictions
 from histcode.tracking import Tracker
@@ -30,6 +30,8 @@ def cv_rows(result: CVResult, version: str | int, view_id: str) -> pd.DataFrame:
             classified = [g for g, keep in zip(task.genes, task.gene_included) if keep] \
                 if task.gene_included is not None else list(task.genes)
             outputs = de_outputs(task.genes, task.classes, classified, out)
+        elif task.name == "survival":
+            outputs = survival_outputs(out)
         else:
             outputs = class_outputs(task.name, task.classes, out)
         rows += [{"slide_id": sid, "task": task.name, "model": MODEL_NAMES[task.name], "version": int(version),

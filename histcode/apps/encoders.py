@@ -179,3 +179,19 @@ def registered_encoders(ws: Workspace, cfg: HistcodeConfig) -> list[dict]:
 def catalogue() -> list[dict]:
     """The foundation registry, one row per entry."""
     return [FOUNDATION[n].describe() for n in FOUNDATION]
+
+
+def slide_catalogue() -> list[dict]:
+    """The slide encoder registry (``histcode.ssl.slide_encoders``), one row per entry, refused ones included."""
+    from histcode.ssl.slide_encoders import SLIDE_ENCODERS
+
+    return [s.describe() for s in SLIDE_ENCODERS.values()]
+
+
+def embed_with_slide_encoder(ws: Workspace, cfg: HistcodeConfig, name: str, weights: Path, view: str | None = None,
+                             slide_ids: list[str] | None = None):
+    """A slide encoder's vectors of every slide of a tile view, as a slide-level feature view
+    (``histcode.features.slide_embed.embed_slides``); returns its ``SlideEmbedReport``."""
+    from histcode.features.slide_embed import embed_slides
+
+    return embed_slides(ws, cfg, name, weights, source_view=view, slide_ids=slide_ids)

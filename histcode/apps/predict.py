@@ -2,7 +2,8 @@
 
 Each slide is ingested and tiled like any other, into an inference cohort of its own (``cohorts.predict``, or
 ``--cohort``) that pretraining, labels and heads never read, and scored by ``histcode-tumor-head@best``,
-``histcode-subtype-head@best`` and ``histcode-de-head@best``. The heads may come from different encoders: each
+``histcode-subtype-head@best``, ``histcode-de-head@best`` and ``histcode-survival-head@best`` (its ``risk``: the
+predicted log-risk, ``risk_group`` high or low against the median risk of the slides it was trained on). The heads may come from different encoders: each
 head's feature view (its ``view_id`` tag) is checked and the slide is embedded in every view a head needs; a view
 the current tiling can no longer produce is refused. A slide that fails at any step gets status ``failed`` and
 the reason; the others are predicted. Attention comes from the tumour head registered with the attention
@@ -28,7 +29,7 @@ from histcode.features.registry import load_view
 from histcode.heads.apply import LoadedHead, load_head, optional_head
 from histcode.heads.data import Bag
 from histcode.heads.names import MODEL_NAMES
-from histcode.heads.outputs import NOT_APPLICABLE, Output, as_row, class_outputs, de_outputs
+from histcode.heads.outputs import NOT_APPLICABLE, Output, as_row, class_outputs, de_outputs, survival_outputs
 from histcode.heads.smoothing import Smoothing
 from histcode.apps.cv_predictions import best_versions
 from histcode.apps.heatmaps import render_heatmaps, slide_bag
@@ -55,10 +56,11 @@ class Prediction:
 
 
 def registered_heads(tracker: Tracker) -> dict[str, LoadedHead]:
-    """The heads predictions use: tumour@best, subtype@best and DE@best where registered, and the tumour head
+    """The heads predictions use: tumour@best, subtype@best, DE@best and survival@best where registered, and the tumour head
     whose attention is drawn (@attention, else @best)."""
     tumor = load_head(tracker, "tumor", "best")
     heads = {"tumor": tumor, "subtype": optional_head(tracker, "subtype"), "de": optional_head(tracker, "de"),
+             "survival": optional_head(tracker, "survival"),
              "attention": optional_head(tracker, "tumor", "attention") or tumor}
     return {k: h for k, h in heads.items() if h is not None}
 
@@ -183,6 +185,9 @@ def slide_outputs(bags: dict[str, Bag], heads: dict[str, LoadedHead]) -> dict[st
     if "de" in heads:
         de = heads["de"]
         out["de"] = de_outputs(de.genes, de.classes, de.classified_genes, de(bags[de.view_id].features)[0], p_tumor)
+    if "survival" in heads:  # the log-risk, high/low against the training median (meant for tumour slides)
+        survival = heads["survival"]
+        out["survival"] = survival_outputs(survival(bags[survival.view_id].features)[0])
     return out
 
 
@@ -193,6 +198,8 @@ def score_slide(bags: dict[str, Bag], heads: dict[str, LoadedHead],
     the outputs per task that the row flattens."""
     outputs = slide_outputs(bags, heads)
     row = as_row([o for task in outputs.values() for o in task])
+    if "survival" in outputs:
+        row["risk_group"] = outputs["survival"][0].call
     attention_head = heads["attention"]
     bag = bags[attention_head.view_id]
     _, raw = attention_head(bag.features)

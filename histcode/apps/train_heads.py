@@ -31,6 +31,7 @@ from histcode.heads.guided import TumourGuides
 from histcode.heads.masks import mask_metrics
 from histcode.heads.smoothing import Smoothing
 from histcode.heads.select import BEST, choose, chosen_counts, select_per_fold
+from histcode.heads.survival import SurvivalRefused, km_curves, km_table
 from histcode.heads.tasks import TASKS, task_data
 from histcode.labels.run import gx_project, require_passed_gate
 from histcode.store.catalog import Catalog
@@ -39,6 +40,8 @@ from histcode.tracking import Tracker
 from histcode.workspace import Workspace
 
 log = logging.getLogger(__name__)
+
+KM_PICTURE = "kaplan_meier.png"  # a survival run's artifact: Kaplan-Meier of the out-of-fold high vs low risk groups
 
 
 @dataclass
@@ -56,11 +59,12 @@ class HeadsReport:
     fingerprint: str = ""  # view state + label set + heads config: equal fingerprints train the same heads
     cohorts: list[str] = field(default_factory=list)  # the training cohorts whose slides the heads read
     reused: list[str] = field(default_factory=list)  # "task/aggregator" keys taken from earlier runs
+    refused: dict[str, str] = field(default_factory=dict)  # task of heads.tasks skipped -> why (survival refused)
 
     def summary(self) -> dict:
         out = {"view_id": self.view.view_id, "encoder_uri": self.view.encoder_uri, "label_version": self.label_version,
                "lance_tag": self.lance_tag, "best": self.best, "fingerprint": self.fingerprint, "cohorts": self.cohorts,
-               "reused": self.reused, "aliases": {t: {p.alias: {"version": p.version, "moved": p.moved, "reason": p.reason}
+               "reused": self.reused, "refused": self.refused, "aliases": {t: {p.alias: {"version": p.version, "moved": p.moved, "reason": p.reason}
                                                       for p in ps} for t, ps in self.promotions.items()},
                "runs": {}}
         for r in self.results:
@@ -93,7 +97,7 @@ class HeadsReport:
 def _tag_state(ws: Workspace, view: FeatureView, label_version: str) -> str:
     tag = f"heads-{label_version}"
     db = connect(ws.lancedb_uri)
-    for kind in (TILE_KIND, SLIDE_KIND):
+    for kind in ((SLIDE_KIND,) if view.slide_level else (TILE_KIND, SLIDE_KIND)):  # a slide encoder's view: no tiles
         tag_version(open_table(db, view.table(kind), create=False), tag)
     return tag
 
@@ -165,6 +169,7 @@ def train_heads(ws: Workspace, cfg: HistcodeConfig, tasks: tuple[str, ...] | Non
     labels = require_passed_gate(catalog)
     tracker = Tracker(ws)
     view = resolve_view(catalog, tracker, cfg, view_id or hcfg.view)
+    asked_tasks = tasks
     tasks, aggregators = tasks or hcfg.tasks, aggregators or hcfg.aggregators
     cohorts = catalog.training_cohorts(cfg.cohorts.train)
     state = training_state(catalog, view, cohorts)
@@ -184,8 +189,16 @@ def train_heads(ws: Workspace, cfg: HistcodeConfig, tasks: tuple[str, ...] | Non
     params = {"heads": hcfg.model_dump(mode="json"), "encoder": encoder_tags.get("encoder")}  # logged on every run
     context = (tracker, view, labels, tag, params, docs, cohorts, strict, hcfg)
     guides, no_guide = _tumour_guides(catalog, bags, hcfg) if GUIDED in aggregators else (None, None)
+    asked = bool(asked_tasks)  # tasks named by the caller, not only configured: a refusal is an error
     for task in tasks:
-        data = task_data(catalog, task, bags)
+        try:
+            data = task_data(catalog, task, bags)
+        except SurvivalRefused as exc:
+            if asked:
+                raise
+            log.warning("%s heads skipped: %s", task, exc)
+            report.refused[task] = str(exc)
+            continue
         results, registered = {}, {}
         for aggregator in aggregators:
             if aggregator not in TASKS[task].aggregators:
@@ -246,7 +259,29 @@ def _cv_run(context, fingerprint: str, force: bool, data, aggregator: str, compu
     mask = mask_metrics(result.attention, bags, masks, Smoothing.of(hcfg), hcfg.tumour_fraction_bins) \
         if data.name == "tumor" and result.attention else {}
     run_id = track_cv(tracker, result, view, labels, tag, params, docs, mask, fingerprint, cohorts, strict)
+    if result.patients is not None and len(result.patients):
+        _log_survival(tracker, run_id, result)
     return result, run_id, mask, False
+
+
+def _log_survival(tracker: Tracker, run_id: str, result: CVResult) -> None:
+    """The survival run's per-patient out-of-fold risks and the Kaplan-Meier picture of its high vs low groups
+    (split at each fold's training median risk), with the log-rank p, as artifacts of the run."""
+    import tempfile
+
+    from histcode.viz.plots import kaplan_meier_png
+
+    pooled = result.pooled
+    note = (f"C-index {pooled.get('c_index', float('nan')):.3f} "
+            f"[{pooled.get('c_index_ci_low', float('nan')):.3f}, {pooled.get('c_index_ci_high', float('nan')):.3f}]\n"
+            f"log-rank p = {pooled.get('logrank_p', float('nan')):.3g}")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        result.patients.to_csv(out / "survival_patients.csv", index=False)
+        km_table(result.patients).to_csv(out / "kaplan_meier.csv", index=False)
+        kaplan_meier_png(km_curves(result.patients), f"survival / {result.aggregator}: out-of-fold risk groups",
+                         out / KM_PICTURE, note)
+        tracker.log_artifacts(run_id, out)
 
 
 def _record(report: HeadsReport, result: CVResult, run_id: str, mask: dict[str, float], reused: bool) -> None:

@@ -20,12 +20,12 @@ def encoders_list(
     versions registered in this workspace, trained here or from foundation weights."""
     from rich.table import Table
 
-    from histcode.apps.encoders import catalogue, registered_encoders
+    from histcode.apps.encoders import catalogue, registered_encoders, slide_catalogue
 
     ws = workspace_of(ctx)
-    entries, versions = catalogue(), registered_encoders(ws, config_of(ws))
+    entries, versions, slides = catalogue(), registered_encoders(ws, config_of(ws)), slide_catalogue()
     if output == "json":
-        sys.stdout.write(json.dumps({"foundation": entries, "registered": versions}, indent=1) + "\n")
+        sys.stdout.write(json.dumps({"foundation": entries, "slide": slides, "registered": versions}, indent=1) + "\n")
         return
     if output != "table":
         fail(f"--format must be table or json, not {output!r}")
@@ -38,6 +38,14 @@ def encoders_list(
                       e["licence"], e["card"])
     console = terminal()
     console.print(table)
+    slide_table = Table(title="slide encoders (`histcode encoders embed-slides NAME --view TILE_VIEW --weights PATH`)")
+    for column in ("name", "reads", "dim", "tile pitch", "weights", "licence", "status"):
+        slide_table.add_column(column, overflow="fold")
+    for e in slides:
+        pitch = f"{e['patch_um']:.4g} um" if e["patch_um"] else "unused"
+        slide_table.add_row(e["name"], f"{e['tile_encoder']} ({e['in_dim']}-d)", str(e["dim"]), pitch,
+                            " | ".join(e["weight_files"]), e["licence"], "refused: " + e["refused"] if e["refused"] else "built here")
+    console.print(slide_table)
     mine = Table(title=f"registered encoder versions in {ws.root}")
     for column in ("model", "version", "aliases", "encoder", "method", "dim", "image_px", "mpp"):
         mine.add_column(column)
@@ -75,9 +83,46 @@ def encoders_register(
     console.print(f"next: `histcode embed --encoder {result.ref}`")
 
 
-HELP = "Foundation encoders: the registry, and registering one from local weights."
+def encoders_embed_slides(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="A slide encoder (see `histcode encoders list`).")],
+    weights: Annotated[Path, typer.Option(help="The published weight file, a folder holding it, or a Hugging Face cache folder.")],
+    view: Annotated[Optional[str], typer.Option(help="The tile view to read (default: features.encoder's view); it must be the slide encoder's tile encoder's.")] = None,
+    slide: Annotated[Optional[list[str]], typer.Option("--slide", help="Only these slides (repeatable).")] = None,
+    output: Annotated[str, typer.Option("--format", help="table | json")] = "table",
+) -> None:
+    """Encode each slide of a tile view with a published slide encoder (weights from this machine; nothing is
+    downloaded) into a new slide-level view, which `histcode search --slide`, `histcode heads --view` and the
+    viewer read like pooled slide vectors. Reruns encode only slides not done yet."""
+    from histcode.apps.encoders import embed_with_slide_encoder
+    from histcode.features.registry import ViewError
+    from histcode.features.slide_embed import describe_report
+    from histcode.ssl.encoders import EncoderError
+    from histcode.store.vectors import VectorStoreError
+
+    ws = workspace_of(ctx)
+    try:
+        report = embed_with_slide_encoder(ws, config_of(ws), name, weights, view=view, slide_ids=slide)
+    except (EncoderError, ViewError, VectorStoreError) as exc:
+        fail(str(exc))
+    if output == "json":
+        sys.stdout.write(json.dumps(describe_report(report)) + "\n")
+    else:
+        console = terminal()
+        console.print(f"{report.encoder} over view {report.source.view_id}: view {report.view.view_id} "
+                      f"({report.view.dim}-d): {report.count('embedded')} slides encoded, {report.count('skipped')} "
+                      f"already done, {len(report.failed)} failed")
+        for o in report.failed:
+            console.print(f"  {o.slide_id}: {o.reason}")
+        console.print(f"next: `histcode search --slide ID --view {report.view.view_id}`")
+    if report.failed:
+        raise typer.Exit(1)
+
+
+HELP = "Foundation encoders: the registry, registering one from local weights, and slide encoders over a tile view."
 
 COMMANDS = (
     ("list", encoders_list),
     ("register", encoders_register),
+    ("embed-slides", encoders_embed_slides),
 )

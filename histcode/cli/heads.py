@@ -12,7 +12,7 @@ from histcode.cli.common import config_of, fail, slide_sources, terminal, worksp
 
 def heads(
     ctx: typer.Context,
-    task: Annotated[Optional[list[str]], typer.Option("--task", help="tumor | subtype | de (repeatable; default heads.tasks).")] = None,
+    task: Annotated[Optional[list[str]], typer.Option("--task", help="tumor | subtype | de | survival (repeatable; default heads.tasks, where a survival task the label gate refused is skipped with the reason).")] = None,
     aggregator: Annotated[Optional[list[str]], typer.Option("--aggregator", help="attention | mean | max | guided (repeatable).")] = None,
     view: Annotated[Optional[str], typer.Option(help="Feature view id (default: heads.view, else features.encoder's view).")] = None,
     report: Annotated[Optional[Path], typer.Option(help="Write a JSON summary here (default: metrics/heads.json).")] = None,
@@ -45,6 +45,15 @@ def heads(
     console.print(f"view {result.view.view_id}: encoder {result.view.model_name}/{result.view.model_version} "
                   f"({result.view.method})")
     console.print(heads_table(summary))
+    for key, r in summary["runs"].items():
+        if key.startswith("survival/") and "c_index" in r:
+            aucs = ", ".join(f"{k.removeprefix('auc_')} {v:.3f}" for k, v in r.items() if k.startswith("auc_"))
+            console.print(f"{key}: C-index {r['c_index']:.3f} [{r.get('c_index_ci_low', float('nan')):.2f}, "
+                          f"{r.get('c_index_ci_high', float('nan')):.2f}], time-dependent AUC {aucs or '-'}, "
+                          f"log-rank p {r.get('logrank_p', float('nan')):.3g} (high {r.get('n_high', 0):.0f} vs low "
+                          f"{r.get('n_low', 0):.0f} patients)")
+    for task, why in summary.get("refused", {}).items():
+        console.print(f"[yellow]{task} skipped[/]: {why}")
     for task, aliases in summary["aliases"].items():
         for alias, a in aliases.items():
             console.print(f"{task}@{alias}: version {a['version']} ({'moved: ' if a['moved'] else 'kept: '}{a['reason']})")

@@ -19,8 +19,10 @@ def labels_ingest(
     gdc: Annotated[Optional[tuple[Path, Path]], typer.Option(metavar="SAMPLE_SHEET DIR", help="A GDC download instead of a matrix: the cart's sample sheet and the folder gdc-client wrote (STAR gene counts).")] = None,
     gdc_unit: Annotated[Optional[str], typer.Option(help="With --gdc: the STAR counts column (default labels.gdc_unit, tpm_unstranded).")] = None,
     gdc_genes: Annotated[Optional[str], typer.Option(help="With --gdc: name genes by 'symbol' or 'ensembl' id without version (default labels.gdc_genes).")] = None,
-    clinical: Annotated[Optional[Path], typer.Option(help="With --gdc: GDC's clinical TSV; the subtype of each patient from its project_id (TCGA-LUAD -> LUAD).")] = None,
-    subtype_column: Annotated[Optional[str], typer.Option(help="With --clinical: take the subtype from this column instead of project_id.")] = None,
+    clinical: Annotated[Optional[Path], typer.Option(help="A clinical table: GDC's clinical TSV (overall survival from vital_status, days_to_death, days_to_last_follow_up; with --gdc also each patient's subtype from project_id) or a CSV patient_id,time,event. Default labels.clinical, else clinical.tsv beside the matrix.")] = None,
+    subtype_column: Annotated[Optional[str], typer.Option(help="With --gdc --clinical: take the subtype from this column instead of project_id.")] = None,
+    time_column: Annotated[Optional[str], typer.Option(help="With --clinical: another survival endpoint's time column (days); needs --event-column.")] = None,
+    event_column: Annotated[Optional[str], typer.Option(help="With --clinical: that endpoint's event column (1/0, true/false, Dead/Alive).")] = None,
 ) -> None:
     """Read an expression matrix (or a GDC download), map samples to slides, compute DE labels and slide labels,
     plan the folds. A current label set of exactly these inputs is kept (gate verdict included) unless --force."""
@@ -33,16 +35,21 @@ def labels_ingest(
 
     ws = workspace_of(ctx)
     cfg = config_of(ws)
+    if (time_column is None) != (event_column is None):
+        fail("--time-column and --event-column go together (a survival endpoint's time and event)")
+    if time_column is not None:
+        cfg = cfg.model_copy(update={"labels": cfg.labels.model_copy(
+            update={"survival_time_column": time_column, "survival_event_column": event_column})})
     download = None
     if gdc is not None:
         if file is not None or sample_sheet is not None:
             fail("--gdc reads the expression and samples from the download: give no matrix or --sample-sheet with it")
         download = GdcDownload(gdc[0], gdc[1], clinical, gdc_unit or cfg.labels.gdc_unit,
                                gdc_genes or cfg.labels.gdc_genes, subtype_column)
-    elif clinical or subtype_column or gdc_unit or gdc_genes:
-        fail("--clinical, --subtype-column, --gdc-unit and --gdc-genes go with --gdc SAMPLE_SHEET DIR")
+    elif subtype_column or gdc_unit or gdc_genes:
+        fail("--subtype-column, --gdc-unit and --gdc-genes go with --gdc SAMPLE_SHEET DIR")
     try:
-        result = ingest_labels(ws, cfg, file, sample_sheet, force=force, gdc=download)
+        result = ingest_labels(ws, cfg, file, sample_sheet, force=force, gdc=download, clinical=clinical)
     except (ExpressionFileError, CatalogError) as exc:
         fail(str(exc))
     summary = labels_summary(result)
@@ -59,6 +66,10 @@ def labels_ingest(
     if result.dropped:
         console.print(f"  [yellow]{len(result.dropped)} samples left out[/] (labels.unmatched = drop; reasons in the "
                       "report), e.g. " + "; ".join(f"{k}: {v}" for k, v in list(result.dropped.items())[:3]))
+    if result.survival_source:
+        console.print(f"survival ({result.survival_endpoint or 'none'}) from {result.survival_source}: "
+                      f"{result.n_survival} labelled patients, {result.n_events} events"
+                      + (f"; {result.no_follow_up} patients without follow-up left out" if result.no_follow_up else ""))
     console.print("next: `histcode labels gate`")
 
 

@@ -92,12 +92,33 @@ class LabelsConfig(_Section):
     folds_by: Literal["auto", "patient", "site"] = "auto"
     folds: Annotated[int, Field(ge=2)] = 5  # the cross-validation the heads will use, planned here
     seed: int = 0
+    # survival labels (histcode.labels.survival): a GDC clinical TSV (overall survival from vital_status,
+    # days_to_death, days_to_last_follow_up) or a CSV patient_id,time,event; None = clinical.tsv beside the
+    # expression matrix when there is one (the demo writes it); a GDC download's clinical TSV is read too
+    clinical: str | None = None
+    survival_time_column: str | None = None  # another endpoint: its time column (with survival_event_column) ...
+    survival_event_column: str | None = None  # ... and its event column (1/0, true/false, Dead/Alive, yes/no)
+    min_survival_events: Annotated[int, Field(ge=1)] = 5  # fewer events among the labelled patients: survival refused
+
+
+class SurvivalHeadsConfig(_Section):
+    """The survival task's heads (Cox partial likelihood): their own, shorter training, the linear Cox model's
+    ridge penalty and the horizons of the time-dependent AUC."""
+
+    epochs: Pixels = 20
+    min_epochs: Pixels = 5
+    patience: Pixels = 5
+    bags_per_step: Annotated[int, Field(ge=2)] = 16  # bags per Cox risk set (a step); the fold's bags if fewer
+    ridge: Annotated[float, Field(ge=0)] = 1.0  # the mean head: ridge / 2 * |w|^2 on standardised mean vectors
+    horizons_days: tuple[Annotated[float, Field(gt=0)], ...] = (365.0, 730.0, 1095.0)  # time-dependent AUC at these
 
 
 class HeadsConfig(_Section):
     """Slide-level heads trained by patient-level cross-validation on a feature view."""
 
-    tasks: tuple[Literal["tumor", "subtype", "de"], ...] = ("tumor", "subtype", "de")
+    # survival: overall survival (Cox); skipped, with the reason, where the label gate refused it (no or too few
+    # events) unless asked for by name
+    tasks: tuple[Literal["tumor", "subtype", "de", "survival"], ...] = ("tumor", "subtype", "de", "survival")
     # guided: subtype and DE read from slide vectors pooled by the tumour head's attention (histcode.heads.guided)
     # attention_mb: CLAM_MB, one attention branch per class (multi-class tasks)
     aggregators: tuple[Literal["attention", "attention_mb", "mean", "max", "guided"], ...] = (
@@ -114,7 +135,7 @@ class HeadsConfig(_Section):
     # scale = divided by that one sd, not centred; none. Centring costs the tumour head's attention its
     # localisation (out of fold vs the demo's masks, 3 seeds: 0.90 global, 0.94 scale) and the DE head keeps its
     # gene AUC only when centred, so the default is per task (docs/heads.md).
-    standardise: Standardise | dict[Literal["tumor", "subtype", "de"], Standardise] = Field(
+    standardise: Standardise | dict[Literal["tumor", "subtype", "de", "survival"], Standardise] = Field(
         default_factory=lambda: {"tumor": "scale", "subtype": "global", "de": "global"})
     balanced_sampling: bool = True  # each epoch draws bags class-balanced (CLAM's weighted sampler)
     k_sample: Pixels = 16  # CLAM instance clustering: top and bottom k attended tiles (at most half the bag)
@@ -133,6 +154,7 @@ class HeadsConfig(_Section):
     view: str | None = None  # feature view id; None = the default view (features.encoder under the current tiling)
     register_models: bool = True
     promote: bool = False  # move the production aliases to this run's versions even where they score worse
+    survival: SurvivalHeadsConfig = SurvivalHeadsConfig()
 
     def standardise_for(self, task: str) -> str:
         """The standardisation of ``task``'s torch heads (``standardise``; a task the mapping omits: global)."""

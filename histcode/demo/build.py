@@ -1,4 +1,5 @@
-"""Build the demo cohort: slides, ground-truth masks, labels, a TCGA-style expression matrix, a manifest.
+"""Build the demo cohort: slides, ground-truth masks, labels, a TCGA-style expression matrix, a GDC-style
+clinical TSV of simulated survival, a manifest.
 
 Deterministic from ``demo.seed``. The slides are composed of the LC25000 tiles of ``demo.source_split``:
 ``train`` for the demo itself, ``val`` for held-aside slides whose tiles no demo slide (and no pretraining)
@@ -29,12 +30,13 @@ from histcode.demo.pixels import SourceMeasures, measure_sources
 from histcode.demo.plan import SlidePlan, load_source_tiles, plan_cohort, sample_barcode
 from histcode.demo.readme import cohort_readme
 from histcode.demo.shortcut import cohort_shortcut
+from histcode.demo.survival import clinical_tsv, simulate_survival
 from histcode.demo.tiff_writer import write_aperio_svs, write_generic_tiff
 from histcode.workspace import bundled_source_dir
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = "4"
+BUILDER_VERSION = "5"  # 5: simulated survival (clinical.tsv)
 MASK_PALETTE = [243, 241, 242, 60, 170, 90, 210, 40, 60]  # glass, benign tissue, tumour
 
 
@@ -176,6 +178,10 @@ def build_demo_cohort(cfg: DemoConfig, out_dir: Path, source_dir: Path | None = 
     expression = simulate_expression(samples, np.random.default_rng(cfg.seed + 1), cfg.expression_noise_sd)
     expression.to_csv(work / "expression.tsv", sep="\t")
     panel_table().to_csv(work / "genes.csv", index=False)
+    survival_rng = np.random.default_rng(cfg.seed + 2)  # its own stream: the slides and expression stay as they were
+    survival = simulate_survival(slides, cfg, survival_rng)
+    survival.to_csv(work / "survival.csv", index=False)  # the truth, with each patient's simulated log-hazard
+    clinical_tsv(survival, survival_rng).to_csv(work / "clinical.tsv", sep="\t", index=False)
     (work / "README.md").write_text(cohort_readme(cfg, slides, BASE_MPP, shortcut, measures.white_od))
     files = sorted(str(p.relative_to(work)) for p in work.rglob("*") if p.is_file())
     summary = {

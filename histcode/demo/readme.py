@@ -79,6 +79,13 @@ cohorts are.
   CDKN2A, TP53 the area), plus patient and sample noise; KRAS, STK11, KEAP1, PIK3CA (drivers) and GAPDH, ACTB
   (housekeeping) carry no morphological signal by construction. `genes.csv` is the simulation's ground truth
   per gene.
+- `clinical.tsv`: simulated overall survival laid out as the GDC portal's clinical export (two rows per case,
+  `'--` for missing; `vital_status`, `days_to_death`, `days_to_last_follow_up`), which `histcode labels ingest`
+  reads beside `expression.tsv`. Weibull times (shape {cfg.survival_shape:g}; median {cfg.survival_median_days:g}
+  days without tumour) whose log-hazard rises by {cfg.survival_tumour_log_hazard:g} per unit of the tumour
+  slide's tumour fraction and by {cfg.survival_lusc_log_hazard:g} for LUSC, censored at a follow-up end drawn from
+  {cfg.survival_follow_up_days[0]:g}-{cfg.survival_follow_up_days[1]:g} days. `survival.csv` is the ground truth
+  (each patient's simulated log-hazard, time and event).
 - `provenance.csv`: per tissue cell of each slide: the source tile (and group), its dihedral transform, the
   share of the cell that is tissue, its mean RGB as placed (re-stained, before the outline's feather onto
   glass) and its nuclear measures.

@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from histcode.features.registry import FeatureView, resolve_view
+from histcode.features.registry import FeatureView, ViewError, resolve_view
 from histcode.store.catalog import Catalog
 from histcode.store.vectors import SLIDE_KIND, TILE_KIND, VectorStoreError, connect, key_filter, open_table
 from histcode.tracking import Tracker
@@ -20,7 +20,13 @@ Format = Literal["arrow", "pandas", "torch"]
 
 
 def view_table(ws: Workspace, view: FeatureView, kind: str, as_of: int | str | None = None):
-    """The view's Lance table for ``kind``, checked out at a version number or tag when ``as_of`` is given."""
+    """The view's Lance table for ``kind``, checked out at a version number or tag when ``as_of`` is given. A
+    slide-level view (a slide encoder's) has no tile table: asking for one is a ViewError naming the tile view it
+    was computed from."""
+    if kind == TILE_KIND and view.slide_level:
+        raise ViewError(f"view {view.view_id} holds one vector per slide from slide encoder "
+                        f"{view.model_name.removeprefix('slide:')} and no tile vectors; tiles are in the view it was "
+                        f"computed from, {view.source_view_id} (pass --view {view.source_view_id})")
     table = open_table(connect(ws.lancedb_uri), view.table(kind), create=False)
     if as_of is not None:
         try:
@@ -108,7 +114,8 @@ def tile_features(ws: Workspace, view: FeatureView | str | None = None, tile_ids
 
 def slide_features(ws: Workspace, view: FeatureView | str | None = None, slide_ids: list[str] | None = None,
                    as_of: int | str | None = None, fmt: Format = "arrow"):
-    """Slide vectors (mean-pooled tiles) with slide_id, patient_id, n_tiles and attributes."""
+    """Slide vectors (mean-pooled tiles, or a slide encoder's for a slide-level view) with slide_id, patient_id,
+    n_tiles and attributes."""
     return _convert(_select(view_table(ws, _view(ws, view), SLIDE_KIND, as_of), "slide_id", slide_ids), fmt)
 
 

@@ -22,6 +22,7 @@ from histcode.tracking import Tracker, quote
 log = logging.getLogger(__name__)
 
 METRIC = "cosine"
+SLIDE_METHOD_PREFIX = "slide:"  # the method of a slide-level view: slide:<slide encoder>
 REF = re.compile(r"^(?:models:/)?(?P<name>[^@/]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+|latest))?$")
 
 
@@ -42,7 +43,20 @@ class FeatureView:
     mpp: float | None = None  # microns per pixel the encoder was trained at (foundation encoders); None: the spec's
 
     @property
+    def slide_level(self) -> bool:
+        """Whether the view holds one vector per slide from a slide encoder (``histcode.features.slide_embed``),
+        and no tile vectors of its own."""
+        return (self.method or "").startswith(SLIDE_METHOD_PREFIX)
+
+    @property
+    def source_view_id(self) -> str | None:
+        """The tile view a slide-level view was computed from (None for a tile view)."""
+        return self.model_version.split(".", 1)[0] if self.slide_level else None
+
+    @property
     def encoder_uri(self) -> str:
+        if self.slide_level:  # not an MLflow model: the slide encoder and the tile view it read
+            return f"{self.model_name}/{self.model_version}"
         return f"models:/{self.model_name}/{self.model_version}"
 
     def tile_field(self, tile_px: int, target_mpp: float) -> float:
@@ -93,10 +107,22 @@ def describe_view(tracker: Tracker, ref: str, spec_id: str, attribute_columns: t
                        image_px, tuple(attribute_columns), mpp)
 
 
+def slide_view_of(source: FeatureView, encoder: str, dim: int, weights_sha: str) -> FeatureView:
+    """The slide-level view a slide encoder (``encoder``, a ``SLIDE_ENCODERS`` name) makes from a tile view:
+    model ``slide:<encoder>``, version ``<source view id>.<hash of the weights>`` (the same weights over the same
+    tile view are the same view, grown by more slides; other weights or another tile view are another view)."""
+    version = f"{source.view_id}.{weights_sha[:12]}"
+    model = f"{SLIDE_METHOD_PREFIX}{encoder}"
+    return FeatureView(view_id_of(model, version, source.spec_id, source.image_px), model, version, model, int(dim),
+                       source.spec_id, source.image_px, source.attribute_columns)
+
+
 def register_view(catalog: Catalog, view: FeatureView) -> None:
+    """The view's rows in ``feature_views``: a tile and a slide row, or, for a slide-level view, its slide row
+    only (it has no tile table)."""
     now = utcnow()
     with catalog.transaction() as con:
-        for kind in (TILE_KIND, SLIDE_KIND):
+        for kind in ((SLIDE_KIND,) if view.slide_level else (TILE_KIND, SLIDE_KIND)):
             exists = con.execute("SELECT 1 FROM feature_views WHERE view_id = ? AND kind = ?", [view.view_id, kind]).fetchall()
             if not exists:
                 con.execute(
@@ -112,7 +138,11 @@ def set_view_status(catalog: Catalog, view_id: str, status: str) -> None:
 
 
 def list_views(catalog: Catalog) -> list[dict]:
-    return catalog.query("SELECT * FROM feature_views WHERE kind = 'tile' ORDER BY updated_at DESC, view_id")
+    """One row per view: its tile row, or, for a slide-level view (no tile row), its slide row."""
+    return catalog.query(
+        "SELECT * FROM feature_views f WHERE kind = 'tile' OR (kind = 'slide' AND NOT EXISTS "
+        "(SELECT 1 FROM feature_views t WHERE t.view_id = f.view_id AND t.kind = 'tile')) "
+        "ORDER BY updated_at DESC, view_id")
 
 
 def load_view(catalog: Catalog, view_id: str | None = None, attribute_columns: tuple[str, ...] = ()) -> FeatureView:

@@ -4,7 +4,8 @@ Cosine distance. ``where`` is a SQL filter on the table's columns (slide_id, pat
 attributes such as subtype, and x, y for tiles); the hits are the nearest rows that match it. The query slide
 or tile itself is never returned.
 
-Slides: by default the view's mean slide vector is subtracted from the query and the candidates before cosine
+Slides (pooled tile vectors, or a slide encoder's vectors in a slide-level view, searched the same way): by
+default the view's mean slide vector is subtracted from the query and the candidates before cosine
 distance (``centring="mean"``; see ``histcode.features.retrieval`` for why), and the search is exact, in numpy,
 over the whole slide table read at query time (one row per slide: 10,000 slides of 1024-d are 40 MB read and
 a 10-million-multiply product per query). Lance's vector search (and its ANN index, built on the raw vectors)
@@ -115,6 +116,10 @@ def search(ws: Workspace, view: FeatureView, cfg: FeaturesConfig, *, slide_id: s
         raise SearchError("give exactly one of a slide id, a tile id or an image")
     if k < 1:
         raise SearchError(f"k must be at least 1, got {k}")
+    if view.slide_level and slide_id is None:
+        raise SearchError(f"view {view.view_id} holds slide vectors of slide encoder "
+                          f"{view.model_name.removeprefix('slide:')} only: search it by slide (--slide); tiles and "
+                          f"images are searched in its tile view {view.source_view_id}")
     kind = SLIDE_KIND if slide_id is not None else TILE_KIND
     table = view_table(ws, view, kind, as_of)
     if slide_id is not None:

@@ -52,10 +52,12 @@ class CVResult:
     genes: list[dict] | None = None
     strict: dict = field(default_factory=dict)  # pooled over the folds the encoder never saw (see strict_folds)
     outputs: dict[str, np.ndarray] = field(default_factory=dict)  # out-of-fold output of each tested slide
+    patients: pd.DataFrame | None = None  # survival: one row per patient (risk, time, event, high/low group)
 
     @property
     def score(self) -> float:
-        """The number the best model is chosen by: pooled AUC, or the mean per-gene AUC for DE."""
+        """The number the best model is chosen by: pooled AUC, the mean per-gene AUC for DE, the C-index for
+        survival."""
         return self.task.kind.selection_score(self.pooled)
 
 

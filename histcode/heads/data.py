@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from histcode.features.read import slide_chunks, view_table
+from histcode.features.read import slide_chunks, slide_features, view_table
 from histcode.features.registry import FeatureView
 from histcode.store.vectors import TILE_KIND
 from histcode.workspace import Workspace
@@ -66,7 +66,16 @@ def load_bags(ws: Workspace, view: FeatureView, as_of: int | str | None = None,
     """The bags of ``slide_ids`` (default: every slide of the view), one per slide, tiles in (y, x) order. Their
     features, corners and tile ids are views of memory maps of files written chunk by chunk and unlinked at once
     (features copy-on-write: writes stay in memory, never reach the file), so what the training set holds in
-    memory does not grow with the cohort; the operating system pages the data in as it is touched."""
+    memory does not grow with the cohort; the operating system pages the data in as it is touched.
+
+    A slide-level view (a slide encoder's vectors, ``FeatureView.slide_level``) gives each slide a bag of ONE
+    vector: its slide embedding, with the slide id as its one "tile" id, corner (0, 0) and size 0 (the vector
+    covers the whole slide, no tile). Mean pooling over it is the vector itself, so the mean heads are linear
+    probes on the slide embedding, as TITAN and PRISM report theirs; an attention head attends to its only
+    instance (weight 1) and becomes a gated MLP on it. Attention maps and heatmaps of such a view have no tiles
+    to show."""
+    if view.slide_level:
+        return slide_vector_bags(ws, view, as_of, slide_ids)
     table = view_table(ws, view, TILE_KIND, as_of)
     ws.data_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, tuple[int, str]] = {}
@@ -111,6 +120,19 @@ def load_bags(ws: Workspace, view: FeatureView, as_of: int | str | None = None,
     return {sid: Bag(sid, patient, features[a:b].view(np.ndarray), TileIds(data, offsets[a:b + 1]),
                      corners[a:b].view(np.ndarray), size)
             for sid, patient, a, b, size in spans}
+
+
+def slide_vector_bags(ws: Workspace, view: FeatureView, as_of: int | str | None = None,
+                      slide_ids: list[str] | None = None) -> dict[str, Bag]:
+    """One-vector bags of a slide-level view, read from its slide table (see ``load_bags``)."""
+    data = slide_features(ws, view, slide_ids=slide_ids, as_of=as_of)
+    if data.num_rows == 0:
+        return {}
+    column = data.column("vector").combine_chunks()
+    vectors = column.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, view.dim)
+    sids, patients = data.column("slide_id").to_pylist(), data.column("patient_id").to_pylist()
+    return {sid: Bag(sid, patient, vectors[i:i + 1].copy(), [sid], np.zeros((1, 2), np.int64), 0)
+            for i, (sid, patient) in sorted(enumerate(zip(sids, patients)), key=lambda item: item[1][0])}
 
 
 def inner_split(patients: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

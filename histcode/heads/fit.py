@@ -1,9 +1,10 @@
 """Fitting one head on training bags with early stopping on validation bags, and predicting with it.
 
-Aggregators: ``attention`` (CLAM_SB; the multi-task DE head for the DE task), ``max`` (max-instance MIL; class
-tasks only), ``mean`` (mean-pooled slide vectors into scikit-learn: logistic regression for classes, ridge
-regression for log2FC) and ``guided`` (the same linear models over slide vectors pooled by a tumour head's
-attention, for the tasks read from the tumour: subtype and DE; ``histcode.heads.guided``). Torch heads train one
+Aggregators: ``attention`` (CLAM_SB; the multi-task DE head for the DE task; the Cox attention head for survival),
+``max`` (max-instance MIL; class tasks only), ``mean`` (mean-pooled slide vectors into scikit-learn: logistic
+regression for classes, ridge regression for log2FC; for survival a ridge-penalised linear Cox model fitted
+here) and ``guided`` (the same linear models over slide vectors pooled by a tumour head's attention, for the
+tasks read from the tumour: subtype and DE; ``histcode.heads.guided``). Torch heads train one
 bag at a time with Adam on ``heads.device`` (CUDA when present under ``auto``; each bag is moved there once, not
 per epoch); the state with the lowest validation loss is kept,
 training stops ``patience`` epochs after it (never before ``min_epochs``), and the fitted model comes back on the
@@ -55,11 +56,13 @@ class PerGeneDE(nn.Module):
 class MeanPoolLinear(nn.Module):
     """Mean-pooled tiles, standardised, into a linear model fitted by scikit-learn, as a torch module so that
     every head shares one interface and one export format. Classes: logistic regression; DE: ridge regression of
-    log2FC and a logistic regression per classified gene (genes without one output NaN probabilities)."""
+    log2FC and a logistic regression per classified gene (genes without one output NaN probabilities); survival
+    (``risk``): a ridge-penalised linear Cox model, whose output is the log-risk."""
 
     def __init__(self, mean: np.ndarray, scale: np.ndarray, weight: np.ndarray, bias: np.ndarray,
-                 de_weight: np.ndarray | None = None, de_bias: np.ndarray | None = None) -> None:
+                 de_weight: np.ndarray | None = None, de_bias: np.ndarray | None = None, risk: bool = False) -> None:
         super().__init__()
+        self.risk = risk  # survival: the linear output is the log-risk itself (a Cox model), no softmax
         f = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
         self.register_buffer("mean", f(mean))
         self.register_buffer("scale", f(scale))
@@ -77,6 +80,8 @@ class MeanPoolLinear(nn.Module):
     def forward(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         vector, attention = self.pool(bag)
         z = (vector - self.mean) / self.scale
+        if self.risk:
+            return z @ self.weight.T + self.bias, attention
         if not self.de:
             return torch.softmax(z @ self.weight.T + self.bias, dim=-1), attention
         fc = z @ self.weight.T + self.bias
@@ -87,7 +92,7 @@ class MeanPoolLinear(nn.Module):
         """Each tile alone (the mean of a bag of one): class probabilities, or per gene the log2FC (n, genes)."""
         z = (bag - self.mean) / self.scale
         out = z @ self.weight.T + self.bias
-        return out if self.de else torch.softmax(out, dim=-1)
+        return out if self.de or self.risk else torch.softmax(out, dim=-1)
 
 
 class GuidedLinear(MeanPoolLinear):
@@ -182,18 +187,23 @@ class FittedHead:
 
 def fit_head(kind, aggregator: str, train: list[tuple[np.ndarray, object]], val: list[tuple[np.ndarray, object]],
              shape: dict[str, int], cfg: HeadsConfig, seed: int, guide: nn.Module | None = None) -> FittedHead:
-    """``kind``: the task kind (``histcode.heads.tasks``), which builds the model, scores a bag against its
-    target and fits the mean-pool head; ``train`` / ``val``: (bag features, target) pairs; ``shape``: the task's
-    output sizes (classes, genes); ``guide``: the head whose attention pools the bags of ``guided``."""
+    """``kind``: the task kind (``histcode.heads.tasks``), which builds the model, scores a step's bags against
+    their targets (``batch_loss``: the mean of the bags' losses, or for survival the Cox partial likelihood over
+    the step's bags), sets the epochs and bags per step (``schedule``), fits the mean-pool head and finishes the
+    fitted model (``finalise``: survival heads keep their training median risk); ``train`` / ``val``: (bag
+    features, target) pairs; ``shape``: the task's output sizes (classes, genes); ``guide``: the head whose
+    attention pools the bags of ``guided``."""
+    bags = [bag for bag, _ in train]
     if aggregator == "mean":
-        return FittedHead("mean", kind.fit_mean(train, seed).eval())
+        return FittedHead("mean", kind.finalise(kind.fit_linear(train, seed, cfg).eval(), bags))
     if aggregator == GUIDED:
         if guide is None:
             raise ValueError("the guided aggregator needs a guide: a tumour head fitted on the same training patients")
-        return FittedHead(GUIDED, kind.fit_mean(train, seed, guide).eval())
+        return FittedHead(GUIDED, kind.finalise(kind.fit_linear(train, seed, cfg, guide).eval(), bags))
     torch.manual_seed(seed)
     device = resolve_device(cfg.device)
     in_dim = train[0][0].shape[1]
+    plan = kind.schedule(cfg)
     model = kind.torch_model(aggregator, in_dim, shape, cfg)
     mode = cfg.standardise_for(kind.name)
     if mode != "none":
@@ -206,30 +216,31 @@ def fit_head(kind, aggregator: str, train: list[tuple[np.ndarray, object]], val:
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(seed)
     best, best_state, stale, epoch = float("inf"), copy.deepcopy(model.state_dict()), 0, 0
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(1, plan.epochs + 1):
         model.train()
         order = epoch_order(rng, len(train), classes, cfg.balanced_sampling)
-        for start in range(0, len(order), cfg.bags_per_step):  # bags differ in length: their losses are averaged
-            step = order[start:start + cfg.bags_per_step]
-            loss = sum(kind.loss(model, *train[i]) for i in step) / len(step)
+        for start in range(0, len(order), plan.bags_per_step):  # bags differ in length: their losses are averaged
+            loss = kind.batch_loss(model, [train[i] for i in order[start:start + plan.bags_per_step]])
+            if not loss.requires_grad:  # e.g. a Cox batch without an event: nothing to learn from it
+                continue
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         model.eval()
         with torch.no_grad():
-            val_loss = float(np.mean([kind.loss(model, *item).item() for item in val])) if val else float("nan")
-        if not val:
+            val_loss = float(kind.batch_loss(model, val).item()) if val else float("nan")
+        if not np.isfinite(val_loss):  # no validation bags (or, for survival, no event among them): the last state
             best_state, best = copy.deepcopy(model.state_dict()), float("nan")
             continue
         if val_loss < best - 1e-6:
             best, best_state, stale = val_loss, copy.deepcopy(model.state_dict()), 0
         else:
             stale += 1
-            if stale >= cfg.patience and epoch >= cfg.min_epochs:
+            if stale >= plan.patience and epoch >= plan.min_epochs:
                 break
     model.load_state_dict(best_state)
     model.cpu().eval()
-    return FittedHead(aggregator, model, epoch, best)
+    return FittedHead(aggregator, kind.finalise(model, [bag for bag, _ in train]), epoch, best)
 
 
 def _standardised_means(train: list[tuple[np.ndarray, object]], guide: nn.Module | None = None):
@@ -251,6 +262,34 @@ def _logits(clf, n_classes: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
     else:
         w[clf.classes_], b[clf.classes_] = clf.coef_, clf.intercept_
     return w, b
+
+
+def fit_mean_cox(train: list[tuple[np.ndarray, object]], ridge: float, guide: nn.Module | None = None
+                 ) -> MeanPoolLinear:
+    """A linear Cox model on standardised pooled bags: the weights minimise the Breslow negative log partial
+    likelihood (mean over the events, every training bag in one risk set) plus ``ridge`` / 2 * |w|^2, by L-BFGS
+    from zero (deterministic; the objective is convex). Targets are (time, event); the bias is 0 (a Cox model has
+    none)."""
+    from histcode.heads.models import cox_loss
+
+    z, mean, scale = _standardised_means(train, guide)
+    x = torch.as_tensor(z, dtype=torch.float64)
+    time = torch.tensor([float(t[0]) for _, t in train], dtype=torch.float64)
+    event = torch.tensor([float(t[1]) for _, t in train], dtype=torch.float64)
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([w], lr=1.0, max_iter=200, tolerance_grad=1e-9, tolerance_change=1e-12,
+                                  line_search_fn="strong_wolfe")
+
+    def objective():
+        optimizer.zero_grad()
+        loss = cox_loss(x @ w, time, event) + 0.5 * ridge * (w * w).sum()
+        loss.backward()
+        return loss
+
+    if bool((event > 0).any()):
+        optimizer.step(objective)
+    weight = w.detach().numpy()[None, :]
+    return _linear(guide, mean, scale, weight, np.zeros(1), risk=True)
 
 
 def _linear(guide: nn.Module | None, *params, **de) -> MeanPoolLinear:

@@ -12,6 +12,9 @@
 - ``MaxInstance``: every tile classified, the slide scored by its most confident tile (max pooling).
 - ``MultiTaskDE``: the same attention backbone predicting, for every panel gene, log2FC (regression) and
   up/down/unchanged (classification) from one slide vector.
+- ``SurvivalAttention``: the same attention backbone predicting one log-risk per slide, trained by the Cox
+  partial likelihood (``cox_loss``, Breslow's ties) over the bags of a mini-batch (the risk sets need several
+  patients); ``WithRiskReference`` carries the training bags' median risk beside it (the high/low call).
 Every forward takes one bag (n_tiles, in_dim) and returns (outputs, attention over the n tiles); every
 ``tile_scores`` takes the same bag and returns each tile's outputs as if it were a bag of one, for all tiles in
 one batched pass (n_tiles, outputs): class probabilities, or per gene the predicted log2FC. ``WithTileScores``
@@ -218,6 +221,56 @@ class MultiTaskDE(_AttentionBackbone):
         used = classes >= 0
         cls = F.nll_loss(torch.log(out[used, 1:].clamp_min(1e-8)), classes[used]) if used.any() else out.sum() * 0
         return reg + cls
+
+
+def cox_loss(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor) -> torch.Tensor:
+    """The Cox negative log partial likelihood with Breslow's ties, averaged over the events:
+    -(1/D) sum over events i of (risk_i - log sum_{j: T_j >= T_i} exp(risk_j)); risk, time, event (n,). Every
+    subject tied with an event's time is in its risk set (Breslow). Without an event the loss is 0 (with a
+    gradient of 0), so a batch of censored bags leaves the model as it is."""
+    if risk.shape != time.shape or risk.shape != event.shape or risk.ndim != 1:
+        raise ValueError(f"risk, time and event must be (n,), got {tuple(risk.shape)}, {tuple(time.shape)}, "
+                         f"{tuple(event.shape)}")
+    died = event > 0
+    if not bool(died.any()):
+        return risk.sum() * 0
+    at_risk = time[None, :] >= time[died][:, None]  # (events, n)
+    log_sums = torch.logsumexp(risk[None, :].masked_fill(~at_risk, float("-inf")), dim=1)
+    return -(risk[died] - log_sums).mean()
+
+
+class SurvivalAttention(_AttentionBackbone):
+    """Gated-attention MIL over the tiles and one log-risk from the attention-pooled slide vector (a Cox model on
+    it); ``tile_scores``: each tile's log-risk as a bag of one."""
+
+    def __init__(self, in_dim: int, **kw) -> None:
+        super().__init__(in_dim, **kw)
+        self.risk = nn.Linear(self.fc[0].out_features, 1)
+
+    def forward(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """bag (n, in_dim) -> (log-risk (1,), attention (n,))."""
+        _, a, v = self.pool(bag)
+        return self.risk(v), a
+
+    def tile_scores(self, bag: torch.Tensor) -> torch.Tensor:
+        return self.risk(self.fc(bag))
+
+
+class WithRiskReference(nn.Module):
+    """A survival head with its training bags' median log-risk: forward -> ([log-risk, median], attention), so a
+    slide's high/low call against the training median travels with the exported model."""
+
+    def __init__(self, head: nn.Module, median: float) -> None:
+        super().__init__()
+        self.head = head
+        self.register_buffer("median", torch.tensor([float(median)], dtype=torch.float32))
+
+    def forward(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        risk, attention = self.head(bag)
+        return torch.cat([risk.reshape(1), self.median]), attention
+
+    def tile_scores(self, bag: torch.Tensor) -> torch.Tensor:
+        return self.head.tile_scores(bag)
 
 
 class WithTileScores(nn.Module):

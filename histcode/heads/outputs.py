@@ -6,8 +6,9 @@ Each output is ``(name, value, call)``: the tumour head gives ``p_tumor``; the s
 class (lower case); the DE head ``de_<gene>`` per gene, whose value is the predicted log2FC and whose call is the
 class with the highest probability (``up``/``down``/``unchanged``), ``not_classified`` for a gene the label gate
 left out of classification, or ``not_applicable`` on a slide the tumour head calls normal (a tumour-vs-normal fold
-change means nothing there). A class head's call is the class with the highest probability, repeated on each of
-its outputs.
+change means nothing there); the survival head ``risk``, whose value is the predicted log-risk and whose call is
+``high`` or ``low`` against the median log-risk of the bags it was trained on. A class head's call is the class
+with the highest probability, repeated on each of its outputs.
 """
 
 from __future__ import annotations
@@ -54,6 +55,16 @@ def de_outputs(genes: Sequence[str], classes: Sequence[str], classified: Sequenc
         value = float(out[g, 0])
         rows.append(Output(f"de_{gene}", value if np.isfinite(value) else None, call))
     return rows
+
+
+def survival_outputs(out: np.ndarray) -> list[Output]:
+    """The survival head's output ``[log-risk, its training median]`` as ``risk``: the log-risk, called ``high``
+    at or above the median of the training bags' log-risks, else ``low``."""
+    out = np.asarray(out, dtype=float)
+    risk, median = float(out[0]), float(out[1])
+    if not np.isfinite(risk):
+        return [Output("risk", None, None)]
+    return [Output("risk", risk, "high" if risk >= median else "low")]
 
 
 def as_row(outputs: Sequence[Output]) -> dict:

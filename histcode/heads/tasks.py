@@ -3,6 +3,9 @@
 - ``ClassTask`` (tumour vs normal, LUAD vs LUSC): class ids as targets, stratified inner splits, CLAM_SB / CLAM_MB /
   max-instance / mean-pool logistic heads (for LUAD vs LUSC also the tumour-guided logistic head), AUC /
   accuracy / balanced accuracy / F1 with bootstrap intervals.
+- ``SurvivalTask`` (overall survival, ``histcode.heads.survival``): (time, event) per tumour slide from its
+  patient's survival labels, the attention-MIL Cox head or the ridge-penalised linear Cox model on mean vectors,
+  Harrell's C-index, time-dependent AUC, Kaplan-Meier and log-rank of the high/low risk groups.
 - ``DETask`` (differential expression of the driver panel): per gene (log2FC, up/unchanged/down id) as
   targets, the multi-task (or per-gene) attention head or mean-pool / tumour-guided ridge + logistic heads,
   per-gene AUC, Pearson and Spearman; control genes (``labels.control_genes``: no morphological signal expected) are scored
@@ -17,17 +20,18 @@ which is what pooled out-of-fold predictions are scored against.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from histcode.config import HeadsConfig, LabelsConfig
+from histcode.config import HeadsConfig
 from histcode.heads import metrics
 from histcode.heads.data import Bag
+from histcode.heads.survival import SurvivalTask
+from histcode.heads.task_kind import TASKS, Schedule, TaskData, TaskKind, label_params, labels_and_folds
 from histcode.heads.fit import GUIDED, PerGeneDE, fit_mean_classes, fit_mean_de
 from histcode.heads.strata import fraction_strata, tumour_fractions
 from histcode.heads.models import CLAMMultiBranch, CLAMSingleBranch, MaxInstance, MultiTaskDE
@@ -36,104 +40,6 @@ from histcode.labels.de import DOWN, UNCHANGED, UP, fold_changes, gene_inclusion
 from histcode.store.catalog import Catalog
 
 DE_CLASSES = (DOWN, UNCHANGED, UP)  # index = class id
-
-
-@dataclass
-class TaskData:
-    name: str  # tumor | subtype | de: the key of its kind in TASKS
-    slide_ids: list[str]
-    patients: np.ndarray
-    folds: np.ndarray  # the label gate's planned fold of each slide
-    y: np.ndarray  # class ids (tumor, subtype); for de: log2FC (n, genes)
-    classes: tuple[str, ...] = ()
-    genes: tuple[str, ...] = ()
-    y_class: np.ndarray | None = None  # de: class ids (n, genes), -1 where the gene is not classified
-    gene_included: np.ndarray | None = None
-    mean_abs_log2fc: np.ndarray | None = None
-    controls: np.ndarray | None = None  # de: genes expected to carry no morphological signal (scored apart)
-    tumour_fraction: np.ndarray | None = None  # per slide, from the slide attribute tumour_fraction (NaN: unknown)
-    notes: list[str] = field(default_factory=list)
-    source: dict | None = field(default=None, repr=False)  # de: what fold-wise labels are computed from
-
-    @property
-    def kind(self) -> TaskKind:
-        return TASKS[self.name]
-
-    @property
-    def n_folds(self) -> int:
-        return int(self.folds.max()) + 1
-
-    @property
-    def shape(self) -> dict[str, int]:
-        return {"classes": len(self.classes), "genes": len(self.genes)}
-
-
-class TaskKind:
-    """The interface every task kind implements."""
-
-    name: str
-    aggregators: tuple[str, ...] = ("attention", "mean", "max")
-    needs_every_class = False  # training folds must hold every class (classification)
-
-    def load(self, catalog: Catalog, bags: dict[str, Bag]) -> TaskData:
-        raise NotImplementedError
-
-    def targets(self, data: TaskData, idx: np.ndarray) -> list:
-        raise NotImplementedError
-
-    def for_fold(self, data: TaskData, k: int) -> TaskData:
-        """The task as the training of outer fold ``k`` may see it (no test-fold sample in any label)."""
-        return data
-
-    def tested(self, data: TaskData) -> TaskData:
-        """Each slide's targets as its own test fold's ``for_fold`` defines them."""
-        return data
-
-    def val_loss(self, data: TaskData, idx: np.ndarray, outputs: list) -> float:
-        """A loss every aggregator's outputs can be compared by (ties of the selection score are broken by it)."""
-        raise NotImplementedError
-
-    def strata(self, data: TaskData, idx: np.ndarray) -> np.ndarray:
-        """Labels that inner validation splits are stratified by (constant: unstratified)."""
-        return np.zeros(len(idx), dtype=int)
-
-    def torch_model(self, aggregator: str, in_dim: int, shape: dict[str, int], cfg: HeadsConfig) -> nn.Module:
-        raise NotImplementedError
-
-    def loss(self, model: nn.Module, bag: torch.Tensor, target) -> torch.Tensor:
-        """The model's training loss on one bag (a tensor on the model's device) and its target."""
-        raise NotImplementedError
-
-    def fit_mean(self, train: list[tuple[np.ndarray, object]], seed: int, guide: nn.Module | None = None) -> nn.Module:
-        """The linear head over pooled bags: mean-pooled, or pooled by ``guide``'s attention (``guided``)."""
-        raise NotImplementedError
-
-    def score(self, data: TaskData, idx: np.ndarray, outputs: list) -> dict[str, float]:
-        raise NotImplementedError
-
-    def summarise(self, result, data: TaskData, idx: np.ndarray, outputs: list, cfg: HeadsConfig) -> None:
-        """Pooled extras on the CV result: intervals and out-of-fold predictions, or per-gene rows."""
-        raise NotImplementedError
-
-    @staticmethod
-    def selection_score(pooled: dict) -> float:
-        """The number models of this task are compared by."""
-        raise NotImplementedError
-
-
-def label_params(catalog: Catalog) -> LabelsConfig:
-    """The labels config the current label set was made with (thresholds, pseudo-count, panel, controls)."""
-    rows = catalog.query("SELECT params FROM label_sets WHERE is_current")
-    params = json.loads(rows[0]["params"]) if rows and rows[0]["params"] else {}
-    return LabelsConfig.model_validate({k: v for k, v in params.items() if k in LabelsConfig.model_fields})
-
-
-def _labels_and_folds(catalog: Catalog, bags: dict[str, Bag]) -> tuple[pd.DataFrame, dict[str, int]]:
-    labels = pd.DataFrame(catalog.query("SELECT * FROM slide_labels"))
-    folds = {r["slide_id"]: r["fold"] for r in catalog.query("SELECT slide_id, fold FROM cv_folds")}
-    if labels.empty:
-        raise ValueError("no slide labels: run `histcode labels ingest` and `histcode labels gate`")
-    return labels[labels.slide_id.isin(bags) & labels.slide_id.isin(folds)], folds
 
 
 class ClassTask(TaskKind):
@@ -149,7 +55,7 @@ class ClassTask(TaskKind):
         raise NotImplementedError
 
     def load(self, catalog: Catalog, bags: dict[str, Bag]) -> TaskData:
-        labels, folds = _labels_and_folds(catalog, bags)
+        labels, folds = labels_and_folds(catalog, bags)
         frame, classes, y = self.labelled(labels)
         return TaskData(self.name, frame.slide_id.tolist(), frame.patient_id.to_numpy(),
                         frame.slide_id.map(folds).to_numpy(), y, classes,
@@ -234,7 +140,7 @@ class DETask(TaskKind):
     aggregators = ("attention", "mean", GUIDED)  # max-instance MIL has no fold-change form
 
     def load(self, catalog: Catalog, bags: dict[str, Bag]) -> TaskData:
-        _, folds = _labels_and_folds(catalog, bags)
+        _, folds = labels_and_folds(catalog, bags)
         de = pd.DataFrame(catalog.query("SELECT slide_id, patient_id, sample_id, gene, log2fc, de_class FROM de_labels"))
         genes_gate = pd.DataFrame(catalog.query("SELECT gene, included FROM gene_gate"))
         if de.empty:
@@ -371,7 +277,11 @@ def _mean_abs(fc: np.ndarray) -> np.ndarray:
     return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
 
 
-TASKS: dict[str, TaskKind] = {"tumor": TumourTask("tumor"), "subtype": SubtypeTask("subtype"), "de": DETask()}
+TASKS.update({"tumor": TumourTask("tumor"), "subtype": SubtypeTask("subtype"), "de": DETask(),
+              "survival": SurvivalTask()})
+
+__all__ = ["DE_CLASSES", "TASKS", "ClassTask", "DETask", "Schedule", "SubtypeTask", "SurvivalTask", "TaskData",
+           "TaskKind", "TumourTask", "label_params", "task_data"]
 
 
 def task_data(catalog: Catalog, task: str, bags: dict[str, Bag]) -> TaskData:

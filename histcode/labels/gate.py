@@ -7,7 +7,10 @@ Frames (written by ``histcode labels ingest`` to ``data/labels/frames``):
   de_labels    fold changes exist and each labelled sample has its slide;
   class_sizes  every slide task's class has at least ``min_class_size`` slides;
   genes        at least one panel gene is kept for DE classification (exclusions are listed, never silent);
-  folds        the planned cross-validation puts every patient in exactly one fold.
+  folds        the planned cross-validation puts every patient in exactly one fold;
+  survival     survival labels per patient: times present and >= 0, events 0 or 1, one row per patient;
+  survival_events  at least ``min_survival_events`` events among them: below, the survival task alone is refused
+               (``GateResult.refused``, with the reason) and the gate still passes for the other tasks.
 Every frame carries ``row_key``, a readable name of the row, so a failure names its offending rows.
 The Great Expectations project lives in ``data/labels/gx`` and its Data Docs in
 ``data/labels/gx/uncommitted/data_docs/local_site/index.html``, made to read offline (``datadocs.make_offline``).
@@ -27,7 +30,8 @@ from histcode.labels.datadocs import make_offline
 
 log = logging.getLogger(__name__)
 
-FRAMES = ("expression", "samples", "de_labels", "class_sizes", "genes", "folds")
+FRAMES = ("expression", "samples", "de_labels", "class_sizes", "genes", "folds", "survival", "survival_events")
+REFUSING = {"survival_events": "survival"}  # frames whose failure refuses one task instead of failing the gate
 MAX_ROWS_SHOWN = 5
 
 
@@ -57,11 +61,13 @@ class GateResult:
     failures: list[GateFailure] = field(default_factory=list)
     excluded_genes: dict[str, str] = field(default_factory=dict)
     docs: Path | None = None
+    refused: dict[str, str] = field(default_factory=dict)  # task -> why the gate refused it (the others may train)
 
     def summary(self) -> str:
+        refused = "".join(f"\n  {task} refused: {why}" for task, why in self.refused.items())
         if self.passed:
-            return "label gate passed"
-        return "label gate failed:\n  " + "\n  ".join(f.message for f in self.failures)
+            return "label gate passed" + refused
+        return "label gate failed:\n  " + "\n  ".join(f.message for f in self.failures) + refused
 
 
 def _suites(cfg: LabelsConfig) -> dict[str, list]:
@@ -114,7 +120,30 @@ def _suites(cfg: LabelsConfig) -> dict[str, list]:
             E.ExpectColumnValuesToBeBetween(column="fold", min_value=0, max_value=cfg.folds - 1,
                                             meta=says(f"patients without a fold (fewer patients than {cfg.folds} folds)")),
         ],
+        "survival": [
+            E.ExpectColumnValuesToNotBeNull(column="time", meta=says("survival labels without a time")),
+            E.ExpectColumnValuesToBeBetween(column="time", min_value=0,
+                                            meta=says("survival times that are negative")),
+            E.ExpectColumnValuesToBeInSet(column="event", value_set=[0, 1],
+                                          meta=says("survival events other than 0 (censored) or 1 (event)")),
+            E.ExpectColumnValuesToBeUnique(column="patient_id", meta=says("patients with two survival labels")),
+        ],
+        "survival_events": [
+            E.ExpectColumnValuesToBeBetween(column="n_events", min_value=cfg.min_survival_events,
+                                            meta=says(f"fewer than {cfg.min_survival_events} events among the "
+                                                      "patients with survival labels")),
+        ],
     }
+
+
+def _refusal(frames_dir: Path, cfg: LabelsConfig) -> str:
+    """Why the survival task is refused, from the survival_events frame."""
+    events = pd.read_parquet(frames_dir / "survival_events.parquet").iloc[0]
+    if int(events.n_patients) == 0:
+        return ("no survival labels: give `histcode labels ingest` a clinical table with survival (--clinical FILE, "
+                "or labels.clinical)")
+    return (f"{int(events.n_events)} events among the {int(events.n_patients)} labelled patients with survival labels, "
+            f"fewer than labels.min_survival_events ({cfg.min_survival_events})")
 
 
 def _context(project: Path):
@@ -169,6 +198,11 @@ def run_gate(frames_dir: Path, project: Path, cfg: LabelsConfig) -> GateResult:
                 rows = rows or [str(r.exception_info.get("exception_message"))[:200]]
             description = (r.expectation_config.meta or {}).get("description", "")
             result.failures.append(GateFailure(frame, r.expectation_config.type, column, count, rows, description))
+    refusals = [f for f in result.failures if f.frame in REFUSING]
+    if refusals:  # one task refused; the gate's verdict is that of the other frames
+        result.failures = [f for f in result.failures if f.frame not in REFUSING]
+        result.passed = not result.failures
+        result.refused = {REFUSING[f.frame]: _refusal(frames_dir, cfg) for f in refusals}
     genes = pd.read_parquet(frames_dir / "genes.parquet")
     result.excluded_genes = dict(zip(genes.loc[~genes.included, "gene"], genes.loc[~genes.included, "reason"]))
     index = project / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"

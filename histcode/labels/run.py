@@ -1,9 +1,11 @@
 """`histcode labels ingest` and `histcode labels gate`: read the matrix, label, plan folds, gate.
 
 Ingest writes the gate's input frames (``data/labels/frames/*.parquet``, replaced atomically) and the label
-tables of the catalog (expression, expression_samples, de_labels, slide_labels, gene_gate, cv_folds) as the
-current label set, with its gate status pending. The gate validates the frames and records pass or fail, with
-the failed expectations and rows, on the label set; heads train only from a label set whose gate passed.
+tables of the catalog (expression, expression_samples, de_labels, slide_labels, gene_gate, cv_folds,
+survival_labels) as the current label set, with its gate status pending. The gate validates the frames and
+records pass or fail, with the failed expectations and rows, on the label set; heads train only from a label
+set whose gate passed. The gate may also refuse one task (survival, with too few events) while the others
+train: the refusal and its reason are kept on the label set (``refused_tasks``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from histcode.labels.expression import (ExpressionFileError, map_samples, read_m
                                        sample_slides)
 from histcode.labels.gdc import GdcDownload, label_unit, read_gdc_expression
 from histcode.labels.genes import ControlGenes, gene_table_path, resolve_control_genes
+from histcode.labels.survival import COLUMNS as SURVIVAL_COLUMNS
+from histcode.labels.survival import empty_survival, has_survival_columns, read_survival
 from histcode.store.catalog import Catalog
 from histcode.store.records import utcnow
 from histcode.tiling.spec import spec_id_of
@@ -57,6 +61,11 @@ class LabelSet:
     control_genes: tuple[str, ...] = ()  # as resolved (labels.control_genes, else the gene table)
     control_genes_source: str | None = None  # labels.control_genes, the gene table read, or none
     reused: bool = False  # the current label set already had exactly these inputs: nothing was written
+    survival_source: str | None = None  # the clinical table survival labels were read from (None: none)
+    survival_endpoint: str | None = None  # overall_survival, or the time/event columns read
+    n_survival: int = 0  # labelled patients with a survival label ...
+    n_events: int = 0  # ... and their events
+    no_follow_up: int = 0  # patients of the clinical table left out: no vital status or time at all
 
 
 def frames_dir(ws: Workspace) -> Path:
@@ -84,10 +93,16 @@ def _keyed(frame: pd.DataFrame, *columns: str) -> pd.DataFrame:
 
 
 def build_frames(long: pd.DataFrame, samples: pd.DataFrame, de: pd.DataFrame, genes: pd.DataFrame,
-                 sizes: pd.DataFrame, folds: pd.DataFrame) -> dict[str, pd.DataFrame]:
+                 sizes: pd.DataFrame, folds: pd.DataFrame, survival: pd.DataFrame | None = None
+                 ) -> dict[str, pd.DataFrame]:
     per_patient = folds.groupby("patient_id").fold.agg(n_folds="nunique", fold="min").reset_index() if len(folds) else \
         pd.DataFrame({"patient_id": pd.Series(dtype=str), "n_folds": pd.Series(dtype=int), "fold": pd.Series(dtype=int)})
+    survival = empty_survival() if survival is None else survival
+    events = pd.DataFrame({"n_events": [int(survival.event.sum()) if len(survival) else 0],
+                           "n_patients": [len(survival)], "endpoint": [survival.source.iloc[0] if len(survival) else ""]})
     return {
+        "survival": _keyed(survival, "patient_id"),
+        "survival_events": _keyed(events, "endpoint"),
         "expression": _keyed(long, "sample_id", "gene"),
         "samples": _keyed(samples, "sample_id"),
         "de_labels": _keyed(de, "slide_id", "sample_id", "gene"),
@@ -123,15 +138,22 @@ def frames_version(target: Path) -> str | None:
 
 
 def ingest_labels(ws: Workspace, cfg: HistcodeConfig, expression: Path | None = None,
-                  sample_sheet: Path | None = None, force: bool = False, gdc: GdcDownload | None = None) -> LabelSet:
+                  sample_sheet: Path | None = None, force: bool = False, gdc: GdcDownload | None = None,
+                  clinical: Path | None = None) -> LabelSet:
     """Label the training cohorts' tiled slides from the expression matrix (or the GDC download ``gdc``, read
     into the same long table and sample sheet, with its clinical subtypes) and make that the current label set
     (gate pending). Unless ``force``, a current label set of exactly these inputs (file contents, sample sheet,
     labels config, slides) whose frames are on disk is kept as it is, gate status included, and returned
     (``reused``): every door (the demo, the flow, `dvc repro`) then does no work on unchanged labels. A GDC
     download or gene table that cannot be read, and folds that cannot be planned as ``labels.folds_by`` asks,
-    raise ExpressionFileError (GeneTableError, FoldPlanError) before anything is written."""
+    raise ExpressionFileError (GeneTableError, FoldPlanError) before anything is written.
+
+    Survival labels come from ``clinical`` (a GDC clinical TSV or a time/event table, ``histcode.labels.survival``),
+    else ``labels.clinical``, else the GDC download's clinical TSV, else ``clinical.tsv`` beside the matrix; a
+    clinical table without survival columns gives none. They are kept for the labelled patients only."""
     lcfg, path, sheet_path, gdc, inputs, controls = _source(ws, cfg, expression, sample_sheet, gdc)
+    clinical_path = clinical_source(ws, lcfg, clinical, None if gdc is not None else path, gdc)
+    inputs = {**inputs, "clinical": _sha256(clinical_path)}
     catalog = Catalog.of(ws)
     cohorts = catalog.training_cohorts(cfg.cohorts.train)
     slides = catalog.tiled_slides(spec_id_of(cfg.tiling), cohorts)
@@ -161,8 +183,9 @@ def ingest_labels(ws: Workspace, cfg: HistcodeConfig, expression: Path | None = 
     de = de_labels(long, samples, lcfg, sample_slides(samples, slides))
     genes = gene_inclusion(de, lcfg, present=set(long.gene))
     labels = slide_labels(slides, subtypes)
+    survival, survival_read = _survival_labels(clinical_path, lcfg, labels)
     folds, choice = plan_folds(labels, lcfg.folds, lcfg.seed, lcfg.folds_by, slide_sites(slides))
-    frames = build_frames(long, samples, de, genes, class_counts(labels), folds)
+    frames = build_frames(long, samples, de, genes, class_counts(labels), folds, survival)
     write_frames(frames, frames_dir(ws), version)
 
     with catalog.transaction() as con:
@@ -172,6 +195,7 @@ def ingest_labels(ws: Workspace, cfg: HistcodeConfig, expression: Path | None = 
         catalog.replace_table(con, "slide_labels", labels)
         catalog.replace_table(con, "gene_gate", genes)
         catalog.replace_table(con, "cv_folds", folds)
+        catalog.replace_table(con, "survival_labels", survival[SURVIVAL_COLUMNS])
         con.execute("UPDATE label_sets SET is_current = false")
         con.execute("DELETE FROM label_sets WHERE label_version = ?", [version])
         con.execute(
@@ -180,7 +204,9 @@ def ingest_labels(ws: Workspace, cfg: HistcodeConfig, expression: Path | None = 
             [version, catalog.stored_path(path), _sha256(path), catalog.stored_path(sheet_path), lcfg.unit,
              json.dumps({**lcfg.model_dump(mode="json"), "cohorts": cohorts, "dropped": dropped,
                          "folds_by_resolved": choice.by, "folds_by_reason": choice.reason,
-                         "control_genes_source": controls.source}), long.sample_id.nunique(),
+                         "control_genes_source": controls.source,
+                         "survival": {"source": catalog.stored_path(clinical_path), **survival_read}}),
+             long.sample_id.nunique(),
              long.gene.nunique(),
              int(samples.patient_id.nunique()), utcnow(), PENDING],
         )
@@ -193,6 +219,7 @@ def ingest_labels(ws: Workspace, cfg: HistcodeConfig, expression: Path | None = 
         problems=dict(zip(samples.loc[samples.problem.notna(), "sample_id"], samples.loc[samples.problem.notna(), "problem"])),
         cohorts=cohorts, dropped=dropped, folds_by=choice.by, folds_reason=choice.reason,
         control_genes=controls.genes, control_genes_source=controls.source,
+        survival_source=str(clinical_path) if clinical_path else None, **_survival_counts(survival, survival_read),
     )
     log.info("label set %s (cohorts %s): %d samples, %d genes, %d patients; DE classes %s; %d genes excluded", version,
              ", ".join(cohorts), result.n_samples, result.n_genes, result.n_patients, result.de_counts,
@@ -216,7 +243,48 @@ def _stored_label_set(catalog: Catalog, current: dict, frames: Path, cohorts: li
         dropped=params.get("dropped") or {}, folds_by=params.get("folds_by_resolved"),
         folds_reason=params.get("folds_by_reason"), control_genes=tuple(params.get("control_genes") or ()),
         control_genes_source=params.get("control_genes_source"),
+        survival_source=catalog.real_path((params.get("survival") or {}).get("source")),
+        **_survival_counts(pd.DataFrame(catalog.query("SELECT event FROM survival_labels"), columns=["event"]),
+                           params.get("survival") or {}),
     )
+
+
+def _survival_counts(survival: pd.DataFrame, read: dict) -> dict:
+    return {"survival_endpoint": read.get("endpoint"), "n_survival": len(survival),
+            "n_events": int(survival.event.sum()) if len(survival) else 0,
+            "no_follow_up": int(read.get("no_follow_up", 0))}
+
+
+def clinical_source(ws: Workspace, lcfg: LabelsConfig, clinical: Path | None, matrix: Path | None,
+                    gdc: GdcDownload | None) -> Path | None:
+    """The clinical table survival labels are read from: ``clinical``, else ``labels.clinical``, else the GDC
+    download's clinical TSV, else ``clinical.tsv`` beside the expression matrix when there is one; None: none."""
+    if clinical is not None:
+        return clinical
+    if lcfg.clinical:
+        return ws.path(lcfg.clinical)
+    if gdc is not None:
+        return gdc.clinical
+    beside = matrix.parent / "clinical.tsv" if matrix is not None else None
+    return beside if beside is not None and beside.is_file() else None
+
+
+def _survival_labels(path: Path | None, lcfg: LabelsConfig, labels: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """(the survival labels of the labelled patients, what was read: endpoint, counts), from the clinical table
+    ``path``; none without one, or from a clinical table that has no survival columns (logged)."""
+    if path is None:
+        return empty_survival(), {}
+    if not has_survival_columns(path, lcfg.survival_time_column, lcfg.survival_event_column):
+        log.info("clinical table %s has no survival columns: no survival labels", path)
+        return empty_survival(), {}
+    read = read_survival(path, lcfg.survival_time_column, lcfg.survival_event_column)
+    patients = set(labels.patient_id.dropna())
+    kept = read.frame[read.frame.patient_id.isin(patients)].reset_index(drop=True)
+    if len(kept) < len(read.frame):
+        log.info("survival labels: %d of %d patients of %s have no labelled slide here and are left out",
+                 len(read.frame) - len(kept), len(read.frame), path)
+    return kept, {"endpoint": read.endpoint, "no_follow_up": len(read.no_follow_up),
+                  "without_slides": len(read.frame) - len(kept)}
 
 
 def configured_gdc(ws: Workspace, cfg: HistcodeConfig) -> GdcDownload | None:
@@ -280,9 +348,10 @@ def passed_label_set(ws: Workspace, cfg: HistcodeConfig, expression: Path | None
     if current is None or current["gate_status"] != PASSED:
         return None
     try:
-        lcfg, path, sheet_path, _, inputs, _ = _source(ws, cfg, expression, sample_sheet, None)
+        lcfg, path, sheet_path, gdc, inputs, _ = _source(ws, cfg, expression, sample_sheet, None)
     except ExpressionFileError:  # a configured GDC download that is not (or no longer) all there, a bad gene table
         return None
+    inputs = {**inputs, "clinical": _sha256(clinical_source(ws, lcfg, None, None if gdc is not None else path, gdc))}
     if not path.is_file() or (sheet_path is not None and not sheet_path.is_file()):
         return None
     version = _label_version(inputs, lcfg, catalog.training_slides(spec_id_of(cfg.tiling), cfg.cohorts.train))
@@ -309,7 +378,8 @@ def gate_labels(ws: Workspace, cfg: HistcodeConfig, force: bool = False):
         docs = Path(catalog.real_path(current["data_docs"])) if current["data_docs"] else None
         if docs is not None and docs.is_file():
             make_offline(docs.parent)  # a site built before its pages were made offline (nothing to do otherwise)
-        return GateResult(current["gate_status"] == PASSED, failures, {r["gene"]: r["reason"] for r in excluded}, docs)
+        return GateResult(current["gate_status"] == PASSED, failures, {r["gene"]: r["reason"] for r in excluded}, docs,
+                          json.loads(current.get("refused_tasks") or "{}"))
     found = frames_version(frames_dir(ws))
     if found != current["label_version"]:  # e.g. an ingest whose catalog commit failed after its frames were written
         raise LabelGateError(f"the label frames in {frames_dir(ws)} are of label set {found or 'an earlier release'}, not "
@@ -319,10 +389,10 @@ def gate_labels(ws: Workspace, cfg: HistcodeConfig, force: bool = False):
                  "rows": f.rows[:50], "description": f.description, "message": f.message} for f in result.failures]
     with catalog.transaction() as con:
         con.execute(
-            "UPDATE label_sets SET gate_status = ?, gate_at = ?, gate_failures = ?, data_docs = ?, gate_settings = ? "
-            "WHERE label_version = ?",
+            "UPDATE label_sets SET gate_status = ?, gate_at = ?, gate_failures = ?, data_docs = ?, gate_settings = ?, "
+            "refused_tasks = ? WHERE label_version = ?",
             [PASSED if result.passed else FAILED, utcnow(), json.dumps(failures), catalog.stored_path(result.docs),
-             settings, current["label_version"]],
+             settings, json.dumps(result.refused), current["label_version"]],
         )
     return result
 
@@ -331,7 +401,7 @@ def _gate_settings(cfg: HistcodeConfig) -> str:
     """The labels settings the gate's expectations read (a change re-runs the gate on the same frames)."""
     lcfg = cfg.labels
     return stable_hash({"min_class_size": lcfg.min_class_size, "max_expression": lcfg.max_expression,
-                        "folds": lcfg.folds}, 12)
+                        "folds": lcfg.folds, "min_survival_events": lcfg.min_survival_events}, 12)
 
 
 def current_label_set(catalog: Catalog) -> dict | None:

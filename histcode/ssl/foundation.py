@@ -99,6 +99,14 @@ FOUNDATION: dict[str, FoundationSpec] = {s.name: s for s in (
         notes="ViT-H/14, 4 register tokens; embedding = class token and the mean of the patch tokens (registers "
               "excluded), 2 x 1280; trained at 5x-40x, 20x recommended"),
     FoundationSpec(
+        "virchow", "Virchow", "Paige", "https://huggingface.co/paige-ai/Virchow", "paige-ai/Virchow",
+        "Apache-2.0 terms for non-commercial research use; gated: accept the terms on the model card",
+        "vit_huge_patch14_224", {"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, "dynamic_img_size": True,
+                                 **_SWIGLU},
+        pooling="cls+patch_mean", dim=2560, params_m=631.2, weight_files=("pytorch_model.bin", "model.safetensors"),
+        notes="ViT-H/14 without register tokens; embedding = class token and the mean of the patch tokens, "
+              "2 x 1280; 20x; the tile encoder PRISM aggregates"),
+    FoundationSpec(
         "phikon-v2", "Phikon-v2", "Owkin", "https://huggingface.co/owkin/phikon-v2", "owkin/phikon-v2",
         "Owkin non-commercial licence (research use); see the model card",
         "vit_large_patch16_224", {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "dynamic_img_size": True},

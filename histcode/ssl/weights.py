@@ -174,3 +174,33 @@ def load_published(spec: FoundationSpec, encoder: Encoder, state: dict[str, torc
             raise EncoderError(f"{source}: {spec.title} built without memory still has {len(left)} tensors the file "
                                f"does not fill ({', '.join(left[:5])}); build it on the CPU instead")
     log.info("%s: loaded %d tensors from %s", spec.title, len(converted), source)
+
+
+def load_slide_encoder(spec, module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load a published slide encoder's state dict (``spec``: a ``SlideEncoderSpec``) into ``module``, strictly:
+    every weight of the slide-embedding part must be in the file with its shape; the only other keys allowed
+    are those under the entry's ``skipped`` prefixes (a text decoder, classifiers: listed, counted, not loaded);
+    anything else is an error naming the file and the keys."""
+    skipped = sorted(k for k in state if any(k.startswith(p) for p in spec.skipped))
+    used = {k: v for k, v in state.items() if k not in set(skipped)}
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(used))
+    unexpected = sorted(set(used) - set(expected))
+    wrong = [f"{k} {tuple(used[k].shape)} (expects {tuple(expected[k].shape)})"
+             for k in expected if k in used and used[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        def few(items: list[str]) -> str:
+            return ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+        problems = [f"{len(missing)} missing ({few(missing)})" if missing else "",
+                    f"{len(unexpected)} unexpected ({few(unexpected)})" if unexpected else "",
+                    f"{len(wrong)} of another shape ({few(wrong)})" if wrong else ""]
+        raise EncoderError(f"{source} does not fit slide encoder {spec.title} ({spec.key_layout}): "
+                           + "; ".join(p for p in problems if p))
+    assign = any(p.is_meta for p in module.parameters())
+    if assign:
+        used = {k: v if v.dtype == expected[k].dtype else v.to(expected[k].dtype) for k, v in used.items()}
+    module.load_state_dict(used, strict=True, assign=assign)
+    if skipped:
+        log.info("%s: %d tensors of %s skipped (not the slide embedding: %s)", source, len(skipped), spec.title,
+                 ", ".join(spec.skipped))
+    log.info("%s: loaded %d tensors from %s", spec.title, len(used), source)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 TABLES: dict[str, str] = {
     "meta": """
@@ -143,7 +143,8 @@ TABLES: dict[str, str] = {
             gate_at TIMESTAMP,
             gate_failures JSON,
             data_docs VARCHAR,
-            gate_settings VARCHAR
+            gate_settings VARCHAR,
+            refused_tasks JSON
         )""",
     "expression": """
         CREATE TABLE IF NOT EXISTS expression (sample_id VARCHAR, gene VARCHAR, value DOUBLE)""",
@@ -160,6 +161,12 @@ TABLES: dict[str, str] = {
     "slide_labels": """
         CREATE TABLE IF NOT EXISTS slide_labels (
             slide_id VARCHAR, patient_id VARCHAR, tumor BOOLEAN, subtype VARCHAR, source VARCHAR
+        )""",
+    # Survival labels per patient (histcode.labels.survival): time in days, event 1 (e.g. death) or 0 (censored),
+    # and what they were read as (overall_survival, or the time/event columns of another endpoint).
+    "survival_labels": """
+        CREATE TABLE IF NOT EXISTS survival_labels (
+            patient_id VARCHAR, time DOUBLE, event INTEGER, source VARCHAR
         )""",
     "gene_gate": """
         CREATE TABLE IF NOT EXISTS gene_gate (
@@ -207,6 +214,8 @@ MIGRATIONS: dict[int, list[str]] = {
     7: [],
     # patient-level predictions (the table itself is created with the others)
     8: [],
+    # survival labels (the table itself is created with the others) and the tasks the gate refused, with why
+    9: ["ALTER TABLE label_sets ADD COLUMN IF NOT EXISTS refused_tasks JSON"],
 }
 
 # Tables whose rows derive from a slide's pixels: cleared when the slide's content changes.

@@ -86,6 +86,54 @@ def _clean(value):
     return value
 
 
+SURVIVAL_ROWS = """
+    SELECT p.slide_id, s.patient_id, p.value AS risk, p.call
+    FROM predictions p JOIN slides s USING (slide_id)
+    WHERE p.task = 'survival' AND p.output = 'risk' AND p.source = 'cv' AND NOT p.stale AND p.value IS NOT NULL
+      AND p.version = (SELECT max(version) FROM predictions WHERE task = 'survival' AND source = 'cv' AND NOT stale)
+"""
+
+
+def survival_groups(data: ViewerData):
+    """One row per patient of the survival head's fresh out-of-fold predictions (the version ``@best`` names):
+    its mean log-risk over its slides, the group its slides were called (high / low against their fold model's
+    training median; the commoner call of its slides), time and event; None without such predictions. The
+    predictions come from the viewer's snapshot, the survival labels from one read of the catalog."""
+    import pandas as pd
+
+    rows = pd.DataFrame(data.snapshot.query(SURVIVAL_ROWS, memo=True))
+    if rows.empty:
+        return None
+    try:
+        labels = pd.DataFrame(data.catalog.query("SELECT patient_id, time, event FROM survival_labels"),
+                              columns=["patient_id", "time", "event"])
+    except Exception as exc:  # noqa: BLE001 -- a catalog busy with a writer, or from before survival labels
+        log.info("no survival picture: the catalog's survival labels cannot be read now (%s)", exc)
+        return None
+    rows = rows.merge(labels, on="patient_id", how="inner")
+    if rows.empty:
+        return None
+    out = rows.groupby("patient_id", sort=True).agg(risk=("risk", "mean"), group=("call", lambda c: c.mode().iloc[0]),
+                                                    time=("time", "first"), event=("event", "first"))
+    return out.reset_index()
+
+
+def survival_km_png(frame) -> bytes:
+    """The Kaplan-Meier picture of the out-of-fold high vs low risk groups, with the log-rank p and the C-index."""
+    import tempfile
+
+    from histcode.heads import survival_metrics as sm
+    from histcode.heads.survival import km_curves
+    from histcode.viz.plots import kaplan_meier_png
+
+    test = sm.logrank(frame.time, frame.event, frame.group == "high")
+    note = (f"C-index {sm.c_index(frame.time, frame.event, frame.risk):.3f}, "
+            f"log-rank p = {test.p:.3g}, {int(frame.event.sum())} events")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = kaplan_meier_png(km_curves(frame), "survival head: out-of-fold risk groups", Path(tmp) / "km.png", note)
+        return path.read_bytes()
+
+
 def create_app(ws: Workspace, cache_dir: Path | None = None) -> Starlette:
     """The viewer over ``ws``. Nothing is computed at start: the cohort page reads the stored predictions (the
     catalog's ``predictions`` table) a page at a time, a slide's layers are computed when its page is opened.
@@ -108,7 +156,8 @@ def create_app(ws: Workspace, cache_dir: Path | None = None) -> Starlette:
     # -- pages ------------------------------------------------------------------------------------------------
     def cohort_page(request: Request) -> HTMLResponse:
         _, view = data.cohort_view(request.query_params.get("view") or None)
-        return page("cohort.html", view=view, views=data.views(), workspace=str(ws.root))
+        return page("cohort.html", view=view, views=data.views(), workspace=str(ws.root),
+                    survival=survival_groups(data) is not None)
 
     def slide_page(request: Request) -> HTMLResponse:
         slide = slide_of(request)
@@ -212,6 +261,12 @@ def create_app(ws: Workspace, cache_dir: Path | None = None) -> Starlette:
             raise HTTPException(400, str(exc)) from None
         return JSONResponse(_clean({"view": view.view_id, "hits": hits}))
 
+    def api_survival(request: Request) -> Response:
+        frame = survival_groups(data)
+        if frame is None:
+            raise HTTPException(404, "no out-of-fold survival predictions of histcode-survival-head@best to draw")
+        return Response(survival_km_png(frame), media_type="image/png")
+
     async def not_found(request: Request, exc: Exception) -> Response:
         return JSONResponse({"error": str(exc)}, status_code=404)
 
@@ -223,7 +278,7 @@ def create_app(ws: Workspace, cache_dir: Path | None = None) -> Starlette:
         Route("/api/slides", api_slides), Route("/api/slide", api_slide), Route("/api/dz", api_dz),
         Route("/api/thumbnail", api_thumbnail), Route("/api/overlay", api_overlay), Route("/api/tile-at", api_tile_at),
         Route("/api/neighbours", api_neighbours), Route("/api/tile-image", api_tile_image),
-        Route("/api/similar", api_similar),
+        Route("/api/similar", api_similar), Route("/api/survival-km.png", api_survival),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     if docs is not None:

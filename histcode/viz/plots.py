@@ -51,6 +51,24 @@ def fold_change_vs_auc_png(rows: list[dict], title: str, path: Path) -> Path:
     return _save(fig, path)
 
 
+def kaplan_meier_png(curves: dict[str, dict], title: str, path: Path, note: str = "") -> Path:
+    """Kaplan-Meier curves as steps, censorings as ticks: ``curves`` maps a label (e.g. ``high risk (n=11)``) to
+    ``times`` and ``survival`` (the steps, from time 0 at 1.0) and ``censored`` / ``censored_survival`` (where the
+    ticks go); ``note`` (e.g. the log-rank p) is written in a corner."""
+    fig, ax = plt.subplots(figsize=(5, 3.8))
+    colours = {"high": "#c0392b", "low": "#2471a3"}
+    for label, c in curves.items():
+        colour = next((v for k, v in colours.items() if label.startswith(k)), None)
+        line, = ax.step(c["times"], c["survival"], where="post", label=label, color=colour)
+        if len(c["censored"]):
+            ax.plot(c["censored"], c["censored_survival"], "|", color=line.get_color(), markersize=8)
+    ax.set(xlabel="days", ylabel="survival probability", ylim=(0, 1.05), title=title)
+    if note:
+        ax.text(0.98, 0.95, note, transform=ax.transAxes, ha="right", va="top", fontsize=8)
+    ax.legend(loc="lower left", fontsize=8)
+    return _save(fig, path)
+
+
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
