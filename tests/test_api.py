@@ -230,8 +230,8 @@ def test_labels_folds_and_bags_are_what_the_heads_train_on(headed_workspace) -> 
     assert set(folds.label) == {"normal", "tumor"}
     subtype = ws.folds("subtype")
     assert set(subtype.label) <= {"LUAD", "LUSC"} and set(subtype.slide_id) <= set(folds.slide_id)
-    with pytest.raises(histcode.UsageError, match="unknown task 'survival'"):
-        ws.folds("survival")
+    with pytest.raises(histcode.UsageError, match="unknown task 'mutation'"):
+        ws.folds("mutation")
 
     view = ws.view()
     bags = view.bags("tumor")

@@ -262,7 +262,7 @@ def test_a_foundation_encoder_becomes_a_view_that_search_and_heads_use(foundatio
     assert gate_labels(ws, ws.config()).passed
     report = train_heads(ws, ws.config())
     assert report.view.view_id == view.view_id
-    assert {r.task.name for r in report.results} == {"tumor", "subtype", "de"}
+    assert {r.task.name for r in report.results} == {"tumor", "subtype", "de", "survival"}
     assert {"tumor/attention", "subtype/guided", "de/mean"} <= set(report.versions)
 
     from histcode.apps.ablation import AblationError, run_ablation

@@ -39,7 +39,7 @@ def test_heads_store_every_registered_versions_out_of_fold_predictions(headed_wo
     ws = headed_workspace
     client = _client(ws)
     rows = _sql(ws, "SELECT * FROM predictions WHERE source = 'cv'")
-    assert set(rows.task) == {"tumor", "subtype", "de"}
+    assert set(rows.task) == {"tumor", "subtype", "de", "survival"}
     api = histcode.open(ws.root)
     folds = dict(_sql(ws, "SELECT slide_id, fold FROM cv_folds").itertuples(index=False))
     for alias in ("attention", "mean"):
@@ -68,7 +68,7 @@ def test_heads_store_every_registered_versions_out_of_fold_predictions(headed_wo
     assert np.allclose(wide.loc[tumour.index, "p_tumor"].astype(float), tumour)
     assert len(api.predictions(current=False)) == len(rows) + len(_sql(ws, "SELECT * FROM predictions WHERE source != 'cv'"))
     with pytest.raises(histcode.UsageError, match="unknown task"):
-        api.predictions(task="survival")
+        api.predictions(task="mutation")
     calls = current[current.task == "de"].call
     assert len(calls) and set(calls) <= {"up", "down", "unchanged", "not_classified"}
 
