@@ -80,7 +80,7 @@ def labels_summary(result) -> dict:
         "label_version": result.label_version, "samples": result.n_samples, "genes": result.n_genes,
         "patients": result.n_patients, "de_classes": result.de_counts, "references": result.references,
         "excluded_genes": result.excluded_genes, "sample_problems": result.problems,
-        "dropped_samples": result.dropped,
+        "dropped_samples": result.dropped, "unlabelled_tumour_slides": result.unlabelled,
         "folds_by": result.folds_by, "folds_by_reason": result.folds_reason,
         "control_genes": list(result.control_genes), "control_genes_source": result.control_genes_source,
     }

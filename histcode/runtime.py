@@ -18,9 +18,24 @@ def failpoint(name: str) -> None:
     """Kill this process with SIGKILL (no cleanup, like a power cut or the OOM killer) when the environment
     names this point: ``HISTCODE_FAILPOINT=embed.committed``. The points sit where a crash is most awkward
     (after a commit to one store and before the next); tests use them to prove that a rerun repairs
-    everything. Unset, this is one dictionary lookup."""
-    if os.environ.get(FAILPOINT_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+    everything. ``name:enospc`` raises ``OSError(ENOSPC)`` there instead, as a disk that fills at that point
+    would; ``name@3`` (or ``name:enospc@3``) waits for the third pass (the count lives in the variable, which
+    each pass before it counts down). Unset, this is one dictionary lookup."""
+    spec = os.environ.get(FAILPOINT_ENV)
+    if not spec or not spec.startswith(name):
+        return
+    point, _, nth = spec.partition("@")
+    point, _, mode = point.partition(":")
+    if point != name:
+        return
+    if nth.isdigit() and int(nth) > 1:
+        os.environ[FAILPOINT_ENV] = f"{spec.partition('@')[0]}@{int(nth) - 1}"
+        return
+    if mode == "enospc":
+        import errno
+
+        raise OSError(errno.ENOSPC, f"No space left on device (fail point {name})")
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -56,7 +56,9 @@ def shoot(app, base: str, out: Path) -> None:
         page.screenshot(path=str(out / "cohort.png"))
         page.goto(base + "/slide?" + urllib.parse.urlencode({"id": slide}))
         page.wait_for_function("window.HISTCODE && window.HISTCODE.ready")
-        page.fill("#where", f"slide_id != '{slide}'")
+        page.select_option("#filter-column", "slide_id")  # a structured filter: slide_id != slide
+        page.select_option("#filter-op", "ne")
+        page.fill("#filter-value", slide)
         scores = data.layers(slide)["attention"]
         top = int(scores.scores.argmax())
         x, y = (float(v) + scores.grid.size / 2 for v in scores.grid.xy[top])

@@ -255,7 +255,9 @@ def test_as_of_returns_the_older_state(embedded_workspace, copy_workspace) -> No
     upsert_slides(table, view.table(TILE_KIND), batch, ["synthetic-slide"])
     assert tile_features(ws, view, fmt="arrow").num_rows == before + 2
     assert tile_features(ws, view, as_of="first", fmt="arrow").num_rows == before  # the tag made by embed
-    hits = search(ws, view, ws.config().features, tile_id="new-1", k=3, as_of=None)
+    with pytest.raises(SearchError, match="no vector"):  # search reads the last ledger commit: no ledger row, unseen
+        search(ws, view, ws.config().features, tile_id="new-1", k=3, as_of=None)
+    hits = search(ws, view, ws.config().features, tile_id="new-1", k=3, as_of=table.version)
     assert hits.num_rows == 3
     with pytest.raises(SearchError, match="no vector"):
         search(ws, view, ws.config().features, tile_id="new-1", k=3, as_of="first")

@@ -137,13 +137,17 @@ def test_each_bad_input_fails_the_gate_with_its_own_message(tiled_workspace, how
         require_passed_gate(Catalog.of(ws))
 
 
-def test_empty_file_fails_the_gate(tiled_workspace) -> None:
+def test_empty_file_is_refused_at_ingest(tiled_workspace) -> None:
+    """(Issue 32: refused when read, not accepted as the current label set for the gate to refuse later; the
+    header-only case is in tests/test_stores_agree.py.)"""
+    from histcode.labels.expression import ExpressionFileError
+
     ws = tiled_workspace
     (ws.root / "empty.tsv").write_bytes(b"")
     (ws.root / "params.yaml").write_text(yaml.safe_dump({"labels": {**LABELS, "expression": "empty.tsv"}}))
-    _, gate = _run(ws)
-    assert not gate.passed
-    assert any("the expression table is empty" in f.message for f in gate.failures)
+    with pytest.raises(ExpressionFileError, match="empty.tsv: the expression file is empty"):
+        _run(ws)
+    assert Catalog.of(ws).query("SELECT * FROM label_sets") == []
     with pytest.raises(LabelGateError):
         require_passed_gate(Catalog.of(ws))
 

@@ -71,6 +71,17 @@ def test_heads_store_every_registered_versions_out_of_fold_predictions(headed_wo
         api.predictions(task="mutation")
     calls = current[current.task == "de"].call
     assert len(calls) and set(calls) <= {"up", "down", "unchanged", "not_classified"}
+    # the patients' out-of-fold rows, pooled from @best's slide rows, and their metrics on each task's best run
+    patients = _sql(ws, "SELECT * FROM current_patient_predictions WHERE source = 'cv'")
+    slides_of = _sql(ws, "SELECT DISTINCT s.patient_id FROM predictions p JOIN slides s USING (slide_id) "
+                         "WHERE p.source = 'cv' AND p.task = 'tumor'")
+    assert set(patients[patients.task == "tumor"].patient_id) == set(slides_of.patient_id)
+    assert set(patients[patients.task == "tumor"].version) == {best["tumor"]}
+    summary = json.loads((ws.metrics_dir / "heads.json").read_text())
+    # (every patient of the heads cohort has a tumour slide: patient-level tumour has one class and no AUC)
+    assert "subtype" in summary["patients"] and set(summary["patients"]) <= {"tumor", "subtype"}
+    run = client.get_run(summary["runs"]["subtype/best"]["run_id"])
+    assert run.data.metrics["patient_auc"] == pytest.approx(summary["patients"]["subtype"]["auc"], abs=1e-4)
 
 
 def test_predict_stores_rows_a_newer_head_makes_them_stale_and_refresh_recomputes(
@@ -80,7 +91,8 @@ def test_predict_stores_rows_a_newer_head_makes_them_stale_and_refresh_recompute
 
     ws = copy_workspace(headed_workspace)
     out = tmp_path / "preds.csv"
-    done = _invoke(ws, "predict", "--manifest", other_cohort.manifest, "--out", out)
+    done = _invoke(ws, "predict", "--manifest", other_cohort.manifest, "--out", out, "--patients",
+                   tmp_path / "patients.csv")
     assert done.exit_code == 0, done.output
     csv = pd.read_csv(out, dtype={"slide_id": str}).set_index("slide_id")
     stored = _sql(ws, "SELECT slide_id, value, version, in_distribution, ood_score FROM current_predictions "
@@ -89,6 +101,34 @@ def test_predict_stores_rows_a_newer_head_makes_them_stale_and_refresh_recompute
     assert np.allclose(stored.loc[csv.index, "value"], csv.p_tumor, atol=1e-9)
     assert np.allclose(stored.loc[csv.index, "ood_score"], csv.ood_score, atol=1e-9)
     old = int(stored.version.iloc[0])
+    # the predicted slides' patients, pooled: in the catalog and the --patients CSV
+    patients = pd.read_csv(tmp_path / "patients.csv", dtype={"patient_id": str})
+    owners = _sql(ws, "SELECT slide_id, patient_id FROM slides").set_index("slide_id").patient_id
+    assert set(patients.patient_id) == set(owners.loc[csv.index]) and set(patients.source) == {"predict"}
+    tumour = patients[patients.output == "p_tumor"].set_index("patient_id")
+    for patient, row in tumour.iterrows():  # a patient has tumour when any slide has: the maximum
+        assert row.value == pytest.approx(csv.loc[owners[owners == patient].index.intersection(csv.index), "p_tumor"].max())
+    assert "patients predicted" in done.output
+    # `bag` pooling: one patient's two slides as one bag through the subtype head, stored as that patient's row
+    from histcode.apps.heatmaps import slide_bag
+    from histcode.apps.patient_predictions import bag_outputs, store_patient_predictions
+    from histcode.apps.predict import current_versions, registered_heads
+    from histcode.store.catalog import Catalog
+    from histcode.tracking import Tracker
+
+    heads = registered_heads(Tracker(ws))
+    patient = next(p for p in sorted(set(owners.loc[csv.index])) if (owners.loc[csv.index] == p).sum() == 2)
+    pair = sorted(s for s in csv.index if owners[s] == patient)
+    head = heads["subtype"]
+    bags = {head.view_id: {s: slide_bag(ws, head, s) for s in pair}}
+    merged = bag_outputs(heads, bags, pair, "subtype", None)
+    alone = head(np.concatenate([bags[head.view_id][s].features for s in pair]))[0]
+    assert [o.value for o in merged] == pytest.approx([float(v) for v in np.asarray(alone).ravel()], abs=1e-6)
+    store_patient_predictions(Catalog.of(ws), "predict", "bag", current_versions(heads), [patient],
+                              {(patient, "subtype"): merged})
+    row = _sql(ws, f"SELECT * FROM current_patient_predictions WHERE patient_id = '{patient}' AND task = 'subtype' "
+                   "AND source = 'predict' ORDER BY output")
+    assert set(row.pooling) == {"bag"} and row.value.tolist() == pytest.approx([o.value for o in merged])
 
     # another registered version becomes tumor@best: the rows of the old one are stale
     client = _client(ws)
@@ -115,6 +155,9 @@ def test_predict_stores_rows_a_newer_head_makes_them_stale_and_refresh_recompute
         assert info["predictions"]["values"]["p_tumor"] == pytest.approx(again.set_index("slide_id").p_tumor[sid])
         assert [b["version"] for b in info["predictions"]["by"] if b["task"] == "tumor"] == [other]
         assert info["predictions"]["note"] is None
+        owner = owners[sid]
+        assert info["patient"]["patient_id"] == owner and info["patient"]["values"]["p_tumor"] is not None
+        assert {b["task"] for b in info["patient"]["by"]} >= {"tumor"}
         from histcode.store.catalog import Catalog
 
         with Catalog.of(ws).transaction() as con:  # as if the slide had been registered and never predicted

@@ -164,7 +164,9 @@ def test_a_click_on_a_tile_finds_its_neighbours_and_one_opens_its_slide(viewer_u
     grid = next(o for o in info["overlays"] if o["name"] == "grid")
     tiles = _json(f"{viewer_url}/api/slide?{_q(id=sid)}")["n_tiles"]
     assert tiles > 0 and grid
-    page.fill("#where", f"slide_id != '{sid}'")
+    page.select_option("#filter-column", "slide_id")  # a structured filter: slide_id != sid
+    page.select_option("#filter-op", "ne")
+    page.fill("#filter-value", sid)
     # the centre of a tile of the slide, found through the API from a point, clicked on screen
     xy = page.evaluate("""async () => {
         const s = window.HISTCODE, g = s.info.overlays.find(o => o.name === 'grid').placement;

@@ -8,8 +8,8 @@ therefore leaves a stamp (``outputs/.demo-done.json``) holding a fingerprint of 
 - the code: the content of every module of the ``histcode`` package, and the versions of the libraries that
   shape results (torch, torchvision, kornia, scikit-learn, lancedb, duckdb, mlflow, openslide);
 - the workspace's state: the path, size and modification time of every file under ``data/`` (the demo cohort,
-  the catalog, the vector store), ``mlruns/``, ``metrics/`` and ``outputs/`` (server logs and the stamp itself
-  left out; symlinked folders followed), and of every input the config names wherever it lies (the demo cohort's
+  the catalog, the vector store), ``mlruns/``, ``metrics/`` and ``outputs/`` (server logs, the catalog's backup
+  and the stamp itself left out; symlinked folders followed), and of every input the config names wherever it lies (the demo cohort's
   folder, its source tiles, the expression matrix, the probe's tiles);
 - where the stores are. A workspace whose vectors or runs live elsewhere (``HISTCODE_LANCEDB_URI``,
   ``HISTCODE_MLFLOW_URI``) is never stamped: their state cannot be seen from here, so every run asks the stages.
@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 
 STAMP = ".demo-done.json"
 STATE_DIRS = ("data", "mlruns", "metrics", "outputs")  # under the workspace root
-SKIPPED = ("outputs/logs",)  # written by servers while nothing about the results changes
+# written by servers while nothing about the results changes; the catalog's backup (a copy taken after a command
+# that wrote it, histcode.store.backup), which the catalog itself stands for
+SKIPPED = ("outputs/logs", "data/catalog.duckdb.bak")
 LIBRARIES = ("torch", "torchvision", "kornia", "scikit-learn", "lancedb", "pylance", "duckdb", "mlflow",
              "openslide-python", "numpy")
 PACKAGE = Path(__file__).resolve().parents[1]  # the histcode package

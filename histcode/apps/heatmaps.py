@@ -128,6 +128,10 @@ def render_heatmaps(ws: Workspace, slide_id: str, out_dir: Path, genes: list[str
         return done
     bags = dict(bags or {})
     bag = bags.get(tumor.view_id) or slide_bag(ws, tumor, slide_id)
+    if not bag.has_tiles:
+        raise LookupError(f"{tumor.task}-head v{tumor.version} reads view {tumor.view_id}, a slide encoder's one vector "
+                          "per slide: there are no tiles to draw its attention on; draw heatmaps with a head of a tile "
+                          "view (`histcode heatmap --alias ...`)")
     p_tumor, attention, raw = slide_attention(tumor, bag, smoothing)
     result = HeatmapResult(slide_id, views=views)
     result.pictures.append(heatmap_png(slide, bag.xy, bag.size, attention, f"attention (p_tumor {p_tumor:.2f})",
@@ -140,6 +144,14 @@ def render_heatmaps(ws: Workspace, slide_id: str, out_dir: Path, genes: list[str
     store_scores(catalog, tumor, pd.DataFrame(rows))
     if chosen:
         de_bag = bags.get(de.view_id) or (bag if de.view_id == tumor.view_id else slide_bag(ws, de, slide_id))
+        if not de_bag.has_tiles:
+            why = (f"{de.task}-head v{de.version} reads view {de.view_id}, a slide encoder's one vector per slide: it "
+                   "has no per-tile log2FC to draw")
+            if genes:
+                raise LookupError(f"{why}; draw the attention alone (no --gene)")
+            log.info("%s: %s; only the attention is drawn", slide_id, why)
+            chosen, pictures = [], pictures[:1]
+    if chosen:
         per_tile = de.tile_scores(de_bag.features)
         de_rows = []
         for gene, picture in zip(chosen, pictures[1:]):

@@ -33,9 +33,11 @@ from histcode.heads.outputs import NOT_APPLICABLE, Output, as_row, class_outputs
 from histcode.heads.smoothing import Smoothing
 from histcode.apps.cv_predictions import best_versions
 from histcode.apps.heatmaps import render_heatmaps, slide_bag
+from histcode.apps.patient_predictions import bagged_outputs, store_patient_predictions
 from histcode.ingest.run import ingest_sources
 from histcode.ingest.sources import SlideSource
 from histcode.store.catalog import INFERENCE, Catalog
+from histcode.store.patient_predictions import CURRENT_PATIENT_SQL
 from histcode.store.predictions import PREDICT, mark_stale, stale_slides, write_predictions
 from histcode.tiling.run import tile_slides
 from histcode.tracking import Tracker
@@ -53,6 +55,7 @@ class Prediction:
     tile_scores: pd.DataFrame = field(default_factory=pd.DataFrame)
     heatmaps: list[Path] = field(default_factory=list)
     views: dict[str, str] = field(default_factory=dict)  # "task@alias v<version>" -> the view id it was applied in
+    patients: pd.DataFrame = field(default_factory=pd.DataFrame)  # the predicted slides' patients' pooled rows
 
 
 def registered_heads(tracker: Tracker) -> dict[str, LoadedHead]:
@@ -66,10 +69,13 @@ def registered_heads(tracker: Tracker) -> dict[str, LoadedHead]:
 
 
 def predict_slides(ws: Workspace, cfg: HistcodeConfig, sources: list[SlideSource], heatmap_dir: Path | None = None,
-                   progress: bool = True, cohort: str | None = None) -> Prediction:
+                   progress: bool = True, cohort: str | None = None,
+                   slide_weights: dict[str, Path] | None = None) -> Prediction:
     """New slides go into the inference cohort ``cohort`` (default cohorts.predict), which training never
     reads; a slide id that is already registered in another cohort with the same pixels is predicted where it
-    is (its ``cohort`` column says so), and refused if it names other pixels."""
+    is (its ``cohort`` column says so), and refused if it names other pixels. ``slide_weights``: slide encoder
+    name -> its weight file, for heads trained on a slide encoder's view (the slides are embedded in its tile
+    view, then encoded by it; the weights must be those the view was made with)."""
     catalog, tracker = Catalog.of(ws), Tracker(ws)
     heads = registered_heads(tracker)
     views = {f"{h.task}@{'attention' if key == 'attention' else 'best'} v{h.version}": h.view_id for key, h in heads.items()}
@@ -89,18 +95,19 @@ def predict_slides(ws: Workspace, cfg: HistcodeConfig, sources: list[SlideSource
             if o.status != "ok" and o.slide_id in healthy:
                 fail(o.slide_id, f"tiling: {o.reason}")
     by_view = {h.view_id: h for h in heads.values()}
+    views_of = {view_id: load_view(catalog, view_id, cfg.features.attribute_columns) for view_id in by_view}
     for view_id, head in by_view.items():
         if not healthy:
             break
-        report = materialize(ws, cfg, encoder=head.encoder_uri.removeprefix("models:/"), slide_ids=list(healthy),
-                             progress=progress)
-        if report.view.view_id != view_id:
-            raise RuntimeError(f"{head.task} head v{head.version} was trained on view {view_id}, but its encoder "
-                               f"{head.encoder_uri} now embeds into {report.view.view_id}: the tiling spec changed since "
-                               "`histcode heads`; train the heads again on the current tiling")
-        for o in report.failed:
+        view = views_of[view_id]
+        tile_view = load_view(catalog, view.source_view_id, cfg.features.attribute_columns) if view.slide_level else view
+        for o in _embed_tiles(ws, cfg, tile_view, head, list(healthy), progress):
             if o.slide_id in healthy:
-                fail(o.slide_id, f"embedding in view {view_id}: {o.reason}")
+                fail(o.slide_id, f"embedding in view {tile_view.view_id}: {o.reason}")
+        if view.slide_level and healthy:
+            for o in _encode_slides(ws, cfg, view, head, list(healthy), slide_weights or {}):
+                if o.slide_id in healthy:
+                    fail(o.slide_id, f"slide encoding into view {view_id}: {o.reason}")
     ood = _ood_reference(ws, catalog, cfg, heads["tumor"]) if healthy else None
     tiles, pictures, stored = [], [], []
     for sid, row in healthy.items():
@@ -120,7 +127,7 @@ def predict_slides(ws: Workspace, cfg: HistcodeConfig, sources: list[SlideSource
                              f"cohort's (threshold {ood.threshold:.3f}); treat these predictions with caution")
             log.warning("%s: %s", sid, row["reason"])
         tiles += slide_tiles
-        if heatmap_dir is not None:
+        if heatmap_dir is not None and bags[heads["attention"].view_id].has_tiles:
             try:
                 pictures += render_heatmaps(ws, sid, heatmap_dir, heads=(heads["attention"], heads.get("de")),
                                             bags=bags, smoothing=Smoothing.of(cfg.heads)).pictures
@@ -129,6 +136,8 @@ def predict_slides(ws: Workspace, cfg: HistcodeConfig, sources: list[SlideSource
                 row["reason"] = "; ".join(filter(None, [row.get("reason"),
                                                         f"predicted; heatmap failed: {type(exc).__name__}: {exc}"]))
     write_predictions(catalog, pd.DataFrame(stored), current_versions(heads))
+    patients = _patient_rows(ws, catalog, heads, [sid for sid, r in healthy.items() if r["status"] == "ok"],
+                             cfg.predict.patient_pooling)
     frame = pd.DataFrame(rows)
     for col in ("p_tumor", "p_luad", "p_lusc", "ood_score", "ood_percentile", "in_distribution"):
         if col not in frame:
@@ -137,7 +146,63 @@ def predict_slides(ws: Workspace, cfg: HistcodeConfig, sources: list[SlideSource
             "ood_percentile"]
     frame = frame[lead + [c for c in frame.columns if c not in lead]]
     columns = ["slide_id", "x", "y", "size", "attention", "attention_raw"]
-    return Prediction(frame, pd.DataFrame(tiles, columns=columns), pictures, views)
+    return Prediction(frame, pd.DataFrame(tiles, columns=columns), pictures, views, patients)
+
+
+def _patient_rows(ws: Workspace, catalog: Catalog, heads: dict[str, LoadedHead], slide_ids: list[str],
+                  pooling: str) -> pd.DataFrame:
+    """Pool and store the patient-level predictions of the predicted slides' patients (with their other
+    predicted slides, ``histcode.apps.patient_predictions``); their current rows."""
+    if not slide_ids:
+        return pd.DataFrame()
+    marks = ",".join("?" * len(slide_ids))
+    patients = sorted({r["patient_id"] or r["slide_id"] for r in catalog.query(
+        f"SELECT slide_id, patient_id FROM slides WHERE slide_id IN ({marks})", slide_ids)})
+    bagged = bagged_outputs(ws, catalog, heads, patients) if pooling == "bag" else None
+    store_patient_predictions(catalog, PREDICT, pooling, current_versions(heads), patients, bagged)
+    marks = ",".join("?" * len(patients))
+    current = CURRENT_PATIENT_SQL.format(table="patient_predictions")
+    return pd.DataFrame(catalog.query(f"SELECT * FROM ({current}) WHERE source = ? AND patient_id IN ({marks}) "
+                                      "ORDER BY patient_id, task, output", [PREDICT, *patients]))
+
+
+def _embed_tiles(ws: Workspace, cfg: HistcodeConfig, view, head: LoadedHead, slide_ids: list[str], progress: bool):
+    """Embed the slides in the tile view ``view`` (a head's own, or the tile view its slide encoder read); the
+    failed outcomes. A view whose encoder HistCode cannot run (imported features) or that the current tiling no
+    longer produces is refused."""
+    if (view.method or "").startswith("imported:"):
+        raise RuntimeError(f"{head.task} head v{head.version} reads view {view.view_id}, features imported from "
+                           f"{view.model_name}: HistCode cannot embed new slides with that encoder; extract them with "
+                           "the same tool and `histcode import` them, or train the heads on a view HistCode embeds")
+    report = materialize(ws, cfg, encoder=view.encoder_uri.removeprefix("models:/"), slide_ids=slide_ids,
+                         progress=progress)
+    if report.view.view_id != view.view_id:
+        raise RuntimeError(f"{head.task} head v{head.version} was trained on view {head.view_id}, but its encoder "
+                           f"{view.encoder_uri} now embeds into {report.view.view_id} instead of {view.view_id}: the "
+                           "tiling spec changed since `histcode heads`; train the heads again on the current tiling")
+    return report.failed
+
+
+def _encode_slides(ws: Workspace, cfg: HistcodeConfig, view, head: LoadedHead, slide_ids: list[str],
+                   slide_weights: dict[str, Path]):
+    """Encode the slides into the slide encoder's view ``view`` with the weights given for it; the failed
+    outcomes. Weights that are not those the view was made with (another hash, another view) are refused."""
+    from histcode.features.registry import SLIDE_METHOD_PREFIX
+    from histcode.features.slide_embed import embed_slides
+    from histcode.ssl.slide_encoders import slide_encoder_spec
+    from histcode.ssl.weights import locate_weights
+    from histcode.wsi.files import file_sha256
+
+    encoder = view.model_name.removeprefix(SLIDE_METHOD_PREFIX)
+    weights = slide_weights.get(encoder)
+    if weights is None:
+        raise RuntimeError(f"{head.task} head v{head.version} reads view {view.view_id}, made by the slide encoder "
+                           f"{encoder}: give its weights, `histcode predict ... --slide-weights {encoder}=PATH`")
+    path = locate_weights(slide_encoder_spec(encoder), Path(weights))
+    if not view.model_version.endswith("." + file_sha256(path, 1 << 24)[:12]):  # slide_view_of: <tile view>.<sha[:12]>
+        raise RuntimeError(f"the {encoder} weights at {path} are not those view {view.view_id} was made with; give "
+                           "the weights `histcode encoders embed-slides` used for it")
+    return embed_slides(ws, cfg, encoder, path, view.source_view_id, slide_ids).failed
 
 
 def refresh_sources(catalog: Catalog, tracker: Tracker, slide_ids: list[str] | None = None) -> list[SlideSource]:
@@ -202,6 +267,8 @@ def score_slide(bags: dict[str, Bag], heads: dict[str, LoadedHead],
         row["risk_group"] = outputs["survival"][0].call
     attention_head = heads["attention"]
     bag = bags[attention_head.view_id]
+    if not bag.has_tiles:  # a slide encoder's view: one vector per slide, no tile attention
+        return row, [], outputs
     _, raw = attention_head(bag.features)
     attention = smoothing.apply(raw, bag.xy, bag.size)
     tiles = [{"slide_id": bag.slide_id, "x": int(x), "y": int(y), "size": bag.size, "attention": float(a),

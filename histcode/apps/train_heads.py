@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from histcode.apps.cv_predictions import store_cv_predictions
+from histcode.apps.cv_predictions import best_versions, store_cv_predictions
 from histcode.apps.head_runs import Promotion, prior_run, promote, read_back, register_final, set_alias, track_cv
+from histcode.apps.patient_predictions import patient_cv_metrics, store_patient_predictions
 from histcode.config import HistcodeConfig
 from histcode.features.registry import FeatureView, resolve_view, training_state
 from histcode.features.upkeep import tag_version
@@ -29,12 +30,14 @@ from histcode.heads.data import load_bags
 from histcode.heads.fit import GUIDED
 from histcode.heads.guided import TumourGuides
 from histcode.heads.masks import mask_metrics
+from histcode.heads.names import MODEL_NAMES
 from histcode.heads.smoothing import Smoothing
 from histcode.heads.select import BEST, choose, chosen_counts, select_per_fold
 from histcode.heads.survival import SurvivalRefused, km_curves, km_table
 from histcode.heads.tasks import TASKS, task_data
 from histcode.labels.run import gx_project, require_passed_gate
 from histcode.store.catalog import Catalog
+from histcode.store.predictions import CV
 from histcode.store.vectors import SLIDE_KIND, TILE_KIND, connect, open_table
 from histcode.tracking import Tracker
 from histcode.workspace import Workspace
@@ -60,11 +63,14 @@ class HeadsReport:
     cohorts: list[str] = field(default_factory=list)  # the training cohorts whose slides the heads read
     reused: list[str] = field(default_factory=list)  # "task/aggregator" keys taken from earlier runs
     refused: dict[str, str] = field(default_factory=dict)  # task of heads.tasks skipped -> why (survival refused)
+    patients: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> patient-level out-of-fold metrics
 
     def summary(self) -> dict:
         out = {"view_id": self.view.view_id, "encoder_uri": self.view.encoder_uri, "label_version": self.label_version,
                "lance_tag": self.lance_tag, "best": self.best, "fingerprint": self.fingerprint, "cohorts": self.cohorts,
-               "reused": self.reused, "refused": self.refused, "aliases": {t: {p.alias: {"version": p.version, "moved": p.moved, "reason": p.reason}
+               "reused": self.reused, "refused": self.refused,
+               "patients": {t: {k: round(v, 4) for k, v in m.items()} for t, m in self.patients.items()},
+               "aliases": {t: {p.alias: {"version": p.version, "moved": p.moved, "reason": p.reason}
                                                       for p in ps} for t, ps in self.promotions.items()},
                "runs": {}}
         for r in self.results:
@@ -148,8 +154,9 @@ def completed_heads(ws: Workspace, cfg: HistcodeConfig, summary_path: Path) -> d
         tracker = Tracker(ws)
         finished = all(tracker.client.get_run(r["run_id"]).info.status == "FINISHED" for r in summary["runs"].values())
         # heads trained before predictions were stored: a rerun reuses every run and stores them
-        stored = not cfg.heads.register_models or bool(catalog.query(
-            "SELECT 1 FROM predictions WHERE source = 'cv' AND view_id = ? LIMIT 1", [view.view_id]))
+        stored = not cfg.heads.register_models or (bool(catalog.query(
+            "SELECT 1 FROM predictions WHERE source = 'cv' AND view_id = ? LIMIT 1", [view.view_id])) and bool(
+            catalog.query("SELECT 1 FROM patient_predictions WHERE source = 'cv' LIMIT 1")))
     except Exception:  # noqa: BLE001 -- no gate, no view, a deleted run: not up to date
         return None
     if not stored:
@@ -234,7 +241,23 @@ def train_heads(ws: Workspace, cfg: HistcodeConfig, tasks: tuple[str, ...] | Non
             if not ablation:  # the ablation's versions are compared in MLflow, not shown as the cohort's predictions
                 store_cv_predictions(catalog, tracker, results, {a: r.version for a, r in registered.items()},
                                      view.view_id, task)
+    if hcfg.register_models and not ablation and report.best:
+        report.patients = _patient_level(catalog, tracker, report, cfg.predict.patient_pooling, hcfg)
     return report
+
+
+def _patient_level(catalog: Catalog, tracker: Tracker, report: HeadsReport, pooling: str, hcfg) -> dict:
+    """The patients' out-of-fold rows pooled from their slides' (``patient_predictions``, source ``cv``) and their
+    patient-level metrics, logged on each task's ``best`` run as ``patient_<metric>``."""
+    store_patient_predictions(catalog, CV, pooling, best_versions(tracker, MODEL_NAMES))
+    scored = patient_cv_metrics(catalog, bootstrap=hcfg.bootstrap, seed=hcfg.seed)
+    for task, values in scored.items():
+        run_id = report.runs.get(f"{task}/{BEST}")
+        if run_id is not None:
+            tracker.log_metrics(run_id, {f"patient_{k}": v for k, v in values.items()})
+        log.info("%s, patient level (%d patients, out of fold): AUC %.3f [%.3f, %.3f]", task, values["patients"],
+                 values["auc"], values["auc_low"], values["auc_high"])
+    return scored
 
 
 def _tumour_guides(catalog: Catalog, bags: dict, cfg) -> tuple[TumourGuides | None, ValueError | None]:

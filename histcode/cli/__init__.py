@@ -53,14 +53,12 @@ def main() -> None:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
-    except Exception as exc:  # noqa: BLE001 -- a service outage and HistCode's own errors are told in one line; anything else keeps its traceback
+    except Exception as exc:  # noqa: BLE001 -- a service outage, a fault of the machine and HistCode's own errors are told in one line; anything else keeps its traceback
         from rich.console import Console
         from rich.markup import escape
 
-        from histcode.errors import HistcodeError, service_error_of
-
-        outage = service_error_of(exc)
-        if outage is None and not isinstance(exc, HistcodeError):  # e.g. the catalog in use, an unknown view
+        told = common.told_error(exc)  # e.g. the catalog in use, an unknown view, a full disk
+        if told is None:
             raise
-        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(outage or exc))}", soft_wrap=True)
-        sys.exit(3 if outage is not None else 2)
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(told[0])}", soft_wrap=True)
+        sys.exit(told[1])

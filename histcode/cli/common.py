@@ -1,5 +1,9 @@
 """What every `histcode` command shares: the global options, the workspace and config of the invocation,
-errors, the console and table/CSV/JSON output. Command modules import this; nothing here imports them."""
+errors, the console and table/CSV/JSON output. Command modules import this; nothing here imports them.
+
+Errors reach the user as one line each (``told_error``): HistCode's own (exit 2), a shared service that does not
+answer (exit 3), a fault of the machine such as a full disk (exit 4: what happened, what was kept, how to
+recover). After a command that wrote the catalog, the catalog is backed up (``histcode.store.backup``)."""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ class State:
     """Options given before the command, carried on the click context (no module-level state)."""
 
     workspace: Optional[Path] = None
+    read_only: bool = False  # a command that must write nothing in the workspace (`histcode view`): no backup either
 
 
 def setup_logging(verbose: int) -> None:
@@ -36,6 +41,47 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
+def told_error(exc: BaseException) -> tuple[str, int] | None:
+    """(the one line a user reads, the exit status) for an error a command ended with; None for a bug, which
+    keeps its traceback. A library error that was not wrapped still says whether it was the machine's."""
+    from histcode.errors import HistcodeError, is_machine_fault, machine_fault, service_error_of
+
+    outage = service_error_of(exc)
+    if outage is not None:
+        return str(outage), 3
+    if isinstance(exc, HistcodeError):
+        return str(exc), 4 if is_machine_fault(exc) else 2
+    fault = machine_fault(exc, "running this command",
+                          "what the command committed before it is kept, nothing of the step it stopped")
+    return (str(fault), 4) if fault is not None else None
+
+
+def catalog_signature(state: State | None) -> tuple[int, int] | None:
+    """(size, mtime) of the invocation's catalog; None when there is none (or no workspace can be named)."""
+    from histcode.workspace import Workspace
+
+    try:
+        st = Workspace.resolve(state.workspace if state else None).catalog_path.stat()
+    except (OSError, ValueError):
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def backup_after(state: State, before: tuple[int, int] | None = None) -> None:
+    """The catalog copied to ``catalog.duckdb.bak`` when this command wrote it (it is no longer as it was when
+    the command started, ``before``) and it is whole; a command that only read, or must write nothing
+    (``State.read_only``), leaves no backup."""
+    from histcode.store.backup import backup_catalog
+    from histcode.workspace import Workspace
+
+    if state is None or state.read_only or catalog_signature(state) in (before, None):
+        return
+    try:
+        backup_catalog(Workspace.resolve(state.workspace).catalog_path)
+    except Exception as exc:  # noqa: BLE001 -- a backup never turns a finished command into a failed one
+        logging.getLogger(__name__).warning("no catalog backup: %s", exc)
+
+
 def main_options(
     ctx: typer.Context,
     workspace: Annotated[Optional[Path], typer.Option("--workspace", "-w", help="Workspace directory (default: $HISTCODE_HOME, else the repository root).")] = None,
@@ -45,6 +91,8 @@ def main_options(
 ) -> None:
     setup_logging(verbose)
     ctx.obj = State(workspace)
+    before = catalog_signature(ctx.obj)
+    ctx.call_on_close(lambda: backup_after(ctx.obj, before))
 
 
 def workspace_of(ctx: typer.Context):
@@ -70,6 +118,18 @@ def fail(message: str, code: int = 2) -> NoReturn:
     # escaped: a message naming an extra ('histcode[viewer]') or a list is text, not markup
     Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code)
+
+
+def named_paths(pairs: list[str] | None, option: str, example: str) -> dict[str, Path]:
+    """``NAME=PATH`` option values (``--weights``, ``--slide-weights``) as name -> path; a malformed one fails
+    naming the option and an example."""
+    out = {}
+    for pair in pairs or []:
+        name, sep, path = pair.partition("=")
+        if not sep or not name.strip() or not path:
+            fail(f"{option} takes NAME=PATH (e.g. {example}), not {pair!r}")
+        out[name.strip()] = Path(path).expanduser()
+    return out
 
 
 def terminal():

@@ -7,19 +7,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from histcode.cli.common import fail
+from histcode.cli.common import fail, named_paths
 
 STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red"}
 
 
 def _weights(pairs: list[str]) -> dict[str, Path]:
-    out = {}
-    for pair in pairs:
-        name, sep, path = pair.partition("=")
-        if not sep or not name or not path:
-            fail(f"--weights takes NAME=PATH (e.g. uni=/models/uni/pytorch_model.bin), not {pair!r}")
-        out[name.strip()] = Path(path).expanduser()
-    return out
+    return named_paths(pairs, "--weights", "uni=/models/uni/pytorch_model.bin")
 
 
 def doctor(

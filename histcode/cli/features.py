@@ -68,8 +68,11 @@ def embed(
     slide: Annotated[Optional[list[str]], typer.Option("--slide", help="Only these slide ids (repeatable).")] = None,
     tag: Annotated[Optional[str], typer.Option(help="Tag the resulting table versions (for training and --as-of).")] = None,
     report: Annotated[Optional[Path], typer.Option(help="Write a JSON summary here (default: metrics/embed.json).")] = None,
+    recheck: Annotated[bool, typer.Option("--recheck", help="Compare the vector tables with the catalog's ledger slide by slide (not only their totals) and embed again what they lack.")] = False,
 ) -> None:
-    """Materialise the feature view of an encoder: tile and slide vectors into LanceDB. Exits 1 if a slide failed."""
+    """Materialise the feature view of an encoder: tile and slide vectors into LanceDB. Slides the ledger records
+    but the tables lack (a deleted table, a restored older copy) are named and embedded again. Exits 1 if a
+    slide failed."""
     from histcode.features.embed import materialize
     from histcode.features.registry import ViewError
     from histcode.reports import embed_summary
@@ -84,10 +87,10 @@ def embed(
     ws = workspace_of(ctx)
     cfg = config_of(ws)
     try:
-        result = materialize(ws, cfg, encoder=encoder, slide_ids=slide, tag=tag)
+        result = materialize(ws, cfg, encoder=encoder, slide_ids=slide, tag=tag, recheck=recheck)
     except (ViewError, NoTilesError, CatalogError, VectorStoreError) as exc:
         fail(str(exc))
-    terminal().print(embed_table(result))
+    terminal().print(embed_table(result))  # disagreements with the ledger, and their repair, are logged as warnings
     write_json(report or ws.metrics_dir / "embed.json", embed_summary(result))
     if result.failed:
         raise typer.Exit(1)
@@ -109,6 +112,7 @@ def sql(
     from histcode.errors import UsageError
     from histcode.store.catalog import CatalogError
     from histcode.store.sql import QueryError, SqlLimits, run_sql
+    from histcode.store.vectors import VectorStoreError
     from histcode.views import arrow_table
 
     ws = workspace_of(ctx)
@@ -121,8 +125,8 @@ def sql(
         default = _view_or_note(ws, view)
     try:
         result = run_sql(ws, query, default.view_id if default else None, limits)
-    except (QueryError, CatalogError) as exc:  # QueryError: DuckDB's own (syntax, unknown column), refusals, limits
-        fail(str(exc))
+    except (QueryError, CatalogError, VectorStoreError) as exc:  # QueryError: DuckDB's own (syntax, unknown
+        fail(str(exc))  # column), refusals, limits; VectorStoreError: a table the ledger needs is missing or short
     print_frame(result, output, limit, lambda t, n: arrow_table(t, n, wide))
 
 

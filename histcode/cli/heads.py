@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from histcode.cli.common import config_of, fail, slide_sources, terminal, workspace_of
+from histcode.cli.common import config_of, fail, named_paths, slide_sources, terminal, workspace_of
 
 
 def heads(
@@ -52,6 +52,9 @@ def heads(
                           f"{r.get('c_index_ci_high', float('nan')):.2f}], time-dependent AUC {aucs or '-'}, "
                           f"log-rank p {r.get('logrank_p', float('nan')):.3g} (high {r.get('n_high', 0):.0f} vs low "
                           f"{r.get('n_low', 0):.0f} patients)")
+    for task, m in summary.get("patients", {}).items():
+        console.print(f"{task}, per patient (out of fold, {m['patients']:.0f} patients): AUC {m['auc']:.3f} "
+                      f"[{m['auc_low']:.2f}, {m['auc_high']:.2f}], accuracy {m['accuracy']:.3f}")
     for task, why in summary.get("refused", {}).items():
         console.print(f"[yellow]{task} skipped[/]: {why}")
     for task, aliases in summary["aliases"].items():
@@ -96,14 +99,17 @@ def predict(
     mpp: Annotated[Optional[float], typer.Option(help="Microns per pixel for slides without a usable scale.")] = None,
     heatmaps: Annotated[Optional[Path], typer.Option(help="Also draw heatmaps into this folder.")] = None,
     tile_scores: Annotated[Optional[Path], typer.Option("--tile-scores", help="CSV of tile attention: slide_id, x, y, size, attention.")] = None,
+    patients: Annotated[Optional[Path], typer.Option("--patients", help="CSV of the predicted slides' patients' pooled predictions (predict.patient_pooling), one row per patient and output.")] = None,
     cohort: Annotated[Optional[str], typer.Option(help="Inference cohort for the new slides (default: cohorts.predict); never trained on.")] = None,
     refresh: Annotated[bool, typer.Option("--refresh", help="Predict again the registered slides whose stored predictions are stale (a newer head version is @best) or missing (inference cohorts); with --slide, those slides.")] = False,
     slide: Annotated[Optional[list[str]], typer.Option("--slide", help="With --refresh: this registered slide (repeatable).")] = None,
+    slide_weights: Annotated[Optional[list[str]], typer.Option("--slide-weights", help="NAME=PATH: a slide encoder's weight file, for heads trained on its view (repeatable).")] = None,
 ) -> None:
     """Ingest, tile and embed new slides into an inference cohort, then apply the registered heads and store the
     predictions in the catalog (table ``predictions``) and the CSV. Exits 1 if any slide failed."""
     from histcode.heads.apply import HeadNotFound
     from histcode.apps.predict import predict_slides, refresh_sources
+    from histcode.ssl.encoders import EncoderError
     from histcode.store.catalog import Catalog
     from histcode.tracking import Tracker, telemetry_off
 
@@ -124,20 +130,29 @@ def predict(
             return
     else:
         sources = slide_sources(paths, manifest, mpp, cfg.ingest.extensions)
+    weights = named_paths(slide_weights, "--slide-weights", "chief=/weights/CHIEF_pretraining.pth")
     try:
-        result = predict_slides(ws, cfg, sources, heatmaps, cohort=cohort)
-    except (HeadNotFound, RuntimeError) as exc:
+        result = predict_slides(ws, cfg, sources, heatmaps, cohort=cohort, slide_weights=weights)
+    except (HeadNotFound, RuntimeError, EncoderError) as exc:
         fail(str(exc))
     out.parent.mkdir(parents=True, exist_ok=True)
     result.predictions.to_csv(out, index=False)
     if tile_scores:
         result.tile_scores.to_csv(tile_scores, index=False)
+    if patients:
+        patients.parent.mkdir(parents=True, exist_ok=True)
+        result.patients.to_csv(patients, index=False)
     failed = result.predictions[result.predictions.status != "ok"]
     console = terminal()
     for head, view in result.views.items():
         console.print(f"{head}: view {view}")
     console.print(f"{len(result.predictions) - len(failed)} slides predicted, {len(failed)} failed -> {out} and the "
                   "catalog: histcode sql \"SELECT * FROM current_predictions\"")
+    if len(result.patients):
+        pooled = result.patients.groupby("patient_id").n_slides.max()
+        several = int((pooled > 1).sum())
+        console.print(f"{len(pooled)} patients predicted ({several} over several slides, pooling "
+                      f"{cfg.predict.patient_pooling}): histcode sql \"SELECT * FROM current_patient_predictions\"")
     outside = result.predictions[result.predictions.in_distribution == False]  # noqa: E712 -- NaN for failed rows
     for row in outside.itertuples():
         console.print(f"  [yellow]{row.slide_id}[/]: {row.reason}")

@@ -63,6 +63,8 @@ def labels_ingest(
         console.print(f"  [yellow]excluded[/] {gene}: {reason}")
     for sample, problem in result.problems.items():
         console.print(f"  [red]sample[/] {sample}: {problem}")
+    for slide, why in result.unlabelled.items():
+        console.print(f"  [yellow]slide[/] {slide}: {why}")
     if result.dropped:
         console.print(f"  [yellow]{len(result.dropped)} samples left out[/] (labels.unmatched = drop; reasons in the "
                       "report), e.g. " + "; ".join(f"{k}: {v}" for k, v in list(result.dropped.items())[:3]))

@@ -4,7 +4,7 @@ everything they started on Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -96,11 +96,30 @@ def mlflow_ui(
 def view(
     ctx: typer.Context,
     port: Annotated[int, typer.Option(help="Port of the viewer.")] = 8765,
-    host: Annotated[str, typer.Option(help="Interface to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Interface to listen on (127.0.0.1: this machine only; another needs "
+                                           "--public).")] = "127.0.0.1",
+    public: Annotated[bool, typer.Option("--public", help="Allow a --host the network can reach; a token is then "
+                                                          "required (made and printed unless --token or --auth-header "
+                                                          "is given).")] = False,
+    token: Annotated[Optional[str], typer.Option(envvar="HISTCODE_VIEW_TOKEN", show_envvar=True,
+                                                 help="The token every request must carry (?token=..., its cookie, "
+                                                      "or Authorization: Bearer); 16+ URL-safe characters.")] = None,
+    auth_header: Annotated[Optional[str], typer.Option(help="Trust this request header, set by an authenticating "
+                                                            "reverse proxy (e.g. X-Forwarded-User), instead of a "
+                                                            "token.")] = None,
+    allowed_host: Annotated[Optional[list[str]], typer.Option("--allowed-host", help="Also answer requests naming "
+                                                              "this Host (repeatable; *.example.org: its subdomains)."
+                                                              )] = None,
 ) -> None:
     """The slide viewer in the browser: the cohort with the heads' predictions, each slide in deep zoom with its
     attention, gene scores, ground truth and tile grid as overlays, and similar tiles and slides a click away.
-    Read-only over the workspace."""
+    Read-only over the workspace (nothing in it is written, a read-only workspace included).
+
+    It answers on 127.0.0.1 for requests naming a loopback host (or --allowed-host). A --host the network can
+    reach is refused without --public, which then requires a token or a proxy's --auth-header."""
+    import re
+    import secrets
+
     from histcode.errors import MissingExtra, require
 
     try:
@@ -111,18 +130,65 @@ def view(
         fail(str(exc))
     from histcode.tracking import telemetry_off
     from histcode.viewer import create_app
+    from histcode.viewer.access import LOOPBACK_HOSTS, Access, is_loopback
+    from histcode.workspace import Workspace
 
     telemetry_off()
-    ws = workspace_of(ctx)
+    if ctx.obj is not None:
+        ctx.obj.read_only = True  # no catalog backup after it either (common.backup_after)
+    ws = Workspace.resolve(ctx.obj.workspace if ctx.obj else None)  # not ensure()d: the viewer creates nothing
     if not ws.catalog_path.exists():
         fail(f"no catalog in {ws.root}: run `histcode demo` or `histcode ingest` first")
+    local = is_loopback(host)
+    if not local and not public:
+        fail(f"--host {host} is not a loopback address: the cohort (patient ids, predictions, slides) would be open "
+             "to the network. Add --public to share it; a token is then required (made and printed, or --token), or "
+             "--auth-header NAME behind a reverse proxy that authenticates")
+    if token is not None and not re.fullmatch(r"[A-Za-z0-9._~-]{16,256}", token):
+        fail("--token (or $HISTCODE_VIEW_TOKEN) must be 16 to 256 URL-safe characters (letters, digits, . _ ~ -)")
+    if auth_header is not None and not re.fullmatch(r"[A-Za-z0-9-]{1,64}", auth_header):
+        fail(f"--auth-header {auth_header!r} is not a header name (letters, digits and -)")
+    made = False
+    if public and token is None and auth_header is None:
+        token, made = secrets.token_urlsafe(24), True
+    wildcard = host.strip("[]") in ("0.0.0.0", "::", "")
+    machine = _machine_names() if not local else []
+    hosts = [*LOOPBACK_HOSTS, *([] if local or wildcard else [host]), *machine, *(allowed_host or [])]
+    access = Access(tuple(hosts), token=token, auth_header=auth_header, cookie=f"histcode-viewer-token-{port}")
+    shown = machine[0] if wildcard and machine else host.strip("[]")
+    shown = f"[{shown}]" if ":" in shown else shown
     console = terminal()
-    console.print(f"HistCode viewer over {ws.root} on http://{host}:{port}/", soft_wrap=True)
-    if host in ("127.0.0.1", "localhost", "::1"):
-        console.print(f"bound to {host}: reachable from this machine only (--host 0.0.0.0 to share it on the network)")
+    console.print(f"HistCode viewer over {ws.root} on http://{shown}:{port}/", soft_wrap=True)
+    if local:
+        console.print(f"bound to {host}: reachable from this machine only")
     else:
-        console.print(f"bound to {host}: anyone who can reach this machine on port {port} can see the slides")
-    uvicorn.run(create_app(ws), host=host, port=port, log_level="warning")
+        console.print(f"bound to {host}: reachable from the network on port {port} (--public); TLS is left to a "
+                      "proxy in front")
+    console.print(f"answers requests for host {', '.join(access.allowed_hosts)} (--allowed-host NAME for another)",
+                  soft_wrap=True)
+    if token:
+        console.print(f"token required{' (made for this run)' if made else ''}: open "
+                      f"http://{shown}:{port}/?token={token}", soft_wrap=True, highlight=False)
+    if auth_header:
+        console.print(f"trusting the {auth_header} header of an authenticating proxy: let only the proxy reach port "
+                      f"{port}, and have it drop that header from what clients send", soft_wrap=True)
+    if not token and not auth_header:
+        console.print("no token: anyone who can open a page on this machine can read the cohort")
+    uvicorn.run(create_app(ws, access=access), host=host.strip("[]"), port=port, log_level="warning")
+
+
+def _machine_names() -> list[str]:
+    """This machine's name and the addresses it resolves to (for a viewer bound to every interface)."""
+    import socket
+
+    names = []
+    try:
+        name = socket.gethostname().lower()
+        names.append(name)
+        names.extend(sorted({info[4][0] for info in socket.getaddrinfo(name, None)}))
+    except OSError:
+        pass
+    return [n for n in dict.fromkeys(names) if n and n not in ("127.0.0.1", "::1", "localhost")]
 
 
 COMMANDS = (

@@ -180,3 +180,7 @@ class PredictConfig(_Section):
     """`histcode predict`: how new slides are scored."""
 
     ood: OODConfig = OODConfig()
+    # how a patient's slides make its patient-level prediction (histcode.heads.patients): the mean or the maximum
+    # of the slides' outputs, or one bag of all their tiles through the head; also used for the out-of-fold
+    # patient rows of `histcode heads` (where `bag` pools by the mean: the fold models are not kept)
+    patient_pooling: Literal["mean", "max", "bag"] = "mean"

@@ -1,8 +1,9 @@
 """The stores a workspace uses and the services a lab's environment points it at, checked without writing.
 
 - the DuckDB catalog: opened read-only straight through DuckDB (``Catalog.connect`` would upgrade an older
-  schema, which is a write); a file DuckDB cannot open (truncated, not a database) or a schema newer than this
-  HistCode is a failure, one held by a writer a warning;
+  schema, which is a write); a file DuckDB cannot open or that is shorter than its blocks (truncated, not a
+  database) or a schema newer than this HistCode is a failure, whose fix names the backup
+  (``catalog.duckdb.bak``) when there is one; one held by a writer is a warning;
 - the vector tables (LanceDB, local or on S3): every view the catalog calls materialised has its tile and slide
   tables, and a tile table holds the rows the ledger says it does;
 - the MLflow tracking store: a server answers ``/health``; a local SQLite store is opened with a plain client
@@ -68,9 +69,9 @@ def catalog_checks(ws: Workspace) -> tuple[list[Finding], list[dict], list[dict]
         if "lock" in str(exc).lower():
             return [Finding(AREA, item, WARN, f"in use by a writing process ({str(exc).splitlines()[0][:200]})",
                             "run doctor again when the running command has finished")], [], []
-        return [_damaged(item, exc)], [], []
+        return [_damaged(item, exc, path)], [], []
     except duckdb.Error as exc:
-        return [_damaged(item, exc)], [], []
+        return [_damaged(item, exc, path)], [], []
     try:
         tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
         if "meta" not in tables:
@@ -87,9 +88,13 @@ def catalog_checks(ws: Workspace) -> tuple[list[Finding], list[dict], list[dict]
             "SELECT view_id, count(*), sum(rows) FROM materializations WHERE status = 'ok' GROUP BY view_id").fetchall()]
             if "materializations" in tables else [])
     except duckdb.Error as exc:
-        return [_damaged(item, exc)], [], []
+        return [_damaged(item, exc, path)], [], []
     finally:
         con.close()
+    from histcode.store.backup import whole
+
+    if not whole(path):  # opens, but shorter than its blocks: a truncated copy fails only where it is read
+        return [_damaged(item, "the file is shorter than the blocks it records (truncated)", path)], [], []
     findings = []
     if version > SCHEMA_VERSION:
         findings.append(Finding(AREA, item, FAIL, f"schema version {version} is newer than this HistCode's "
@@ -102,10 +107,12 @@ def catalog_checks(ws: Workspace) -> tuple[list[Finding], list[dict], list[dict]
     return findings, views, ledger
 
 
-def _damaged(item: str, exc: BaseException) -> Finding:
+def _damaged(item: str, exc: BaseException | str, path) -> Finding:
+    """A catalog DuckDB cannot read; the fix names its backup (``histcode.store.backup``) when there is one."""
+    from histcode.store.backup import restore_hint
+
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-    return Finding(AREA, item, FAIL, f"cannot be opened: {first}",
-                   "restore it from your backup or DVC (`dvc checkout`), or ingest again into a new workspace")
+    return Finding(AREA, item, FAIL, f"cannot be opened: {first}", restore_hint(path))
 
 
 def vector_checks(ws: Workspace, views: list[dict], ledger: list[dict]) -> list[Finding]:

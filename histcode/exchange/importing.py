@@ -34,6 +34,7 @@ from histcode.features.registry import (
     FeatureView,
     done_slides,
     record_materializations,
+    record_table_versions,
     register_view,
     set_view_status,
 )
@@ -183,7 +184,7 @@ class ImportWriter:
             files.append({"slide_id": p.slide_id, "source": str(p.source), "sha256": p.sha256, "n_tiles": n})
             self.report.outcomes.append(ImportOutcome(p.source.name, p.slide_id, IMPORTED, n))
             self.written += n
-        record_materializations(self.catalog, view.view_id, ledger)
+        record_materializations(self.catalog, view.view_id, ledger, self.tables)
         record_imported(self.catalog, view.view_id, self.report.tool, files)
 
     def _tile_ids(self, p: SlidePatches) -> list[str]:
@@ -297,6 +298,7 @@ def import_features(ws: Workspace, cfg: HistcodeConfig, tool: str, folder: Path,
     if report.view is not None and writer.view is not None:
         set_view_status(catalog, report.view.view_id, "ok" if not report.failed else "partial")
         report.maintenance = maintain_tables(writer.tables, cfg.features, changed=writer.written > 0, tag=None)
+        record_table_versions(catalog, report.view.view_id, writer.tables)  # compacted: the same rows
         report.versions = {kind: t.version for kind, t in writer.tables.items()}
     report.outcomes.sort(key=lambda o: o.file)
     log.info("import %s %s: %d imported, %d skipped, %d failed (view %s)", tool, folder, report.count(IMPORTED),

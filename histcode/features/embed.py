@@ -13,8 +13,15 @@ commit per table per batch of slides, never per tile. Fanned out (``plan_view`` 
 and touches neither Lance nor the catalog; the coordinator commits the staged slides through the same writer
 (``ViewWriter``) and alone writes the ledger. The Lance commit comes first
 and the ledger row second: a process killed in between leaves rows that the rerun rewrites in place (upserts on
-the id), so a kill at any point followed by a rerun ends with exactly one row per tile. A slide whose tiles
-cannot be read is marked failed with the reason; the others go on.
+the id), so a kill at any point followed by a rerun ends with exactly one row per tile. The ledger's commit also
+records the tables' versions, which SQL and search read (``histcode.store.agreement``): what a step wrote before
+its ledger commit failed stays unseen. A slide whose tiles cannot be read is marked failed with the reason; the
+others go on. A fault of the machine (a full disk, a failing device, no file handles or memory left) is no
+slide's: the command stops with a ``MachineFault`` saying so, what was kept, and that a plain rerun carries on.
+
+Before any work the view's tables are checked against the ledger (``plan_view``): a table that is missing, or
+holds fewer rows than the ledger records, has the slides it lost embedded again and the disagreement reported;
+``recheck`` compares rows per slide even when the totals agree.
 """
 
 from __future__ import annotations
@@ -32,11 +39,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from histcode.config import FeaturesConfig, HistcodeConfig
+from histcode.errors import NOT_ATTEMPTED, MachineFault, machine_errno, machine_faults_told
 from histcode.features.registry import (
     FeatureView,
     describe_view,
     done_slides,
     record_materializations,
+    record_table_versions,
     register_view,
     resolve_encoder,
     set_view_status,
@@ -45,9 +54,10 @@ from histcode.features.upkeep import maintain_tables
 from histcode.ssl.dataset import TileDataset, dataset_from_catalog
 from histcode.ssl.stain_norm import normalise_dataset, parse as parse_stain_norm
 
+from histcode.store.agreement import catalog_state, check_table, forget_versions
 from histcode.store.catalog import Catalog
 from histcode.store.records import utcnow
-from histcode.store.vectors import SLIDE_KIND, TILE_KIND, connect, open_table, to_batch, upsert_slides
+from histcode.store.vectors import SLIDE_KIND, TILE_KIND, connect, open_table, table_names, to_batch, upsert_slides
 from histcode.tiling.spec import spec_id_of
 from histcode.tracking import Tracker
 from histcode.workspace import Workspace
@@ -74,6 +84,7 @@ class EmbedReport:
     versions: dict[str, int] = field(default_factory=dict)  # Lance table versions after this run
     maintenance: list[str] = field(default_factory=list)  # compaction / index / tag notes
     workers: int = 1  # processes the slides were embedded in
+    repairs: list[str] = field(default_factory=list)  # disagreements of the tables with the ledger, and what was done
 
     @property
     def failed(self) -> list[EmbedOutcome]:
@@ -159,14 +170,41 @@ class ViewPlan:
                                     slide_ids=self.todo if slide_ids is None else slide_ids, field=field)
 
     def tables(self) -> dict:
+        """The view's tables, opened or made; a table made anew forgets the version recorded for its name."""
         db = connect(self.ws.lancedb_uri)
-        return {kind: open_table(db, self.view.table(kind)) for kind in (TILE_KIND, SLIDE_KIND)}
+        specs = {kind: self.view.table(kind) for kind in (TILE_KIND, SLIDE_KIND)}
+        new = [spec.name for spec in specs.values() if spec.name not in set(table_names(db))]
+        tables = {kind: open_table(db, spec) for kind, spec in specs.items()}
+        if new:
+            with Catalog.of(self.ws).transaction() as con:
+                forget_versions(con, new)
+        return tables
+
+
+def check_against_ledger(ws: Workspace, view: FeatureView, full: bool = False) -> list:
+    """The view's disagreements with the ledger (``histcode.store.agreement.Disagreement``), its tables read at
+    their latest version (the one a writer writes on)."""
+    ledger, pinned = catalog_state(Catalog.of(ws))
+    ledger = ledger.get(view.view_id, {})
+    if not ledger:
+        return []
+    db = connect(ws.lancedb_uri)
+    found = []
+    for kind in (TILE_KIND, SLIDE_KIND):
+        name = view.table(kind).name
+        dataset, problem = check_table(db, view.view_id, kind, name, ledger, full=full)
+        if problem is None and dataset is not None and pinned.get(name, 0) > dataset.version:
+            _, problem = check_table(db, view.view_id, kind, name, ledger, full=True)  # older than the record
+        if problem is not None:
+            found.append(problem)
+    return found
 
 
 def plan_view(ws: Workspace, cfg: HistcodeConfig, encoder: str | None = None,
-              slide_ids: list[str] | None = None) -> ViewPlan:
+              slide_ids: list[str] | None = None, recheck: bool = False) -> ViewPlan:
     """Register the view of ``encoder`` (default features.encoder) and find the slides it lacks: tiled under the
-    current spec, not yet materialised with their current content."""
+    current spec, not yet materialised with their current content, or materialised in the ledger but missing
+    from the tables (``check_against_ledger``; ``recheck``: rows per slide compared too)."""
     fcfg = cfg.features
     catalog, tracker = Catalog.of(ws), Tracker(ws)
     spec_id = spec_id_of(cfg.tiling)
@@ -180,6 +218,16 @@ def plan_view(ws: Workspace, cfg: HistcodeConfig, encoder: str | None = None,
                             for s in missing]
         slides = {k: v for k, v in slides.items() if k in set(slide_ids)}
     done = done_slides(catalog, view.view_id)
+    for problem in check_against_ledger(ws, view, full=recheck):
+        lost = [sid for sid in problem.slides if sid in done]
+        again = [sid for sid in lost if sid in slides]
+        note = f"{problem}: {'embedding ' + str(len(again)) + ' slides again' if again else 'none of them to embed here'}"
+        if len(again) < len(lost):
+            note += f" ({len(lost) - len(again)} are not tiled under spec {spec_id} now, or not asked for)"
+        log.warning("%s", note)
+        report.repairs.append(note)
+        for sid in again:
+            done.pop(sid, None)
     todo = [sid for sid, s in slides.items() if done.get(sid) != s["content_hash"]]
     report.outcomes += [EmbedOutcome(sid, "skipped") for sid in slides if sid not in todo]
     log.info("view %s (%s, spec %s): %d slides to embed, %d done", view.view_id, view.encoder_uri, spec_id,
@@ -189,26 +237,32 @@ def plan_view(ws: Workspace, cfg: HistcodeConfig, encoder: str | None = None,
 
 def finish_view(plan: ViewPlan, tables: dict, changed: bool, tag: str | None) -> EmbedReport:
     report = plan.report
-    set_view_status(Catalog.of(plan.ws), plan.view.view_id, "ok" if not report.failed else "partial")
-    report.maintenance = maintain_tables(tables, plan.cfg.features, changed=changed, tag=tag)
+    catalog = Catalog.of(plan.ws)
+    set_view_status(catalog, plan.view.view_id, "ok" if not report.failed else "partial")
+    with machine_faults_told(f"compacting and indexing the tables of view {plan.view.view_id}",
+                             "every slide embedded is committed; the tables are kept as they were"):
+        report.maintenance = maintain_tables(tables, plan.cfg.features, changed=changed, tag=tag)
+    record_table_versions(catalog, plan.view.view_id, tables)  # compacted and indexed: the same rows, read faster
     report.versions = {kind: t.version for kind, t in tables.items()}
     report.outcomes.sort(key=lambda o: o.slide_id)
     return report
 
 
 def materialize(ws: Workspace, cfg: HistcodeConfig, encoder: str | None = None, slide_ids: list[str] | None = None,
-                tag: str | None = None, progress: bool = True) -> EmbedReport:
-    """Embed, in this process, every slide the view lacks; write and record them as they finish."""
-    plan = plan_view(ws, cfg, encoder, slide_ids)
+                tag: str | None = None, progress: bool = True, recheck: bool = False) -> EmbedReport:
+    """Embed, in this process, every slide the view lacks; write and record them as they finish. ``recheck``:
+    compare the tables with the ledger slide by slide first (``plan_view``)."""
+    plan = plan_view(ws, cfg, encoder, slide_ids, recheck)
     tables = plan.tables()
     if plan.todo:
         writer = ViewWriter(plan, tables)
         clock: dict[str, float] = {}  # throughput counts reading, embedding and writing, not loading the model
         try:
-            for slide in embed_slides(Tracker(ws), plan.view, cfg.features, plan.dataset(), progress,
-                                      on_start=lambda: clock.setdefault("start", time.perf_counter())):
-                writer.add(slide)
-            writer.flush()
+            with machine_faults_told(f"embedding the tiles of view {plan.view.view_id}", writer.kept):
+                for slide in embed_slides(Tracker(ws), plan.view, cfg.features, plan.dataset(), progress,
+                                          on_start=lambda: clock.setdefault("start", time.perf_counter())):
+                    writer.add(slide)
+                writer.flush()
         finally:
             plan.report.seconds = time.perf_counter() - clock.get("start", time.perf_counter())
     return finish_view(plan, tables, changed=bool(plan.todo), tag=tag)
@@ -281,31 +335,58 @@ class ViewWriter:
         if len(self.pending) >= self.plan.cfg.features.commit_every_slides:
             self.flush()
 
+    def kept(self) -> str:
+        """What a run stopped by the machine keeps, for its message."""
+        n = self.plan.report.count("embedded")
+        return (f"the {n} slides committed before it are kept, the rest were not attempted" if n else
+                "nothing was committed") + "; SQL and search read the view as of its last complete commit"
+
     def flush(self) -> None:
         if not self.pending:
             return
         plan, view, report = self.plan, self.plan.view, self.plan.report
-        ledger = []
+        ledger, kept = [], self.kept()  # what a fault in this flush keeps: the slides committed before it
+        # a tile the machine could not read (a failing disk, no file handles) is no fault of the slide: not attempted
+        stopped = next((s for s in self.pending if s.error is not None and machine_errno(s.error) is not None), None)
         good = [s for s in self.pending if s.error is None]
-        for s in self.pending:
-            if s.error is not None:
-                log.warning("%s: not embedded: %s", s.slide_id, s.error)
-                report.outcomes.append(EmbedOutcome(s.slide_id, "failed", reason=s.error))
-                ledger.append({"slide_id": s.slide_id, "content_hash": plan.slides[s.slide_id]["content_hash"],
-                               "rows": 0, "status": "failed", "error": s.error, "started_at": self.started})
-        if good:
-            tile_version = self._write(good)
-            failpoint("embed.committed")  # vectors written, ledger not yet: a rerun rewrites them in place
+        failed = [s for s in self.pending if s.error is not None and machine_errno(s.error) is None]
+        for s in failed:
+            log.warning("%s: not embedded: %s", s.slide_id, s.error)
+            report.outcomes.append(EmbedOutcome(s.slide_id, "failed", reason=s.error))
+            ledger.append({"slide_id": s.slide_id, "content_hash": plan.slides[s.slide_id]["content_hash"],
+                           "rows": 0, "status": "failed", "error": s.error, "started_at": self.started})
+        if good or failed:
+            with machine_faults_told(f"writing the vectors of {len(good)} slides to view {view.view_id}", kept):
+                tile_version = self._write(good, [s.slide_id for s in failed])
+                failpoint("embed.committed")  # vectors written, ledger not yet: a rerun rewrites them in place
             for s in good:
                 n = len(s.tile_ids)
                 report.outcomes.append(EmbedOutcome(s.slide_id, "embedded", n))
                 report.tiles_embedded += n
                 ledger.append({"slide_id": s.slide_id, "content_hash": plan.slides[s.slide_id]["content_hash"],
                                "rows": n, "status": "ok", "lance_version": tile_version, "started_at": self.started})
-        record_materializations(Catalog.of(plan.ws), view.view_id, ledger)
+        with machine_faults_told(f"recording the ledger of view {view.view_id}", kept):
+            record_materializations(Catalog.of(plan.ws), view.view_id, ledger, self.tables)
         self.pending = []
+        if stopped is not None:
+            report.outcomes.append(EmbedOutcome(stopped.slide_id, NOT_ATTEMPTED, reason=stopped.error))
+            raise MachineFault(machine_errno(stopped.error), f"reading the tiles of slide {stopped.slide_id}",
+                               self.kept(), stopped.error.splitlines()[0][:200])
 
-    def _write(self, good: list[SlideVectors]) -> int:
+    def _write(self, good: list[SlideVectors], failed: list[str]) -> int:
+        """Write the good slides' vectors, and remove any rows the failed slides have (left by a step whose ledger
+        commit never happened); returns the tile table's version."""
+        tiles, slides = self.plan.view.table(TILE_KIND), self.plan.view.table(SLIDE_KIND)
+        tile_batch, slide_batch = self._batches(good) if good else (tiles.schema().empty_table(),
+                                                                    slides.schema().empty_table())
+        sids = [s.slide_id for s in good] + failed
+        version = upsert_slides(self.tables[TILE_KIND], tiles, tile_batch, sids)
+        failpoint("embed.tiles_written")  # the tile table written, the slide table not yet
+        upsert_slides(self.tables[SLIDE_KIND], slides, slide_batch, sids)
+        return version
+
+    def _batches(self, good: list[SlideVectors]):
+        """The tile and slide rows of ``good`` as batches of the view's tables."""
         view = self.plan.view
         tile_cols: dict[str, list] = {k: [] for k in ("tile_id", "slide_id", "patient_id", "x", "y", "size")}
         slide_cols: dict[str, list] = {k: [] for k in ("slide_id", "patient_id", "n_tiles")}
@@ -329,8 +410,5 @@ class ViewWriter:
             slide_cols["n_tiles"].append(n)
         tile_cols["vector"] = np.concatenate([s.vectors for s in good])
         slide_cols["vector"] = np.stack([s.vectors.mean(axis=0) for s in good])
-        sids = [s.slide_id for s in good]
         tiles, slides = view.table(TILE_KIND), view.table(SLIDE_KIND)
-        version = upsert_slides(self.tables[TILE_KIND], tiles, to_batch(tiles, {**tile_cols, **tile_attrs}), sids)
-        upsert_slides(self.tables[SLIDE_KIND], slides, to_batch(slides, {**slide_cols, **attrs}), sids)
-        return version
+        return to_batch(tiles, {**tile_cols, **tile_attrs}), to_batch(slides, {**slide_cols, **attrs})

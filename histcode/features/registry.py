@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from histcode.config import stable_hash
 from histcode.errors import HistcodeError
+from histcode.store.agreement import catalog_state, committed_dataset, record_versions
 from histcode.store.catalog import Catalog
 from histcode.store.records import utcnow
 from histcode.store.vectors import SLIDE_KIND, TILE_KIND, TableSpec
@@ -210,10 +211,13 @@ def done_slides(catalog: Catalog, view_id: str) -> dict[str, str]:
     return {r["slide_id"]: r["content_hash"] for r in rows}
 
 
-def record_materializations(catalog: Catalog, view_id: str, rows: list[dict]) -> None:
-    """Ledger rows (slide_id, content_hash, rows, status, error, lance_version, started_at) in one transaction."""
+def record_materializations(catalog: Catalog, view_id: str, rows: list[dict], tables: dict | None = None) -> None:
+    """Ledger rows (slide_id, content_hash, rows, status, error, lance_version, started_at) in one transaction,
+    with the versions of the view's ``tables`` ({kind: Lance table}) just written: what SQL and search read
+    (``histcode.store.agreement``)."""
     now = utcnow()
     with catalog.transaction() as con:
+        record_versions(con, view_id, tables or {})
         for r in rows:
             con.execute("DELETE FROM materializations WHERE view_id = ? AND slide_id = ?", [view_id, r["slide_id"]])
             con.execute(
@@ -221,6 +225,25 @@ def record_materializations(catalog: Catalog, view_id: str, rows: list[dict]) ->
                 [view_id, r["slide_id"], r["content_hash"], r["rows"], r["status"], r.get("error"),
                  r.get("lance_version"), r.get("started_at", now), now],
             )
+
+
+def committed_version(catalog: Catalog, uri: str, view: FeatureView, kind: str) -> int | None:
+    """The version of the view's ``kind`` table as of its last ledger commit, which readers read, checked against
+    the ledger: StoresDisagree naming what is wrong when the table is missing or short; None when no version is
+    recorded (a catalog from before they were, or nothing materialised: read the latest)."""
+    from histcode.store.vectors import connect
+
+    ledger, pinned = catalog_state(catalog)
+    name = view.table(kind).name
+    dataset = committed_dataset(connect(uri), view.view_id, kind, name, ledger.get(view.view_id, {}), pinned.get(name))
+    return None if dataset is None or name not in pinned else dataset.version
+
+
+def record_table_versions(catalog: Catalog, view_id: str, tables: dict) -> None:
+    """Move the versions readers read to the tables' current ones, after a step that changed no row the ledger
+    records (compaction, new indices)."""
+    with catalog.transaction() as con:
+        record_versions(con, view_id, tables)
 
 
 def load_encoder(workspace, ref: str):

@@ -30,7 +30,7 @@ import pyarrow as pa
 from histcode.config import FeaturesConfig
 from histcode.errors import HistcodeError
 from histcode.features.read import view_table
-from histcode.features.registry import FeatureView
+from histcode.features.registry import FeatureView, committed_version
 from histcode.features.retrieval import (
     Centring,
     centre_of,
@@ -39,6 +39,7 @@ from histcode.features.retrieval import (
     replace_vectors,
 )
 from histcode.features.upkeep import vector_index_type
+from histcode.store.catalog import Catalog
 from histcode.store.vectors import SLIDE_KIND, TILE_KIND, quote_literal
 from histcode.tracking import Tracker
 from histcode.workspace import Workspace
@@ -121,6 +122,8 @@ def search(ws: Workspace, view: FeatureView, cfg: FeaturesConfig, *, slide_id: s
                           f"{view.model_name.removeprefix('slide:')} only: search it by slide (--slide); tiles and "
                           f"images are searched in its tile view {view.source_view_id}")
     kind = SLIDE_KIND if slide_id is not None else TILE_KIND
+    if as_of is None:  # as of the last ledger commit: never the half of a write that did not complete
+        as_of = committed_version(Catalog.of(ws), ws.lancedb_uri, view, kind)
     table = view_table(ws, view, kind, as_of)
     if slide_id is not None:
         return nearest_slides(table, slide_id, k, where, centring, view, slide_vectors)

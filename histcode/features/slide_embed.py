@@ -6,7 +6,9 @@ The new view (``registry.slide_view_of``) is derived from the tile view: model `
 retrieval, the heads (one-vector bags: ``histcode.heads.data.load_bags``) and the viewer's slide list read like
 the pooled vectors of any view. The slide encoder must read the tile encoder it was trained on: a tile view made
 by another encoder (registered from ``FOUNDATION`` or imported from TRIDENT under another name) is refused by
-name, as is one whose tiles lie at another pitch than the encoder's grid (``SlideEncoderSpec.patch_um``).
+name, as is one whose tiles lie at another pitch than the encoder's grid (``SlideEncoderSpec.patch_um``). TITAN's
+grid counts the view's tiles from the slide's smallest corner (``patch_size_lv0`` = the tile's level-0 size, as
+TRIDENT passes it); GigaPath's floors level-0 microns by ``patch_um``.
 
 As ``histcode embed`` does, slides are written ``features.commit_every_slides`` at a time: the Lance commit
 first (an upsert on the slide id), the ledger rows second, so a process killed in between leaves rows the rerun
@@ -41,6 +43,7 @@ from histcode.features.upkeep import maintain_tables
 from histcode.runtime import resolve_device
 from histcode.ssl.encoders import EncoderError
 from histcode.ssl.slide_encoders import SlideEncoderSpec, build_slide_encoder, grid_cells, slide_encoder_spec
+from histcode.ssl.titan import tile_cells
 from histcode.ssl.weights import load_slide_encoder, locate_weights, read_state_dict
 from histcode.store.catalog import Catalog
 from histcode.store.records import utcnow
@@ -123,7 +126,7 @@ def encode_slide(module: torch.nn.Module, spec: SlideEncoderSpec, vectors: np.nd
             raise EncoderError(f"tiles lie {pitch:.4g} um apart; {spec.name} was trained on tiles {spec.patch_um:.4g} "
                                f"um apart: tile the slides at that pitch (tiling.tile_px x tiling.target_mpp) and "
                                "embed them again")
-        cells = grid_cells(x * mpp, y * mpp, spec.patch_um)
+        cells = tile_cells(x, y, size) if spec.tile_grid else grid_cells(x * mpp, y * mpp, spec.patch_um)
     else:
         cells = grid_cells(x, y, None)
     with torch.inference_mode():
@@ -244,7 +247,7 @@ class SlideRowWriter:
                 ledger.append({"slide_id": sid, "content_hash": self.hashes[sid], "rows": 1, "status": "ok",
                                "lance_version": version, "started_at": self.started})
         if ledger:
-            record_materializations(Catalog.of(self.ws), self.view.view_id, ledger)
+            record_materializations(Catalog.of(self.ws), self.view.view_id, ledger, {SLIDE_KIND: self.table})
         self.pending = []
 
 

@@ -60,6 +60,12 @@ class Bag:
     xy: np.ndarray  # (n_tiles, 2) level-0 corners
     size: int
 
+    @property
+    def has_tiles(self) -> bool:
+        """False for a slide-level view's one-vector bag (size 0: the vector covers the whole slide, no tile), whose
+        attention and per-tile scores have nothing to be drawn on."""
+        return self.size > 0
+
 
 def load_bags(ws: Workspace, view: FeatureView, as_of: int | str | None = None,
               slide_ids: list[str] | None = None, chunk_rows: int = CHUNK_ROWS) -> dict[str, Bag]:

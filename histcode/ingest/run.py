@@ -8,6 +8,11 @@ Every slide belongs to a cohort (the source's, else the command's, else ``ingest
 (training or inference) is fixed when it is first used. ``keep_other_cohorts`` is prediction's mode: a slide
 already registered in another cohort stays where it is (and is predicted as it is) when its file has the same
 content, and is refused, with nothing written, when the same id names other pixels.
+
+A file that cannot be a slide is registered failed with the reason. A fault of the machine while a slide is
+inspected or committed (a full disk, a failing device, no file handles or memory left) is not the file's: the
+slide is not attempted (nothing of it is written), the run stops with a ``MachineFault`` saying what happened
+and what was kept, and a plain rerun picks it up.
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from histcode.config import IngestConfig
+from histcode.errors import MachineFault, machine_errno, machine_faults_told
 from histcode.ingest.inspect import inspect_slide
 from histcode.wsi.files import file_signature
 from histcode.ingest.sources import SlideSource, id_problem, split_duplicates
 from histcode.store.catalog import Catalog
+from histcode.runtime import failpoint
 from histcode.store.records import FAILED, OK, TRAINING, SlideRecord, is_path_attribute
 
 log = logging.getLogger(__name__)
@@ -220,8 +227,17 @@ def ingest_sources(sources: list[SlideSource], catalog: Catalog, cfg: IngestConf
                    cohort: str | None = None, role: str = TRAINING, keep_other_cohorts: bool = False) -> IngestReport:
     """Register ``sources`` in ``cohort`` (see ``plan_ingest``), inspecting the slides one by one."""
     plan = plan_ingest(sources, catalog, cfg, cohort, role, keep_other_cohorts)
-    for pending in tqdm(plan.pending, desc="ingest", unit="slide", disable=not progress):
-        plan.report.outcomes.append(finish_slide(catalog, pending, inspect_slide(pending.source, cfg)))
+    for done, pending in enumerate(tqdm(plan.pending, desc="ingest", unit="slide", disable=not progress)):
+        doing = f"registering slide {pending.source.slide_id} ({Path(pending.source.path).name})"
+        kept = (f"nothing of slide {pending.source.slide_id} was written; the {done} slides registered before it "
+                f"are kept and {len(plan.pending) - done} (it included) were not attempted: a plain rerun registers them")
+        with machine_faults_told(doing, kept):
+            failpoint("ingest.slide")
+            record = inspect_slide(pending.source, cfg)
+            if record.status == FAILED and machine_errno(record.reason) is not None:  # the disk's, not the file's
+                raise MachineFault(machine_errno(record.reason), doing, detail=record.reason[:200])
+            plan.report.outcomes.append(finish_slide(catalog, pending, record))
+        failpoint("ingest.committed")
     position = {(s.slide_id, str(s.path)): i for i, s in reversed(list(enumerate(sources)))}
     plan.report.outcomes.sort(key=lambda o: position.get((o.slide_id, o.path), len(sources)))  # the sources' order
     plan.report.log_summary()

@@ -3,8 +3,10 @@
 Matrices are genes x samples: the first column holds gene ids, every other column is one sample (TSV, CSV or
 parquet). Reading is lenient on purpose: values that are not numbers, missing cells, duplicates and unknown
 samples are kept as they are, so that the label gate can name every problem and its rows instead of the reader
-stopping at the first one. Only a file that cannot be a matrix at all (missing, unknown format, no samples) is
-an error here.
+stopping at the first one. Only a file that cannot be a matrix at all is an error here, refused at ingest with
+its reason: missing, of an unknown format, not UTF-8 (with the line and the ``iconv`` command that converts it),
+empty or a header without rows (no genes), no sample column, or a first column that is not gene ids (a sample's
+barcode as its header, or expression values in it).
 """
 
 from __future__ import annotations
@@ -29,17 +31,33 @@ MISSING = {"", "NA", "NaN", "nan", "N/A", "null", "None"}
 SOLID_TISSUE_NORMAL = "11"  # the only normal sample type whose expression is a reference for tissue
 
 
+def check_utf8(path: Path, what: str) -> None:
+    """ExpressionFileError naming the first line of a text table that is not UTF-8, with how to convert it
+    (a Latin-1 export from a spreadsheet is the usual case)."""
+    with path.open("rb") as fh:
+        for number, line in enumerate(fh, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                byte = line[exc.start:exc.start + 1].hex()
+                raise ExpressionFileError(
+                    f"{path}: {what} is not UTF-8 text: line {number}, byte {exc.start + 1} is 0x{byte} (Latin-1 or "
+                    f"Windows-1252?); convert it, e.g. `iconv -f latin1 -t utf8 {path} > {path.stem}.utf8{path.suffix}`, "
+                    "and ingest that") from exc
+
+
 def read_matrix(path: Path) -> pd.DataFrame:
     """Long format: ``sample_id``, ``gene``, ``value`` (float; NaN where a cell is missing or not a number),
     ``raw`` (the cell as written) and ``value_type`` (number, missing or text)."""
-    columns = ["sample_id", "gene", "value", "raw", "value_type"]
     if not path.is_file():
         raise ExpressionFileError(f"{path}: expression file not found")
     if path.stat().st_size == 0:
-        return pd.DataFrame({c: pd.Series(dtype=float if c == "value" else str) for c in columns})
+        raise ExpressionFileError(f"{path}: the expression file is empty (0 bytes): a matrix has a gene-id column "
+                                  "and a column per sample, one row per gene")
     suffix = path.suffix.lower()
     try:
         if suffix in (".tsv", ".txt", ".csv"):
+            check_utf8(path, "the expression file")
             wide = pd.read_csv(path, sep="\t" if suffix != ".csv" else ",", dtype=str, keep_default_na=False)
             wide.columns = [_unmangle(c, wide.columns) for c in wide.columns]
         elif suffix == ".parquet":
@@ -52,7 +70,28 @@ def read_matrix(path: Path) -> pd.DataFrame:
         raise ExpressionFileError(f"{path}: not a readable table: {exc}") from exc
     if wide.shape[1] < 2:
         raise ExpressionFileError(f"{path}: needs a gene column and at least one sample column, has {list(wide.columns)}")
+    if len(wide) == 0:
+        raise ExpressionFileError(f"{path}: a header ({len(wide.columns) - 1} sample columns) and no rows: no gene "
+                                  "has an expression value; an empty label set is not ingested")
+    problem = gene_column_problem(wide)
+    if problem:
+        raise ExpressionFileError(f"{path}: {problem}")
     return long_from_wide(wide)
+
+
+def gene_column_problem(wide: pd.DataFrame) -> str | None:
+    """Why the first column of a genes x samples table is not its gene ids, or None: its header is a sample's
+    barcode (the gene-id column is missing, so a sample would be read as the genes), or it holds expression
+    values (decimal numbers; integer ids such as Entrez's are gene ids)."""
+    name = str(wide.columns[0])
+    if parse_barcode(name) is not None:
+        return (f"the first column is {name!r}, a sample's barcode: the gene-id column is missing (a matrix's first "
+                "column names the genes: gene, gene_id, a symbol or Ensembl id per row)")
+    values = pd.to_numeric(wide.iloc[:, 0].astype(str).str.strip(), errors="coerce")
+    if values.notna().all() and (values % 1 != 0).any():
+        return (f"the first column {name!r} holds decimal numbers, not gene ids: the gene-id column is missing (a "
+                "matrix's first column names the genes, every other column is one sample)")
+    return None
 
 
 def long_from_wide(wide: pd.DataFrame) -> pd.DataFrame:
@@ -81,6 +120,7 @@ def read_sample_sheet(path: Path) -> pd.DataFrame:
     """CSV with ``sample_id`` and ``patient_id``, optional ``slide_id`` and ``sample_type`` (tumor/normal)."""
     if not path.is_file():
         raise ExpressionFileError(f"{path}: sample sheet not found")
+    check_utf8(path, "the sample sheet")
     sheet = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     missing = {"sample_id", "patient_id"} - set(sheet.columns)
     if missing:

@@ -6,6 +6,12 @@ survival_labels) as the current label set, with its gate status pending. The gat
 records pass or fail, with the failed expectations and rows, on the label set; heads train only from a label
 set whose gate passed. The gate may also refuse one task (survival, with too few events) while the others
 train: the refusal and its reason are kept on the label set (``refused_tasks``).
+
+The slides labelled are the training cohorts' slides tiled under the current tiling spec and those of feature
+views imported from another tool (TRIDENT, CLAM), which HistCode never tiled itself (``label_slides``). A tiled
+tumour slide that no expression sample labels is named, with why, in the label set (``unlabelled``): it keeps its
+tumour and subtype labels and gets no DE labels. A fault of the machine while the label set is written (a full
+disk) leaves the current label set as it was and is told as such (``MachineFault``).
 """
 
 from __future__ import annotations
@@ -20,14 +26,16 @@ from pathlib import Path
 import pandas as pd
 
 from histcode.config import HistcodeConfig, LabelsConfig, stable_hash
-from histcode.errors import HistcodeError
+from histcode.errors import HistcodeError, machine_faults_told
 from histcode.labels.de import class_counts, de_labels, gene_inclusion, plan_folds, slide_labels, slide_sites
+from histcode.labels.barcodes import TUMOUR
 from histcode.labels.expression import (ExpressionFileError, map_samples, read_matrix, read_sample_sheet,
-                                       sample_slides)
+                                       sample_slides, slide_kind)
 from histcode.labels.gdc import GdcDownload, label_unit, read_gdc_expression
 from histcode.labels.genes import ControlGenes, gene_table_path, resolve_control_genes
 from histcode.labels.survival import COLUMNS as SURVIVAL_COLUMNS
 from histcode.labels.survival import empty_survival, has_survival_columns, read_survival
+from histcode.runtime import failpoint
 from histcode.store.catalog import Catalog
 from histcode.store.records import utcnow
 from histcode.tiling.spec import spec_id_of
@@ -66,6 +74,7 @@ class LabelSet:
     n_survival: int = 0  # labelled patients with a survival label ...
     n_events: int = 0  # ... and their events
     no_follow_up: int = 0  # patients of the clinical table left out: no vital status or time at all
+    unlabelled: dict[str, str] = field(default_factory=dict)  # tiled tumour slides no sample labels, and why
 
 
 def frames_dir(ws: Workspace) -> Path:
@@ -156,7 +165,7 @@ def ingest_labels(ws: Workspace, cfg: HistcodeConfig, expression: Path | None = 
     inputs = {**inputs, "clinical": _sha256(clinical_path)}
     catalog = Catalog.of(ws)
     cohorts = catalog.training_cohorts(cfg.cohorts.train)
-    slides = catalog.tiled_slides(spec_id_of(cfg.tiling), cohorts)
+    slides = label_slides(catalog, cfg, cohorts)
     version = _label_version(inputs, lcfg, slides)
     if not force and path.is_file():
         current = current_label_set(catalog)
@@ -171,6 +180,7 @@ def ingest_labels(ws: Workspace, cfg: HistcodeConfig, expression: Path | None = 
         long = read_matrix(path)
         sheet = read_sample_sheet(sheet_path) if sheet_path else None
     samples = map_samples(sorted(long.sample_id.unique()), slides, sheet)
+    mapped = samples
     dropped: dict[str, str] = {}
     if lcfg.unmatched == "drop":
         bad = samples.problem.notna()
@@ -180,36 +190,45 @@ def ingest_labels(ws: Workspace, cfg: HistcodeConfig, expression: Path | None = 
         if dropped:
             log.warning("labels.unmatched = drop: %d of %d samples left out of the label set (reasons in the report)",
                         len(dropped), len(dropped) + len(samples))
-    de = de_labels(long, samples, lcfg, sample_slides(samples, slides))
+    labelled_by = sample_slides(samples, slides)
+    unlabelled = unlabelled_tumour_slides(slides, mapped, labelled_by)
+    for slide_id, why in unlabelled.items():
+        log.warning("%s: %s", slide_id, why)
+    de = de_labels(long, samples, lcfg, labelled_by)
     genes = gene_inclusion(de, lcfg, present=set(long.gene))
     labels = slide_labels(slides, subtypes)
     survival, survival_read = _survival_labels(clinical_path, lcfg, labels)
     folds, choice = plan_folds(labels, lcfg.folds, lcfg.seed, lcfg.folds_by, slide_sites(slides))
     frames = build_frames(long, samples, de, genes, class_counts(labels), folds, survival)
-    write_frames(frames, frames_dir(ws), version)
+    before = current_label_set(catalog)
+    with machine_faults_told(f"writing label set {version}",
+                             f"the current label set is still {before['label_version'] if before else 'none'} "
+                             "(and the gate judges no frames but its own)"):
+        write_frames(frames, frames_dir(ws), version)
+        failpoint("labels.frames")  # the frames swapped in, the catalog not yet: the gate refuses frames of another set
 
-    with catalog.transaction() as con:
-        catalog.replace_table(con, "expression", long[["sample_id", "gene", "value"]])
-        catalog.replace_table(con, "expression_samples", samples)
-        catalog.replace_table(con, "de_labels", de)
-        catalog.replace_table(con, "slide_labels", labels)
-        catalog.replace_table(con, "gene_gate", genes)
-        catalog.replace_table(con, "cv_folds", folds)
-        catalog.replace_table(con, "survival_labels", survival[SURVIVAL_COLUMNS])
-        con.execute("UPDATE label_sets SET is_current = false")
-        con.execute("DELETE FROM label_sets WHERE label_version = ?", [version])
-        con.execute(
-            "INSERT INTO label_sets (label_version, source, source_sha256, sample_sheet, unit, params, n_samples, n_genes, "
-            "n_patients, created_at, is_current, gate_status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, true, ?)",
-            [version, catalog.stored_path(path), _sha256(path), catalog.stored_path(sheet_path), lcfg.unit,
-             json.dumps({**lcfg.model_dump(mode="json"), "cohorts": cohorts, "dropped": dropped,
-                         "folds_by_resolved": choice.by, "folds_by_reason": choice.reason,
-                         "control_genes_source": controls.source,
-                         "survival": {"source": catalog.stored_path(clinical_path), **survival_read}}),
-             long.sample_id.nunique(),
-             long.gene.nunique(),
-             int(samples.patient_id.nunique()), utcnow(), PENDING],
-        )
+        with catalog.transaction() as con:
+            catalog.replace_table(con, "expression", long[["sample_id", "gene", "value"]])
+            catalog.replace_table(con, "expression_samples", samples)
+            catalog.replace_table(con, "de_labels", de)
+            catalog.replace_table(con, "slide_labels", labels)
+            catalog.replace_table(con, "gene_gate", genes)
+            catalog.replace_table(con, "cv_folds", folds)
+            catalog.replace_table(con, "survival_labels", survival[SURVIVAL_COLUMNS])
+            con.execute("UPDATE label_sets SET is_current = false")
+            con.execute("DELETE FROM label_sets WHERE label_version = ?", [version])
+            con.execute(
+                "INSERT INTO label_sets (label_version, source, source_sha256, sample_sheet, unit, params, n_samples, "
+                "n_genes, n_patients, created_at, is_current, gate_status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, true, ?)",
+                [version, catalog.stored_path(path), _sha256(path), catalog.stored_path(sheet_path), lcfg.unit,
+                 json.dumps({**lcfg.model_dump(mode="json"), "cohorts": cohorts, "dropped": dropped,
+                             "folds_by_resolved": choice.by, "folds_by_reason": choice.reason,
+                             "control_genes_source": controls.source, "unlabelled": unlabelled,
+                             "survival": {"source": catalog.stored_path(clinical_path), **survival_read}}),
+                 long.sample_id.nunique(),
+                 long.gene.nunique(),
+                 int(samples.patient_id.nunique()), utcnow(), PENDING],
+            )
     result = LabelSet(
         label_version=version, frames_dir=frames_dir(ws), n_samples=int(long.sample_id.nunique()),
         n_genes=int(long.gene.nunique()), n_patients=int(samples.patient_id.dropna().nunique()),
@@ -220,6 +239,7 @@ def ingest_labels(ws: Workspace, cfg: HistcodeConfig, expression: Path | None = 
         cohorts=cohorts, dropped=dropped, folds_by=choice.by, folds_reason=choice.reason,
         control_genes=controls.genes, control_genes_source=controls.source,
         survival_source=str(clinical_path) if clinical_path else None, **_survival_counts(survival, survival_read),
+        unlabelled=unlabelled,
     )
     log.info("label set %s (cohorts %s): %d samples, %d genes, %d patients; DE classes %s; %d genes excluded", version,
              ", ".join(cohorts), result.n_samples, result.n_genes, result.n_patients, result.de_counts,
@@ -244,9 +264,41 @@ def _stored_label_set(catalog: Catalog, current: dict, frames: Path, cohorts: li
         folds_reason=params.get("folds_by_reason"), control_genes=tuple(params.get("control_genes") or ()),
         control_genes_source=params.get("control_genes_source"),
         survival_source=catalog.real_path((params.get("survival") or {}).get("source")),
+        unlabelled=params.get("unlabelled") or {},
         **_survival_counts(pd.DataFrame(catalog.query("SELECT event FROM survival_labels"), columns=["event"]),
                            params.get("survival") or {}),
     )
+
+
+def label_slides(catalog: Catalog, cfg: HistcodeConfig, cohorts: list[str]) -> list[dict]:
+    """The slides of ``cohorts`` labels are made for, by slide id: those tiled under the current tiling spec, and
+    those of feature views imported from another tool (method ``imported:<tool>``, ``histcode.exchange``),
+    whose tiles are the other tool's grid: a workspace that only imported TRIDENT or CLAM features is labelled."""
+    specs = [spec_id_of(cfg.tiling)] + [r["spec_id"] for r in catalog.query(
+        "SELECT DISTINCT spec_id FROM feature_views WHERE method LIKE 'imported:%' ORDER BY spec_id")]
+    found: dict[str, dict] = {}
+    for spec in specs:
+        for slide in catalog.tiled_slides(spec, cohorts):
+            found.setdefault(slide["slide_id"], slide)
+    return [found[k] for k in sorted(found)]
+
+
+def unlabelled_tumour_slides(slides: list[dict], samples: pd.DataFrame, labelled_by: dict[str, list[str]]) -> dict[str, str]:
+    """Tiled tumour slides that no usable expression sample labels (``labelled_by``: sample -> slides), and why:
+    the matrix has no column of their patient's tumour sample, or the ones it has cannot be used (``samples``:
+    ``map_samples``' frame, problems included)."""
+    labelled = {sid for sids in labelled_by.values() for sid in sids}
+    out = {}
+    for slide in slides:
+        if slide["slide_id"] in labelled or slide_kind(slide) != TUMOUR:
+            continue
+        own = samples[(samples.patient_id == slide["patient_id"]) & (samples.kind == TUMOUR)]
+        problems = [f"{r.sample_id}: {r.problem}" for r in own.itertuples() if isinstance(r.problem, str)]
+        out[slide["slide_id"]] = (
+            f"tiled tumour slide of patient {slide['patient_id']} with no expression column: it gets no DE labels "
+            + (f"(its patient's tumour samples cannot label it: {'; '.join(problems)[:300]})" if problems else
+               f"(the matrix has no tumour sample of patient {slide['patient_id']})"))
+    return out
 
 
 def _survival_counts(survival: pd.DataFrame, read: dict) -> dict:
@@ -354,7 +406,7 @@ def passed_label_set(ws: Workspace, cfg: HistcodeConfig, expression: Path | None
     inputs = {**inputs, "clinical": _sha256(clinical_source(ws, lcfg, None, None if gdc is not None else path, gdc))}
     if not path.is_file() or (sheet_path is not None and not sheet_path.is_file()):
         return None
-    version = _label_version(inputs, lcfg, catalog.training_slides(spec_id_of(cfg.tiling), cfg.cohorts.train))
+    version = _label_version(inputs, lcfg, label_slides(catalog, cfg, catalog.training_cohorts(cfg.cohorts.train)))
     return current if current["label_version"] == version else None
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from histcode.labels.expression import ExpressionFileError
+from histcode.labels.expression import ExpressionFileError, check_utf8
 from histcode.labels.gdc import CLINICAL_MISSING, CLINICAL_PATIENT
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,10 @@ class SurvivalLabels:
 def _read_table(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise SurvivalFileError(f"clinical table {path}: file not found")
+    try:
+        check_utf8(path, "the clinical table")
+    except ExpressionFileError as exc:
+        raise SurvivalFileError(str(exc)) from exc
     try:
         with path.open(encoding="utf-8") as fh:
             first = fh.readline()

@@ -13,7 +13,10 @@ allow it, is kept with ``refused`` saying why: ``build_slide_encoder`` raises th
 guess whose keys would not be the published ones.
 
 Every built encoder takes ``forward(features (1, N, in_dim), cells (1, N, 2) long: (column, row) of each tile on
-the encoder's own grid)`` and returns ``(1, dim)``.
+the encoder's own grid)`` and returns ``(1, dim)``. The grid is ``floor(level-0 microns / patch_um)`` (GigaPath's
+``coords_to_pos``), or, for an entry with ``tile_grid``, the tiles counted from the slide's smallest corner in the
+view's own tile size (TITAN's ``preprocess_features``); an entry without ``patch_um`` ignores positions.
+TITAN's architecture is in ``histcode.ssl.titan``, PRISM's in ``histcode.ssl.prism``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from histcode.ssl.encoders import EncoderError
+from histcode.ssl.prism import PrismSlideEncoder
+from histcode.ssl.titan import TitanSlideEncoder
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,7 @@ class SlideEncoderSpec:
     skipped: tuple[str, ...] = ()
     params_m: float = 0.0  # millions of parameters of the slide-embedding part, as built
     refused: str | None = None  # why HistCode does not build it (then it is listed, never built)
+    tile_grid: bool = False  # cells: tiles counted from the slide's smallest corner (TITAN), not level-0 microns
     notes: str = ""
     args: dict = field(default_factory=dict)
 
@@ -63,12 +69,8 @@ class SlideEncoderSpec:
                 "trident_names": list(self.trident_names), "in_dim": self.in_dim, "dim": self.dim,
                 "patch_um": self.patch_um, "weight_files": list(self.weight_files),
                 "weight_format": self.weight_format, "skipped": list(self.skipped), "params_m": self.params_m,
-                "refused": self.refused, "notes": self.notes}
+                "refused": self.refused, "tile_grid": self.tile_grid, "notes": self.notes}
 
-
-_REMOTE_ONLY = ("its architecture is published only as Hugging Face remote code ({where}), which could not be read "
-                "from this machine; a strict load needs the authors' exact module names, so HistCode does not build a "
-                "guess of it. Embed it with the authors' code and bring the vectors in with `histcode import`")
 
 SLIDE_ENCODERS: dict[str, SlideEncoderSpec] = {s.name: s for s in (
     SlideEncoderSpec(
@@ -93,21 +95,29 @@ SLIDE_ENCODERS: dict[str, SlideEncoderSpec] = {s.name: s for s in (
               "(WSI_feature) is the attention-weighted mean of the 768-d tile features; the organ-text branch "
               "and classifiers are skipped"),
     SlideEncoderSpec(
-        "titan", "TITAN", "Mahmood Lab", "https://huggingface.co/MahmoodLab/TITAN", "MahmoodLab/TITAN",
-        "CC-BY-NC-ND-4.0; gated: research use only, accept the terms on the model card",
-        "conch-v1.5", ("conch_v15",), in_dim=768, dim=768, patch_um=512 * 0.5,
-        weight_files=("model.safetensors",), params_m=48.5,
-        refused=_REMOTE_ONLY.format(where="MahmoodLab/TITAN: modeling_titan.py, vision_transformer.py"),
-        notes="ViT (6 layers, 768-d) over the 2-D grid of CONCH v1.5 features of 512-px tiles at 20x with 2-D "
-              "ALiBi; 768-d slide embedding"),
+        "titan", "TITAN (slide embedding)", "Mahmood Lab", "https://huggingface.co/MahmoodLab/TITAN",
+        "MahmoodLab/TITAN", "CC-BY-NC-ND-4.0; gated: research use only, accept the terms on the model card",
+        "conch-v1.5", ("conch_v15",), in_dim=768, dim=768, patch_um=512 * 0.5, tile_grid=True,
+        weight_files=("model.safetensors",), weight_format="safetensors (Hugging Face transformers)",
+        skipped=("text_encoder.",), params_m=48.5,
+        args={"embed_dim": 768, "depth": 6, "heads": 12, "mlp_ratio": 4.0, "pool_heads": 8, "pool_queries": 128},
+        notes="modeling_titan.py encode_slide_from_patch_features, vision_transformer.py VisionTransformer: "
+              "CONCH v1.5 features of 512-px tiles at 20x on the slide's tile grid (shared cells summed, all-zero "
+              "cells dropped), Linear+GELU, class token, 6 pre-norm ViT layers (12 heads) with 2-D ALiBi over the "
+              "cells' distances, LayerNorm, the contrastive CoCa pooler (1 query) before its projection; the text "
+              "tower is skipped"),
     SlideEncoderSpec(
         "prism", "PRISM (slide embedding)", "Paige", "https://huggingface.co/paige-ai/Prism", "paige-ai/Prism",
         "CC-BY-NC-ND-4.0; gated: non-commercial research use, accept the terms on the model card",
         "virchow", ("virchow",), in_dim=2560, dim=1280, patch_um=None,
-        weight_files=("model.safetensors",), params_m=0.0,
-        refused=_REMOTE_ONLY.format(where="paige-ai/Prism: configuration_prism.py, modeling_prism.py"),
-        notes="Perceiver aggregator over Virchow (v1) tile embeddings (class token + mean patch token, 2560-d); "
-              "the BioGPT text decoder is not part of the slide embedding"),
+        weight_files=("model.safetensors",), weight_format="safetensors (Hugging Face transformers)",
+        skipped=("text_decoder.", "img_to_latents.", "text_to_latents.", "temperature"), params_m=99.0,
+        args={"latent_seq": 512, "latent_dim": 1280, "mhsa_heads": 8, "depth": 8, "transformer_depth": 6,
+              "share_xattn_start": 1, "share_tf_start": 0, "xattn_heads": 1, "mlp_mult": 1},
+        notes="modeling_prism.py slide_representations, perceiver.py PerceiverResampler: Perceiver (513 latents of "
+              "1280, 8 layers of cross-attention to the Virchow v1 tile embeddings and 6 self-attention blocks, "
+              "GEGLU, shared across layers as the authors share them) over the tiles in any order; the first "
+              "latent through cls_norm; the BioGPT text decoder and contrastive heads are skipped"),
 )}
 
 
@@ -310,6 +320,13 @@ def _build(spec: SlideEncoderSpec) -> nn.Module:
                                     a["segments"], a["dilations"])
     if spec.name == "chief":
         return ChiefSlideEncoder(spec.in_dim, a["hidden"], a["attention"])
+    if spec.name == "titan":
+        return TitanSlideEncoder(spec.in_dim, a["embed_dim"], a["depth"], a["heads"], a["mlp_ratio"], a["pool_heads"],
+                                 a["pool_queries"])
+    if spec.name == "prism":
+        return PrismSlideEncoder(spec.in_dim, a["latent_seq"], a["latent_dim"], a["mhsa_heads"], a["depth"],
+                                 a["transformer_depth"], a["share_xattn_start"], a["share_tf_start"],
+                                 a["xattn_heads"], a["mlp_mult"])
     raise EncoderError(f"slide encoder {spec.name} has no architecture in HistCode")
 
 
@@ -343,9 +360,11 @@ def parameter_count(module: nn.Module) -> int:
 
 
 def materialise(module: nn.Module, seed: int = 0) -> nn.Module:
-    """A module built on meta given memory and its own initialisation (for tests and random baselines)."""
+    """A module built on meta given memory and its own initialisation (for tests and random baselines): Xavier
+    Linear weights, unit LayerNorms, zero biases, other matrices (tokens, queries, latents) N(0, 0.02)."""
     torch.manual_seed(seed)
     module = module.to_empty(device="cpu")
+    done: set[int] = set()
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
@@ -354,8 +373,45 @@ def materialise(module: nn.Module, seed: int = 0) -> nn.Module:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-    for name, p in module.named_parameters():
-        if name.endswith("cls_token"):
+        else:
+            continue
+        done.update(id(p) for p in m.parameters(recurse=False))
+    for p in module.parameters():
+        if id(p) in done:
+            continue
+        if p.dim() > 1:
             nn.init.normal_(p, std=0.02)
+        else:
+            nn.init.zeros_(p)
     return module
 
+
+def shared_names(module: nn.Module) -> list[list[str]]:
+    """Groups of state-dict names that hold one tensor (a module the architecture reuses across layers, as
+    PRISM's Perceiver does), each in state-dict order."""
+    groups: dict[int, list[str]] = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def fill_shared(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """``state`` with each name of a shared tensor filled from the one the file holds: Hugging Face's safetensors
+    writer keeps one name per shared tensor (the first), ``torch.save`` keeps all. Names of one shared tensor
+    that the file holds with different values are an error naming both."""
+    state = dict(state)
+    for names in shared_names(module):
+        present = [n for n in names if n in state]
+        if not present:
+            continue
+        first = state[present[0]]
+        for name in present[1:]:
+            other = state[name]
+            if first.is_meta or other.is_meta:
+                continue
+            if other.shape != first.shape or not torch.equal(other, first):
+                raise EncoderError(f"{source}: {name} differs from {present[0]}, which the architecture shares with "
+                                   "it (one module reused across layers)")
+        for name in names:
+            state.setdefault(name, first)
+    return state

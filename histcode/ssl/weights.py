@@ -180,9 +180,12 @@ def load_slide_encoder(spec, module: nn.Module, state: dict[str, torch.Tensor], 
     """Load a published slide encoder's state dict (``spec``: a ``SlideEncoderSpec``) into ``module``, strictly:
     every weight of the slide-embedding part must be in the file with its shape; the only other keys allowed
     are those under the entry's ``skipped`` prefixes (a text decoder, classifiers: listed, counted, not loaded);
-    anything else is an error naming the file and the keys."""
+    anything else is an error naming the file and the keys. A tensor the architecture shares across layers may be
+    stored under its first name only (``slide_encoders.fill_shared``)."""
+    from histcode.ssl.slide_encoders import fill_shared
+
     skipped = sorted(k for k in state if any(k.startswith(p) for p in spec.skipped))
-    used = {k: v for k, v in state.items() if k not in set(skipped)}
+    used = fill_shared(module, {k: v for k, v in state.items() if k not in set(skipped)}, source)
     expected = module.state_dict()
     missing = sorted(set(expected) - set(used))
     unexpected = sorted(set(used) - set(expected))

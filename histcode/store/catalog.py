@@ -22,6 +22,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from histcode.runtime import failpoint
 from histcode.store.cohorts import CatalogError, CohortRegistry
 from histcode.store.records import (
     FAILED,
@@ -140,16 +141,45 @@ class Catalog(CohortRegistry):
             raise CatalogError(f"no catalog at {self.path}: run `histcode ingest` first")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         con = self._open(read_only)
-        if read_only and self._version(con) != SCHEMA_VERSION:
-            con.close()  # a catalog written by an older histcode: upgrade it once, then read
-            self.upgrade()
-            con = self._open(read_only)
         try:
+            if read_only and self._version(con) != SCHEMA_VERSION:
+                con.close()  # a catalog written by an older histcode: upgrade it once, then read
+                self.upgrade()
+                con = self._open(read_only)
             if not read_only:
                 self._ensure_schema(con)
             yield con
+        except Exception as exc:  # noqa: BLE001 -- a damaged file or a fault of the machine is told as such
+            told = self._told(exc, read_only)
+            if told is exc:
+                raise
+            raise told from exc
         finally:
+            self._close(con)
+
+    def _told(self, exc: Exception, read_only: bool) -> Exception:
+        """``exc`` as the user should read it: the catalog damaged (with its backup), a fault of the machine
+        (nothing of the transaction committed), or as it is."""
+        from histcode.errors import machine_fault
+        from histcode.store.backup import damaged, is_damage
+
+        if is_damage(exc):
+            return exc if isinstance(exc, CatalogError) else damaged(self.path, exc)
+        doing = f"{'reading' if read_only else 'writing'} the catalog {self.path}"
+        return machine_fault(exc, doing, "nothing of the transaction was committed") or exc
+
+    def _close(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Close (DuckDB checkpoints its write-ahead log into the file here, which can meet a full disk)."""
+        from histcode.errors import machine_fault
+
+        try:
             con.close()
+        except duckdb.Error as exc:
+            fault = machine_fault(exc, f"checkpointing the catalog {self.path}",
+                                  f"what was committed is kept in {self.path.name}.wal and replayed at the next open")
+            if fault is None:
+                raise
+            raise fault from exc
 
     def upgrade(self) -> None:
         """Bring the catalog's schema up to this histcode's (migrations run inside a write connection)."""
@@ -166,8 +196,12 @@ class Catalog(CohortRegistry):
         while True:
             try:
                 return duckdb.connect(str(self.path), read_only=read_only)
-            except duckdb.IOException as exc:
-                locked = "lock" in str(exc).lower()
+            except duckdb.Error as exc:
+                locked = isinstance(exc, duckdb.IOException) and "lock" in str(exc).lower()
+                if not locked:
+                    told = self._told(exc, read_only)
+                    if told is not exc:
+                        raise told from exc
                 if locked and time.monotonic() > deadline:
                     raise CatalogError(
                         f"the catalog {self.path} is in use by {lock_holder(str(exc))}; waited {wait:.0f} s "
@@ -188,6 +222,7 @@ class Catalog(CohortRegistry):
             except BaseException:
                 con.rollback()
                 raise
+            failpoint("catalog.commit")  # the transaction is complete, not committed: a kill or a full disk here
             con.commit()
 
     @staticmethod
@@ -275,10 +310,13 @@ class Catalog(CohortRegistry):
             "UPDATE tilings SET status = ?, reason = ?, n_tiles = 0 WHERE slide_id = ?", [INVALIDATED, reason, slide_id]
         )
         if self.vectors_uri is not None:
-            from histcode.store.vectors import delete_slides
+            from histcode.store.agreement import update_versions
+            from histcode.store.vectors import delete_slides, latest_versions
 
             tables = [r[0] for r in con.execute("SELECT DISTINCT lance_table FROM feature_views").fetchall()]
             removed = delete_slides(self.vectors_uri, tables, [slide_id]) if tables else 0
+            if removed:  # readers read the tables as of the ledger: now without the slide's rows
+                update_versions(con, latest_versions(self.vectors_uri, tables))
             log.info("%s: %d vectors removed from %d feature-view tables", slide_id, removed, len(tables))
         log.info("%s: %s; derived rows invalidated", slide_id, reason)
 

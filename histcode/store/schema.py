@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 TABLES: dict[str, str] = {
     "meta": """
@@ -125,6 +125,16 @@ TABLES: dict[str, str] = {
             finished_at TIMESTAMP,
             PRIMARY KEY (view_id, slide_id)
         )""",
+    # The version of each feature view's Lance table at the last complete ledger commit: what SQL and search read
+    # (histcode.store.agreement), so that vectors written by a step whose ledger commit never happened stay unseen.
+    "vector_versions": """
+        CREATE TABLE IF NOT EXISTS vector_versions (
+            lance_table VARCHAR PRIMARY KEY,
+            view_id VARCHAR NOT NULL,
+            kind VARCHAR NOT NULL,
+            version BIGINT NOT NULL,
+            recorded_at TIMESTAMP
+        )""",
     # Expression labels: one current label set (its history in label_sets) and the tables derived from it.
     "label_sets": """
         CREATE TABLE IF NOT EXISTS label_sets (
@@ -216,6 +226,9 @@ MIGRATIONS: dict[int, list[str]] = {
     8: [],
     # survival labels (the table itself is created with the others) and the tasks the gate refused, with why
     9: ["ALTER TABLE label_sets ADD COLUMN IF NOT EXISTS refused_tasks JSON"],
+    # the Lance table versions of the last ledger commit (the table itself is created with the others; a view
+    # without a row is read at its latest version until its next commit records one)
+    10: [],
 }
 
 # Tables whose rows derive from a slide's pixels: cleared when the slide's content changes.

@@ -5,7 +5,9 @@ Names: the catalog's tables (``slides``, ``tiles``, ``tilings``, ``feature_views
 ``current_predictions`` (the stored prediction each slide's output is shown with, ``histcode.store.predictions``),
 ``current_patient_predictions`` (the same per patient, ``histcode.store.patient_predictions``),
 ``tile_embeddings`` / ``slide_embeddings`` for the view the caller names (the CLI passes the default view,
-``histcode.features.registry.default_view``, or ``--view``). Vectors are ``FLOAT[d]``,
+``histcode.features.registry.default_view``, or ``--view``). Each Lance table is read as of the last complete
+ledger commit (``histcode.store.agreement``), checked against the ledger: a table the ledger needs but that is
+missing or short is left out, and a query that names it is answered with what is wrong. Vectors are ``FLOAT[d]``,
 so ``array_cosine_distance`` works in SQL. Only SELECT (and EXPLAIN) statements run; the catalog is attached
 read-only, and the session cannot reach files or change its own configuration.
 
@@ -27,10 +29,12 @@ import duckdb
 import pyarrow as pa
 
 from histcode.errors import HistcodeError, UsageError
+from histcode.store.agreement import StoresDisagree, check_table, ledgers, recorded_versions
+from histcode.store.backup import damaged, is_damage
 from histcode.store.catalog import Catalog, CatalogError
 from histcode.store.patient_predictions import CURRENT_PATIENT_SQL
 from histcode.store.predictions import CURRENT_SQL
-from histcode.store.vectors import connect, table_names
+from histcode.store.vectors import connect
 from histcode.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -113,9 +117,16 @@ def check_read_only(query: str) -> None:
 
 def open_session(ws: Workspace, default_view: str | None = None,
                  limits: SqlLimits | None = None) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB session with the catalog attached read-only and the Lance tables registered;
-    ``default_view``'s tables also as ``tile_embeddings`` / ``slide_embeddings``; ``limits`` (default
-    ``SqlLimits()``) set and the configuration locked."""
+    """An in-memory DuckDB session with the catalog attached read-only and the Lance tables registered (as of
+    the last ledger commit); ``default_view``'s tables also as ``tile_embeddings`` / ``slide_embeddings``;
+    ``limits`` (default ``SqlLimits()``) set and the configuration locked."""
+    return _session(ws, default_view, limits)[0]
+
+
+def _session(ws: Workspace, default_view: str | None,
+             limits: SqlLimits | None) -> tuple[duckdb.DuckDBPyConnection, dict[str, StoresDisagree]]:
+    """``open_session``'s connection, and the tables left out because they disagree with the ledger: {name the
+    query would use: why}."""
     catalog = Catalog.of(ws)
     if not catalog.path.exists():
         raise CatalogError(f"no catalog at {catalog.path}: run `histcode ingest` first")
@@ -126,7 +137,22 @@ def open_session(ws: Workspace, default_view: str | None = None,
         con.execute(f"ATTACH {sql_literal(str(catalog.path))} AS catalog (READ_ONLY)")
     except duckdb.IOException as exc:
         con.close()
+        if is_damage(exc):
+            raise damaged(catalog.path, exc) from exc
         raise CatalogError(f"cannot open {catalog.path} read-only: {exc} (a histcode command is writing to it?)") from exc
+    try:
+        unavailable = _attach_views(con, ws, default_view)
+    except duckdb.Error as exc:
+        con.close()
+        if is_damage(exc):
+            raise damaged(catalog.path, exc) from exc
+        raise
+    _apply(con, limits or SqlLimits())
+    return con, unavailable
+
+
+def _attach_views(con: duckdb.DuckDBPyConnection, ws: Workspace, default_view: str | None) -> dict[str, StoresDisagree]:
+    """The catalog's tables and views, and every materialised view's Lance tables, into the session."""
     tables = [name for (name,) in con.execute(
         "SELECT table_name FROM duckdb_tables() WHERE database_name = 'catalog'").fetchall()]
     for name in tables:
@@ -140,18 +166,23 @@ def open_session(ws: Workspace, default_view: str | None = None,
         "SELECT view_id, kind, lance_table FROM catalog.main.feature_views "
         "WHERE status IN ('ok', 'partial') ORDER BY updated_at DESC"
     ).fetchall()
-    if views and (ws.lancedb_dir.exists() or "://" in ws.lancedb_uri):
-        db = connect(ws.lancedb_uri)
-        present = set(table_names(db))
-        for view_id, kind, lance_table in views:
-            if lance_table not in present:
-                continue
-            dataset = db.open_table(lance_table).to_lance()
-            con.register(lance_table, dataset)
-            if view_id == default_view:
-                con.register(f"{kind}_embeddings", dataset)
-    _apply(con, limits or SqlLimits())
-    return con
+    unavailable: dict[str, StoresDisagree] = {}
+    if not views:
+        return unavailable
+    execute = lambda q: con.execute(q).fetchall()  # noqa: E731
+    ledger, pinned = ledgers(execute, "catalog.main."), recorded_versions(execute, "catalog.main.")
+    local_and_gone = "://" not in ws.lancedb_uri and not ws.lancedb_dir.exists()
+    db = None if local_and_gone else connect(ws.lancedb_uri)
+    for view_id, kind, lance_table in views:
+        names = [lance_table] + ([f"{kind}_embeddings"] if view_id == default_view else [])
+        dataset, problem = check_table(db, view_id, kind, lance_table, ledger.get(view_id, {}), pinned.get(lance_table))
+        if problem is not None:
+            unavailable.update({name: problem.error() for name in names})
+            continue
+        if dataset is not None:
+            for name in names:
+                con.register(name, dataset)
+    return unavailable
 
 
 def _limit_error(exc: duckdb.Error, limits: SqlLimits) -> QueryLimitError | None:
@@ -172,13 +203,18 @@ def run_sql(ws: Workspace, query: str, default_view: str | None = None, limits: 
     ``SqlLimits()``): QueryLimitError when it runs past one, QueryError with DuckDB's message otherwise."""
     limits = limits or SqlLimits()
     check_read_only(query)
-    con = open_session(ws, default_view, limits)
+    con, unavailable = _session(ws, default_view, limits)
     timer = threading.Timer(limits.time_limit_s, con.interrupt)
     timer.daemon = True
     timer.start()
     try:
         return con.sql(query).to_arrow_table()
     except duckdb.Error as exc:
+        missing = re.search(r"Table with name (\S+) does not exist", str(exc))
+        if missing and missing.group(1) in unavailable:  # a view's table the ledger needs: say what is wrong with it
+            raise unavailable[missing.group(1)] from exc
+        if is_damage(exc):
+            raise damaged(Catalog.of(ws).path, exc) from exc
         raise (_limit_error(exc, limits) or QueryError(f"{type(exc).__name__}: {exc}")) from exc
     finally:
         timer.cancel()

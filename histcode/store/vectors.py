@@ -84,7 +84,9 @@ def table_names(db) -> list[str]:
 
 def open_table(db, spec: TableSpec, create: bool = True):
     """The view's table, created empty (with its id indices) if missing; refuses a table whose metadata
-    belongs to another view. A writer (``create``) also gives a table from before the id indices its indices."""
+    belongs to another view. A writer (``create``) also gives a table from before the id indices its indices.
+    Whether a missing table may be made anew is the writer's to decide against the catalog's ledger
+    (``histcode.store.agreement``): `histcode embed` embeds again what the ledger records and the table lost."""
     if spec.name in table_names(db):
         table = db.open_table(spec.name)
         meta = json.loads((table.schema.metadata or {}).get(VIEW_META_KEY, b"{}"))
@@ -98,9 +100,17 @@ def open_table(db, spec: TableSpec, create: bool = True):
         return table
     if not create:
         raise VectorStoreError(f"no table {spec.name}: materialize the view first (histcode embed)")
+    log.info("%s: new table for view %s (%d-d)", spec.name, spec.view_id, spec.dim)
     table = db.create_table(spec.name, schema=spec.schema())
     ensure_id_indices(table, spec)
     return table
+
+
+def latest_versions(uri: str | Path, tables: list[str]) -> dict[str, int]:
+    """The current version of each of the named tables that exists."""
+    db = connect(uri)
+    present = set(table_names(db))
+    return {name: db.open_table(name).version for name in tables if name in present}
 
 
 def indexed_columns(table) -> set[str]:

@@ -4,6 +4,12 @@ Per-slide idempotent: a slide whose ledger row for this spec is 'ok' with the sl
 skipped without being opened. A different spec gets its own spec_id, so its tiles are added beside the old
 ones. Slides are tiled in worker processes (spawned, each with its own OpenSlide handle); this process is the
 only catalog writer and commits each slide's tiles in one transaction.
+
+A slide whose input is bad (unreadable, no tissue, smaller than a tile) is recorded failed with the reason, and
+a rerun skips it (``--retry-failed`` tries it again). A fault of the machine (a full disk while writing its QC
+pictures or committing, a failing device, no file handles or memory left) is not the slide's: nothing of it is
+recorded, the run stops with a ``MachineFault`` saying what happened and what was kept, and a plain rerun tiles
+it and the slides after it.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from histcode.config import TilingConfig
+from histcode.errors import MachineFault, is_machine_fault, machine_errno, machine_fault, machine_faults_told
 from histcode.runtime import failpoint
 from histcode.store.catalog import Catalog, SlideChangedError
 from histcode.store.records import FAILED, OK
@@ -74,13 +81,23 @@ def needs_tiling(slide: dict, ledger: dict | None, retry_failed: bool = False) -
 
 
 def safe_tile_slide(slide: dict, cfg: TilingConfig, spec_id: str, qc_dir: Path) -> SlideTiling:
-    """tile_slide with unexpected errors turned into a failed row, so one slide never stops the batch."""
+    """tile_slide with unexpected errors of the input turned into a failed row, so one slide never stops the
+    batch; a fault of the machine is raised as a MachineFault naming the slide (it was not attempted)."""
     t0 = time.perf_counter()
+    doing = f"tiling slide {slide['slide_id']}"
     try:
-        return tile_slide(slide, cfg, spec_id, qc_dir)
+        failpoint("tiling.slide")
+        result = tile_slide(slide, cfg, spec_id, qc_dir)
     except Exception as exc:  # noqa: BLE001 -- recorded with its traceback in the log
+        fault = machine_fault(exc, doing)
+        if fault is not None:
+            raise fault from exc
         log.error("%s: tiling raised\n%s", slide["slide_id"], traceback.format_exc())
         return failed_tiling(slide, spec_id, f"unexpected error: {type(exc).__name__}: {exc}", t0)
+    reason = result.record.reason
+    if result.record.status == FAILED and machine_errno(reason) is not None:  # e.g. a read that met a failing disk
+        raise MachineFault(machine_errno(reason), doing, detail=reason[:200])
+    return result
 
 
 def _run(slides: list[dict], cfg: TilingConfig, spec_id: str, qc_dir: Path, workers: int) -> Iterator[SlideTiling]:
@@ -94,7 +111,11 @@ def _run(slides: list[dict], cfg: TilingConfig, spec_id: str, qc_dir: Path, work
         for fut in as_completed(futures):
             try:
                 yield fut.result()
+            except MachineFault:
+                raise
             except Exception as exc:  # noqa: BLE001 -- a worker died (killed, out of memory): that slide fails
+                if is_machine_fault(exc):
+                    raise machine_fault(exc, f"tiling slide {futures[fut]['slide_id']}") from exc
                 reason = f"worker process failed: {type(exc).__name__}: {exc}"
                 yield failed_tiling(futures[fut], spec_id, reason, time.perf_counter())
     finally:  # an error in the caller must not wait for every queued slide
@@ -171,11 +192,21 @@ def tile_slides(
     plan = plan_tiling(catalog, cfg, slide_ids, force, retry_failed)
     report = plan.report
     bar = tqdm(total=len(plan.todo), desc="tile", unit="slide", disable=not progress)
-    for result in _run(plan.todo, cfg, plan.spec_id, qc_root / plan.spec_id, cfg.workers):
-        report.outcomes.append(commit_tiling(catalog, result))
-        failpoint("tiling.committed")
-        bar.set_postfix(tiles=report.n_tiles, refresh=False)
-        bar.update()
-    bar.close()
+    done = []
+
+    def kept() -> str:
+        return (f"nothing of that slide was committed; the {len(done)} slides committed before it are kept and "
+                f"{len(plan.todo) - len(done)} (it included) were not attempted: a plain rerun tiles them")
+
+    try:
+        with machine_faults_told("tiling", kept):
+            for result in _run(plan.todo, cfg, plan.spec_id, qc_root / plan.spec_id, cfg.workers):
+                report.outcomes.append(commit_tiling(catalog, result))
+                done.append(result.record.slide_id)
+                failpoint("tiling.committed")
+                bar.set_postfix(tiles=report.n_tiles, refresh=False)
+                bar.update()
+    finally:
+        bar.close()
     report.outcomes.sort(key=lambda o: o.slide_id)
     return report

@@ -2,7 +2,8 @@
 
 Store: ``sqlite:///<workspace>/mlruns/mlflow.db`` with artifacts under ``<workspace>/mlruns/artifacts/<experiment>``
 (MLflow 3 refuses the old file store); a copied or moved workspace's store is pointed at its own artifacts before
-first use (``relocate``). Runs are driven through an explicit ``MlflowClient``; only model logging needs MLflow's
+first use (``relocate``) by the commands that write; a reader that must not write (``Tracker(ws, read_only=True)``:
+the viewer) reads a private relocated copy instead and leaves the workspace as it is. Runs are driven through an explicit ``MlflowClient``; only model logging needs MLflow's
 active-run machinery, and that is confined to ``log_torch_model``. A registered encoder's weights are stored once:
 its program is logged without the tensors its run's module holds, and ``load_model`` puts them back
 (``ProgramWithoutWeights``, ``fill_weights``). A model is loaded only if it is laid out as HistCode logs one (a pt2
@@ -22,7 +23,6 @@ import os
 import subprocess
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from functools import cached_property
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,8 @@ from histcode.tracking.owners import OWNER_TAG, end_dead_runs, owner_tag
 from histcode.tracking.model_files import UnsafeModelError  # noqa: F401 -- raised by load_model, caught by callers
 from histcode.tracking.model_files import check_model_folder, check_weights_reference, pickle_refused, refused_by_mlflow
 from histcode.tracking.program_weights import WEIGHTS_METADATA, ModelWeightsError, ProgramWithoutWeights, fill_weights
-from histcode.tracking.relocate import relocate_store
+from histcode.tracking.relocate import NoTrackingStore  # noqa: F401 -- raised by read-only trackers
+from histcode.tracking.relocate import ReadOnlyStore, relocate_store
 from histcode.tracking.scope import ScopedClient, in_workspace, open_workspace, translated
 from histcode.workspace import REPO_ROOT, Workspace
 
@@ -85,26 +86,56 @@ def quote(value: str) -> str:
     raise ValueError(f"{value!r} holds both quote characters and cannot be used in an MLflow filter")
 
 
+class ReadOnlyTracker(RuntimeError):
+    """A write asked of a tracker opened ``read_only``."""
+
+
 class Tracker:
-    def __init__(self, ws: Workspace) -> None:
+    """``read_only``: for readers that must leave the workspace as it is (the viewer): nothing is created (no
+    ``mlruns/``, no store), a copied store is not relocated in place, and runs cannot be opened. A local store is
+    then read through ``ReadOnlyStore``, a private relocated copy outside the workspace, so models of a copied
+    workspace load from its own artifacts; a missing store is ``NoTrackingStore`` (a ``LookupError``)."""
+
+    def __init__(self, ws: Workspace, *, read_only: bool = False) -> None:
         self.ws = ws
-        self.uri = ws.mlflow_uri
-        ws.mlruns_dir.mkdir(parents=True, exist_ok=True)
+        self.read_only = read_only
+        self._uri = ws.mlflow_uri
+        self._client = None
+        self._reader = None
+        if read_only and ws.mlflow_is_local:
+            self._reader = ReadOnlyStore(ws.mlruns_dir / "mlflow.db", self.artifact_root.as_uri())
+        elif not read_only:
+            ws.mlruns_dir.mkdir(parents=True, exist_ok=True)
         self._swept = False
+
+    @property
+    def uri(self) -> str:
+        """The store MLflow is pointed at: the workspace's (or the server's), or a read-only tracker's private copy."""
+        return self._reader.uri if self._reader is not None else self._uri
 
     @property
     def artifact_root(self) -> Path:
         return (self.ws.mlruns_dir / "artifacts").resolve()
 
-    @cached_property
+    @property
     def client(self):
         from mlflow import MlflowClient
 
-        if self.ws.mlflow_is_local:
-            relocate_store(self.ws.mlruns_dir / "mlflow.db", self.artifact_root.as_uri())
-            return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
-        client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
-        return ScopedClient(client, self.uri, open_workspace(client, self.uri, self.ws.project()))
+        uri = self.uri  # a read-only tracker's copy is taken again here when the store changed
+        if self._client is None:
+            if self._reader is not None:
+                self._client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+            elif self.ws.mlflow_is_local:
+                relocate_store(self.ws.mlruns_dir / "mlflow.db", self.artifact_root.as_uri())
+                self._client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+            else:
+                client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+                self._client = ScopedClient(client, uri, open_workspace(client, uri, self.ws.project()))
+        return self._client
+
+    def _writable(self, what: str) -> None:
+        if self.read_only:
+            raise ReadOnlyTracker(f"cannot {what}: this tracker over {self.ws.root} was opened read-only")
 
     @property
     def mlflow_workspace(self) -> str | None:
@@ -135,6 +166,7 @@ class Tracker:
     def start_run(self, experiment: str, run_name: str, tags: Mapping[str, str] | None = None,
                   parent: str | None = None) -> str:
         """A new RUNNING run owned by this process; prefer ``run``, which always ends it."""
+        self._writable("open a run")
         self.end_dead_runs_once()
         extra = {"mlflow.parentRunId": parent} if parent else {}
         run = self.client.create_run(self.experiment_id(experiment), run_name=run_name[:MAX_RUN_NAME],
@@ -143,6 +175,7 @@ class Tracker:
 
     def reopen_run(self, run_id: str) -> str:
         """Continue a run after a restart (a resumed training run stays one MLflow run); this process owns it."""
+        self._writable("reopen a run")
         self.end_dead_runs_once()
         self.client.set_tag(run_id, OWNER_TAG, owner_tag())
         self.client.update_run(run_id, status="RUNNING")

@@ -5,25 +5,36 @@ Every endpoint names a slide by catalog id (a query parameter, so any id, slashe
 intact); an id the catalog does not have, a layer or a Deep Zoom address outside the slide, is a 404. No part of
 a request becomes a file path: slide files come from the catalog, overlay pictures are drawn in memory, and the
 static folders are served by Starlette's ``StaticFiles`` (which refuses paths outside them).
+
+Search filters are structured clauses, never SQL text (``histcode.viewer.filters``); a search runs on a small
+pool of its own under a time limit (``SEARCH_TIME_LIMIT_S``). Every request passes ``histcode.viewer.access``
+first: its Host must be one the viewer answers for, and a shared viewer wants its token or its proxy's header.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as SearchTimeout
 from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from histcode.store.vectors import SLIDE_KIND, TILE_KIND
+from histcode.viewer.access import Access, AccessMiddleware
 from histcode.viewer.cohort import BadFilter, UnknownItem, ViewerData
 from histcode.viewer.cohort_query import CohortQuery, CohortQueryError
 from histcode.viewer.deepzoom import DeepZoomTiles, TileNotFound
+from histcode.viewer.filters import FilterRejected, describe, parse_clauses
 from histcode.viewer.overlays import (
     grid_png,
     layer_legend,
@@ -40,6 +51,8 @@ HERE = Path(__file__).parent
 MAX_K = 50
 CACHE = {"Cache-Control": "max-age=3600"}
 THUMBNAIL_PX = 160
+SEARCH_TIME_LIMIT_S = 10.0  # a search still running after this is answered 503 (and finishes on its pool)
+SEARCHES_AT_ONCE = 2  # searches run at once; as many more may wait, the rest are answered 503 at once
 
 
 def datadocs_dir(ws: Workspace) -> Path | None:
@@ -134,11 +147,16 @@ def survival_km_png(frame) -> bytes:
         return path.read_bytes()
 
 
-def create_app(ws: Workspace, cache_dir: Path | None = None) -> Starlette:
+def create_app(ws: Workspace, cache_dir: Path | None = None, access: Access | None = None,
+               search_time_limit_s: float = SEARCH_TIME_LIMIT_S) -> Starlette:
     """The viewer over ``ws``. Nothing is computed at start: the cohort page reads the stored predictions (the
     catalog's ``predictions`` table) a page at a time, a slide's layers are computed when its page is opened.
-    ``cache_dir``: where slide thumbnails are kept (default ``histcode.viewer.thumbnails.cache_root()``)."""
+    ``cache_dir``: where slide thumbnails are kept (default ``histcode.viewer.thumbnails.cache_root()``);
+    ``access``: the Host names answered and the token or proxy header wanted (default: loopback names, no token)."""
+    access = access or Access()
     data = ViewerData(ws)
+    searches = ThreadPoolExecutor(max_workers=SEARCHES_AT_ONCE, thread_name_prefix="viewer-search")
+    search_slots = threading.BoundedSemaphore(2 * SEARCHES_AT_ONCE)
     tiles = DeepZoomTiles()
     thumbnails = ThumbnailCache(cache_dir)
     templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
@@ -152,6 +170,30 @@ def create_app(ws: Workspace, cache_dir: Path | None = None) -> Starlette:
 
     def slide_of(request: Request) -> dict:
         return data.slide(request.query_params.get("id"))
+
+    def clauses_of(request: Request) -> list:
+        try:
+            return parse_clauses(request.query_params.multi_items())
+        except FilterRejected as exc:
+            raise HTTPException(400, str(exc)) from None
+
+    def bounded(search):
+        """``search()`` on the search pool, answered 503 past the time limit or when the pool is full."""
+        if not search_slots.acquire(blocking=False):
+            raise HTTPException(503, "the viewer is busy with other searches: try again in a moment")
+        try:
+            future = searches.submit(search)
+        except BaseException:
+            search_slots.release()
+            raise
+        future.add_done_callback(lambda _: search_slots.release())
+        try:
+            return future.result(timeout=search_time_limit_s)
+        except SearchTimeout:
+            raise HTTPException(503, f"the search took longer than {search_time_limit_s:g} s: narrow the filter "
+                                     "or lower k") from None
+        except BadFilter as exc:
+            raise HTTPException(400, str(exc)) from None
 
     # -- pages ------------------------------------------------------------------------------------------------
     def cohort_page(request: Request) -> HTMLResponse:
@@ -196,7 +238,8 @@ def create_app(ws: Workspace, cache_dir: Path | None = None) -> Starlette:
             "slide_id": sid, "patient_id": slide["patient_id"], "cohort": slide["cohort"], "mpp": slide["mpp_x"],
             "view": view.view_id, "tile_source": pyramid.as_tile_source(), "overlays": overlays,
             "n_tiles": len(grid.tile_ids) if grid else 0, "tile_size": grid.size if grid else None,
-            "predictions": data.predictions(sid), "mask_auc": data.mask_auc(sid), "labels": data.labels(sid)}))
+            "predictions": data.predictions(sid), "patient": data.patient_predictions(sid),
+            "mask_auc": data.mask_auc(sid), "labels": data.labels(sid)}))
 
     def api_dz(request: Request) -> Response:
         slide = slide_of(request)
@@ -238,12 +281,22 @@ def create_app(ws: Workspace, cache_dir: Path | None = None) -> Starlette:
     def api_neighbours(request: Request) -> JSONResponse:
         view = view_of(request)
         k = min(max(_int(request, "k", 8), 1), MAX_K)
-        where = request.query_params.get("where") or None
-        try:
-            hits = data.neighbours(view, request.query_params.get("tile", ""), k, where)
-        except BadFilter as exc:
-            raise HTTPException(400, str(exc)) from None
-        return JSONResponse(_clean({"view": view.view_id, "where": where, "hits": hits}))
+        clauses = clauses_of(request)
+        hits = bounded(lambda: data.neighbours(view, request.query_params.get("tile", ""), k, clauses))
+        return JSONResponse(_clean({"view": view.view_id, "filter": [c.__dict__ for c in clauses], "hits": hits}))
+
+    def api_filters(request: Request) -> JSONResponse:
+        """The columns and operators a search filter of this view may use (tiles, and slides where it has them)."""
+        view = view_of(request)
+        out = {"view": view.view_id, "tile": None, "slide": None}
+        for kind, key in ((TILE_KIND, "tile"), (SLIDE_KIND, "slide")):
+            if kind == TILE_KIND and view.slide_level:
+                continue
+            try:
+                out[key] = describe(data.filter_columns(view, kind))
+            except UnknownItem:
+                pass
+        return JSONResponse(out)
 
     def api_tile_image(request: Request) -> Response:
         view = view_of(request)
@@ -255,11 +308,9 @@ def create_app(ws: Workspace, cache_dir: Path | None = None) -> Starlette:
     def api_similar(request: Request) -> JSONResponse:
         slide, view = slide_of(request), view_of(request)
         k = min(max(_int(request, "k", 5), 1), MAX_K)
-        try:
-            hits = data.similar_slides(view, slide["slide_id"], k, request.query_params.get("where") or None)
-        except BadFilter as exc:
-            raise HTTPException(400, str(exc)) from None
-        return JSONResponse(_clean({"view": view.view_id, "hits": hits}))
+        clauses = clauses_of(request)
+        hits = bounded(lambda: data.similar_slides(view, slide["slide_id"], k, clauses))
+        return JSONResponse(_clean({"view": view.view_id, "filter": [c.__dict__ for c in clauses], "hits": hits}))
 
     def api_survival(request: Request) -> Response:
         frame = survival_groups(data)
@@ -278,11 +329,13 @@ def create_app(ws: Workspace, cache_dir: Path | None = None) -> Starlette:
         Route("/api/slides", api_slides), Route("/api/slide", api_slide), Route("/api/dz", api_dz),
         Route("/api/thumbnail", api_thumbnail), Route("/api/overlay", api_overlay), Route("/api/tile-at", api_tile_at),
         Route("/api/neighbours", api_neighbours), Route("/api/tile-image", api_tile_image),
-        Route("/api/similar", api_similar), Route("/api/survival-km.png", api_survival),
+        Route("/api/similar", api_similar), Route("/api/filters", api_filters),
+        Route("/api/survival-km.png", api_survival),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     if docs is not None:
         routes.append(Mount("/datadocs", StaticFiles(directory=docs, html=True), name="datadocs"))
-    app = Starlette(routes=routes, exception_handlers={UnknownItem: not_found, HTTPException: http_error})
-    app.state.data, app.state.tiles = data, tiles
+    app = Starlette(routes=routes, exception_handlers={UnknownItem: not_found, HTTPException: http_error},
+                    middleware=[Middleware(AccessMiddleware, access=access)])
+    app.state.data, app.state.tiles, app.state.access = data, tiles, access
     return app

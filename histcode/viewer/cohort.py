@@ -20,10 +20,12 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
+import duckdb
 import numpy as np
 
 from histcode.features.registry import FeatureView, list_views, load_view, resolve_view
 from histcode.store.catalog import Catalog
+from histcode.store.patient_predictions import CURRENT_PATIENT_SQL
 from histcode.store.predictions import CURRENT_SQL
 from histcode.tiling.spec import spec_id_of
 from histcode.viewer.cohort_query import CohortQuery
@@ -91,7 +93,7 @@ class ViewerData:
             if self._tracker is None:
                 from histcode.tracking import Tracker
 
-                self._tracker = Tracker(self.ws)
+                self._tracker = Tracker(self.ws, read_only=True)  # a viewer relocates nothing, writes nothing
             return self._tracker
 
     # -- slides and views ------------------------------------------------------------------------------------
@@ -216,6 +218,28 @@ class ViewerData:
             note = f"predicted by a head version that is no longer @best: {command}"
         return {"values": values, "by": list(by.values()), "note": note, "command": command if note else None}
 
+    def patient_predictions(self, slide_id: str) -> dict:
+        """The slide's patient's pooled predictions (``current_patient_predictions``): ``values`` output -> number
+        (DE: its call), ``by`` one entry per (task, version, source) with the pooling and the slides pooled; {}
+        when none is stored (a catalog from before patient-level rows, or a patient not yet pooled)."""
+        patient = self.slide(slide_id)["patient_id"] or slide_id
+        try:
+            rows = self.snapshot.query(f"SELECT * FROM ({CURRENT_PATIENT_SQL.format(table='patient_predictions')}) "
+                                       "WHERE patient_id = ? ORDER BY task, output", [patient])
+        except duckdb.CatalogException:  # a catalog without the table
+            return {}
+        if not rows:
+            return {}
+        by = {}
+        for r in rows:
+            by.setdefault((r["task"], r["version"], r["source"]), {
+                "task": r["task"], "version": r["version"], "source": r["source"], "pooling": r["pooling"],
+                "n_slides": r["n_slides"], "slide_ids": list(r["slide_ids"] or []), "stale": bool(r["stale"])})
+        return {"patient_id": patient,
+                "values": {r["output"]: r["call"] if r["output"].startswith("de_") else r["value"] for r in rows},
+                "calls": {r["output"]: r["call"] for r in rows if r["call"] is not None},
+                "by": list(by.values())}
+
     def prediction_outputs(self) -> list[str]:
         """The outputs the stored predictions have (columns of the cohort page)."""
         return [r["output"] for r in self.snapshot.query("SELECT DISTINCT output FROM current_predictions ORDER BY output",
@@ -282,7 +306,7 @@ class ViewerData:
             heads, layers = self.heads(), {}
             att = heads.get("attention")
             bag = self.bag(att.view_id, slide_id) if att is not None else None
-            if bag is not None:
+            if bag is not None and bag.has_tiles:  # a slide encoder's view has no tiles to draw on
                 _, raw = att(bag.features)  # drawn as every heatmap is: smoothed over the tile grid
                 attention = Smoothing.of(self.cfg.heads).apply(raw, bag.xy, bag.size)
                 layers["attention"] = Layer("attention", "attention", "sequential", grid_of(bag.tile_ids, bag.xy, bag.size),
@@ -293,7 +317,7 @@ class ViewerData:
                                             layers["attention"].grid, truth.astype(float), "the slide's mask")
             de = heads.get("de")
             bag = self.bag(de.view_id, slide_id) if de is not None and de.genes else None
-            if bag is not None:
+            if bag is not None and bag.has_tiles:
                 per_tile = de.tile_scores(bag.features)
                 grid = grid_of(bag.tile_ids, bag.xy, bag.size)
                 for g, gene in enumerate(de.genes):
@@ -353,32 +377,65 @@ class ViewerData:
         row["vector"] = np.asarray(row["vector"], dtype=np.float32)
         return row
 
-    def neighbours(self, view: FeatureView, tile_id: str, k: int, where: str | None) -> list[dict]:
-        """The ``k`` tiles of the cohort nearest to ``tile_id`` in ``view`` (cosine), among those ``where``
-        selects; ``BadFilter`` for a bad filter."""
-        from histcode.features.search import SearchError
+    def filter_columns(self, view: FeatureView, kind: str) -> dict[str, str]:
+        """The columns a search filter may name in ``view``'s table of ``kind`` (``filters.allowed_columns``)."""
+        from histcode.store.vectors import TILE_KIND
+        from histcode.viewer.filters import allowed_columns
+
+        schema = self._searcher(view).dataset.schema if kind == TILE_KIND else self._slide_table(view).schema
+        return allowed_columns(schema, kind, view.attribute_columns)
+
+    def _slide_table(self, view: FeatureView):
+        from histcode.features.read import view_table
+        from histcode.store.vectors import SLIDE_KIND
+
+        try:
+            return view_table(self.ws, view, SLIDE_KIND)
+        except Exception as exc:  # noqa: BLE001 -- no slide table in this view yet
+            raise UnknownItem(f"view {view.view_id} has no slide vectors") from exc
+
+    def neighbours(self, view: FeatureView, tile_id: str, k: int, clauses: list | None = None) -> list[dict]:
+        """The ``k`` tiles of the cohort nearest to ``tile_id`` in ``view`` (cosine), among those the structured
+        filter ``clauses`` (``histcode.viewer.filters``) selects; ``BadFilter`` for a filter refused."""
+        from histcode.store.vectors import TILE_KIND
 
         tile = self.tile(view, tile_id)
         searcher = self._searcher(view)
-        try:
-            hits = searcher.with_sizes(searcher.nearest(tile["vector"], k, where, exclude=tile_id))
-        except SearchError as exc:
-            raise BadFilter(str(exc)) from None
+        where = self._where(view, TILE_KIND, clauses)
+        hits = self._searched(view, lambda: searcher.with_sizes(searcher.nearest(tile["vector"], k, where, exclude=tile_id)))
         keep = [c for c in ("rank", "tile_id", "slide_id", "patient_id", "x", "y", "size", "distance") if c in hits.column_names]
         return hits.select(keep).to_pylist()
 
-    def similar_slides(self, view: FeatureView, slide_id: str, k: int, where: str | None = None) -> list[dict]:
-        from histcode.features.read import view_table
-        from histcode.features.search import SearchError, nearest_slides
+    def similar_slides(self, view: FeatureView, slide_id: str, k: int, clauses: list | None = None) -> list[dict]:
+        from histcode.features.search import nearest_slides
         from histcode.store.vectors import SLIDE_KIND
 
         self.slide(slide_id)
+        table = self._slide_table(view)
+        where = self._where(view, SLIDE_KIND, clauses)
+        return self._searched(view, lambda: nearest_slides(table, slide_id, k, where, "mean", view)).to_pylist()
+
+    def _where(self, view: FeatureView, kind: str, clauses: list | None) -> str | None:
+        from histcode.viewer.filters import FilterRejected, compile_clauses
+
+        if not clauses:
+            return None
         try:
-            table = view_table(self.ws, view, SLIDE_KIND)
-        except Exception as exc:  # noqa: BLE001 -- no slide table in this view yet
-            raise UnknownItem(f"view {view.view_id} has no slide vectors") from exc
+            return compile_clauses(clauses, self.filter_columns(view, kind))
+        except FilterRejected as exc:
+            raise BadFilter(str(exc)) from None
+
+    @staticmethod
+    def _searched(view: FeatureView, search):
+        """``search()``, its failures told in HistCode's words: a filter the store refused is a short reason
+        without the store's own text (its hidden columns, source paths), which goes to the log."""
+        from histcode.features.search import FilterError, SearchError
+
         try:
-            return nearest_slides(table, slide_id, k, where, "mean", view).to_pylist()
+            return search()
+        except FilterError as exc:
+            log.info("search filter refused in view %s: %s", view.view_id, exc)
+            raise BadFilter(f"the filter cannot be applied in view {view.view_id}") from None
         except SearchError as exc:
             raise BadFilter(str(exc)) from None
 

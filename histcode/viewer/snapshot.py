@@ -21,7 +21,7 @@ from histcode.store.catalog import Catalog
 
 log = logging.getLogger(__name__)
 
-TABLES = ("slides", "cohorts", "tilings", "slide_labels", "predictions", "feature_views")
+TABLES = ("slides", "cohorts", "tilings", "slide_labels", "predictions", "patient_predictions", "feature_views")
 
 
 class CatalogSnapshot:

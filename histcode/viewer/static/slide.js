@@ -64,6 +64,20 @@
         text: k.slice(3) + (arrow[v] || "")}))));
   }
   if (stored.note) pred.append(hc.el("p", {class: "note", id: "prediction-note", text: stored.note}));
+  const patient = info.patient;
+  if (patient && patient.by && patient.by.length) {
+    // the patient's prediction, pooled from its slides (histcode.heads.patients)
+    const shown = Object.entries(patient.values).filter(([k]) => !k.startsWith("de_"));
+    const prow = shown.map(([k, v]) => [k.replace(/^p_/, "p ").replace("p luad", "p LUAD").replace("p lusc", "p LUSC"),
+      patient.calls[k] && k !== "risk" ? `${hc.fmt(v)} (${patient.calls[k]})` : v]);
+    for (const b of patient.by) {
+      const how = b.source === "cv" ? "out of fold" : "predicted";
+      prow.push([`${b.task}`, `v${b.version}, ${how}, ${b.pooling} of ${b.n_slides} slide${b.n_slides === 1 ? "" : "s"}${b.stale ? ", stale" : ""}`]);
+    }
+    pred.append(hc.el("h4", {text: `patient ${patient.patient_id}`, id: "patient-heading"}),
+      hc.el("table", {class: "kv", id: "patient-predictions"}, ...prow.map(([k, v]) =>
+        hc.el("tr", {}, hc.el("th", {text: k}), hc.el("td", {text: hc.fmt(v)})))));
+  }
 
   // -- score layers -----------------------------------------------------------------------------------------
   const layerSelect = document.getElementById("layer");
@@ -95,7 +109,19 @@
   }
 
   // -- click a tile: its neighbours -----------------------------------------------------------------------------
-  const whereBox = document.getElementById("where"), kBox = document.getElementById("k");
+  // the filter is structured (column, operator, value: /api/filters lists what this view allows), never SQL text
+  const columnBox = document.getElementById("filter-column"), opBox = document.getElementById("filter-op");
+  const valueBox = document.getElementById("filter-value"), kBox = document.getElementById("k");
+  hc.json("/api/filters?" + hc.q({view})).then(allowed => {
+    if (!allowed.tile) return;
+    columnBox.append(...allowed.tile.columns.map(c => hc.el("option", {value: c.name, text: c.name})));
+    opBox.append(...allowed.tile.operators.map(o => hc.el("option", {value: o.op, text: o.label})));
+  }).catch(() => { columnBox.disabled = true; });
+  function filterParams() {
+    // one clause: <column>__<op>=<value> ("one of" and "none of" take comma-separated values)
+    if (!columnBox.value || !opBox.value) return {};
+    return {[`${columnBox.value}__${opBox.value}`]: opBox.value === "isnull" ? (valueBox.value || "true") : valueBox.value};
+  }
   let marker = null, lastTile = null;
   function thumb(hit, label) {
     const href = hc.slideUrl(hit.slide_id, view, hit.x !== undefined ? {x: hit.x, y: hit.y, size: hit.size} : {});
@@ -108,13 +134,13 @@
     const box = document.getElementById("neighbours");
     document.getElementById("clicked").textContent = `tile at (${tile.x}, ${tile.y}) · ${tile.tile_id.slice(0, 12)}…`;
     try {
-      const res = await hc.json("/api/neighbours?" + hc.q({view, tile: tile.tile_id, k: kBox.value, where: whereBox.value}));
+      const res = await hc.json("/api/neighbours?" + hc.q({view, tile: tile.tile_id, k: kBox.value, ...filterParams()}));
       box.replaceChildren(...res.hits.map(h => thumb(h, `#${h.rank} · d ${hc.fmt(h.distance)}`)));
       if (!res.hits.length) box.append(hc.el("p", {class: "muted", text: "no tiles match the filter"}));
     } catch (e) { box.replaceChildren(hc.el("p", {class: "error", text: e.message})); }
     state.neighbours = box.children.length;
   }
-  for (const el of [whereBox, kBox]) el.addEventListener("change", () => lastTile && neighbours(lastTile));
+  for (const el of [columnBox, opBox, valueBox, kBox]) el.addEventListener("change", () => lastTile && neighbours(lastTile));
   viewer.addHandler("canvas-click", async ev => {
     if (!ev.quick) return;
     const p = viewer.world.getItemAt(0).viewerElementToImageCoordinates(ev.position);
