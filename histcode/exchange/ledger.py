@@ -3,8 +3,8 @@
 
 The view's own ledger (``materializations``) says a slide is done for its current pixels; this table adds the
 imported content, so a file re-extracted by the other tool (same name, other vectors) is imported again while an
-unchanged one (also copied or re-saved elsewhere) is skipped without a write. It lives in the catalog beside the other tables and is created by
-the first import (``CREATE ... IF NOT EXISTS``); a slide without a row here is simply imported again.
+unchanged one (also copied or re-saved elsewhere) is skipped without a write. It is a table of the catalog's schema
+(``histcode.store.schema``); a slide without a row here is simply imported again.
 """
 
 from __future__ import annotations
@@ -12,20 +12,11 @@ from __future__ import annotations
 from histcode.store.catalog import Catalog
 from histcode.store.records import utcnow
 
-TABLE = "imported_files"
-DDL = f"""CREATE TABLE IF NOT EXISTS {TABLE} (
-    view_id VARCHAR, slide_id VARCHAR, tool VARCHAR, source VARCHAR, sha256 VARCHAR, n_tiles INTEGER,
-    imported_at TIMESTAMP, PRIMARY KEY (view_id, slide_id))"""
-
-
-def _exists(catalog: Catalog) -> bool:
-    return bool(catalog.query("SELECT 1 FROM information_schema.tables WHERE table_name = ?", [TABLE]))
+TABLE = "imported_files"  # histcode.store.schema's TABLES["imported_files"]
 
 
 def imported_digests(catalog: Catalog, view_id: str) -> dict[str, str]:
     """slide_id -> SHA-256 of the file its rows in ``view_id`` were imported from."""
-    if not _exists(catalog):
-        return {}
     rows = catalog.query(f"SELECT slide_id, sha256 FROM {TABLE} WHERE view_id = ?", [view_id])
     return {r["slide_id"]: r["sha256"] for r in rows}
 
@@ -34,7 +25,6 @@ def record_imported(catalog: Catalog, view_id: str, tool: str, rows: list[dict])
     """Rows (slide_id, source, sha256, n_tiles), replacing the slides' earlier rows, in one transaction."""
     now = utcnow()
     with catalog.transaction() as con:
-        con.execute(DDL)
         for r in rows:
             con.execute(f"DELETE FROM {TABLE} WHERE view_id = ? AND slide_id = ?", [view_id, r["slide_id"]])
             con.execute(f"INSERT INTO {TABLE} VALUES (?, ?, ?, ?, ?, ?, ?)",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 
 TABLES: dict[str, str] = {
     "meta": """
@@ -206,6 +206,13 @@ TABLES: dict[str, str] = {
             source VARCHAR NOT NULL, pooling VARCHAR, output VARCHAR NOT NULL, value DOUBLE, call VARCHAR,
             n_slides INTEGER, slide_ids VARCHAR[], stale BOOLEAN NOT NULL, predicted_at TIMESTAMP
         )""",
+    # Feature files imported from other tools (histcode.exchange): which file each slide's rows of a view came
+    # from, by SHA-256, so a rerun imports only new or changed files.
+    "imported_files": """
+        CREATE TABLE IF NOT EXISTS imported_files (
+            view_id VARCHAR, slide_id VARCHAR, tool VARCHAR, source VARCHAR, sha256 VARCHAR, n_tiles INTEGER,
+            imported_at TIMESTAMP, PRIMARY KEY (view_id, slide_id)
+        )""",
 }
 
 # Upgrades of catalogs written by older versions: {version: statements}.
@@ -229,6 +236,8 @@ MIGRATIONS: dict[int, list[str]] = {
     # the Lance table versions of the last ledger commit (the table itself is created with the others; a view
     # without a row is read at its latest version until its next commit records one)
     10: [],
+    # imported feature files (the table itself is created with the others; exchange created it on first import)
+    11: [],
 }
 
 # Tables whose rows derive from a slide's pixels: cleared when the slide's content changes.
