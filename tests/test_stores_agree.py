@@ -137,6 +137,10 @@ def test_a_vector_commit_that_meets_a_full_disk_stays_unseen_and_a_rerun_complet
     hits = search(ws, view, ws.config().features, slide_id=sorted(set(expected.slide_id) - set(two))[0], k=10)
     assert not set(two) & set(hits.column("slide_id").to_pylist())
     assert Catalog.of(ws).query("SELECT count(*) AS n FROM materializations WHERE slide_id IN (?, ?)", two) == [{"n": 0}]
+    from histcode.api import open as open_workspace  # the Python API reads the committed versions too
+
+    api_view = open_workspace(ws.root).view(view.view_id)
+    assert len(api_view.tiles(columns=["tile_id"])) == served and not set(two) & set(api_view.slides().slide_id)
 
     told = histcode(ws, "embed", failpoint="embed.committed:enospc")  # the command: one line, the cause named
     assert told.returncode == MACHINE_FAULT_EXIT and "Traceback" not in told.stderr, told.stderr[-2000:]

@@ -13,7 +13,7 @@ import numpy as np
 from histcode.api.frames import Format, check_format, convert, converted, read_batches, read_table, row_filter
 from histcode.config import HistcodeConfig
 from histcode.features.read import view_table
-from histcode.features.registry import FeatureView
+from histcode.features.registry import FeatureView, committed_version
 from histcode.store.catalog import Catalog
 from histcode.store.vectors import SLIDE_KIND, TILE_KIND
 from histcode.workspace import Workspace as Paths
@@ -105,8 +105,15 @@ class View:
                 for v in table.list_versions()]
 
     # -- reading ----------------------------------------------------------------------------------------
+    def _as_of(self, kind: str, as_of: int | str | None) -> int | str | None:
+        """``as_of``, or, when None, the version of the last ledger commit (``committed_version``): vectors of a
+        write whose ledger commit never happened are not read."""
+        if as_of is not None or (kind == TILE_KIND and self._view.slide_level):  # no tile table: view_table says so
+            return as_of
+        return committed_version(Catalog.of(self._paths), self._paths.lancedb_uri, self._view, kind)
+
     def _read(self, kind: str, where, columns, as_of, batch_size: int | None = None, **ids):
-        table = view_table(self._paths, self._view, kind, as_of)
+        table = view_table(self._paths, self._view, kind, self._as_of(kind, as_of))
         args = (table.to_lance(), self._view.table(kind).name, columns, row_filter(where, **ids))
         return read_table(*args) if batch_size is None else read_batches(*args, batch_size)
 
@@ -162,7 +169,8 @@ class View:
                 raise SearchError(f"a query vector of view {fv.view_id} has {fv.dim} values, not {query.shape[0]}")
         else:
             query = embed_image(self._paths, fv, image)
-        return convert(nearest(view_table(self._paths, fv, TILE_KIND, as_of), query, k, where, features), format)
+        return convert(nearest(view_table(self._paths, fv, TILE_KIND, self._as_of(TILE_KIND, as_of)), query, k, where,
+                               features), format)
 
     def similar_slides(self, slide_id: str, *, k: int = 10, where: str | None = None, centring: str = "mean",
                        as_of: int | str | None = None, format: Format = "pandas"):
@@ -182,7 +190,7 @@ class View:
         gate (``LabelGateError`` otherwise)."""
         from histcode.api.bags import BagDataset
 
-        return BagDataset.of(self._paths, self._view, task, as_of)
+        return BagDataset.of(self._paths, self._view, task, self._as_of(TILE_KIND, as_of))
 
     def __repr__(self) -> str:
         fv = self._view
