@@ -13,6 +13,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -68,11 +69,14 @@ class Bag:
 
 
 def load_bags(ws: Workspace, view: FeatureView, as_of: int | str | None = None,
-              slide_ids: list[str] | None = None, chunk_rows: int = CHUNK_ROWS) -> dict[str, Bag]:
+              slide_ids: list[str] | None = None, chunk_rows: int = CHUNK_ROWS,
+              spill_dir: Path | None = None) -> dict[str, Bag]:
     """The bags of ``slide_ids`` (default: every slide of the view), one per slide, tiles in (y, x) order. Their
     features, corners and tile ids are views of memory maps of files written chunk by chunk and unlinked at once
     (features copy-on-write: writes stay in memory, never reach the file), so what the training set holds in
-    memory does not grow with the cohort; the operating system pages the data in as it is touched.
+    memory does not grow with the cohort; the operating system pages the data in as it is touched. The files go
+    in ``spill_dir``, by default the workspace's data folder (a reader that writes nothing there, the viewer,
+    passes a temporary folder).
 
     A slide-level view (a slide encoder's vectors, ``FeatureView.slide_level``) gives each slide a bag of ONE
     vector: its slide embedding, with the slide id as its one "tile" id, corner (0, 0) and size 0 (the vector
@@ -83,14 +87,15 @@ def load_bags(ws: Workspace, view: FeatureView, as_of: int | str | None = None,
     if view.slide_level:
         return slide_vector_bags(ws, view, as_of, slide_ids)
     table = view_table(ws, view, TILE_KIND, as_of)
-    ws.data_dir.mkdir(parents=True, exist_ok=True)
+    spill_dir = ws.data_dir if spill_dir is None else spill_dir
+    spill_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, tuple[int, str]] = {}
     spans: list[tuple[str, str, int, int, int]] = []  # slide, patient, first and end tile, size
     total = id_bytes = 0
     try:
         out = {}
         for name in ("vectors", "xy", "ids", "offsets"):
-            files[name] = tempfile.mkstemp(prefix=f"bags-{name}-", suffix=".bin", dir=ws.data_dir)
+            files[name] = tempfile.mkstemp(prefix=f"bags-{name}-", suffix=".bin", dir=spill_dir)
             out[name] = os.fdopen(files[name][0], "wb")
         with out["vectors"], out["xy"], out["ids"], out["offsets"]:
             for chunk in slide_chunks(table, slide_ids, chunk_rows):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -190,7 +191,9 @@ class ViewerData:
                 from histcode.heads.data import load_bags
 
                 view = load_view(self.catalog, view_id)
-                bag = load_bags(self.ws, view, slide_ids=[slide_id]).get(slide_id)
+                # its memory maps' files in a temporary folder: the viewer writes nothing in the workspace
+                bags = load_bags(self.ws, view, slide_ids=[slide_id], spill_dir=Path(tempfile.gettempdir()))
+                bag = bags.get(slide_id)
                 if len(self._bags) >= BAGS_KEPT:
                     self._bags.pop(next(iter(self._bags)))
                 self._bags[key] = bag
