@@ -174,3 +174,90 @@ class Workspace:
         for d in (self.data_dir, self.mlruns_dir, self.outputs_dir):
             d.mkdir(parents=True, exist_ok=True)
         return self
+
+
+# --- who may read the workspace: private workspaces (umask 077) and making an existing one private ---
+
+PRIVATE_ENV = "HISTCODE_PRIVATE"
+PRIVATE_UMASK = 0o077
+GROUP_OTHER = 0o077
+
+
+def wants_private(cfg: HistcodeConfig | None) -> bool:
+    """Whether files this invocation creates must be owner-only: ``workspace.private`` in params.yaml, or
+    ``$HISTCODE_PRIVATE`` set to 1/true/yes (for a lab that sets it centrally; 0/false/no turns it off)."""
+    env = os.environ.get(PRIVATE_ENV, "").strip().lower()
+    if env in ("1", "true", "yes", "on"):
+        return True
+    if env in ("0", "false", "no", "off"):
+        return False
+    return cfg is not None and cfg.workspace.private
+
+
+def store_paths(ws: Workspace) -> list[Path]:
+    """The folders and files HistCode writes in a workspace (those that exist), the root first."""
+    candidates = (ws.root, ws.data_dir, ws.catalog_path, ws.lancedb_dir, ws.mlruns_dir, ws.outputs_dir,
+                  ws.metrics_dir, ws.project_file.parent)
+    return [p for p in candidates if p.exists()]
+
+
+def _tree(ws: Workspace):
+    """The workspace root, then every entry below HistCode's stores (symbolic links not followed). The root is
+    not walked whole: a workspace may be a source checkout, whose other files are not HistCode's."""
+    yield ws.root
+    for top in store_paths(ws)[1:]:
+        if top.is_file():
+            yield top
+            continue
+        yield top
+        for folder, dirs, files in os.walk(top):
+            for name in (*dirs, *files):
+                yield Path(folder) / name
+
+
+def open_entries(ws: Workspace, limit: int = 20000) -> list[Path]:
+    """Entries of the workspace (root and stores) that the group or others may read or enter, up to ``limit``
+    looked at."""
+    import stat
+
+    found = []
+    for i, path in enumerate(_tree(ws)):
+        if i >= limit:
+            break
+        try:
+            st = path.lstat()
+        except OSError:
+            continue
+        if not stat.S_ISLNK(st.st_mode) and st.st_mode & GROUP_OTHER:
+            found.append(path)
+    return found
+
+
+@dataclass(frozen=True)
+class SecureReport:
+    changed: list[tuple[Path, int, int]]  # (path, mode before, mode after)
+    failed: list[tuple[Path, str]]  # (path, why: e.g. another user's file)
+    looked_at: int
+
+
+def secure_workspace(ws: Workspace) -> SecureReport:
+    """Make a workspace owner-only: its root and every folder of its stores 0700, every file 0600 (an owner's
+    execute bit kept). Symbolic links are left as they are (their targets may be outside). An entry that cannot
+    be changed (another user's) is reported, not raised."""
+    import stat
+
+    changed, failed, looked = [], [], 0
+    for path in _tree(ws):
+        looked += 1
+        try:
+            st = path.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                continue
+            before = stat.S_IMODE(st.st_mode)
+            after = 0o700 if stat.S_ISDIR(st.st_mode) else (before & 0o700) | 0o600
+            if before != after:
+                os.chmod(path, after)
+                changed.append((path, before, after))
+        except OSError as exc:
+            failed.append((path, exc.strerror or str(exc)))
+    return SecureReport(changed, failed, looked)

@@ -23,7 +23,7 @@ from histcode.ssl.encoders import EncoderError
 from histcode.ssl.foundation import FOUNDATION, build_foundation, foundation_spec
 from histcode.ssl.modules import FOUNDATION_PREFIX, MODULE_ARTIFACT, STATE, log_module
 from histcode.ssl.stain_norm import NONE, describe as describe_stain_norm
-from histcode.ssl.weights import load_published, locate_weights, read_state_dict
+from histcode.ssl.weights import load_published, locate_weights, read_state_dict, verify_weights
 from histcode.tracking import Tracker, quote
 from histcode.workspace import Workspace
 from histcode.wsi.files import file_sha256
@@ -43,6 +43,8 @@ class Registered:
     sha256: str
     mpp: float
     reused: bool = False
+    weights_check: str = "unknown"  # verified | unknown | override (histcode.ssl.weights.verify_weights)
+    weights_note: str = ""
 
     @property
     def ref(self) -> str:
@@ -101,10 +103,13 @@ RESERVED_ALIASES = ("random", "colour", "simclr", "moco", "adco", "best", "lates
 
 
 def register_foundation(ws: Workspace, cfg: HistcodeConfig, name: str, weights: Path, mpp: float | None = None,
-                        alias: str | None = None, force: bool = False, stain_norm: bool = False) -> Registered:
+                        alias: str | None = None, force: bool = False, stain_norm: bool = False,
+                        allow_other_weights: bool = False) -> Registered:
     """``stain_norm``: its feature views read slide tiles through ``pretrain.stain_norm`` (as the encoders trained
     here do, so that an ablation compares encoders alone); by default tiles are read as they are, as the
-    published encoders were trained."""
+    published encoders were trained. The file's SHA-256 is compared with the entry's published digests before
+    anything is written (``verify_weights``): a different file is refused unless ``allow_other_weights``, which
+    the version then carries as its ``weights_check=override`` tag."""
     spec = foundation_spec(name)
     path = locate_weights(spec, weights)
     mpp = float(mpp if mpp is not None else spec.mpp)
@@ -114,16 +119,19 @@ def register_foundation(ws: Workspace, cfg: HistcodeConfig, name: str, weights: 
     if alias in RESERVED_ALIASES:
         raise EncoderError(f"alias {alias!r} is reserved for the encoders HistCode trains (and MLflow's 'latest'); "
                            "choose another with --alias")
-    tracker, model_name, encoder_name = Tracker(ws), cfg.pretrain.register_as, FOUNDATION_PREFIX + spec.name
     log.info("%s: hashing %s", spec.title, path)
     sha = file_sha256(path, 1 << 24)
+    check, note = verify_weights(spec, path, sha, allow_other_weights)
+    (log.info if check == "verified" else log.warning)("%s", note)
+    tracker, model_name, encoder_name = Tracker(ws), cfg.pretrain.register_as, FOUNDATION_PREFIX + spec.name
     reading = describe_stain_norm(cfg.pretrain.stain_norm) if stain_norm else NONE
     version = None if force else _existing(tracker, model_name, encoder_name, sha, mpp, reading)
     if version is not None:
         tracker.client.set_registered_model_alias(model_name, alias, version)
+        tracker.client.set_model_version_tag(model_name, version, "weights_check", check)
         log.info("%s is already %s version %s (same weights and mpp); alias %s points at it", spec.title, model_name,
                  version, alias)
-        return Registered(spec.name, model_name, version, alias, path, sha, mpp, reused=True)
+        return Registered(spec.name, model_name, version, alias, path, sha, mpp, True, check, note)
 
     encoder = build_foundation(spec.name, weightless=True)  # the file's tensors become the weights: no copy
     load_published(spec, encoder, read_state_dict(path), str(path))
@@ -142,7 +150,8 @@ def register_foundation(ws: Workspace, cfg: HistcodeConfig, name: str, weights: 
             run_id, encoder, "encoder", (3, spec.input_px, spec.input_px), spec.dim, model_name, aliases=(alias,),
             version_tags={"method": encoder_name, "encoder": encoder_name, "image_px": spec.input_px, "dim": spec.dim,
                           "mpp": mpp, "run_id": run_id, "licence": spec.licence, "card": spec.card,
-                          "weights_sha256": sha, "weights_file": str(path), "stain_norm": reading},
+                          "weights_sha256": sha, "weights_file": str(path), "stain_norm": reading,
+                          "weights_check": check},
             weights_artifact=f"{MODULE_ARTIFACT}/{STATE}",
         )
     except BaseException:
@@ -150,7 +159,7 @@ def register_foundation(ws: Workspace, cfg: HistcodeConfig, name: str, weights: 
         raise
     tracker.end_run(run_id)
     log.info("registered %s as %s version %s (alias %s)", spec.title, model_name, version, alias)
-    return Registered(spec.name, model_name, str(version), alias, path, sha, mpp)
+    return Registered(spec.name, model_name, str(version), alias, path, sha, mpp, False, check, note)
 
 
 def registered_encoders(ws: Workspace, cfg: HistcodeConfig) -> list[dict]:
@@ -172,7 +181,8 @@ def registered_encoders(ws: Workspace, cfg: HistcodeConfig) -> list[dict]:
         tags = v.tags or {}
         rows.append({"model": name, "version": str(v.version), "aliases": ",".join(sorted(aliases.get(str(v.version), []))),
                      "encoder": tags.get("encoder", ""), "method": tags.get("method", ""), "dim": tags.get("dim", ""),
-                     "image_px": tags.get("image_px", ""), "mpp": tags.get("mpp", "")})
+                     "image_px": tags.get("image_px", ""), "mpp": tags.get("mpp", ""),
+                     "weights_check": tags.get("weights_check", "")})
     return rows
 
 

@@ -14,6 +14,7 @@ import sys
 import typer
 
 from histcode.cli import cohorts, common, doctor, encoders, features, heads, labels, services, slides, stack
+from histcode.cli import workspace as workspace_commands
 from histcode.cli.exchange import EXPORT, IMPORT
 
 HELP = "HistCode: whole-slide images -> tiles -> contrastive embeddings -> heads, as a feature store."
@@ -27,7 +28,8 @@ def build_app() -> typer.Typer:
         for name, command in module.COMMANDS:
             app.command(name)(command)
     for name, module in (("labels", labels), ("cohorts", cohorts), ("encoders", encoders),
-                         ("services", stack), ("import", IMPORT), ("export", EXPORT)):
+                         ("services", stack), ("import", IMPORT), ("export", EXPORT),
+                         ("workspace", workspace_commands)):
         group = typer.Typer(no_args_is_help=True, help=module.HELP)
         for command_name, command in module.COMMANDS:
             group.command(command_name)(command)

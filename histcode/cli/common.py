@@ -91,8 +91,26 @@ def main_options(
 ) -> None:
     setup_logging(verbose)
     ctx.obj = State(workspace)
+    private_umask(ctx.obj)  # before anything is written
     before = catalog_signature(ctx.obj)
     ctx.call_on_close(lambda: backup_after(ctx.obj, before))
+
+
+def private_umask(state: State) -> None:
+    """A private workspace (``workspace.private``, ``$HISTCODE_PRIVATE``): this process's umask becomes 077, so that
+    every file and folder the command creates is owner-only. Only the command sets it (library code holds no
+    global state); a params.yaml that does not load is left for the command to report."""
+    import os
+
+    from histcode.config import ConfigError
+    from histcode.workspace import PRIVATE_UMASK, Workspace, wants_private
+
+    try:
+        cfg = Workspace.resolve(state.workspace).config()
+    except (ConfigError, OSError, ValueError):
+        cfg = None  # $HISTCODE_PRIVATE still holds
+    if wants_private(cfg):
+        os.umask(PRIVATE_UMASK)
 
 
 def workspace_of(ctx: typer.Context):

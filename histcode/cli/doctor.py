@@ -22,7 +22,7 @@ def doctor(
     sample: Annotated[int, typer.Option("--sample", min=0, help="Catalog slides to open and check (spread over the cohort).")] = 5,
     mpp: Annotated[Optional[float], typer.Option("--mpp", help="um/px for --slides files that carry no scale, as `histcode ingest --mpp`.")] = None,
     weights: Annotated[Optional[list[str]], typer.Option("--weights", help="NAME=PATH: a foundation encoder's weight file (or Hugging Face cache folder) to check; repeatable.")] = None,
-    area: Annotated[Optional[list[str]], typer.Option("--area", help="Only these areas: environment, stores, encoders, slides (repeatable).")] = None,
+    area: Annotated[Optional[list[str]], typer.Option("--area", help="Only these areas: environment, stores, encoders, slides, exposure (repeatable).")] = None,
     output: Annotated[str, typer.Option("--format", help="table or json")] = "table",
     all_rows: Annotated[bool, typer.Option("--all", help="Show the checks that passed too (the table shows problems and a count of passes).")] = False,
 ) -> None:

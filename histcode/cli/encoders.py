@@ -62,9 +62,12 @@ def encoders_register(
     alias: Annotated[Optional[str], typer.Option(help="Registry alias (default: the entry's name).")] = None,
     force: Annotated[bool, typer.Option(help="Register a new version even if these weights are registered already.")] = False,
     stain_norm: Annotated[bool, typer.Option("--stain-norm", help="Read slide tiles through pretrain.stain_norm, as the encoders trained here do (for an ablation that compares encoders alone); default: as they are, as the encoder was published.")] = False,
+    allow_other_weights: Annotated[bool, typer.Option("--allow-other-weights", help="Register weights whose sha256 differs from the published file's (e.g. a fine-tuned copy); the version is tagged weights_check=override.")] = False,
 ) -> None:
     """Load a foundation encoder's published weights from this machine (nothing is downloaded) and register it as
     a version of the encoder model, so `histcode embed --encoder histcode-encoder@NAME` makes its feature view."""
+    from rich.markup import escape
+
     from histcode.apps.encoders import register_foundation
     from histcode.ssl.encoders import EncoderError
     from histcode.tracking import telemetry_off
@@ -73,10 +76,12 @@ def encoders_register(
     ws = workspace_of(ctx)
     try:
         result = register_foundation(ws, config_of(ws), name, weights, mpp=mpp, alias=alias, force=force,
-                                     stain_norm=stain_norm)
+                                     stain_norm=stain_norm, allow_other_weights=allow_other_weights)
     except EncoderError as exc:
         fail(str(exc))
     console = terminal()
+    if result.weights_check != "verified":
+        console.print(f"[yellow]warning:[/] {escape(result.weights_note)}", soft_wrap=True)
     verb = "already registered as" if result.reused else "registered as"
     console.print(f"{result.name} ({result.weights}, sha256 {result.sha256[:12]}) {verb} {result.model_name} version "
                   f"{result.version}, alias {result.alias}; tiles are read at {result.mpp:.3g} um/px")

@@ -36,11 +36,20 @@ __all__ = [
     "DEFAULT_PANEL", "AugmentConfig", "CohortsConfig", "ConfigError", "DemoConfig", "FeaturesConfig", "Fraction",
     "GdcLabelsSource", "HeadsConfig", "HistcodeConfig", "IngestConfig", "LabelsConfig", "Microns", "MicronsPerPixel",
     "OODConfig", "Pixels", "PredictConfig", "PretrainConfig", "ProbeConfig", "SquareMicrons", "StainNormConfig",
-    "TileQCConfig", "TilingConfig", "TissueMaskConfig", "load_config", "stable_hash",
+    "TileQCConfig", "TilingConfig", "TissueMaskConfig", "WorkspaceConfig", "load_config", "stable_hash",
 ]
 
 
+class WorkspaceConfig(_Section):
+    """``private``: every file and folder HistCode creates in the workspace is owner-only (umask 077, set by the
+    `histcode` command before it writes; ``$HISTCODE_PRIVATE=1`` does the same for a whole lab). Off by default
+    (files readable by the group and others, as the umask of the shell gives them)."""
+
+    private: bool = False
+
+
 class HistcodeConfig(_Section):
+    workspace: WorkspaceConfig = WorkspaceConfig()
     demo: DemoConfig = DemoConfig()
     cohorts: CohortsConfig = CohortsConfig()
     ingest: IngestConfig = IngestConfig()

@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from histcode.config import HistcodeConfig
-from histcode.doctor import encoders, environment, slides, stores
+from histcode.doctor import encoders, environment, exposure, slides, stores
 from histcode.doctor.finding import Finding
 from histcode.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-AREAS = ("environment", "stores", "encoders", "slides")
+AREAS = ("environment", "stores", "encoders", "slides", "exposure")
 
 
 @dataclass(frozen=True)
@@ -84,5 +84,9 @@ def run_doctor(ws: Workspace, cfg: HistcodeConfig, options: DoctorOptions = Doct
             findings += slides.path_checks(list(options.slide_paths), cfg, options.mpp)
         else:
             findings += slides.catalog_sample_checks(_catalog_slides(ws), cfg, options.sample)
+    if "exposure" in options.areas:
+        if client is None and "stores" not in options.areas and "encoders" not in options.areas:
+            _, client = stores.mlflow_check(ws)
+        findings += exposure.exposure_checks(ws, cfg, client)
     log.debug("doctor: %d findings", len(findings))
     return findings

@@ -44,7 +44,7 @@ from histcode.runtime import resolve_device
 from histcode.ssl.encoders import EncoderError
 from histcode.ssl.slide_encoders import SlideEncoderSpec, build_slide_encoder, grid_cells, slide_encoder_spec
 from histcode.ssl.titan import tile_cells
-from histcode.ssl.weights import load_slide_encoder, locate_weights, read_state_dict
+from histcode.ssl.weights import check_cache_blob, load_slide_encoder, locate_weights, read_state_dict
 from histcode.store.catalog import Catalog
 from histcode.store.records import utcnow
 from histcode.store.vectors import SLIDE_KIND, TILE_KIND, connect, open_table, to_batch, upsert_slides
@@ -105,9 +105,11 @@ def load_slide_module(spec: SlideEncoderSpec, weights: Path) -> tuple[torch.nn.M
     """The entry built on meta and loaded strictly from ``weights`` (a file, a folder, a Hugging Face cache):
     (module in eval mode, the file, its SHA-256)."""
     path = locate_weights(spec, weights)
+    sha = file_sha256(path, 1 << 24)
+    check_cache_blob(path, sha)  # a tampered or truncated Hugging Face cache file is refused by name
     module = build_slide_encoder(spec.name, weightless=True)
     load_slide_encoder(spec, module, read_state_dict(path), str(path))
-    return module.eval(), path, file_sha256(path, 1 << 24)
+    return module.eval(), path, sha
 
 
 def encode_slide(module: torch.nn.Module, spec: SlideEncoderSpec, vectors: np.ndarray, x: np.ndarray,

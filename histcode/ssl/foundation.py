@@ -54,6 +54,9 @@ class FoundationSpec:
     key_layout: KeyLayout = "timm"
     params_m: float = 0.0  # millions of parameters, as built
     notes: str = ""
+    # published SHA-256 of weight files by file name (the Hugging Face LFS digest of the file page); filled only
+    # from a published value, never guessed: an entry without one registers with a warning to check the card
+    sha256: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def describe(self) -> dict:
         """The entry as plain data (for `histcode encoders list --format json` and the registered version)."""
@@ -64,6 +67,7 @@ class FoundationSpec:
             "input_px": self.input_px, "mpp": self.mpp, "mean": list(self.mean), "std": list(self.std),
             "weight_files": list(self.weight_files), "weight_format": self.weight_format,
             "key_layout": self.key_layout, "params_m": self.params_m, "notes": self.notes,
+            "sha256": {k: list(v) for k, v in self.sha256.items()},
         }
 
 
@@ -113,13 +117,17 @@ FOUNDATION: dict[str, FoundationSpec] = {s.name: s for s in (
         dim=1024, weight_files=("model.safetensors",), weight_format="safetensors (Hugging Face transformers)",
         key_layout="hf-dinov2", params_m=303.4,
         notes="DINOv2 ViT-L/16 published as a transformers Dinov2Model; its keys are converted to timm's; class "
-              "token of the last hidden state; 20x"),
+              "token of the last hidden state; 20x",
+        # huggingface.co/owkin/phikon-v2/blob/419e8285b80eac3b60beca0d9b91942d48ad7b8e/model.safetensors (Git LFS)
+        sha256={"model.safetensors": ("261ae680fa699b3b951597fd57aa19c02ef735805acb104b93af69b36d928569",)}),
     FoundationSpec(
         "h-optimus-0", "H-optimus-0", "Bioptimus", "https://huggingface.co/bioptimus/H-optimus-0",
         "bioptimus/H-optimus-0", "Apache-2.0",
         "vit_giant_patch14_reg4_dinov2", {"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False},
         dim=1536, mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, params_m=1134.8,
         weight_files=("pytorch_model.bin", "model.safetensors"), notes="ViT-g/14, 4 register tokens; 0.5 um/px"),
+        # no digest: the one published page found (refs/pr/2, "Add model") may not be main's file, and a wrong
+        # digest would refuse the genuine weights
     FoundationSpec(
         "prov-gigapath", "Prov-GigaPath (tile encoder)", "Providence / Microsoft",
         "https://huggingface.co/prov-gigapath/prov-gigapath", "prov-gigapath/prov-gigapath",

@@ -57,6 +57,62 @@ def locate_weights(spec: FoundationSpec, path: Path) -> Path:
         "Nothing is downloaded here.")
 
 
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+ALLOW_OTHER = "--allow-other-weights"
+
+
+def cache_blob_digest(path: Path) -> str | None:
+    """The SHA-256 a Hugging Face cache names ``path``'s content by, or None when it is not a cache file: a
+    snapshot file links to ``models--org--name/blobs/<sha256>`` (large files; small ones are named by their git
+    hash, 40 characters, and are not checked), or the path is such a blob itself."""
+    target = Path(path).resolve()
+    if target.parent.name == "blobs" and target.parent.parent.name.startswith("models--") and SHA256_HEX.match(target.name):
+        return target.name
+    return None
+
+
+def check_cache_blob(path: Path, sha: str) -> None:
+    """Refuse a Hugging Face cache file whose content is not the blob its name promises (tampered, truncated,
+    or a download that did not finish): EncoderError naming the file, both digests and the fix."""
+    named = cache_blob_digest(path)
+    if named is not None and named != sha:
+        raise EncoderError(
+            f"{path} is not what the Hugging Face cache says it is: its blob {Path(path).resolve()} is named by "
+            f"sha256 {named} but its content hashes to {sha} (tampered, truncated or half downloaded). Delete the "
+            "blob and download the weights again on a machine with internet.")
+
+
+def known_digests(spec: FoundationSpec, path: Path) -> tuple[str, ...]:
+    """The published SHA-256 digests the file at ``path`` may have: those of its name when it has a published
+    file's name, else (a renamed copy) those of every published file of the entry; () when none is known."""
+    if path.name in spec.weight_files:
+        return spec.sha256.get(path.name, ())
+    return tuple(d for digests in spec.sha256.values() for d in digests)
+
+
+def verify_weights(spec: FoundationSpec, path: Path, sha: str, allow_other: bool = False) -> tuple[str, str]:
+    """(status, what to tell) for ``spec``'s weight file ``path`` of content digest ``sha``: ``verified`` (it is a
+    published file), ``unknown`` (no published digest is known: check it against the model card yourself) or
+    ``override`` (it differs from the published digests and ``allow_other`` accepts it). A file that differs
+    without ``allow_other`` is refused (EncoderError naming the file, its digest and the expected ones); so is a
+    Hugging Face cache file whose content is not the blob it is named by, whatever ``allow_other`` says."""
+    check_cache_blob(path, sha)
+    known = known_digests(spec, path)
+    if not known:
+        return "unknown", (f"no published digest known for {spec.name}: the file's sha256 is {sha}; check it "
+                           f"against the model card ({spec.card})")
+    if sha in known:
+        return "verified", f"{path}: sha256 {sha} is the published {spec.title} weights"
+    expected = " or ".join(known)
+    if not allow_other:
+        raise EncoderError(
+            f"{path} is not the published {spec.title} weights: its sha256 is {sha}, the published file's is "
+            f"{expected}. Get the file from {spec.card}, or pass {ALLOW_OTHER} to register these weights anyway "
+            "(e.g. a fine-tuned copy); the version is then tagged weights_check=override.")
+    return "override", (f"{path}: sha256 {sha} differs from the published {spec.title} weights ({expected}); "
+                        f"registered anyway ({ALLOW_OTHER})")
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors by name from a safetensors file or a torch checkpoint (loaded with ``weights_only``); a
     checkpoint that wraps its state dict under ``model``/``state_dict`` is unwrapped, ``module.`` stripped."""
