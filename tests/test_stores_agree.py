@@ -141,6 +141,12 @@ def test_a_vector_commit_that_meets_a_full_disk_stays_unseen_and_a_rerun_complet
 
     api_view = open_workspace(ws.root).view(view.view_id)
     assert len(api_view.tiles(columns=["tile_id"])) == served and not set(two) & set(api_view.slides().slide_id)
+    from histcode.viewer.cohort import ViewerData  # and so does the viewer's search
+
+    viewer = ViewerData(ws)
+    assert viewer._searcher(view).dataset.count_rows() == served
+    tile = api_view.tiles(columns=["tile_id"]).tile_id.iloc[0]
+    assert not set(two) & {h["slide_id"] for h in viewer.neighbours(view, tile, 50)}
 
     told = histcode(ws, "embed", failpoint="embed.committed:enospc")  # the command: one line, the cause named
     assert told.returncode == MACHINE_FAULT_EXIT and "Traceback" not in told.stderr, told.stderr[-2000:]

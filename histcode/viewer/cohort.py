@@ -357,15 +357,31 @@ class ViewerData:
         return Path(path) if path and Path(path).is_file() else None
 
     # -- search ---------------------------------------------------------------------------------------------------
+    def committed_version(self, view: FeatureView, kind: str) -> int | None:
+        """The version of the view's ``kind`` table at the catalog's last ledger commit (what SQL and search read,
+        ``histcode.store.agreement``): vectors of a write the ledger never recorded stay unseen here too. None for
+        a catalog from before versions were recorded (the latest is read)."""
+        try:
+            rows = self.snapshot.query("SELECT version FROM vector_versions WHERE lance_table = ?",
+                                       [view.table(kind).name])
+        except duckdb.CatalogException:  # a catalog without the table
+            return None
+        return int(rows[0]["version"]) if rows else None
+
     def _searcher(self, view: FeatureView) -> TileSearcher:
+        from histcode.store.vectors import TILE_KIND
+
+        version = self.committed_version(view, TILE_KIND)
+        key = f"{view.view_id}@{version}"  # a new ledger commit: a searcher over the new version
         with self._lock:
-            if view.view_id not in self._searchers:
+            if key not in self._searchers:
                 from histcode.features.read import view_table
                 from histcode.features.search import TileSearcher
-                from histcode.store.vectors import TILE_KIND
 
-                self._searchers[view.view_id] = TileSearcher(view_table(self.ws, view, TILE_KIND), self.cfg.features)
-            return self._searchers[view.view_id]
+                for old in [k for k in self._searchers if k.startswith(f"{view.view_id}@")]:
+                    self._searchers.pop(old)
+                self._searchers[key] = TileSearcher(view_table(self.ws, view, TILE_KIND, version), self.cfg.features)
+            return self._searchers[key]
 
     def tile(self, view: FeatureView, tile_id: str) -> dict:
         """A tile of ``view`` by id: slide, corner, size and vector; ``UnknownItem`` when the view has none."""
@@ -393,7 +409,7 @@ class ViewerData:
         from histcode.store.vectors import SLIDE_KIND
 
         try:
-            return view_table(self.ws, view, SLIDE_KIND)
+            return view_table(self.ws, view, SLIDE_KIND, self.committed_version(view, SLIDE_KIND))
         except Exception as exc:  # noqa: BLE001 -- no slide table in this view yet
             raise UnknownItem(f"view {view.view_id} has no slide vectors") from exc
 

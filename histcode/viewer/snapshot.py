@@ -21,7 +21,8 @@ from histcode.store.catalog import Catalog
 
 log = logging.getLogger(__name__)
 
-TABLES = ("slides", "cohorts", "tilings", "slide_labels", "predictions", "patient_predictions", "feature_views")
+TABLES = ("slides", "cohorts", "tilings", "slide_labels", "predictions", "patient_predictions", "feature_views",
+          "vector_versions")
 
 
 class CatalogSnapshot:
