@@ -345,7 +345,7 @@ def test_demo_sized_survival_task_is_trained_registered_stored_and_drawn(headed_
     fresh = [r for r in rows if not r["stale"]]
     assert fresh and {r["version"] for r in fresh} == {int(best.version)}
     assert {r["call"] for r in fresh} <= {"high", "low"} and all(math.isfinite(r["value"]) for r in fresh)
-    client = TestClient(create_app(ws))
+    client = TestClient(create_app(ws), base_url="http://127.0.0.1")  # a host the viewer answers for
     assert "survival-km" in client.get("/").text
     picture = client.get("/api/survival-km.png")
     assert picture.status_code == 200 and picture.content[:8] == b"\x89PNG\r\n\x1a\n"
