@@ -14,6 +14,19 @@ if TYPE_CHECKING:
 FAILPOINT_ENV = "HISTCODE_FAILPOINT"
 
 
+def file_stamps(paths) -> tuple:
+    """(mtime ns, size, inode) of each path, None where it does not exist: equal stamps mean nothing was written
+    (a store and its journal files, polled by a long-lived reader to know when to read them again)."""
+    out = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+            out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        except FileNotFoundError:
+            out.append(None)
+    return tuple(out)
+
+
 def failpoint(name: str) -> None:
     """Kill this process with SIGKILL (no cleanup, like a power cut or the OOM killer) when the environment
     names this point: ``HISTCODE_FAILPOINT=embed.committed``. The points sit where a crash is most awkward

@@ -203,27 +203,36 @@ def convert(spec: FoundationSpec, state: dict[str, torch.Tensor], encoder: Encod
     return target, state
 
 
-def load_published(spec: FoundationSpec, encoder: Encoder, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load a published state dict into a built encoder, strictly: every weight the architecture has must be in
-    the file with its shape, and nothing else (buffers the architecture recomputes aside)."""
-    module, converted = convert(spec, state, encoder)
+def _load_strictly(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> tuple[bool, dict]:
+    """``load_state_dict(strict=True)`` with the refusal told in full: ``what`` followed by the missing, unexpected
+    and wrongly shaped keys (five of each named). A module built on meta gets the tensors assigned, each cast to
+    the module's dtype (a half-precision release becomes float32 like the module). Returns (assigned, the
+    tensors loaded)."""
     expected = module.state_dict()
-    missing = sorted(set(expected) - set(converted))
-    unexpected = sorted(set(converted) - set(expected))
-    wrong = [f"{k} {tuple(converted[k].shape)} (expects {tuple(expected[k].shape)})"
-             for k in expected if k in converted and converted[k].shape != expected[k].shape]
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k} {tuple(state[k].shape)} (expects {tuple(expected[k].shape)})"
+             for k in expected if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or wrong:
         def few(items: list[str]) -> str:
             return ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
         problems = [f"{len(missing)} missing ({few(missing)})" if missing else "",
                     f"{len(unexpected)} unexpected ({few(unexpected)})" if unexpected else "",
                     f"{len(wrong)} of another shape ({few(wrong)})" if wrong else ""]
-        raise EncoderError(f"{source} does not fit {spec.title} ({spec.timm_model}, {spec.key_layout} keys): "
-                           + "; ".join(p for p in problems if p))
+        raise EncoderError(f"{what}: " + "; ".join(p for p in problems if p))
     assign = any(p.is_meta for p in module.parameters())
-    if assign:  # assigned tensors keep their dtype: a half-precision release becomes float32 like the module
-        converted = {k: v if v.dtype == expected[k].dtype else v.to(expected[k].dtype) for k, v in converted.items()}
-    module.load_state_dict(converted, strict=True, assign=assign)
+    if assign:
+        state = {k: v if v.dtype == expected[k].dtype else v.to(expected[k].dtype) for k, v in state.items()}
+    module.load_state_dict(state, strict=True, assign=assign)
+    return assign, state
+
+
+def load_published(spec: FoundationSpec, encoder: Encoder, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load a published state dict into a built encoder, strictly: every weight the architecture has must be in
+    the file with its shape, and nothing else (buffers the architecture recomputes aside)."""
+    module, converted = convert(spec, state, encoder)
+    assign, converted = _load_strictly(module, converted,
+                                       f"{source} does not fit {spec.title} ({spec.timm_model}, {spec.key_layout} keys)")
     if assign and not all(t.is_meta for t in converted.values()):
         left = [n for n, t in [*encoder.named_parameters(), *encoder.named_buffers()] if t.is_meta]
         if left:
@@ -242,23 +251,7 @@ def load_slide_encoder(spec, module: nn.Module, state: dict[str, torch.Tensor], 
 
     skipped = sorted(k for k in state if any(k.startswith(p) for p in spec.skipped))
     used = fill_shared(module, {k: v for k, v in state.items() if k not in set(skipped)}, source)
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(used))
-    unexpected = sorted(set(used) - set(expected))
-    wrong = [f"{k} {tuple(used[k].shape)} (expects {tuple(expected[k].shape)})"
-             for k in expected if k in used and used[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        def few(items: list[str]) -> str:
-            return ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
-        problems = [f"{len(missing)} missing ({few(missing)})" if missing else "",
-                    f"{len(unexpected)} unexpected ({few(unexpected)})" if unexpected else "",
-                    f"{len(wrong)} of another shape ({few(wrong)})" if wrong else ""]
-        raise EncoderError(f"{source} does not fit slide encoder {spec.title} ({spec.key_layout}): "
-                           + "; ".join(p for p in problems if p))
-    assign = any(p.is_meta for p in module.parameters())
-    if assign:
-        used = {k: v if v.dtype == expected[k].dtype else v.to(expected[k].dtype) for k, v in used.items()}
-    module.load_state_dict(used, strict=True, assign=assign)
+    assign, used = _load_strictly(module, used, f"{source} does not fit slide encoder {spec.title} ({spec.key_layout})")
     if skipped:
         log.info("%s: %d tensors of %s skipped (not the slide embedding: %s)", source, len(skipped), spec.title,
                  ", ".join(spec.skipped))

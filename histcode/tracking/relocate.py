@@ -16,7 +16,6 @@ read as well). The copy is taken again when the store changes.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import sqlite3
 import tempfile
@@ -25,6 +24,8 @@ import time
 import weakref
 from pathlib import Path
 from urllib.parse import quote
+
+from histcode.runtime import file_stamps
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +104,7 @@ class NoTrackingStore(LookupError):
 
 
 def _stamp(db_path: Path) -> tuple:
-    out = []
-    for path in (db_path, db_path.with_name(db_path.name + "-wal"), db_path.with_name(db_path.name + "-journal")):
-        try:
-            st = os.stat(path)
-            out.append((st.st_mtime_ns, st.st_size, st.st_ino))
-        except FileNotFoundError:
-            out.append(None)
-    return tuple(out)
+    return file_stamps((db_path, db_path.with_name(db_path.name + "-wal"), db_path.with_name(db_path.name + "-journal")))
 
 
 class ReadOnlyStore:

@@ -10,13 +10,13 @@ in-memory database in one read, and copied again when the catalog file or its wr
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import duckdb
 
+from histcode.runtime import file_stamps
 from histcode.store.catalog import Catalog
 
 log = logging.getLogger(__name__)
@@ -38,14 +38,7 @@ class CatalogSnapshot:
         self._memo: dict = {}
 
     def _file_stamp(self) -> tuple:
-        out = []
-        for path in (self.catalog.path, self.catalog.path.with_name(self.catalog.path.name + ".wal")):
-            try:
-                st = os.stat(path)
-                out.append((st.st_mtime_ns, st.st_size, st.st_ino))
-            except FileNotFoundError:
-                out.append(None)
-        return tuple(out)
+        return file_stamps((self.catalog.path, self.catalog.path.with_name(self.catalog.path.name + ".wal")))
 
     def _load(self) -> duckdb.DuckDBPyConnection:
         memory = duckdb.connect()
